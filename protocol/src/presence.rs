@@ -1,0 +1,155 @@
+//! Who is out there: agent announcements, heartbeats, and the states derived from them.
+//!
+//! Every presence message carries the agent's full [`AgentInfo`], so a listener that joins late
+//! learns an agent from its next heartbeat. Agents also write their info into the JetStream KV
+//! bucket [`REGISTRY_BUCKET`] (key = nkey) on each heartbeat, so a CLI can learn the whole fleet
+//! in one read instead of waiting for heartbeats. Without JetStream, [`crate::subject::PING`]
+//! gives the same information.
+//!
+//! States (as in the testbed seed): `running` while heartbeats arrive, `unresponsive` after
+//! [`MISSED_HEARTBEATS`] intervals of silence, `stopped` after a goodbye, `gone` once the registry
+//! entry expired ([`REGISTRY_MAX_AGE`]) or a listener forgot it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// JetStream KV bucket holding the latest [`PresenceEvent`] of each agent.
+pub const REGISTRY_BUCKET: &str = "cbus-agents";
+/// Entries older than this disappear from the registry: the agent is `gone`.
+pub const REGISTRY_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Default heartbeat interval.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Silent intervals after which an agent is `unresponsive`.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// What an agent says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub nkey: String,
+    pub hostname: String,
+    /// cbus version of the agent.
+    pub version: String,
+    /// `system`, `user`, or the bus address.
+    pub bus: String,
+    /// Unix time in milliseconds when the agent started.
+    pub started_at_ms: u64,
+    /// Heartbeat interval the agent uses, so listeners know when it is late.
+    pub heartbeat_ms: u64,
+    /// Whether the agent is connected to its bus right now.
+    #[serde(default)]
+    pub bus_connected: bool,
+    /// Operator-defined labels (`--label role=web`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The kinds of presence message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PresenceKind {
+    Hello,
+    Heartbeat,
+    Goodbye,
+}
+
+/// A message on `dbus.presence.<nkey>`, also the value stored in the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEvent {
+    pub event: PresenceKind,
+    /// Unix time in milliseconds, by the agent's clock.
+    pub sent_at_ms: u64,
+    #[serde(flatten)]
+    pub agent: AgentInfo,
+}
+
+/// The life-cycle state of an agent as seen by a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentState {
+    Running,
+    Unresponsive,
+    Stopped,
+    Gone,
+}
+
+impl AgentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Running => "running",
+            AgentState::Unresponsive => "unresponsive",
+            AgentState::Stopped => "stopped",
+            AgentState::Gone => "gone",
+        }
+    }
+
+    /// The state given the last event seen and how long ago it was seen (by the listener's
+    /// clock or the server's, never by comparing with the agent's clock).
+    pub fn derive(last: PresenceKind, heartbeat: Duration, silent_for: Duration) -> AgentState {
+        match last {
+            PresenceKind::Goodbye => AgentState::Stopped,
+            _ if silent_for > heartbeat * MISSED_HEARTBEATS => AgentState::Unresponsive,
+            _ => AgentState::Running,
+        }
+    }
+}
+
+impl fmt::Display for AgentState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states() {
+        let hb = Duration::from_secs(5);
+        assert_eq!(
+            AgentState::derive(PresenceKind::Heartbeat, hb, Duration::from_secs(4)),
+            AgentState::Running
+        );
+        assert_eq!(
+            AgentState::derive(PresenceKind::Hello, hb, Duration::from_secs(16)),
+            AgentState::Unresponsive
+        );
+        assert_eq!(
+            AgentState::derive(PresenceKind::Goodbye, hb, Duration::ZERO),
+            AgentState::Stopped
+        );
+    }
+
+    #[test]
+    fn wire_form_is_flat() {
+        let ev = PresenceEvent {
+            event: PresenceKind::Hello,
+            sent_at_ms: 1,
+            agent: AgentInfo {
+                nkey: "U".into(),
+                hostname: "h".into(),
+                version: "0.1.0".into(),
+                bus: "system".into(),
+                started_at_ms: 1,
+                heartbeat_ms: 5000,
+                bus_connected: true,
+                labels: BTreeMap::new(),
+            },
+        };
+        let v = serde_json::to_value(&ev).unwrap();
+        assert_eq!(v["event"], "hello");
+        assert_eq!(v["hostname"], "h");
+        assert_eq!(serde_json::from_value::<PresenceEvent>(v).unwrap(), ev);
+    }
+}
