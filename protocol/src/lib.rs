@@ -9,6 +9,7 @@
 pub mod codec;
 pub mod envelope;
 pub mod error;
+pub mod fleet;
 pub mod headers;
 pub mod introspect;
 pub mod label;

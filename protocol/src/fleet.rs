@@ -1,0 +1,401 @@
+//! The client side of the contract: who is out there, and asking all of them at once.
+//!
+//! The original CBus always waited its full timeout after a broadcast, because it could not know
+//! how many answers to expect. Here the caller first learns the fleet from the presence registry
+//! (a JetStream KV bucket the agents refresh on every heartbeat; [`Fleet::agents`]), then sends a
+//! targeted request to each selected agent on its own reply subject ([`Fleet::fan_out`]). It
+//! returns as soon as every target answered. A target whose subscription is gone yields NATS's
+//! "no responders" at once instead of a timeout, and one that stays silent is reported by name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
+use async_nats::{Client, HeaderMap, StatusCode};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::time::{timeout_at, Instant};
+
+use crate::envelope::{Reply, Request};
+use crate::error::SubjectError;
+use crate::headers;
+use crate::presence::{self, AgentInfo, AgentState, PresenceEvent, PresenceKind};
+use crate::subject::{self, Op, RequestSubject, Target};
+
+/// Why the fleet could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("cannot read the agent registry (JetStream KV bucket {bucket}): {message}")]
+    Registry {
+        bucket: &'static str,
+        message: String,
+    },
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error(transparent)]
+    Subject(#[from] SubjectError),
+    #[error("invalid selector: {0}")]
+    Selector(String),
+}
+
+/// An agent as the registry or a ping sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentStatus {
+    #[serde(flatten)]
+    pub info: AgentInfo,
+    pub state: AgentState,
+    /// Unix ms of the last presence message, by the NATS server's clock (or ours for pings).
+    pub last_seen_ms: u64,
+}
+
+/// Which agents a request goes to; empty fields select everything.
+#[derive(Debug, Clone, Default)]
+pub struct Selector {
+    pub nkeys: Vec<String>,
+    /// Hostname globs (`web-*`).
+    pub hosts: Vec<String>,
+    /// Labels that must all match (`role=web`).
+    pub labels: Vec<(String, String)>,
+}
+
+impl Selector {
+    /// Keeps the agents this selector names.
+    pub fn select(&self, agents: &[AgentStatus]) -> Result<Vec<AgentStatus>, FleetError> {
+        let hosts = if self.hosts.is_empty() {
+            None
+        } else {
+            let mut b = globset::GlobSetBuilder::new();
+            for h in &self.hosts {
+                b.add(
+                    globset::Glob::new(h)
+                        .map_err(|e| FleetError::Selector(format!("{h:?}: {e}")))?,
+                );
+            }
+            Some(b.build().map_err(|e| FleetError::Selector(e.to_string()))?)
+        };
+        Ok(agents
+            .iter()
+            .filter(|a| self.nkeys.is_empty() || self.nkeys.contains(&a.info.nkey))
+            .filter(|a| hosts.as_ref().is_none_or(|g| g.is_match(&a.info.hostname)))
+            .filter(|a| {
+                self.labels
+                    .iter()
+                    .all(|(k, v)| a.info.labels.get(k) == Some(v))
+            })
+            .cloned()
+            .collect())
+    }
+}
+
+/// What happened with one target of a fan-out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The agent answered (successfully or with an error in the envelope).
+    Replied(Reply),
+    /// Nobody listens on the agent's subject: it is not connected to NATS.
+    NoResponders,
+    /// No answer before the deadline.
+    TimedOut,
+    /// Not asked, because the agent said goodbye.
+    Stopped,
+}
+
+/// One target and its outcome, in the order of the target list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetOutcome {
+    pub agent: AgentStatus,
+    pub outcome: Outcome,
+}
+
+/// What to ask every target.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub destination: String,
+    pub path: String,
+    pub op: Op,
+    pub member: Option<String>,
+    pub request: Request,
+}
+
+/// A connection to the fleet.
+#[derive(Clone)]
+pub struct Fleet {
+    client: Client,
+    requester: String,
+}
+
+impl Fleet {
+    /// `requester` is recorded by agents in their audit log (e.g. `alice@laptop`).
+    pub fn new(client: Client, requester: impl Into<String>) -> Self {
+        Fleet {
+            client,
+            requester: requester.into(),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Every agent in the registry with its state, sorted by hostname. Falls back to a ping
+    /// (collecting answers for `ping_window`) when the server has no JetStream or no registry.
+    pub async fn agents(&self, ping_window: Duration) -> Result<Vec<AgentStatus>, FleetError> {
+        let mut agents = match self.registry().await {
+            Ok(agents) => agents,
+            Err(e) => {
+                tracing::debug!(error = %e, "registry unavailable; falling back to ping");
+                self.ping(ping_window).await?
+            }
+        };
+        agents.sort_by(|a, b| {
+            (a.info.hostname.as_str(), a.info.nkey.as_str())
+                .cmp(&(b.info.hostname.as_str(), b.info.nkey.as_str()))
+        });
+        Ok(agents)
+    }
+
+    /// Reads the last presence event of every agent from the KV bucket.
+    pub async fn registry(&self) -> Result<Vec<AgentStatus>, FleetError> {
+        let registry_err = |message: String| FleetError::Registry {
+            bucket: presence::REGISTRY_BUCKET,
+            message,
+        };
+        let js = jetstream::new(self.client.clone());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let stream = timeout_at(
+            deadline,
+            js.get_stream_no_info(format!("KV_{}", presence::REGISTRY_BUCKET)),
+        )
+        .await
+        .map_err(|_| registry_err("timed out".into()))?
+        .map_err(|e| registry_err(e.to_string()))?;
+        let consumer = timeout_at(
+            deadline,
+            stream.create_consumer(OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: format!("$KV.{}.>", presence::REGISTRY_BUCKET),
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            }),
+        )
+        .await
+        .map_err(|_| registry_err("timed out".into()))?
+        .map_err(|e| registry_err(e.to_string()))?;
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(Vec::new());
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| registry_err(e.to_string()))?;
+        let now = presence::now_ms();
+        let mut by_nkey = BTreeMap::new();
+        loop {
+            let message = match timeout_at(deadline, messages.next()).await {
+                Err(_) => return Err(registry_err("timed out while reading".into())),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(registry_err(e.to_string())),
+                Ok(Some(Ok(m))) => m,
+            };
+            let info = message.info().map_err(|e| registry_err(e.to_string()))?;
+            let pending = info.pending;
+            let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            let deleted = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some();
+            if !deleted {
+                match serde_json::from_slice::<PresenceEvent>(&message.payload) {
+                    Ok(event) => {
+                        let status = status_from(event, published_ms, now);
+                        by_nkey.insert(status.info.nkey.clone(), status);
+                    }
+                    Err(e) => {
+                        tracing::warn!(subject = %message.subject, error = %e, "ignoring malformed registry entry")
+                    }
+                }
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(by_nkey.into_values().collect())
+    }
+
+    /// Asks every connected agent for its info; waits `window` for answers.
+    pub async fn ping(&self, window: Duration) -> Result<Vec<AgentStatus>, FleetError> {
+        let inbox = self.client.new_inbox();
+        let mut sub = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| FleetError::Nats(e.to_string()))?;
+        self.client
+            .publish_with_reply(subject::PING, inbox, Bytes::new())
+            .await
+            .map_err(|e| FleetError::Nats(e.to_string()))?;
+        self.client
+            .flush()
+            .await
+            .map_err(|e| FleetError::Nats(e.to_string()))?;
+        let deadline = Instant::now() + window;
+        let mut found = BTreeMap::new();
+        while let Ok(Some(msg)) = timeout_at(deadline, sub.next()).await {
+            if msg.status == Some(StatusCode::NO_RESPONDERS) {
+                break;
+            }
+            if let Ok(info) = serde_json::from_slice::<AgentInfo>(&msg.payload) {
+                found.insert(
+                    info.nkey.clone(),
+                    AgentStatus {
+                        info,
+                        state: AgentState::Running,
+                        last_seen_ms: presence::now_ms(),
+                    },
+                );
+            }
+        }
+        Ok(found.into_values().collect())
+    }
+
+    /// Sends `query` to each of `targets` and waits until every one answered or `timeout`
+    /// passed. Stopped agents are not asked. Outcomes come back in the order of `targets`.
+    pub async fn fan_out(
+        &self,
+        targets: &[AgentStatus],
+        query: &Query,
+        timeout: Duration,
+    ) -> Result<Vec<TargetOutcome>, FleetError> {
+        let payload = Bytes::from(
+            serde_json::to_vec(&query.request).map_err(|e| FleetError::Nats(e.to_string()))?,
+        );
+        let mut header_map = HeaderMap::new();
+        headers::set(&mut header_map, headers::REQUESTER, &self.requester);
+
+        // One reply subject per target, so "no responders" can be told apart per agent.
+        let inbox = self.client.new_inbox();
+        let mut sub = self
+            .client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|e| FleetError::Nats(e.to_string()))?;
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; targets.len()];
+        let mut waiting = 0usize;
+        for (i, agent) in targets.iter().enumerate() {
+            if agent.state == AgentState::Stopped {
+                outcomes[i] = Some(Outcome::Stopped);
+                continue;
+            }
+            let subject = RequestSubject::new(
+                Target::Agent(agent.info.nkey.clone()),
+                query.destination.clone(),
+                query.path.clone(),
+                query.op,
+                query.member.clone(),
+            )?
+            .encode()?;
+            self.client
+                .publish_with_reply_and_headers(
+                    subject,
+                    format!("{inbox}.{i}"),
+                    header_map.clone(),
+                    payload.clone(),
+                )
+                .await
+                .map_err(|e| FleetError::Nats(e.to_string()))?;
+            waiting += 1;
+        }
+        self.client
+            .flush()
+            .await
+            .map_err(|e| FleetError::Nats(e.to_string()))?;
+
+        let deadline = Instant::now() + timeout;
+        while waiting > 0 {
+            let msg = match timeout_at(deadline, sub.next()).await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return Err(FleetError::Nats("reply subscription closed".into())),
+                Err(_) => break,
+            };
+            let Some(i) = msg
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|t| t.parse::<usize>().ok())
+                .filter(|i| *i < targets.len())
+            else {
+                continue;
+            };
+            if outcomes[i].is_some() {
+                continue;
+            }
+            let outcome = if msg.status == Some(StatusCode::NO_RESPONDERS) {
+                Outcome::NoResponders
+            } else {
+                match Reply::from_payload(&msg.payload) {
+                    Ok(reply) => Outcome::Replied(reply),
+                    Err(e) => {
+                        tracing::warn!(agent = %targets[i].info.hostname, error = %e, "malformed reply");
+                        Outcome::Replied(Reply {
+                            nkey: targets[i].info.nkey.clone(),
+                            hostname: targets[i].info.hostname.clone(),
+                            result: Err(crate::ErrorBody::new(
+                                crate::ErrorCode::InternalError,
+                                format!("malformed reply from agent: {e}"),
+                            )),
+                        })
+                    }
+                }
+            };
+            outcomes[i] = Some(outcome);
+            waiting -= 1;
+        }
+        Ok(targets
+            .iter()
+            .zip(outcomes)
+            .map(|(agent, outcome)| TargetOutcome {
+                agent: agent.clone(),
+                outcome: outcome.unwrap_or(Outcome::TimedOut),
+            })
+            .collect())
+    }
+}
+
+/// An agent's status from its last presence event, seen `now_ms - seen_ms` ago.
+pub fn status_from(event: PresenceEvent, seen_ms: u64, now_ms: u64) -> AgentStatus {
+    let heartbeat = Duration::from_millis(event.agent.heartbeat_ms.max(1));
+    let silent_for = Duration::from_millis(now_ms.saturating_sub(seen_ms));
+    AgentStatus {
+        state: AgentState::derive(event.event, heartbeat, silent_for),
+        info: event.agent,
+        last_seen_ms: seen_ms,
+    }
+}
+
+/// Counts outcomes by kind, for summaries ("3 ok, 1 failed, 1 timed out").
+pub fn summarize(outcomes: &[TargetOutcome]) -> HashMap<&'static str, usize> {
+    let mut counts = HashMap::new();
+    for o in outcomes {
+        let key = match &o.outcome {
+            Outcome::Replied(r) if r.result.is_ok() => "ok",
+            Outcome::Replied(_) => "failed",
+            Outcome::NoResponders => "not-connected",
+            Outcome::TimedOut => "timed-out",
+            Outcome::Stopped => "stopped",
+        };
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    counts
+}
+
+impl PresenceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceKind::Hello => "hello",
+            PresenceKind::Heartbeat => "heartbeat",
+            PresenceKind::Goodbye => "goodbye",
+        }
+    }
+}
