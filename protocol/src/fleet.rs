@@ -363,6 +363,38 @@ impl Fleet {
     }
 }
 
+/// Opens the registry bucket, creating it when missing.
+///
+/// async-nats 0.51's `create_key_value` first asks for account info, whose reply from
+/// nats-server 2.9 it cannot parse; so the bucket's stream is created directly, with the settings
+/// a KV bucket has (one message per key, rollups allowed, no deletes, direct get).
+pub async fn ensure_registry(js: &jetstream::Context) -> Result<jetstream::kv::Store, FleetError> {
+    let registry_err = |message: String| FleetError::Registry {
+        bucket: presence::REGISTRY_BUCKET,
+        message,
+    };
+    if let Ok(store) = js.get_key_value(presence::REGISTRY_BUCKET).await {
+        return Ok(store);
+    }
+    let bucket = presence::REGISTRY_BUCKET;
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age: presence::REGISTRY_MAX_AGE,
+        discard: jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| registry_err(format!("cannot create the bucket: {e}")))?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| registry_err(e.to_string()))
+}
+
 /// An agent's status from its last presence event, seen `now_ms - seen_ms` ago.
 pub fn status_from(event: PresenceEvent, seen_ms: u64, now_ms: u64) -> AgentStatus {
     let heartbeat = Duration::from_millis(event.agent.heartbeat_ms.max(1));

@@ -1,1 +1,16 @@
+//! Fixtures that start real parts for cbus's integration tests: a `nats-server` on a free port,
+//! a private `dbus-daemon` with our test service, and real systemd machines booted with
+//! `systemd-nspawn`. Nothing here is a mock: each fixture runs the program a user would run, and
+//! kills it (and cleans its files and mounts) when dropped, also when a test panics.
 
+pub mod bins;
+pub mod dbus;
+pub mod machines;
+pub mod nats;
+pub mod util;
+
+pub use bins::bin_path;
+pub use dbus::{PrivateBus, TestService};
+pub use machines::{Fleet, Machine, MachineSpec};
+pub use nats::NatsServer;
+pub use util::{free_port, init_tracing, wait_for};

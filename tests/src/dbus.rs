@@ -1,0 +1,120 @@
+//! A private `dbus-daemon` on a temp unix socket, and our test service on it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::bins::bin_path;
+use crate::util::terminate;
+
+/// A private bus that allows everything (including eavesdropping, so BecomeMonitor works).
+pub struct PrivateBus {
+    address: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateBus {
+    pub fn start() -> PrivateBus {
+        let dir = tempfile::tempdir().expect("tempdir for dbus-daemon");
+        let config = dir.path().join("bus.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:dir={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+    <allow user="*"/>
+  </policy>
+  <limit name="max_match_rules_per_connection">100000</limit>
+</busconfig>
+"#,
+                dir.path().display()
+            ),
+        )
+        .expect("write bus config");
+        let mut child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", config.display()))
+            .args(["--nofork", "--print-address=1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start dbus-daemon (apt-get install dbus)");
+        let stdout = child.stdout.take().expect("dbus-daemon stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read dbus-daemon address");
+        let address = line.trim().to_owned();
+        assert!(!address.is_empty(), "dbus-daemon printed no address");
+        PrivateBus {
+            address,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// A zbus connection to this bus.
+    pub async fn connect(&self) -> zbus::Connection {
+        zbus::connection::Builder::address(self.address.as_str())
+            .expect("bus address")
+            .build()
+            .await
+            .expect("connect to private bus")
+    }
+}
+
+impl Drop for PrivateBus {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(2));
+    }
+}
+
+/// `cbus-test-service` serving `org.cbus.Test` on a bus; killed on drop.
+pub struct TestService {
+    child: Child,
+}
+
+impl TestService {
+    pub const NAME: &'static str = "org.cbus.Test";
+    pub const PATH: &'static str = "/org/cbus/Test";
+    pub const IFACE: &'static str = "org.cbus.Test1";
+
+    /// Starts the service and waits until it owns its name.
+    pub fn start(address: &str) -> TestService {
+        Self::start_named(address, Self::NAME)
+    }
+
+    pub fn start_named(address: &str, name: &str) -> TestService {
+        let mut child = Command::new(bin_path("cbus-test-service"))
+            .args(["--address", address, "--name", name])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start cbus-test-service");
+        let stdout = child.stdout.take().expect("test service stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read test service output");
+        assert_eq!(line.trim(), "READY", "test service did not start");
+        TestService { child }
+    }
+}
+
+impl Drop for TestService {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(2));
+    }
+}

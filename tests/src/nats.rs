@@ -1,0 +1,110 @@
+//! A real `nats-server` (with JetStream) on a free port, per test.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{free_port, terminate};
+
+/// A running nats-server; killed on drop.
+pub struct NatsServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    config: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts `nats-server -a 127.0.0.1 -p <free port> -js -sd <tempdir>`.
+    pub fn start() -> NatsServer {
+        Self::start_inner(None)
+    }
+
+    /// Starts with an extra config file. The listen address, port and JetStream store are still
+    /// given on the command line, so `text` holds only authorization and the like.
+    pub fn start_with_config(text: &str) -> NatsServer {
+        Self::start_inner(Some(text))
+    }
+
+    fn start_inner(config_text: Option<&str>) -> NatsServer {
+        let dir = tempfile::tempdir().expect("tempdir for nats-server");
+        let config = config_text.map(|text| {
+            let path = dir.path().join("nats.conf");
+            std::fs::write(&path, text).expect("write nats config");
+            path
+        });
+        let mut server = NatsServer {
+            port: free_port(),
+            dir,
+            config,
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new("nats-server");
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(self.dir.path().join("js"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        if let Some(config) = &self.config {
+            cmd.arg("-c").arg(config);
+        }
+        let child = cmd
+            .spawn()
+            .expect("cannot start nats-server (apt-get install nats-server, or ./dev deps)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server (clients see a disconnect).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child, Duration::from_secs(5));
+        }
+    }
+
+    /// Stops and starts again on the same port and store, for reconnect tests.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// A client connection.
+    pub async fn connect(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to test nats-server")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
