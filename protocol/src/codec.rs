@@ -244,6 +244,25 @@ fn to_json_depth(value: &Value<'_>, depth: usize) -> Result<Json, CodecError> {
     })
 }
 
+/// The JSON of `value` inside a variant: `{"t": signature, "v": value}`. Used where D-Bus
+/// hands out a variant's content directly (property values of `GetAll`).
+pub fn variant_to_json(value: &Value<'_>) -> Result<Json, CodecError> {
+    variant_depth(value, 0)
+}
+
+fn variant_depth(inner: &Value<'_>, depth: usize) -> Result<Json, CodecError> {
+    let mut obj = Map::new();
+    obj.insert(
+        "t".into(),
+        Json::String(inner.value_signature().to_string()),
+    );
+    obj.insert(
+        "v".into(),
+        to_json_depth(inner, depth).map_err(|e| e.within("variant"))?,
+    );
+    Ok(Json::Object(obj))
+}
+
 /// Converts JSON to a D-Bus value of the given type.
 pub fn from_json(json: &Json, signature: &Signature) -> Result<Value<'static>, CodecError> {
     from_json_depth(json, signature, 0)

@@ -39,7 +39,40 @@ impl Request {
         if payload.iter().all(u8::is_ascii_whitespace) {
             return Ok(Request::default());
         }
-        serde_json::from_slice(payload)
+        // Parsed as a value first: serde would also build the struct from a JSON array.
+        let value: serde_json::Value = serde_json::from_slice(payload)?;
+        if !value.is_object() {
+            return Err(serde::de::Error::custom(
+                "a request body must be a JSON object",
+            ));
+        }
+        serde_json::from_value(value)
+    }
+}
+
+impl Request {
+    /// Refuses fields the op does not use, so a typo'd request fails loudly instead of doing
+    /// something else than meant.
+    pub fn check_for(&self, op: crate::subject::Op) -> Result<(), String> {
+        use crate::subject::Op;
+        let (args, value, signature) = match op {
+            Op::Call => (true, false, true),
+            Op::Set => (false, true, true),
+            _ => (false, false, false),
+        };
+        let unused = [
+            ("args", self.args.is_some() && !args),
+            ("value", self.value.is_some() && !value),
+            ("signature", self.signature.is_some() && !signature),
+            (
+                "interface",
+                self.interface.is_some() && matches!(op, Op::Introspect | Op::ListNames),
+            ),
+        ];
+        match unused.iter().find(|(_, bad)| *bad) {
+            Some((field, _)) => Err(format!("{op} does not take \"{field}\"")),
+            None => Ok(()),
+        }
     }
 }
 
@@ -265,6 +298,14 @@ mod tests {
         let r = Request::from_payload(br#"{"args":["a",1],"signature":"su"}"#).unwrap();
         assert_eq!(r.signature.as_deref(), Some("su"));
         assert!(Request::from_payload(br#"{"argz":[]}"#).is_err());
+        assert!(Request::from_payload(b"[]").is_err());
+        assert!(Request::from_payload(b"null").is_err());
+        let r = Request::from_payload(br#"{"args":[1]}"#).unwrap();
+        assert!(r.check_for(crate::Op::Call).is_ok());
+        assert_eq!(
+            r.check_for(crate::Op::Get).unwrap_err(),
+            "get does not take \"args\""
+        );
     }
 
     #[test]

@@ -3,12 +3,14 @@
 //! `systemd-nspawn`. Nothing here is a mock: each fixture runs the program a user would run, and
 //! kills it (and cleans its files and mounts) when dropped, also when a test panics.
 
+pub mod agent;
 pub mod bins;
 pub mod dbus;
 pub mod machines;
 pub mod nats;
 pub mod util;
 
+pub use agent::Agent;
 pub use bins::bin_path;
 pub use dbus::{PrivateBus, TestService};
 pub use machines::{Fleet, Machine, MachineSpec};

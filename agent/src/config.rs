@@ -1,0 +1,156 @@
+//! Command-line flags and environment variables of `cbus-agent`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Bridges this host's D-Bus to NATS: forwards signals and answers get/set/getall/call/
+/// introspect/list-names requests for the fleet.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "cbus-agent", version, about, long_about = None)]
+pub struct Config {
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        value_delimiter = ','
+    )]
+    pub nats_url: Vec<String>,
+    /// SSH ed25519 host key; its seed becomes the agent's NATS nkey (the agent id).
+    #[arg(long, env = "CBUS_HOST_KEY", default_value = cbus_protocol::nkey::DEFAULT_HOST_KEY)]
+    pub host_key: PathBuf,
+    /// Use an nkey seed file (SU...) instead of the SSH host key.
+    #[arg(long, env = "CBUS_NKEY_SEED_FILE")]
+    pub nkey_seed_file: Option<PathBuf>,
+    /// Authenticate to NATS with the agent's own nkey.
+    #[arg(long, env = "CBUS_NATS_NKEY_AUTH")]
+    pub nats_nkey_auth: bool,
+    /// NATS credentials file (.creds).
+    #[arg(long, env = "NATS_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// NATS user (with --password).
+    #[arg(long, env = "NATS_USER")]
+    pub user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate for a NATS server with TLS.
+    #[arg(long, env = "NATS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Bus to bridge: system, user, or a D-Bus address (unix:path=...).
+    #[arg(long, env = "CBUS_BUS", default_value = "system")]
+    pub bus: String,
+    /// Hostname to report (default: the system's).
+    #[arg(long, env = "CBUS_HOSTNAME")]
+    pub hostname: Option<String>,
+    /// Label reported in presence, KEY=VALUE; repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Heartbeat interval (e.g. 5s, 500ms).
+    #[arg(long, env = "CBUS_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    /// Policy file (TOML) saying what may be set or called remotely.
+    #[arg(long, env = "CBUS_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Allow every set and call (trusted development setups only).
+    #[arg(long, env = "CBUS_ALLOW_ALL")]
+    pub allow_all: bool,
+    /// Signals queued between D-Bus and NATS; more are dropped and counted.
+    #[arg(long, default_value_t = 8192)]
+    pub signal_queue: usize,
+    /// D-Bus calls in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_concurrent_calls: usize,
+    /// Longest a D-Bus call may take (caps a request's timeout_ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub call_timeout: Duration,
+    /// Largest request payload accepted.
+    #[arg(long, default_value_t = 256 * 1024)]
+    pub max_request_bytes: usize,
+    /// Do not forward signals.
+    #[arg(long)]
+    pub no_signals: bool,
+    /// Forward only signals from these senders (unique or well-known names).
+    #[arg(long)]
+    pub include_sender: Vec<String>,
+    /// Never forward signals from these senders.
+    #[arg(long)]
+    pub exclude_sender: Vec<String>,
+    /// Forward only signals of these interfaces.
+    #[arg(long)]
+    pub include_interface: Vec<String>,
+    /// Never forward signals of these interfaces.
+    #[arg(long)]
+    pub exclude_interface: Vec<String>,
+    /// Forward only signals whose path starts with one of these.
+    #[arg(long)]
+    pub include_path_prefix: Vec<String>,
+    /// Never forward signals whose path starts with one of these.
+    #[arg(long)]
+    pub exclude_path_prefix: Vec<String>,
+    /// How often the agent publishes its own metrics on dbus.metrics.<nkey>.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub metrics_interval: Duration,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// `500ms`, `5s`, `2m`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("duration must be positive: {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn labels() {
+        let c = Config::try_parse_from(["cbus-agent", "--label", "role=web", "--label", "dc=x"])
+            .unwrap();
+        assert_eq!(
+            c.labels,
+            vec![("role".into(), "web".into()), ("dc".into(), "x".into())]
+        );
+        assert!(Config::try_parse_from(["cbus-agent", "--label", "nope"]).is_err());
+    }
+}

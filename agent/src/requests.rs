@@ -1,0 +1,561 @@
+//! Answering requests: get, set, getall, call, introspect and list-names.
+//!
+//! Each request runs in its own task, bounded by a semaphore, with a per-call timeout, so one
+//! slow D-Bus peer cannot hold up the others. Every outcome, including a malformed subject or
+//! body, is a reply in the shared envelope: the requester always learns what went wrong.
+//! Missing interfaces and signatures are filled from introspection (cached per destination and
+//! path, dropped when the destination changes owner); an ambiguous member is an error.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, Message};
+use cbus_protocol::codec;
+use cbus_protocol::envelope::{ErrorBody, ErrorCode, Reply, Request, Success};
+use cbus_protocol::headers;
+use cbus_protocol::introspect::{ObjectSchema, ResolveError};
+use cbus_protocol::subject::{self, Op, RequestSubject};
+use futures::StreamExt;
+use serde_json::Value as Json;
+use tokio::sync::{RwLock, Semaphore};
+use zbus::{Connection, DBusError};
+use zvariant::{OwnedValue, Structure, StructureBuilder, Value};
+
+use crate::bus::BusKind;
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+
+const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
+const INTROSPECTABLE: &str = "org.freedesktop.DBus.Introspectable";
+/// How long an introspection result is trusted (name-owner changes drop it earlier).
+const SCHEMA_TTL: Duration = Duration::from_secs(60);
+
+type Outcome = Result<Success, ErrorBody>;
+/// Introspection by (destination, path), with when it was fetched.
+type SchemaCache = HashMap<(String, String), (Instant, Arc<ObjectSchema>)>;
+
+/// Serves requests for one agent.
+pub struct RequestServer {
+    pub nkey: String,
+    pub hostname: String,
+    pub client: Client,
+    pub bus: BusKind,
+    pub policy: Policy,
+    pub metrics: Arc<Metrics>,
+    pub call_timeout: Duration,
+    pub max_request_bytes: usize,
+    pub calls: Semaphore,
+    conn: RwLock<Option<Connection>>,
+    schemas: Mutex<SchemaCache>,
+}
+
+impl RequestServer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        nkey: String,
+        hostname: String,
+        client: Client,
+        bus: BusKind,
+        policy: Policy,
+        metrics: Arc<Metrics>,
+        call_timeout: Duration,
+        max_request_bytes: usize,
+        max_concurrent_calls: usize,
+    ) -> Self {
+        RequestServer {
+            nkey,
+            hostname,
+            client,
+            bus,
+            policy,
+            metrics,
+            call_timeout,
+            max_request_bytes,
+            calls: Semaphore::new(max_concurrent_calls.max(1)),
+            conn: RwLock::new(None),
+            schemas: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Subscribes to this agent's targeted subjects and to broadcasts (queue group = nkey, so a
+    /// machine answers a broadcast once), and serves until the NATS client is closed.
+    pub async fn serve(self: Arc<Self>) -> Result<(), async_nats::SubscribeError> {
+        let targeted = self
+            .client
+            .subscribe(subject::agent_requests(&self.nkey))
+            .await?;
+        let broadcast = self
+            .client
+            .queue_subscribe(subject::BROADCAST_ALL, self.nkey.clone())
+            .await?;
+        let mut messages = futures::stream::select(targeted, broadcast);
+        while let Some(msg) = messages.next().await {
+            let server = self.clone();
+            tokio::spawn(async move { server.handle(msg).await });
+        }
+        Ok(())
+    }
+
+    /// Drops cached introspection of a destination whose owner changed.
+    pub fn forget(&self, destination: &str) {
+        if let Ok(mut s) = self.schemas.lock() {
+            s.retain(|(dest, _), _| dest != destination);
+        }
+    }
+
+    async fn handle(&self, msg: Message) {
+        let Some(reply_to) = msg.reply.clone() else {
+            tracing::debug!(subject = %msg.subject, "request without reply subject ignored");
+            return;
+        };
+        let (op, outcome) = self.answer(&msg).await;
+        let label = if outcome.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .requests
+            .with_label_values(&[op.map(Op::as_str).unwrap_or("invalid"), label])
+            .inc();
+        if let Err(e) = &outcome {
+            tracing::debug!(subject = %msg.subject, error = %e, "request failed");
+        }
+        let reply = Reply {
+            nkey: self.nkey.clone(),
+            hostname: self.hostname.clone(),
+            result: outcome,
+        };
+        if let Err(e) = self.client.publish(reply_to, reply.to_payload()).await {
+            tracing::warn!(error = %e, "cannot publish reply");
+        }
+    }
+
+    async fn answer(&self, msg: &Message) -> (Option<Op>, Outcome) {
+        if msg.payload.len() > self.max_request_bytes {
+            return (
+                None,
+                Err(invalid(format!(
+                    "request of {} bytes is larger than the agent's limit of {}",
+                    msg.payload.len(),
+                    self.max_request_bytes
+                ))),
+            );
+        }
+        let subject = match RequestSubject::parse(&msg.subject) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(subject = %msg.subject, error = %e, "malformed request subject");
+                return (None, Err(invalid(e.to_string())));
+            }
+        };
+        let op = Some(subject.op);
+        let request = match Request::from_payload(&msg.payload) {
+            Ok(r) => r,
+            Err(e) => return (op, Err(invalid(format!("invalid request body: {e}")))),
+        };
+        if let Err(e) = request.check_for(subject.op) {
+            return (op, Err(invalid(e)));
+        }
+        let requester = headers::get(msg.headers.as_ref(), headers::REQUESTER)
+            .unwrap_or("unknown")
+            .to_owned();
+        let timeout = request
+            .timeout_ms
+            .map(Duration::from_millis)
+            .map_or(self.call_timeout, |t| t.min(self.call_timeout));
+        let Ok(_permit) = self.calls.acquire().await else {
+            return (
+                op,
+                Err(ErrorBody::new(
+                    ErrorCode::InternalError,
+                    "agent is shutting down",
+                )),
+            );
+        };
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(
+            timeout,
+            self.dispatch(&subject, &request, &requester),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Err(ErrorBody::new(
+                ErrorCode::Timeout,
+                format!("D-Bus call did not finish within {timeout:?}"),
+            )),
+        };
+        self.metrics
+            .call_seconds
+            .with_label_values(&[subject.op.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        (op, outcome)
+    }
+
+    async fn dispatch(&self, s: &RequestSubject, r: &Request, requester: &str) -> Outcome {
+        let dest = s.destination.as_str();
+        let path = s.path.as_str();
+        let member = s.member.as_deref().unwrap_or_default();
+        if let Some(iface) = &r.interface {
+            cbus_protocol::names::validate_interface(iface).map_err(|e| invalid(e.to_string()))?;
+        }
+        match s.op {
+            Op::Get => self.get(dest, path, r, member).await,
+            Op::Set => self.set(dest, path, r, member, requester).await,
+            Op::GetAll => self.get_all(dest, path, r).await,
+            Op::Call => self.call(dest, path, r, member, requester).await,
+            Op::Introspect => {
+                let schema = self.schema(dest, path, true).await?;
+                let value = serde_json::to_value(&*schema)
+                    .map_err(|e| ErrorBody::new(ErrorCode::InternalError, e.to_string()))?;
+                Ok(Success {
+                    signature: None,
+                    value,
+                })
+            }
+            Op::ListNames => self.list_names().await,
+        }
+    }
+
+    async fn get(&self, dest: &str, path: &str, r: &Request, member: &str) -> Outcome {
+        let iface = match &r.interface {
+            Some(i) => i.clone(),
+            None => {
+                let schema = self.schema(dest, path, false).await?;
+                let found = schema.find_property(None, member).map_err(resolve_error)?;
+                found.interface.to_owned()
+            }
+        };
+        let reply = self
+            .dbus_call(
+                dest,
+                path,
+                Some(PROPERTIES),
+                "Get",
+                &(iface.as_str(), member),
+            )
+            .await?;
+        let value: OwnedValue = reply.body().deserialize().map_err(dbus_error)?;
+        Ok(Success {
+            signature: Some(value.value_signature().to_string()),
+            value: codec::to_json(&value).map_err(|e| internal(e.to_string()))?,
+        })
+    }
+
+    async fn set(
+        &self,
+        dest: &str,
+        path: &str,
+        r: &Request,
+        member: &str,
+        requester: &str,
+    ) -> Outcome {
+        let json = r
+            .value
+            .as_ref()
+            .ok_or_else(|| invalid("set needs a \"value\""))?;
+        let (iface, sig) = match (&r.interface, &r.signature) {
+            (Some(i), Some(s)) => (i.clone(), s.clone()),
+            _ => {
+                let schema = self.schema(dest, path, false).await?;
+                let found = schema
+                    .find_property(r.interface.as_deref(), member)
+                    .map_err(resolve_error)?;
+                if !found.item.access.writable() {
+                    return Err(ErrorBody::new(
+                        ErrorCode::AccessDenied,
+                        format!("property {}.{member} is read-only", found.interface),
+                    ));
+                }
+                let sig = r.signature.clone().unwrap_or_else(|| found.item.ty.clone());
+                (found.interface.to_owned(), sig)
+            }
+        };
+        self.check_policy(Op::Set, dest, &iface, member, requester, path)?;
+        let sig = codec::parse_single(&sig).map_err(|e| invalid(e.to_string()))?;
+        let value = codec::from_json(json, &sig).map_err(|e| invalid(format!("value: {e}")))?;
+        self.dbus_call(
+            dest,
+            path,
+            Some(PROPERTIES),
+            "Set",
+            &(iface.as_str(), member, value),
+        )
+        .await?;
+        Ok(Success {
+            signature: None,
+            value: Json::Null,
+        })
+    }
+
+    async fn get_all(&self, dest: &str, path: &str, r: &Request) -> Outcome {
+        let props_json = |props: HashMap<String, OwnedValue>| -> Result<Json, ErrorBody> {
+            let mut obj = serde_json::Map::new();
+            for (name, value) in props {
+                obj.insert(
+                    name,
+                    codec::variant_to_json(&value).map_err(|e| internal(e.to_string()))?,
+                );
+            }
+            Ok(Json::Object(obj))
+        };
+        if let Some(iface) = &r.interface {
+            let reply = self
+                .dbus_call(dest, path, Some(PROPERTIES), "GetAll", &(iface.as_str(),))
+                .await?;
+            let props: HashMap<String, OwnedValue> =
+                reply.body().deserialize().map_err(dbus_error)?;
+            return Ok(Success {
+                signature: Some("a{sv}".into()),
+                value: props_json(props)?,
+            });
+        }
+        let schema = self.schema(dest, path, false).await?;
+        let mut all = serde_json::Map::new();
+        for iface in schema
+            .interfaces
+            .iter()
+            .filter(|i| !i.properties.is_empty())
+        {
+            let reply = self
+                .dbus_call(
+                    dest,
+                    path,
+                    Some(PROPERTIES),
+                    "GetAll",
+                    &(iface.name.as_str(),),
+                )
+                .await?;
+            let props: HashMap<String, OwnedValue> =
+                reply.body().deserialize().map_err(dbus_error)?;
+            all.insert(iface.name.clone(), props_json(props)?);
+        }
+        Ok(Success {
+            signature: Some("a{sa{sv}}".into()),
+            value: Json::Object(all),
+        })
+    }
+
+    async fn call(
+        &self,
+        dest: &str,
+        path: &str,
+        r: &Request,
+        member: &str,
+        requester: &str,
+    ) -> Outcome {
+        // Resolve by introspection unless both interface and signature are given; an object
+        // that cannot be introspected can still be called when the caller names both.
+        let mut out_count = None;
+        let (iface, sig) = match (&r.interface, &r.signature) {
+            (Some(i), Some(s)) => (Some(i.clone()), s.clone()),
+            _ => {
+                let schema = self.schema(dest, path, false).await?;
+                let found = schema
+                    .find_method(r.interface.as_deref(), member)
+                    .map_err(resolve_error)?;
+                out_count = Some(found.item.outputs.len());
+                let sig = r
+                    .signature
+                    .clone()
+                    .unwrap_or_else(|| found.item.in_signature());
+                (Some(found.interface.to_owned()), sig)
+            }
+        };
+        let iface_text = iface.clone().unwrap_or_default();
+        self.check_policy(Op::Call, dest, &iface_text, member, requester, path)?;
+        let sigs = codec::parse_arguments(&sig).map_err(|e| invalid(e.to_string()))?;
+        let empty = Json::Array(Vec::new());
+        let args = codec::args_from_json(r.args.as_ref().unwrap_or(&empty), &sigs)
+            .map_err(|e| invalid(e.to_string()))?;
+        let reply = if args.is_empty() {
+            self.dbus_call(dest, path, iface.as_deref(), member, &())
+                .await?
+        } else {
+            let mut builder = StructureBuilder::new();
+            for a in args {
+                builder = builder.append_field(a);
+            }
+            let body = builder.build().map_err(|e| invalid(e.to_string()))?;
+            self.dbus_call(dest, path, iface.as_deref(), member, &body)
+                .await?
+        };
+        let body = reply.body();
+        if body.is_empty() {
+            return Ok(Success {
+                signature: Some(String::new()),
+                value: Json::Array(Vec::new()),
+            });
+        }
+        let structure: Structure = body.deserialize().map_err(dbus_error)?;
+        let mut fields = structure.into_fields();
+        // A lone struct result and several results share one body signature; introspection
+        // says which it was.
+        if out_count == Some(1) && fields.len() > 1 {
+            let mut b = StructureBuilder::new();
+            for f in fields {
+                b = b.append_field(f);
+            }
+            fields = vec![Value::Structure(
+                b.build().map_err(|e| internal(e.to_string()))?,
+            )];
+        }
+        let signature: String = fields
+            .iter()
+            .map(|f| f.value_signature().to_string())
+            .collect();
+        Ok(Success {
+            signature: Some(signature),
+            value: codec::args_to_json(&fields).map_err(|e| internal(e.to_string()))?,
+        })
+    }
+
+    async fn list_names(&self) -> Outcome {
+        let conn = self.conn().await?;
+        let dbus = zbus::fdo::DBusProxy::new(&conn).await.map_err(dbus_error)?;
+        let names = dbus.list_names().await.map_err(fdo_error)?;
+        let mut obj = serde_json::Map::new();
+        for name in names {
+            let owner = if name.starts_with(':') {
+                name.to_string()
+            } else {
+                match dbus.get_name_owner(name.as_ref()).await {
+                    Ok(o) => o.to_string(),
+                    Err(_) => continue, // released in between
+                }
+            };
+            obj.insert(name.to_string(), Json::String(owner));
+        }
+        Ok(Success {
+            signature: Some("a{ss}".into()),
+            value: Json::Object(obj),
+        })
+    }
+
+    fn check_policy(
+        &self,
+        op: Op,
+        dest: &str,
+        iface: &str,
+        member: &str,
+        requester: &str,
+        path: &str,
+    ) -> Result<(), ErrorBody> {
+        if self.policy.allows(op, dest, iface, member) {
+            tracing::info!(%requester, %op, %dest, %path, %iface, %member, "remote {op} allowed");
+            Ok(())
+        } else {
+            tracing::warn!(%requester, %op, %dest, %path, %iface, %member, "remote {op} denied by policy");
+            Err(ErrorBody::new(
+                ErrorCode::AccessDenied,
+                format!("the agent's policy does not allow {op} of {iface}.{member} on {dest}"),
+            ))
+        }
+    }
+
+    /// Introspection of an object, cached unless `fresh`.
+    async fn schema(
+        &self,
+        dest: &str,
+        path: &str,
+        fresh: bool,
+    ) -> Result<Arc<ObjectSchema>, ErrorBody> {
+        let key = (dest.to_owned(), path.to_owned());
+        if !fresh {
+            if let Some((at, s)) = self.schemas.lock().ok().and_then(|m| m.get(&key).cloned()) {
+                if at.elapsed() < SCHEMA_TTL {
+                    return Ok(s);
+                }
+            }
+        }
+        let reply = self
+            .dbus_call(dest, path, Some(INTROSPECTABLE), "Introspect", &())
+            .await?;
+        let xml: String = reply.body().deserialize().map_err(dbus_error)?;
+        let schema = Arc::new(ObjectSchema::from_xml(&xml).map_err(|e| internal(e.to_string()))?);
+        if let Ok(mut m) = self.schemas.lock() {
+            m.insert(key, (Instant::now(), schema.clone()));
+        }
+        Ok(schema)
+    }
+
+    async fn conn(&self) -> Result<Connection, ErrorBody> {
+        if let Some(c) = self.conn.read().await.clone() {
+            return Ok(c);
+        }
+        let mut slot = self.conn.write().await;
+        if let Some(c) = slot.clone() {
+            return Ok(c);
+        }
+        match self.bus.connect(false).await {
+            Ok(c) => {
+                self.metrics.bus_connected.set(1);
+                *slot = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                self.metrics.bus_connected.set(0);
+                Err(ErrorBody::new(
+                    ErrorCode::Disconnected,
+                    format!("cannot connect to D-Bus ({:?}): {e}", self.bus),
+                ))
+            }
+        }
+    }
+
+    async fn dbus_call<B>(
+        &self,
+        dest: &str,
+        path: &str,
+        iface: Option<&str>,
+        member: &str,
+        body: &B,
+    ) -> Result<zbus::Message, ErrorBody>
+    where
+        B: serde::Serialize + zvariant::DynamicType,
+    {
+        let conn = self.conn().await?;
+        match conn
+            .call_method(Some(dest), path, iface, member, body)
+            .await
+        {
+            Ok(m) => Ok(m),
+            Err(e @ (zbus::Error::InputOutput(_) | zbus::Error::Handshake(_))) => {
+                // The bus went away: reconnect on the next request.
+                *self.conn.write().await = None;
+                self.metrics.bus_connected.set(0);
+                Err(ErrorBody::new(ErrorCode::Disconnected, e.to_string()))
+            }
+            Err(e) => Err(dbus_error(e)),
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(ErrorCode::InvalidArgument, message)
+}
+
+fn internal(message: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(ErrorCode::InternalError, message)
+}
+
+fn resolve_error(e: ResolveError) -> ErrorBody {
+    let code = match e {
+        ResolveError::NotFound { .. } => ErrorCode::NotFound,
+        ResolveError::Ambiguous { .. } => ErrorCode::InvalidArgument,
+    };
+    ErrorBody::new(code, e.to_string())
+}
+
+fn fdo_error(e: zbus::fdo::Error) -> ErrorBody {
+    ErrorBody::from_dbus(e.name().to_string(), e.description().unwrap_or_default())
+}
+
+fn dbus_error(e: zbus::Error) -> ErrorBody {
+    match e {
+        zbus::Error::MethodError(name, message, _) => {
+            ErrorBody::from_dbus(name.to_string(), message.unwrap_or_default())
+        }
+        zbus::Error::FDO(fdo) => fdo_error(*fdo),
+        zbus::Error::InputOutput(_) => ErrorBody::new(ErrorCode::Disconnected, e.to_string()),
+        other => ErrorBody::new(ErrorCode::InternalError, other.to_string()),
+    }
+}

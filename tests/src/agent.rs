@@ -1,0 +1,87 @@
+//! A real `cbus-agent` process for tests, with its own generated SSH host key.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::bins::bin_path;
+use crate::util::terminate;
+
+/// A running agent; SIGKILLed on drop unless stopped before.
+pub struct Agent {
+    child: Option<Child>,
+    pub nkey: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// Generates an ed25519 host key in `dir`; returns its path.
+pub fn generate_host_key(dir: &Path) -> PathBuf {
+    let path = dir.join("ssh_host_ed25519_key");
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&path)
+        .status()
+        .expect("run ssh-keygen (apt-get install openssh-client)");
+    assert!(status.success(), "ssh-keygen failed");
+    path
+}
+
+impl Agent {
+    /// Starts an agent with a fresh host key; `extra` are more flags.
+    pub fn start(nats_url: &str, bus: &str, extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir for host key");
+        let key = generate_host_key(dir.path());
+        let mut agent = Self::start_with_key(nats_url, bus, &key, extra);
+        agent._dir = Some(dir);
+        agent
+    }
+
+    /// Starts an agent with a given host key.
+    pub fn start_with_key(nats_url: &str, bus: &str, key: &Path, extra: &[&str]) -> Agent {
+        let nkey = cbus_protocol::nkey::from_ssh_host_key(key)
+            .expect("host key")
+            .public_key();
+        let child = Command::new(bin_path("cbus-agent"))
+            .args(["--nats-url", nats_url, "--bus", bus, "--heartbeat", "500ms"])
+            .arg("--host-key")
+            .arg(key)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("CBUS_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start cbus-agent");
+        Agent {
+            child: Some(child),
+            nkey,
+            _dir: None,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGTERM and wait: the agent says goodbye.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c, Duration::from_secs(5));
+        }
+    }
+
+    /// SIGKILL: no goodbye, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
