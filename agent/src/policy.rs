@@ -1,7 +1,8 @@
 //! What may be done remotely.
 //!
 //! Reads (get, getall, introspect, list-names) are allowed; set and call are denied unless a rule
-//! allows them, because a call on the system bus can reboot a machine. A rule names ops and
+//! allows them, because a call on the system bus can reboot a machine. A few methods are known
+//! to only read ([`READ_ONLY_CALLS`], such as systemd's `ListUnits`) and count as reads. A rule names ops and
 //! globs over destination, interface and member:
 //!
 //! ```toml
@@ -52,6 +53,20 @@ struct RuleFile {
 fn star() -> String {
     "*".into()
 }
+
+/// Methods that only read state, allowed like property reads: (interface, member).
+pub const READ_ONLY_CALLS: &[(&str, &str)] = &[
+    ("org.freedesktop.systemd1.Manager", "ListUnits"),
+    ("org.freedesktop.systemd1.Manager", "ListUnitsByPatterns"),
+    ("org.freedesktop.systemd1.Manager", "ListUnitsByNames"),
+    ("org.freedesktop.systemd1.Manager", "ListUnitsFiltered"),
+    ("org.freedesktop.systemd1.Manager", "ListUnitFiles"),
+    ("org.freedesktop.systemd1.Manager", "ListJobs"),
+    ("org.freedesktop.systemd1.Manager", "GetUnit"),
+    ("org.freedesktop.systemd1.Manager", "GetDefaultTarget"),
+    ("org.freedesktop.DBus.Peer", "Ping"),
+    ("org.freedesktop.DBus.Peer", "GetMachineId"),
+];
 
 struct Rule {
     ops: Vec<Op>,
@@ -124,6 +139,9 @@ impl Policy {
         if op.is_read() || self.allow_all {
             return true;
         }
+        if op == Op::Call && READ_ONLY_CALLS.contains(&(interface, member)) {
+            return true;
+        }
         self.rules.iter().any(|r| {
             r.ops.contains(&op)
                 && r.destination.is_match(destination)
@@ -144,6 +162,9 @@ mod tests {
         assert!(!p.allows(Op::Call, "a.b", "a.b.C", "X"));
         assert!(!p.allows(Op::Set, "a.b", "a.b.C", "X"));
         assert!(Policy::allow_all().allows(Op::Call, "a.b", "a.b.C", "X"));
+        let mgr = "org.freedesktop.systemd1.Manager";
+        assert!(p.allows(Op::Call, "org.freedesktop.systemd1", mgr, "ListUnits"));
+        assert!(!p.allows(Op::Call, "org.freedesktop.systemd1", mgr, "StartUnit"));
     }
 
     #[test]
