@@ -145,6 +145,10 @@ fn encode(
     let (Some(sender), Some(path)) = (header.sender(), header.path()) else {
         return Ok(None);
     };
+    // A signal addressed to one connection (NameAcquired to our monitor) is not a broadcast.
+    if header.destination().is_some() {
+        return Ok(None);
+    }
     let sender = sender.to_string();
     let iface = header
         .interface()

@@ -58,18 +58,20 @@ pub fn render(machines: &[Machine], now_ms: u64) -> String {
         "gauge",
         "systemd unit state, one-hot over the states.",
     );
+    // The bulk of a scrape: each unit's label prefix is built once, then plain pushes.
+    out.reserve(machines.iter().map(|m| m.units.len()).sum::<usize>() * STATES.len() * 100);
     for m in machines {
+        let host = esc(&m.info.hostname);
         for (name, u) in &m.units {
-            let ty = unit_type(name);
+            let prefix = format!(
+                "cbus_systemd_unit_state{{host=\"{host}\",name=\"{}\",type=\"{}\",state=\"",
+                esc(name),
+                esc(unit_type(name))
+            );
             for s in STATES {
-                let _ = writeln!(
-                    out,
-                    "cbus_systemd_unit_state{{host=\"{}\",name=\"{}\",type=\"{}\",state=\"{s}\"}} {}",
-                    esc(&m.info.hostname),
-                    esc(name),
-                    esc(ty),
-                    u8::from(u.active == s)
-                );
+                out.push_str(&prefix);
+                out.push_str(s);
+                out.push_str(if u.active == s { "\"} 1\n" } else { "\"} 0\n" });
             }
         }
     }
@@ -124,10 +126,15 @@ fn unit_type(name: &str) -> &str {
 }
 
 /// Escapes a label value per the exposition format.
-pub fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+pub fn esc(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return std::borrow::Cow::Borrowed(v);
+    }
+    std::borrow::Cow::Owned(
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n"),
+    )
 }
 
 /// Every agent's own metrics with a `host` label added; HELP and TYPE once per family, and the

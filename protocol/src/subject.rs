@@ -214,7 +214,8 @@ impl RequestSubject {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignalSubject {
     pub nkey: String,
-    /// The sender's unique name (`:1.7`): D-Bus always gives that, never a well-known name.
+    /// The sender's unique name (`:1.7`); only the bus driver itself sends as
+    /// `org.freedesktop.DBus`.
     pub sender: String,
     pub path: String,
 }
