@@ -93,6 +93,9 @@ pub struct Config {
     /// Never forward signals whose path starts with one of these.
     #[arg(long)]
     pub exclude_path_prefix: Vec<String>,
+    /// Also serve /metrics (Prometheus text) and /healthz (one line) on this address.
+    #[arg(long, env = "CBUS_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// How often the agent publishes its own metrics on dbus.metrics.<nkey>.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub metrics_interval: Duration,

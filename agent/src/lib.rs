@@ -47,6 +47,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let bus = bus::BusKind::parse(&config.bus);
     tracing::info!(%nkey, %hostname, bus = %config.bus, "starting cbus-agent {}", cbus_protocol::VERSION);
 
+    if let Some(addr) = config.metrics_listen {
+        // Bind now, so a taken port is a clear start-up error rather than a silent task failure.
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+        drop(listener);
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, m).await {
+                tracing::error!(error = %e, %addr, "metrics endpoint stopped");
+            }
+        });
+    }
     let client = connect::connect(&config, &seed, metrics.clone()).await?;
 
     let requests = Arc::new(requests::RequestServer::new(

@@ -99,3 +99,20 @@ impl Metrics {
         )
     }
 }
+
+/// Serves `/metrics` and `/healthz` locally, for a node-local Prometheus or a health check.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    metrics: std::sync::Arc<Metrics>,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let m1 = metrics.clone();
+    let app = axum::Router::new()
+        .route("/metrics", get(move || async move { m1.render() }))
+        .route(
+            "/healthz",
+            get(move || async move { format!("{}\n", metrics.summary()) }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}

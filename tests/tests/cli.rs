@@ -420,3 +420,86 @@ async fn systemd_shortcuts_change_real_units() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("not-found"), "{}", stdout(&out));
 }
+
+#[tokio::test]
+async fn monitor_prints_signals_as_lines_and_ndjson() {
+    use std::io::BufRead;
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let bus = PrivateBus::start();
+    let _svc = TestService::start(bus.address());
+    let _agent = Agent::start(&url, bus.address(), &["--allow-all", "--hostname", "mon-a"]);
+    wait_agents(&nats, 1).await;
+
+    let spawn = |json: bool| {
+        let mut cmd = Command::new(bin_path("cbus"));
+        cmd.args([
+            "--server",
+            &url,
+            "monitor",
+            "--member",
+            "Message",
+            "--path",
+            "/org/cbus",
+        ]);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run cbus monitor")
+    };
+    for json in [false, true] {
+        let mut child = spawn(json);
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        // The subscription is up once a signal emitted after it arrives; emit until one does.
+        let mut line = None;
+        for _ in 0..50 {
+            let out = cbus(
+                &url,
+                &[
+                    "invoke",
+                    "org.cbus.Test",
+                    "/org/cbus/Test",
+                    "EmitOne",
+                    "[\"hello monitor\"]",
+                ],
+            );
+            assert!(out.status.success());
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+                line = Some(l);
+                break;
+            }
+        }
+        // SIGINT stops it cleanly, like Ctrl-C.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGINT);
+        }
+        let status = child.wait().unwrap();
+        let line = line.expect("monitor printed no signal");
+        if json {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(v["host"], "mon-a");
+            assert_eq!(v["member"], "Message");
+            assert_eq!(v["sender_name"], "org.cbus.Test");
+            assert_eq!(v["args"], json!(["hello monitor"]));
+        } else {
+            assert!(
+                line.contains(
+                    "mon-a org.cbus.Test /org/cbus/Test org.cbus.Test1.Message [\"hello monitor\"]"
+                ),
+                "{line}"
+            );
+        }
+        assert!(status.success(), "monitor exit {status:?}");
+    }
+}
