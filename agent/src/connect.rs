@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{ConnectOptions, Event};
+use async_nats::Event;
 use nkeys_seed::Seed;
 
 use crate::config::Config;
@@ -23,20 +23,8 @@ pub mod nkeys_seed {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot read NATS credentials {path}: {source}")]
-    Creds {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot read TLS CA {path}: {source}")]
-    Ca {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("--password needs --user")]
-    PasswordWithoutUser,
+    #[error(transparent)]
+    Credentials(#[from] cbus_protocol::connect::CredentialsError),
     #[error("cannot connect to NATS at {urls}: {message}")]
     Connect { urls: String, message: String },
 }
@@ -47,37 +35,18 @@ pub async fn connect(
     seed: &Seed,
     metrics: Arc<Metrics>,
 ) -> Result<async_nats::Client, ConnectError> {
-    let mut opts = ConnectOptions::new();
-    if config.nats_nkey_auth {
-        opts = ConnectOptions::with_nkey(seed.0.clone());
+    let opts = cbus_protocol::connect::Credentials {
+        creds: config.creds.clone(),
+        nkey_seed: config.nats_nkey_auth.then(|| seed.0.clone()),
+        user: config.user.clone(),
+        password: config.password.clone(),
+        token: config.token.clone(),
+        tls_ca: config.tls_ca.clone(),
     }
-    if let Some(path) = &config.creds {
-        opts = ConnectOptions::with_credentials_file(path.clone())
-            .await
-            .map_err(|source| ConnectError::Creds {
-                path: path.display().to_string(),
-                source,
-            })?;
-    }
-    match (&config.user, &config.password) {
-        (Some(u), Some(p)) => opts = opts.user_and_password(u.clone(), p.clone()),
-        (None, Some(_)) => return Err(ConnectError::PasswordWithoutUser),
-        _ => {}
-    }
-    if let Some(token) = &config.token {
-        opts = opts.token(token.clone());
-    }
-    if let Some(ca) = &config.tls_ca {
-        if !ca.exists() {
-            return Err(ConnectError::Ca {
-                path: ca.display().to_string(),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
-            });
-        }
-        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-    }
+    .options()
+    .await?;
     let m = metrics.clone();
-    opts = opts
+    let opts = opts
         .name(format!("cbus-agent {}", cbus_protocol::VERSION))
         .retry_on_initial_connect()
         .max_reconnects(None)

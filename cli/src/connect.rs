@@ -56,32 +56,25 @@ pub async fn connect(args: &ConnArgs) -> Result<async_nats::Client, Failure> {
         .clone()
         .or(file.server)
         .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
-    let mut opts = async_nats::ConnectOptions::new();
-    if let Some(path) = args.nkey.clone().or(file.nkey) {
-        let kp = cbus_protocol::nkey::from_seed_file(&path)
-            .map_err(|e| Failure::Usage(e.to_string()))?;
-        let seed = kp.seed().map_err(|e| Failure::Usage(e.to_string()))?;
-        opts = async_nats::ConnectOptions::with_nkey(seed);
+    let nkey_seed = match args.nkey.clone().or(file.nkey) {
+        Some(path) => {
+            let kp = cbus_protocol::nkey::from_seed_file(&path)
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+            Some(kp.seed().map_err(|e| Failure::Usage(e.to_string()))?)
+        }
+        None => None,
+    };
+    let opts = cbus_protocol::connect::Credentials {
+        creds: args.creds.clone().or(file.creds),
+        nkey_seed,
+        user: args.user.clone().or(file.user),
+        password: args.password.clone().or(file.password),
+        token: args.token.clone().or(file.token),
+        tls_ca: args.tls_ca.clone().or(file.tls_ca),
     }
-    if let Some(path) = args.creds.clone().or(file.creds) {
-        opts = async_nats::ConnectOptions::with_credentials_file(path.clone())
-            .await
-            .map_err(|e| {
-                Failure::Usage(format!("cannot read credentials {}: {e}", path.display()))
-            })?;
-    }
-    if let (Some(u), Some(p)) = (
-        args.user.clone().or(file.user),
-        args.password.clone().or(file.password),
-    ) {
-        opts = opts.user_and_password(u, p);
-    }
-    if let Some(t) = args.token.clone().or(file.token) {
-        opts = opts.token(t);
-    }
-    if let Some(ca) = args.tls_ca.clone().or(file.tls_ca) {
-        opts = opts.add_root_certificates(ca).require_tls(true);
-    }
+    .options()
+    .await
+    .map_err(|e| Failure::Usage(e.to_string()))?;
     let urls: Vec<String> = server.split(',').map(|s| s.trim().to_owned()).collect();
     opts.name("cbus")
         .connection_timeout(Duration::from_secs(3))

@@ -266,21 +266,16 @@ async fn load_units(fleet: Fleet, cache: Cache, mut joins: mpsc::UnboundedReceiv
 }
 
 async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
-    let mut opts = async_nats::ConnectOptions::new();
-    if let Some(path) = &config.creds {
-        opts = async_nats::ConnectOptions::with_credentials_file(path.clone())
-            .await
-            .with_context(|| format!("cannot read credentials {}", path.display()))?;
+    let opts = cbus_protocol::connect::Credentials {
+        creds: config.creds.clone(),
+        nkey_seed: None,
+        user: config.user.clone(),
+        password: config.password.clone(),
+        token: config.token.clone(),
+        tls_ca: config.tls_ca.clone(),
     }
-    if let (Some(u), Some(p)) = (&config.user, &config.password) {
-        opts = opts.user_and_password(u.clone(), p.clone());
-    }
-    if let Some(t) = &config.token {
-        opts = opts.token(t.clone());
-    }
-    if let Some(ca) = &config.tls_ca {
-        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-    }
+    .options()
+    .await?;
     let urls: Vec<String> = config
         .nats_url
         .split(',')

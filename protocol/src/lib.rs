@@ -7,6 +7,7 @@
 //! fanning a request out to them. The human-readable version is docs/protocol.md.
 
 pub mod codec;
+pub mod connect;
 pub mod envelope;
 pub mod error;
 pub mod fleet;
