@@ -118,6 +118,31 @@ async fn fan_out_commands_over_two_machines() {
     ));
     assert_eq!(text, "HOST   VALUE\ncli-a  hello\ncli-b  hello\n");
 
+    // Defaults from the config file: no --server needed.
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("config.toml");
+    std::fs::write(&cfg, format!("server = \"{url}\"\n")).unwrap();
+    let out = Command::new(bin_path("cbus"))
+        .args(["agents", "-s"])
+        .env("CBUS_CONFIG", &cfg)
+        .env_remove("NATS_URL")
+        .output()
+        .unwrap();
+    assert_eq!(
+        stdout(&out).lines().count(),
+        2,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&cfg, "sever = \"typo\"\n").unwrap();
+    let out = Command::new(bin_path("cbus"))
+        .arg("agents")
+        .env("CBUS_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid config"));
+
     // Targeting.
     let out = cbus(
         &url,
