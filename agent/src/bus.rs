@@ -1,5 +1,6 @@
-//! The D-Bus side: connecting to the chosen bus, and knowing which well-known names each unique
-//! name owns (signals carry only the unique sender; users think in well-known names).
+//! The D-Bus side: connecting to the chosen bus (with backoff, since the agent may start before
+//! dbus or outlive a restart of it), and knowing which well-known name each unique name owns:
+//! signals carry only the unique sender (`:1.7`), users think in well-known names.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -80,11 +81,25 @@ impl NameOwners {
         }
     }
 
+    fn remove_unique(&self, unique: &str) {
+        if let Ok(mut m) = self.inner.write() {
+            m.remove(unique);
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut m) = self.inner.write() {
+            m.clear();
+        }
+    }
+
     /// Fills the map from ListNames, then follows NameOwnerChanged until the connection ends.
-    /// `on_change` is told of every well-known name whose owner changed (to drop caches).
+    /// `on_change` is told of every name whose owner changed or that went away (to drop caches).
     pub async fn track(&self, conn: &Connection, on_change: impl Fn(&str)) -> zbus::Result<()> {
         let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+        // Subscribe before listing, so no change falls between the two.
         let mut changes = dbus.receive_name_owner_changed().await?;
+        self.clear();
         for name in dbus.list_names().await? {
             if name.starts_with(':') {
                 continue;
@@ -97,6 +112,11 @@ impl NameOwners {
             let Ok(args) = signal.args() else { continue };
             let name = args.name().to_string();
             if name.starts_with(':') {
+                // A unique name is never reused: it only ever goes away.
+                if args.new_owner().is_none() {
+                    on_change(&name);
+                    self.remove_unique(&name);
+                }
                 continue;
             }
             on_change(&name);

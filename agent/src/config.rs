@@ -48,8 +48,8 @@ pub struct Config {
     /// Hostname to report (default: the system's).
     #[arg(long, env = "CBUS_HOSTNAME")]
     pub hostname: Option<String>,
-    /// Label reported in presence, KEY=VALUE; repeatable.
-    #[arg(long = "label", value_parser = parse_label)]
+    /// Label reported in presence, KEY=VALUE; repeatable (env: comma-separated).
+    #[arg(long = "label", env = "CBUS_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
     /// Heartbeat interval (e.g. 5s, 500ms).
     #[arg(long, env = "CBUS_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
@@ -61,43 +61,43 @@ pub struct Config {
     #[arg(long, env = "CBUS_ALLOW_ALL")]
     pub allow_all: bool,
     /// Signals queued between D-Bus and NATS; more are dropped and counted.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, env = "CBUS_SIGNAL_QUEUE", default_value_t = 8192)]
     pub signal_queue: usize,
     /// D-Bus calls in flight at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "CBUS_MAX_CONCURRENT_CALLS", default_value_t = 64)]
     pub max_concurrent_calls: usize,
     /// Longest a D-Bus call may take (caps a request's timeout_ms).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "CBUS_CALL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub call_timeout: Duration,
     /// Largest request payload accepted.
-    #[arg(long, default_value_t = 256 * 1024)]
+    #[arg(long, env = "CBUS_MAX_REQUEST_BYTES", default_value_t = 256 * 1024)]
     pub max_request_bytes: usize,
     /// Do not forward signals.
-    #[arg(long)]
+    #[arg(long, env = "CBUS_NO_SIGNALS")]
     pub no_signals: bool,
     /// Forward only signals from these senders (unique or well-known names).
-    #[arg(long)]
+    #[arg(long, env = "CBUS_INCLUDE_SENDER", value_delimiter = ',')]
     pub include_sender: Vec<String>,
     /// Never forward signals from these senders.
-    #[arg(long)]
+    #[arg(long, env = "CBUS_EXCLUDE_SENDER", value_delimiter = ',')]
     pub exclude_sender: Vec<String>,
     /// Forward only signals of these interfaces.
-    #[arg(long)]
+    #[arg(long, env = "CBUS_INCLUDE_INTERFACE", value_delimiter = ',')]
     pub include_interface: Vec<String>,
     /// Never forward signals of these interfaces.
-    #[arg(long)]
+    #[arg(long, env = "CBUS_EXCLUDE_INTERFACE", value_delimiter = ',')]
     pub exclude_interface: Vec<String>,
     /// Forward only signals whose path starts with one of these.
-    #[arg(long)]
+    #[arg(long, env = "CBUS_INCLUDE_PATH_PREFIX", value_delimiter = ',')]
     pub include_path_prefix: Vec<String>,
     /// Never forward signals whose path starts with one of these.
-    #[arg(long)]
+    #[arg(long, env = "CBUS_EXCLUDE_PATH_PREFIX", value_delimiter = ',')]
     pub exclude_path_prefix: Vec<String>,
     /// Also serve /metrics (Prometheus text) and /healthz (one line) on this address.
     #[arg(long, env = "CBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How often the agent publishes its own metrics on dbus.metrics.<nkey>.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "CBUS_METRICS_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub metrics_interval: Duration,
 }
 

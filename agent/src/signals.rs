@@ -15,7 +15,6 @@ use cbus_protocol::subject::SignalSubject;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use zbus::{MatchRule, Message, MessageStream};
-use zvariant::Structure;
 
 use crate::bus::{BusKind, NameOwners};
 use crate::metrics::Metrics;
@@ -162,23 +161,8 @@ fn encode(
     let subject = SignalSubject::new(nkey, sender.as_str(), path.as_str())
         .and_then(|s| s.encode())
         .map_err(|e| e.to_string())?;
-    let body = msg.body();
-    let (signature, args) = if body.is_empty() {
-        (String::new(), serde_json::Value::Array(Vec::new()))
-    } else {
-        let fields = body
-            .deserialize::<Structure>()
-            .map_err(|e| e.to_string())?
-            .into_fields();
-        let sig: String = fields
-            .iter()
-            .map(|f| f.value_signature().to_string())
-            .collect();
-        (
-            sig,
-            codec::args_to_json(&fields).map_err(|e| e.to_string())?,
-        )
-    };
+    let (signature, values) = crate::body::arguments(msg).map_err(|e| e.to_string())?;
+    let args = codec::args_to_json(&values).map_err(|e| e.to_string())?;
     let mut h = HeaderMap::new();
     headers::set(&mut h, headers::NKEY, nkey);
     headers::set(&mut h, headers::HOSTNAME, hostname);
