@@ -21,7 +21,7 @@ const REGISTRY_RETRY: Duration = Duration::from_secs(30);
 
 enum Registry {
     Unknown,
-    Open(jetstream::kv::Store),
+    Open(Box<jetstream::kv::Store>),
     Unavailable(Instant),
 }
 
@@ -94,7 +94,7 @@ impl Presence {
                     if self.warned.swap(false, Ordering::Relaxed) {
                         tracing::info!("JetStream registry available again");
                     }
-                    *registry = Registry::Open(store);
+                    *registry = Registry::Open(Box::new(store));
                 }
                 Err(e) => {
                     if !self.warned.swap(true, Ordering::Relaxed) {
