@@ -4,14 +4,12 @@
 mod agent_common;
 
 use agent_common::*;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cbus_protocol::fleet::{Fleet, Outcome, Query};
-use cbus_protocol::presence::AgentState;
-use cbus_protocol::{ErrorCode, Op, Reply, Request};
-use cbus_tests::{Agent, MachineSpec, NatsServer, PrivateBus, TestService};
-use futures::StreamExt;
-use serde_json::{json, Value};
+use cbus_protocol::fleet::Fleet;
+use cbus_protocol::{Op, Reply};
+use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
+use serde_json::json;
 
 #[tokio::test]
 async fn malformed_requests_get_errors_and_the_agent_keeps_serving() {

@@ -8,12 +8,11 @@ mod agent_common;
 use agent_common::*;
 use std::time::{Duration, Instant};
 
-use cbus_protocol::fleet::{Fleet, Outcome, Query};
-use cbus_protocol::presence::AgentState;
-use cbus_protocol::{ErrorCode, Op, Reply, Request};
-use cbus_tests::{Agent, MachineSpec, NatsServer, PrivateBus, TestService};
+use cbus_protocol::fleet::Fleet;
+use cbus_protocol::{ErrorCode, Op, Reply};
+use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
 
 #[tokio::test]
 async fn every_op_against_the_test_service() {
@@ -279,17 +278,32 @@ async fn one_struct_stays_one_struct() {
     wait_registered(&fleet, &agent.nkey).await;
     let n = agent.nkey.as_str();
     let (dest, path, iface) = ("org.cbus.Shapes", "/org/cbus/Shapes", "org.cbus.Shapes1");
-    for request in [
-        json!({}),
-        json!({"interface": iface, "signature": ""}),
-    ] {
-        let r = ask(&fleet, n, dest, path, Op::Call, Some("Point"), request.clone()).await;
+    for request in [json!({}), json!({"interface": iface, "signature": ""})] {
+        let r = ask(
+            &fleet,
+            n,
+            dest,
+            path,
+            Op::Call,
+            Some("Point"),
+            request.clone(),
+        )
+        .await;
         assert_eq!(ok(&r), (Some("(ii)".into()), json!([[3, 4]])), "{request}");
         let r = ask(&fleet, n, dest, path, Op::Call, Some("Pair"), request).await;
         assert_eq!(ok(&r), (Some("ii".into()), json!([3, 4])));
     }
     // One struct argument in: typed by introspection, or by an explicit signature.
-    let r = ask(&fleet, n, dest, path, Op::Call, Some("Sum"), json!({"args": [[3, 4]]})).await;
+    let r = ask(
+        &fleet,
+        n,
+        dest,
+        path,
+        Op::Call,
+        Some("Sum"),
+        json!({"args": [[3, 4]]}),
+    )
+    .await;
     assert_eq!(ok(&r).1, json!([7]));
     let r = ask(
         &fleet,
@@ -392,12 +406,30 @@ async fn slow_calls_do_not_block_others() {
             let fleet = fleet.clone();
             let n = n.clone();
             tokio::spawn(async move {
-                ask(&fleet, &n, NAME, PATH, Op::Call, Some("Sleep"), json!({"args": [1500]})).await
+                ask(
+                    &fleet,
+                    &n,
+                    NAME,
+                    PATH,
+                    Op::Call,
+                    Some("Sleep"),
+                    json!({"args": [1500]}),
+                )
+                .await
             })
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
         let started = Instant::now();
-        let r = ask(&fleet, &n, NAME, PATH, Op::Call, Some("Add"), json!({"args": [1, 1]})).await;
+        let r = ask(
+            &fleet,
+            &n,
+            NAME,
+            PATH,
+            Op::Call,
+            Some("Add"),
+            json!({"args": [1, 1]}),
+        )
+        .await;
         let took = started.elapsed();
         assert_eq!(ok(&r).1, json!([2]));
         if bounded {

@@ -3,14 +3,11 @@
 mod agent_common;
 
 use agent_common::*;
-use std::time::{Duration, Instant};
 
-use cbus_protocol::fleet::{Fleet, Outcome, Query};
-use cbus_protocol::presence::AgentState;
-use cbus_protocol::{ErrorCode, Op, Reply, Request};
-use cbus_tests::{Agent, MachineSpec, NatsServer, PrivateBus, TestService};
-use futures::StreamExt;
-use serde_json::{json, Value};
+use cbus_protocol::fleet::Fleet;
+use cbus_protocol::{ErrorCode, Op};
+use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
+use serde_json::json;
 
 #[tokio::test]
 async fn policy_denies_calls_and_sets_unless_allowed() {

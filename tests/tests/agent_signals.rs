@@ -6,10 +6,9 @@ mod agent_common;
 use agent_common::*;
 use std::time::{Duration, Instant};
 
-use cbus_protocol::fleet::{Fleet, Outcome, Query};
-use cbus_protocol::presence::AgentState;
-use cbus_protocol::{ErrorCode, Op, Reply, Request};
-use cbus_tests::{Agent, MachineSpec, NatsServer, PrivateBus, TestService};
+use cbus_protocol::fleet::Fleet;
+use cbus_protocol::Op;
+use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -112,4 +111,134 @@ async fn signals_arrive_with_headers_and_floods_are_counted() {
             .any(|l| l.starts_with("cbus_agent_signals_dropped_total ") && !l.ends_with(" 0"));
     }
     assert!(dropped, "drop counter never moved");
+}
+
+/// Signals of our own peer: one struct stays one struct, the root path has its token, the
+/// well-known name and hostname are in the headers, filters hold back what they exclude, and a
+/// signal carrying a file descriptor is counted instead of forwarded.
+#[tokio::test]
+async fn signal_shapes_filters_and_unencodable_bodies() {
+    use std::os::fd::AsFd;
+
+    let nats = NatsServer::start();
+    let bus = PrivateBus::start();
+    let peer = zbus::connection::Builder::address(bus.address())
+        .unwrap()
+        .name("org.cbus.Peer")
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let client = nats.connect().await;
+    let agent = Agent::start(
+        &nats.url(),
+        bus.address(),
+        &[
+            "--hostname",
+            "signal-host",
+            "--exclude-interface",
+            "org.cbus.Noise1",
+            "--exclude-path-prefix",
+            "/org/cbus/Quiet",
+            "--metrics-interval",
+            "200ms",
+        ],
+    );
+    let fleet = Fleet::new(client.clone(), "test@shapes");
+    wait_registered(&fleet, &agent.nkey).await;
+    let mut sigs = client
+        .subscribe(format!("dbus.signals.{}.>", agent.nkey))
+        .await
+        .unwrap();
+    let mut metrics = client
+        .subscribe(format!("dbus.metrics.{}", agent.nkey))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    // The agent learns the peer's well-known name from NameOwnerChanged/ListNames.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let shapes = "/org/cbus/Shapes";
+    let iface = "org.cbus.Shapes1";
+    peer.emit_signal(None::<&str>, shapes, iface, "Moved", &((3i32, 4i32),))
+        .await
+        .unwrap();
+    peer.emit_signal(None::<&str>, shapes, iface, "Pair", &(3i32, 4i32))
+        .await
+        .unwrap();
+    peer.emit_signal(None::<&str>, shapes, "org.cbus.Noise1", "Noise", &("x",))
+        .await
+        .unwrap();
+    peer.emit_signal(None::<&str>, "/org/cbus/Quiet/x", iface, "Hidden", &("x",))
+        .await
+        .unwrap();
+    let devnull = std::fs::File::open("/dev/null").unwrap();
+    peer.emit_signal(
+        None::<&str>,
+        shapes,
+        iface,
+        "WithFd",
+        &(zvariant::Fd::from(devnull.as_fd()),),
+    )
+    .await
+    .unwrap();
+    peer.emit_signal(None::<&str>, "/", iface, "Root", &())
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen
+        .iter()
+        .any(|(m, ..): &(String, String, Value, String)| m == "Root")
+    {
+        let Ok(Some(msg)) = tokio::time::timeout_at(deadline.into(), sigs.next()).await else {
+            panic!("signals missing; saw {seen:?}");
+        };
+        if header(&msg, "Sender-Name") != Some("org.cbus.Peer") {
+            continue; // the bus driver's own signals
+        }
+        assert_eq!(header(&msg, "Hostname"), Some("signal-host"));
+        assert_eq!(header(&msg, "NKey"), Some(agent.nkey.as_str()));
+        seen.push((
+            header(&msg, "Member").unwrap_or_default().to_owned(),
+            header(&msg, "Signature").unwrap_or_default().to_owned(),
+            serde_json::from_slice::<Value>(&msg.payload).unwrap(),
+            msg.subject.to_string(),
+        ));
+    }
+    let members: Vec<&str> = seen.iter().map(|(m, ..)| m.as_str()).collect();
+    assert_eq!(members, ["Moved", "Pair", "Root"], "{seen:?}");
+    assert_eq!((seen[0].1.as_str(), &seen[0].2), ("(ii)", &json!([[3, 4]])));
+    assert_eq!((seen[1].1.as_str(), &seen[1].2), ("ii", &json!([3, 4])));
+    assert_eq!((seen[2].1.as_str(), &seen[2].2), ("", &json!([])));
+    assert!(seen[2].3.ends_with(".-"), "root path token: {}", seen[2].3);
+    let parsed = cbus_protocol::SignalSubject::parse(&seen[0].3).unwrap();
+    assert_eq!(parsed.path, shapes);
+
+    // The descriptor-carrying signal was counted, not forwarded.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut counted = false;
+    while !counted {
+        let Ok(Some(m)) = tokio::time::timeout_at(deadline.into(), metrics.next()).await else {
+            break;
+        };
+        let text = String::from_utf8_lossy(&m.payload).into_owned();
+        counted = sample(&text, "cbus_agent_signals_unencodable_total").unwrap_or(0.0) >= 1.0;
+    }
+    assert!(counted, "unencodable signal not counted");
+
+    // The agent still forwards signals afterwards.
+    peer.emit_signal(None::<&str>, shapes, iface, "After", &("ok",))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let Ok(Some(msg)) = tokio::time::timeout_at(deadline.into(), sigs.next()).await else {
+            panic!("no signal after the descriptor");
+        };
+        if header(&msg, "Member") == Some("After") {
+            break;
+        }
+    }
 }

@@ -6,15 +6,16 @@ mod agent_common;
 use agent_common::*;
 use std::time::{Duration, Instant};
 
-use cbus_protocol::fleet::{Fleet, Outcome, Query};
-use cbus_protocol::presence::AgentState;
-use cbus_protocol::{ErrorCode, Op, Reply, Request};
-use cbus_tests::{Agent, MachineSpec, NatsServer, PrivateBus, TestService};
+use cbus_protocol::fleet::Fleet;
+use cbus_protocol::{ErrorCode, Op};
+use cbus_tests::{Agent, MachineSpec, NatsServer};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
 const SLEEPER: &str =
     "[Unit]\nDescription=cbus test sleeper\n[Service]\nExecStart=/bin/sleep infinity\n";
+
+const EXAMPLE_POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../agent/policy.example.toml");
 
 #[tokio::test]
 async fn real_systemd_machine() {
@@ -31,7 +32,8 @@ async fn real_systemd_machine() {
         &nats.url(),
         &m.bus_address(),
         &m.host_key_path(),
-        &["--allow-all", "--hostname", "agent-1"],
+        // The example policy shipped with the agent: unit control yes, anything else no.
+        &["--policy", EXAMPLE_POLICY, "--hostname", "agent-1"],
     );
     assert_eq!(agent.nkey, m.nkey());
     let client = nats.connect().await;
@@ -126,6 +128,30 @@ async fn real_systemd_machine() {
     })
     .await;
     assert!(stopped);
+    // Interface found by introspection: ActiveState exists only on ...systemd1.Unit.
+    let r = ask(
+        &fleet,
+        n,
+        sd,
+        &unit,
+        Op::Get,
+        Some("ActiveState"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(ok(&r), (Some("s".into()), json!("inactive")));
+    // Not in the example policy.
+    let r = ask(
+        &fleet,
+        n,
+        sd,
+        "/org/freedesktop/systemd1",
+        Op::Call,
+        Some("ResetFailed"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(err(&r).code, ErrorCode::AccessDenied);
     let r = ask(
         &fleet,
         n,

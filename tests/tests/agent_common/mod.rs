@@ -40,7 +40,18 @@ pub async fn ask(
     member: Option<&str>,
     request: Value,
 ) -> Reply {
-    match try_ask(fleet, nkey, dest, path, op, member, request, Duration::from_secs(10)).await {
+    match try_ask(
+        fleet,
+        nkey,
+        dest,
+        path,
+        op,
+        member,
+        request,
+        Duration::from_secs(10),
+    )
+    .await
+    {
         Some(r) => r,
         None => panic!("no reply from {nkey} to {op} {dest} {path} {member:?}"),
     }
