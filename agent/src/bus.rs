@@ -96,9 +96,17 @@ impl NameOwners {
     /// Fills the map from ListNames, then follows NameOwnerChanged until the connection ends.
     /// `on_change` is told of every name whose owner changed or that went away (to drop caches).
     pub async fn track(&self, conn: &Connection, on_change: impl Fn(&str)) -> zbus::Result<()> {
-        let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+        // A plain message stream, not a proxy's signal stream: it ends when the bus goes away,
+        // which is how this loop learns to reconnect.
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender("org.freedesktop.DBus")?
+            .interface("org.freedesktop.DBus")?
+            .member("NameOwnerChanged")?
+            .build();
         // Subscribe before listing, so no change falls between the two.
-        let mut changes = dbus.receive_name_owner_changed().await?;
+        let mut changes = zbus::MessageStream::for_match_rule(rule, conn, None).await?;
+        let dbus = zbus::fdo::DBusProxy::new(conn).await?;
         self.clear();
         for name in dbus.list_names().await? {
             if name.starts_with(':') {
@@ -108,12 +116,15 @@ impl NameOwners {
                 self.set(owner.to_string(), name.to_string());
             }
         }
-        while let Some(signal) = changes.next().await {
-            let Ok(args) = signal.args() else { continue };
-            let name = args.name().to_string();
+        while let Some(item) = changes.next().await {
+            let msg = item?;
+            let Ok((name, _old, new_owner)) = msg.body().deserialize::<(String, String, String)>()
+            else {
+                continue;
+            };
             if name.starts_with(':') {
                 // A unique name is never reused: it only ever goes away.
-                if args.new_owner().is_none() {
+                if new_owner.is_empty() {
                     on_change(&name);
                     self.remove_unique(&name);
                 }
@@ -121,8 +132,8 @@ impl NameOwners {
             }
             on_change(&name);
             self.remove_name(&name);
-            if let Some(owner) = args.new_owner().as_ref() {
-                self.set(owner.to_string(), name);
+            if !new_owner.is_empty() {
+                self.set(new_owner, name);
             }
         }
         Ok(())

@@ -113,14 +113,22 @@ pub async fn run(config: Config) -> Result<(), Error> {
         let requests = requests.clone();
         let metrics = metrics.clone();
         async move {
+            // Reconnect at once after a bus restart (signals need the names soon), but back off
+            // when tracking keeps failing right away.
+            let mut pause = std::time::Duration::from_millis(50);
             loop {
                 let conn = bus.connect_with_backoff(false).await;
                 metrics.bus_connected.set(1);
+                let started = std::time::Instant::now();
                 if let Err(e) = owners.track(&conn, |name| requests.forget(name)).await {
-                    tracing::warn!(error = %e, "name owner tracking failed");
+                    tracing::warn!(error = %e, "name owner tracking stopped; reconnecting");
                 }
                 metrics.bus_connected.set(0);
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                if started.elapsed() > std::time::Duration::from_secs(10) {
+                    pause = std::time::Duration::from_millis(50);
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(10));
             }
         }
     });

@@ -1,0 +1,146 @@
+//! The agent outlives a restart of its D-Bus daemon: requests, signals and well-known sender
+//! names work again without restarting the agent.
+
+mod agent_common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_common::*;
+use cbus_protocol::fleet::Fleet;
+use cbus_protocol::Op;
+use cbus_tests::{Agent, NatsServer, TestService};
+use futures::StreamExt;
+use serde_json::json;
+
+/// A dbus-daemon on a fixed socket path, so that a restarted daemon has the same address.
+fn start_bus(dir: &Path) -> (Child, String) {
+    let config = dir.join("bus.conf");
+    let socket = dir.join("bus.sock");
+    let _ = std::fs::remove_file(&socket);
+    std::fs::write(
+        &config,
+        format!(
+            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+    <allow user="*"/>
+  </policy>
+</busconfig>
+"#,
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", config.display()))
+        .args(["--nofork", "--print-address=1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dbus-daemon");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(!line.trim().is_empty(), "dbus-daemon printed no address");
+    (child, format!("unix:path={}", socket.display()))
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        cbus_tests::util::terminate(&mut self.0, Duration::from_secs(2));
+    }
+}
+
+#[tokio::test]
+async fn survives_a_bus_restart() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (child, address) = start_bus(dir.path());
+    let mut daemon = Daemon(child);
+    let mut svc = TestService::start(&address);
+    let agent = Agent::start(&nats.url(), &address, &["--allow-all"]);
+    let client = nats.connect().await;
+    let fleet = Fleet::new(client.clone(), "test@bus-restart");
+    wait_registered(&fleet, &agent.nkey).await;
+    let n = agent.nkey.clone();
+    let r = ask(&fleet, &n, NAME, PATH, Op::Get, Some("Int32"), json!({})).await;
+    assert_eq!(ok(&r).1, json!(-32));
+
+    // Restart the daemon on the same socket, and the service on it.
+    drop(svc);
+    drop(daemon);
+    let r = ask(&fleet, &n, NAME, PATH, Op::Get, Some("Int32"), json!({})).await;
+    assert!(r.result.is_err(), "answered without a bus: {r:?}");
+    let (child, again) = start_bus(dir.path());
+    assert_eq!(again, address);
+    daemon = Daemon(child);
+    svc = TestService::start(&address);
+
+    let served = cbus_tests::wait_for(Duration::from_secs(30), || {
+        let fleet = fleet.clone();
+        let n = n.clone();
+        async move {
+            try_ask(
+                &fleet,
+                &n,
+                NAME,
+                PATH,
+                Op::Get,
+                Some("Int32"),
+                json!({}),
+                Duration::from_secs(2),
+            )
+            .await
+            .is_some_and(|r| r.result.is_ok())
+        }
+    })
+    .await;
+    assert!(served, "agent did not serve again after the bus restart");
+
+    // Signals flow again, with the well-known name of the new owner (learnt a moment after the
+    // reconnection: a signal in between may lack it).
+    let mut sigs = client
+        .subscribe(format!("dbus.signals.{n}.>"))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = None;
+    while got.is_none() && Instant::now() < deadline {
+        let r = ask(
+            &fleet,
+            &n,
+            NAME,
+            PATH,
+            Op::Call,
+            Some("EmitOne"),
+            json!({"args": ["again"]}),
+        )
+        .await;
+        ok(&r);
+        let until = Instant::now() + Duration::from_millis(500);
+        while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), sigs.next()).await {
+            if header(&m, "Member") == Some("Message") && header(&m, "Sender-Name").is_some() {
+                got = Some(m);
+                break;
+            }
+        }
+    }
+    let m = got.expect("no signal after the bus restart");
+    assert_eq!(header(&m, "Sender-Name"), Some(NAME));
+    drop(svc);
+    drop(daemon);
+}
