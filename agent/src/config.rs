@@ -1,4 +1,8 @@
 //! Command-line flags and environment variables of `cbus-agent`.
+//!
+//! Every flag has an environment variable, so the systemd unit needs no command line: a package
+//! or a NixOS module writes `/etc/default/cbus-agent` (`NATS_URL=...`, `CBUS_POLICY=...`). Lists
+//! are repeated flags, or comma-separated in the environment.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,7 +12,14 @@ use clap::Parser;
 /// Bridges this host's D-Bus to NATS: forwards signals and answers get/set/getall/call/
 /// introspect/list-names requests for the fleet.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "cbus-agent", version, about, long_about = None)]
+#[command(
+    name = "cbus-agent",
+    version,
+    about,
+    long_about = None,
+    after_help = "Logging: RUST_LOG (default info), e.g. RUST_LOG=cbus_agent=debug.\n\
+                  Reads are always allowed; set and call only as the policy allows (see policy.example.toml)."
+)]
 pub struct Config {
     /// NATS server URL(s), comma-separated.
     #[arg(
@@ -75,7 +86,7 @@ pub struct Config {
     /// Do not forward signals.
     #[arg(long, env = "CBUS_NO_SIGNALS")]
     pub no_signals: bool,
-    /// Forward only signals from these senders (unique or well-known names).
+    /// Forward only signals from these senders (unique or well-known names); repeatable.
     #[arg(long, env = "CBUS_INCLUDE_SENDER", value_delimiter = ',')]
     pub include_sender: Vec<String>,
     /// Never forward signals from these senders.
@@ -147,7 +158,7 @@ mod tests {
     }
 
     #[test]
-    fn labels() {
+    fn labels_and_lists_from_flags_and_environment() {
         let c = Config::try_parse_from(["cbus-agent", "--label", "role=web", "--label", "dc=x"])
             .unwrap();
         assert_eq!(
@@ -155,5 +166,26 @@ mod tests {
             vec![("role".into(), "web".into()), ("dc".into(), "x".into())]
         );
         assert!(Config::try_parse_from(["cbus-agent", "--label", "nope"]).is_err());
+        // The only test touching the environment, so no other test races with it.
+        std::env::set_var("CBUS_LABELS", "a=1,b=2");
+        std::env::set_var("CBUS_EXCLUDE_INTERFACE", "x.Y,z.W");
+        std::env::set_var("CBUS_SIGNAL_QUEUE", "16");
+        std::env::set_var("CBUS_NO_SIGNALS", "true");
+        let c = Config::try_parse_from(["cbus-agent"]);
+        for v in [
+            "CBUS_LABELS",
+            "CBUS_EXCLUDE_INTERFACE",
+            "CBUS_SIGNAL_QUEUE",
+            "CBUS_NO_SIGNALS",
+        ] {
+            std::env::remove_var(v);
+        }
+        let c = c.unwrap();
+        assert_eq!(c.labels.len(), 2);
+        assert_eq!(c.exclude_interface, vec!["x.Y", "z.W"]);
+        assert_eq!(c.signal_queue, 16);
+        assert!(c.no_signals);
+        assert_eq!(c.call_timeout, Duration::from_secs(10));
+        assert_eq!(c.bus, "system");
     }
 }
