@@ -3,9 +3,6 @@
 
 mod agent_common;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_common::*;
@@ -14,55 +11,6 @@ use cbus_protocol::Op;
 use cbus_tests::{Agent, NatsServer, TestService};
 use futures::StreamExt;
 use serde_json::json;
-
-/// A dbus-daemon on a fixed socket path, so that a restarted daemon has the same address.
-fn start_bus(dir: &Path) -> (Child, String) {
-    let config = dir.join("bus.conf");
-    let socket = dir.join("bus.sock");
-    let _ = std::fs::remove_file(&socket);
-    std::fs::write(
-        &config,
-        format!(
-            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-    <allow user="*"/>
-  </policy>
-</busconfig>
-"#,
-            socket.display()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new("dbus-daemon")
-        .arg(format!("--config-file={}", config.display()))
-        .args(["--nofork", "--print-address=1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start dbus-daemon");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(!line.trim().is_empty(), "dbus-daemon printed no address");
-    (child, format!("unix:path={}", socket.display()))
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        cbus_tests::util::terminate(&mut self.0, Duration::from_secs(2));
-    }
-}
 
 #[tokio::test]
 async fn survives_a_bus_restart() {
@@ -83,7 +31,11 @@ async fn survives_a_bus_restart() {
     drop(svc);
     drop(daemon);
     let r = ask(&fleet, &n, NAME, PATH, Op::Get, Some("Int32"), json!({})).await;
-    assert_eq!(err(&r).code, cbus_protocol::ErrorCode::Disconnected, "{r:?}");
+    assert_eq!(
+        err(&r).code,
+        cbus_protocol::ErrorCode::Disconnected,
+        "{r:?}"
+    );
     let (child, again) = start_bus(dir.path());
     assert_eq!(again, address);
     daemon = Daemon(child);

@@ -242,3 +242,83 @@ async fn signal_shapes_filters_and_unencodable_bodies() {
         }
     }
 }
+
+/// Without the privilege to become a bus monitor (not root, not the bus's user), the agent falls
+/// back to one broad match rule and signals still arrive.
+#[tokio::test]
+async fn match_rule_fallback_without_monitor_privilege() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (child, address) = start_bus(dir.path());
+    let _daemon = Daemon(child);
+    let _svc = TestService::start(&address);
+    let key = cbus_tests::agent::generate_host_key(dir.path());
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let nkey = cbus_protocol::nkey::from_ssh_host_key(&key)
+        .unwrap()
+        .public_key();
+    // nobody: BecomeMonitor is refused (dbus-daemon allows it to root and its own user only).
+    let agent = std::process::Command::new(cbus_tests::bin_path("cbus-agent"))
+        .args([
+            "--nats-url",
+            &nats.url(),
+            "--bus",
+            &address,
+            "--heartbeat",
+            "500ms",
+        ])
+        .args(["--allow-all", "--host-key"])
+        .arg(&key)
+        .env(
+            "RUST_LOG",
+            std::env::var("CBUS_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .uid(65534)
+        .gid(65534)
+        .spawn()
+        .expect("start cbus-agent as nobody");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            cbus_tests::util::terminate(&mut self.0, Duration::from_secs(5));
+        }
+    }
+    let _agent = Kill(agent);
+    let client = nats.connect().await;
+    let fleet = Fleet::new(client.clone(), "test@fallback");
+    wait_registered(&fleet, &nkey).await;
+    let mut sigs = client
+        .subscribe(format!("dbus.signals.{nkey}.>"))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let r = ask(
+        &fleet,
+        &nkey,
+        NAME,
+        PATH,
+        Op::Call,
+        Some("EmitOne"),
+        json!({"args": ["fb"]}),
+    )
+    .await;
+    ok(&r);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let Ok(Some(m)) = tokio::time::timeout_at(deadline.into(), sigs.next()).await else {
+            panic!("no signal through the match rule");
+        };
+        if header(&m, "Member") == Some("Message") {
+            assert_eq!(header(&m, "Sender-Name"), Some(NAME));
+            assert_eq!(
+                serde_json::from_slice::<Value>(&m.payload).unwrap(),
+                json!(["fb"])
+            );
+            break;
+        }
+    }
+}

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::io::BufRead as _;
 use std::time::Duration;
 
 use cbus_protocol::fleet::{Fleet, Outcome, Query};
@@ -112,4 +113,54 @@ pub fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A dbus-daemon on a fixed socket path, so that a restarted daemon has the same address.
+pub fn start_bus(dir: &std::path::Path) -> (std::process::Child, String) {
+    let config = dir.join("bus.conf");
+    let socket = dir.join("bus.sock");
+    let _ = std::fs::remove_file(&socket);
+    std::fs::write(
+        &config,
+        format!(
+            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+    <allow user="*"/>
+  </policy>
+</busconfig>
+"#,
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", config.display()))
+        .args(["--nofork", "--print-address=1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start dbus-daemon");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(!line.trim().is_empty(), "dbus-daemon printed no address");
+    (child, format!("unix:path={}", socket.display()))
+}
+
+/// Terminates the daemon on drop.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        cbus_tests::util::terminate(&mut self.0, Duration::from_secs(2));
+    }
 }
