@@ -43,6 +43,9 @@ pub struct RequestServer {
     pub call_timeout: Duration,
     pub max_request_bytes: usize,
     pub calls: Semaphore,
+    /// Requests accepted but not answered yet (waiting for a call slot or running); more are
+    /// refused at once, so a request flood cannot grow the agent's memory.
+    pending: Arc<Semaphore>,
     conn: RwLock<Option<Connection>>,
     schemas: SchemaCache,
 }
@@ -70,6 +73,9 @@ impl RequestServer {
             call_timeout,
             max_request_bytes,
             calls: Semaphore::new(max_concurrent_calls.max(1)),
+            pending: Arc::new(Semaphore::new(
+                max_concurrent_calls.max(1).saturating_mul(16).max(256),
+            )),
             conn: RwLock::new(None),
             schemas: SchemaCache::default(),
         }
@@ -89,7 +95,17 @@ impl RequestServer {
         let mut messages = futures::stream::select(targeted, broadcast);
         while let Some(msg) = messages.next().await {
             let server = self.clone();
-            tokio::spawn(async move { server.handle(msg).await });
+            match self.pending.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(async move {
+                        server.handle(msg).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    tokio::spawn(async move { server.refuse_busy(msg).await });
+                }
+            }
         }
         Ok(())
     }
@@ -97,6 +113,54 @@ impl RequestServer {
     /// Drops cached introspection of a destination whose owner changed.
     pub fn forget(&self, destination: &str) {
         self.schemas.forget(destination);
+    }
+
+    /// Answers without queueing: too many requests are waiting already.
+    async fn refuse_busy(&self, msg: Message) {
+        let Some(reply_to) = msg.reply else { return };
+        self.metrics
+            .requests
+            .with_label_values(&["busy", "error"])
+            .inc();
+        tracing::debug!(subject = %msg.subject, "agent busy; request refused");
+        let reply = Reply {
+            nkey: self.nkey.clone(),
+            hostname: self.hostname.clone(),
+            result: Err(ErrorBody::new(
+                ErrorCode::Timeout,
+                "agent busy: too many requests waiting for D-Bus; try again",
+            )),
+        };
+        self.send_reply(reply_to, reply).await;
+    }
+
+    /// Publishes a reply; one that NATS would refuse as too large becomes an error reply, so
+    /// the requester learns why instead of timing out.
+    async fn send_reply(&self, reply_to: async_nats::Subject, reply: Reply) {
+        let mut payload = reply.to_payload();
+        let max = self.client.server_info().max_payload;
+        if max > 0 && payload.len() > max {
+            tracing::warn!(
+                len = payload.len(),
+                max,
+                "reply larger than NATS max_payload"
+            );
+            payload = Reply {
+                nkey: reply.nkey,
+                hostname: reply.hostname,
+                result: Err(ErrorBody::new(
+                    ErrorCode::InternalError,
+                    format!(
+                        "reply of {} bytes exceeds the NATS server's max_payload of {max}",
+                        payload.len()
+                    ),
+                )),
+            }
+            .to_payload();
+        }
+        if let Err(e) = self.client.publish(reply_to, payload).await {
+            tracing::warn!(error = %e, "cannot publish reply");
+        }
     }
 
     async fn handle(&self, msg: Message) {
@@ -123,9 +187,7 @@ impl RequestServer {
             hostname: self.hostname.clone(),
             result: outcome,
         };
-        if let Err(e) = self.client.publish(reply_to, reply.to_payload()).await {
-            tracing::warn!(error = %e, "cannot publish reply");
-        }
+        self.send_reply(reply_to, reply).await;
     }
 
     async fn answer(&self, msg: &Message) -> (Option<Op>, Outcome) {
@@ -158,20 +220,17 @@ impl RequestServer {
             .timeout_ms
             .map(Duration::from_millis)
             .map_or(self.call_timeout, |t| t.min(self.call_timeout));
-        let Ok(_permit) = self.calls.acquire().await else {
-            return (
-                op,
-                Err(ErrorBody::new(
+        // The timeout covers waiting for a call slot too: a queued request gets an answer.
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(timeout, async {
+            let Ok(_permit) = self.calls.acquire().await else {
+                return Err(ErrorBody::new(
                     ErrorCode::InternalError,
                     "agent is shutting down",
-                )),
-            );
-        };
-        let started = Instant::now();
-        let outcome = match tokio::time::timeout(
-            timeout,
-            self.dispatch(&subject, &request, &requester),
-        )
+                ));
+            };
+            self.dispatch(&subject, &request, &requester).await
+        })
         .await
         {
             Ok(outcome) => outcome,

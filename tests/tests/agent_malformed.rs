@@ -1,14 +1,16 @@
 //! 100+ malformed requests (bad subjects, bad JSON, wrong signatures, unknown names, paths and
-//! members): each gets an error reply, and the agent keeps serving.
+//! members): each gets an error reply, and the agent keeps serving. Oversized replies and request
+//! floods are answered too.
 
 mod agent_common;
 
-use agent_common::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use agent_common::*;
 use cbus_protocol::fleet::Fleet;
-use cbus_protocol::{Op, Reply};
+use cbus_protocol::{ErrorCode, Op, Reply};
 use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
+use futures::StreamExt;
 use serde_json::json;
 
 #[tokio::test]
@@ -113,4 +115,108 @@ async fn malformed_requests_get_errors_and_the_agent_keeps_serving() {
     )
     .await;
     assert_eq!(ok(&r).1, json!([42]));
+}
+
+/// A reply larger than the server's max_payload becomes an error reply instead of silence.
+#[tokio::test]
+async fn oversized_reply_is_an_error() {
+    let nats = NatsServer::start_with_config("max_payload: 4096");
+    let bus = PrivateBus::start();
+    let _svc = TestService::start(bus.address());
+    let agent = Agent::start(&nats.url(), bus.address(), &[]);
+    let fleet = Fleet::new(nats.connect().await, "test@big");
+    wait_registered(&fleet, &agent.nkey).await;
+    let r = ask(
+        &fleet,
+        &agent.nkey,
+        NAME,
+        PATH,
+        Op::Introspect,
+        None,
+        json!({}),
+    )
+    .await;
+    let e = err(&r);
+    assert!(e.message.contains("max_payload"), "{e}");
+    let r = ask(
+        &fleet,
+        &agent.nkey,
+        NAME,
+        PATH,
+        Op::Get,
+        Some("Int32"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(ok(&r).1, json!(-32));
+}
+
+/// A flood of slow requests: each gets an answer (timed out in the queue, or refused as busy
+/// beyond the pending bound), and the agent serves normally afterwards.
+#[tokio::test]
+async fn request_flood_is_bounded_and_answered() {
+    let nats = NatsServer::start();
+    let bus = PrivateBus::start();
+    let _svc = TestService::start(bus.address());
+    let agent = Agent::start(
+        &nats.url(),
+        bus.address(),
+        &[
+            "--allow-all",
+            "--max-concurrent-calls",
+            "1",
+            "--call-timeout",
+            "1s",
+        ],
+    );
+    let client = nats.connect().await;
+    let fleet = Fleet::new(client.clone(), "test@flood");
+    wait_registered(&fleet, &agent.nkey).await;
+    let subject = format!(
+        "dbus.agent.{}.org_2ecbus_2eTest.org.cbus.Test.call.Sleep",
+        agent.nkey
+    );
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(format!("{inbox}.*")).await.unwrap();
+    let n = 400;
+    for i in 0..n {
+        client
+            .publish_with_reply(
+                subject.clone(),
+                format!("{inbox}.{i}"),
+                r#"{"args":[2000]}"#.into(),
+            )
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    let mut busy = 0;
+    let mut timeouts = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for _ in 0..n {
+        let m = tokio::time::timeout_at(deadline.into(), replies.next())
+            .await
+            .expect("every request answered in time")
+            .unwrap();
+        let reply = Reply::from_payload(&m.payload).unwrap();
+        let e = err(&reply);
+        assert_eq!(e.code, ErrorCode::Timeout, "{e}");
+        if e.message.contains("busy") {
+            busy += 1;
+        } else {
+            timeouts += 1;
+        }
+    }
+    assert!(busy >= n - 256, "busy {busy}, timed out {timeouts}");
+    let r = ask(
+        &fleet,
+        &agent.nkey,
+        NAME,
+        PATH,
+        Op::Call,
+        Some("Add"),
+        json!({"args": [2, 2]}),
+    )
+    .await;
+    assert_eq!(ok(&r).1, json!([4]));
 }
