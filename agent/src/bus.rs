@@ -29,6 +29,15 @@ impl BusKind {
     /// A new connection; `monitor` connections get a deep queue, since a flood of signals must be
     /// read fast (and counted as drops further on) rather than stall the bus.
     pub async fn connect(&self, monitor: bool) -> zbus::Result<Connection> {
+        self.connect_with(monitor, None).await
+    }
+
+    /// Like [`BusKind::connect`], with a limit on how long a method call may wait for its reply.
+    pub async fn connect_with(
+        &self,
+        monitor: bool,
+        method_timeout: Option<Duration>,
+    ) -> zbus::Result<Connection> {
         let builder = match self {
             BusKind::System => zbus::connection::Builder::system()?,
             BusKind::User => zbus::connection::Builder::session()?,
@@ -38,6 +47,10 @@ impl BusKind {
             builder.max_queued(1 << 16)
         } else {
             builder
+        };
+        let builder = match method_timeout {
+            Some(t) => builder.method_timeout(t),
+            None => builder,
         };
         builder.build().await
     }

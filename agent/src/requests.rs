@@ -163,7 +163,7 @@ impl RequestServer {
         }
     }
 
-    async fn handle(&self, msg: Message) {
+    async fn handle(self: Arc<Self>, msg: Message) {
         let Some(reply_to) = msg.reply.clone() else {
             tracing::debug!(subject = %msg.subject, "request without reply subject ignored");
             return;
@@ -190,7 +190,7 @@ impl RequestServer {
         self.send_reply(reply_to, reply).await;
     }
 
-    async fn answer(&self, msg: &Message) -> (Option<Op>, Outcome) {
+    async fn answer(self: &Arc<Self>, msg: &Message) -> (Option<Op>, Outcome) {
         if msg.payload.len() > self.max_request_bytes {
             return (
                 None,
@@ -220,21 +220,27 @@ impl RequestServer {
             .timeout_ms
             .map(Duration::from_millis)
             .map_or(self.call_timeout, |t| t.min(self.call_timeout));
-        // The timeout covers waiting for a call slot too: a queued request gets an answer.
+        // The timeout covers waiting for a call slot too, so a queued request gets an answer.
+        // A call that started keeps its slot until D-Bus answers (or the connection's method
+        // timeout, a little above --call-timeout, ends it) even when the requester was already
+        // told "timeout": the slots bound the calls the bus sees, not just the ones we wait for
+        // (dbus-daemon refuses new calls beyond its per-connection pending-reply limit).
         let started = Instant::now();
-        let outcome = match tokio::time::timeout(timeout, async {
-            let Ok(_permit) = self.calls.acquire().await else {
-                return Err(ErrorBody::new(
-                    ErrorCode::InternalError,
-                    "agent is shutting down",
-                ));
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let server = self.clone();
+        let subject2 = subject.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, server.calls.acquire()).await
+            else {
+                return; // timed out waiting (the requester is told below) or shutting down
             };
-            self.dispatch(&subject, &request, &requester).await
-        })
-        .await
-        {
-            Ok(outcome) => outcome,
-            Err(_) => Err(ErrorBody::new(
+            let outcome = server.dispatch(&subject2, &request, &requester).await;
+            let _ = tx.send(outcome);
+        });
+        let outcome = match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) | Err(_) => Err(ErrorBody::new(
                 ErrorCode::Timeout,
                 format!("D-Bus call did not finish within {timeout:?}"),
             )),
@@ -548,7 +554,11 @@ impl RequestServer {
         if let Some(c) = slot.clone() {
             return Ok(c);
         }
-        match self.bus.connect(false).await {
+        match self
+            .bus
+            .connect_with(false, Some(self.call_timeout + Duration::from_secs(1)))
+            .await
+        {
             Ok(c) => {
                 self.metrics.bus_connected.set(1);
                 *slot = Some(c.clone());
@@ -581,6 +591,9 @@ impl RequestServer {
             .await
         {
             Ok(m) => Ok(m),
+            Err(zbus::Error::InputOutput(e)) if e.kind() == std::io::ErrorKind::TimedOut => Err(
+                ErrorBody::new(ErrorCode::Timeout, "D-Bus peer did not reply in time"),
+            ),
             Err(e @ (zbus::Error::InputOutput(_) | zbus::Error::Handshake(_))) => {
                 // The bus went away: reconnect on the next request.
                 *self.conn.write().await = None;
