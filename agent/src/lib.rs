@@ -176,36 +176,65 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
     let presence = Arc::new(presence::Presence::new(client.clone(), info, bus_up));
     tokio::spawn(presence.clone().answer_pings());
-    // Give the bus a moment, so the hello usually says it is connected.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        while metrics.bus_connected.get() != 1 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    presence.announce(PresenceKind::Hello).await;
-
-    let mut heartbeat = tokio::time::interval(config.heartbeat);
-    heartbeat.tick().await;
-    let mut metrics_tick = tokio::time::interval(config.metrics_interval);
-    loop {
-        tokio::select! {
-            _ = heartbeat.tick() => {
+    // Hello, then heartbeats, on their own task: a slow registry write while NATS is away never
+    // delays metrics or the reaction to SIGTERM.
+    let beating = tokio::spawn({
+        let presence = presence.clone();
+        let metrics = metrics.clone();
+        let period = config.heartbeat;
+        async move {
+            // Give the bus a moment, so the hello usually says it is connected.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                while metrics.bus_connected.get() != 1 {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            presence.announce(PresenceKind::Hello).await;
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
                 presence.announce(PresenceKind::Heartbeat).await;
             }
-            _ = metrics_tick.tick() => {
+        }
+    });
+    let reporting = tokio::spawn({
+        let client = client.clone();
+        let metrics = metrics.clone();
+        let subject = subject::metrics(&nkey);
+        let period = config.metrics_interval;
+        async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
                 tracing::debug!(summary = %metrics.summary(), "health");
-                if let Err(e) = client.publish(subject::metrics(&nkey), metrics.render().into()).await {
+                let text = metrics.render();
+                if let Err(e) = client.publish(subject.clone(), text.into()).await {
                     tracing::debug!(error = %e, "cannot publish metrics");
                 }
             }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
         }
+    });
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
     }
     tracing::info!("shutting down; saying goodbye");
     serving.abort();
-    presence.announce(PresenceKind::Goodbye).await;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
+    beating.abort();
+    reporting.abort();
+    // Bounded: with NATS unreachable there is nobody to say goodbye to.
+    let goodbye = async {
+        presence.announce(PresenceKind::Goodbye).await;
+        let _ = client.flush().await;
+    };
+    let connected = client.connection_state() == async_nats::connection::State::Connected;
+    let patience = std::time::Duration::from_millis(if connected { 3000 } else { 500 });
+    if tokio::time::timeout(patience, goodbye).await.is_err() {
+        tracing::warn!(?patience, connected, "goodbye not confirmed by NATS");
+    }
     Ok(())
 }

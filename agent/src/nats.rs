@@ -56,6 +56,9 @@ pub async fn connect(
                         m.nats_connected.set(0);
                         tracing::warn!("disconnected from NATS; reconnecting");
                     }
+                    Event::ClientError(_) | Event::ServerError(_) | Event::SlowConsumer(_) => {
+                        tracing::warn!(event = %event, "NATS problem")
+                    }
                     other => tracing::info!(event = %other, "NATS event"),
                 }
             }
