@@ -72,13 +72,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tracing::info!(%nkey, %hostname, bus = %config.bus, "starting cbus-agent {}", cbus_protocol::VERSION);
 
     if let Some(addr) = config.metrics_listen {
-        // Bind now, so a taken port is a clear start-up error rather than a silent task failure.
-        let listener =
-            std::net::TcpListener::bind(addr).map_err(|source| Error::Listen { addr, source })?;
-        drop(listener);
+        // Bound now, so a taken port is a clear start-up error rather than a silent task failure.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Listen { addr, source })?;
         let m = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m).await {
+            if let Err(e) = metrics::serve(listener, m).await {
                 tracing::error!(error = %e, %addr, "metrics endpoint stopped");
             }
         });
@@ -135,12 +135,6 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     if !config.no_signals {
         let (tx, rx) = tokio::sync::mpsc::channel(config.signal_queue.max(1));
-        tokio::spawn(signals::read_loop(
-            bus.clone(),
-            config.signal_queue,
-            tx,
-            metrics.clone(),
-        ));
         let filter = signals::Filter {
             include_sender: config.include_sender.clone(),
             exclude_sender: config.exclude_sender.clone(),
@@ -149,13 +143,20 @@ pub async fn run(config: Config) -> Result<(), Error> {
             include_path_prefix: config.include_path_prefix.clone(),
             exclude_path_prefix: config.exclude_path_prefix.clone(),
         };
+        tokio::spawn(signals::read_loop(
+            bus.clone(),
+            config.signal_queue,
+            tx,
+            owners.clone(),
+            filter,
+            metrics.clone(),
+        ));
         tokio::spawn(signals::publish_loop(
             rx,
             client.clone(),
             nkey.clone(),
             hostname.clone(),
             owners.clone(),
-            filter,
             metrics.clone(),
         ));
     }

@@ -104,7 +104,7 @@ impl Metrics {
 
 /// Serves `/metrics` and `/healthz` locally, for a node-local Prometheus or a health check.
 pub async fn serve(
-    addr: std::net::SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: std::sync::Arc<Metrics>,
 ) -> std::io::Result<()> {
     use axum::routing::get;
@@ -115,6 +115,5 @@ pub async fn serve(
             "/healthz",
             get(move || async move { format!("{}\n", metrics.summary()) }),
         );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
 }

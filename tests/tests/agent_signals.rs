@@ -322,3 +322,56 @@ async fn match_rule_fallback_without_monitor_privilege() {
         }
     }
 }
+
+/// Filters apply before the queue: a flood of excluded signals drops nothing.
+#[tokio::test]
+async fn excluded_floods_do_not_fill_the_queue() {
+    let nats = NatsServer::start();
+    let bus = PrivateBus::start();
+    let _svc = TestService::start(bus.address());
+    let client = nats.connect().await;
+    let agent = Agent::start(
+        &nats.url(),
+        bus.address(),
+        &[
+            "--allow-all",
+            "--signal-queue",
+            "1",
+            "--exclude-interface",
+            "org.cbus.Test1",
+            "--metrics-interval",
+            "200ms",
+        ],
+    );
+    let fleet = Fleet::new(client.clone(), "test@excluded");
+    wait_registered(&fleet, &agent.nkey).await;
+    let r = ask(
+        &fleet,
+        &agent.nkey,
+        NAME,
+        PATH,
+        Op::Call,
+        Some("EmitSignals"),
+        json!({"args": [5000]}),
+    )
+    .await;
+    ok(&r);
+    let mut metrics = client
+        .subscribe(format!("dbus.metrics.{}", agent.nkey))
+        .await
+        .unwrap();
+    // Two reports after the flood, so the second one certainly counts all of it.
+    let mut last = String::new();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(5), metrics.next())
+            .await
+            .expect("metrics report")
+            .unwrap();
+        last = String::from_utf8_lossy(&m.payload).into_owned();
+    }
+    assert_eq!(
+        sample(&last, "cbus_agent_signals_dropped_total"),
+        Some(0.0),
+        "{last}"
+    );
+}
