@@ -444,3 +444,107 @@ async fn slow_calls_do_not_block_others() {
         ok(&slow.await.unwrap());
     }
 }
+
+/// Set then get, for every writable property type, without signatures (typed by introspection):
+/// JSON -> D-Bus -> JSON gives back exactly what was sent.
+#[tokio::test]
+async fn set_then_get_round_trips_every_type() {
+    let nats = NatsServer::start();
+    let bus = PrivateBus::start();
+    let _svc = TestService::start(bus.address());
+    let agent = Agent::start(&nats.url(), bus.address(), &["--allow-all"]);
+    let fleet = Fleet::new(nats.connect().await, "test@roundtrip");
+    wait_registered(&fleet, &agent.nkey).await;
+    let n = agent.nkey.as_str();
+    let cases = [
+        ("Byte", "y", json!(255)),
+        ("Bool", "b", json!(false)),
+        ("Int16", "n", json!(-32768)),
+        ("UInt16", "q", json!(65535)),
+        ("Int32", "i", json!(-2147483648i64)),
+        ("UInt32", "u", json!(4294967295u64)),
+        ("Int64", "x", json!("-9223372036854775808")),
+        ("UInt64", "t", json!("18446744073709551615")),
+        ("Double", "d", json!(-0.125)),
+        ("String", "s", json!("hé \"quoted\" \n line")),
+        ("ObjectPath", "o", json!("/a/b_c/D9")),
+        ("Bytes", "ay", json!("AP8QIA==")),
+        ("Strings", "as", json!(["", "x", "y z"])),
+        (
+            "Dict",
+            "a{sv}",
+            json!({"n": {"t": "x", "v": "-5"}, "nested": {"t": "v", "v": {"t": "ay", "v": "AQ=="}}, "st": {"t": "(sib)", "v": ["a", 1, true]}}),
+        ),
+        ("IntDict", "a{ui}", json!({"0": 0, "4294967295": -1})),
+        ("Struct", "(sib)", json!(["z", -7, false])),
+        (
+            "Variant",
+            "v",
+            json!({"t": "a{sas}", "v": {"k": ["v1", "v2"]}}),
+        ),
+    ];
+    for (prop, sig, value) in &cases {
+        let r = ask(
+            &fleet,
+            n,
+            NAME,
+            PATH,
+            Op::Set,
+            Some(prop),
+            json!({"value": value}),
+        )
+        .await;
+        assert_eq!(ok(&r), (None, serde_json::Value::Null), "set {prop}");
+        let r = ask(&fleet, n, NAME, PATH, Op::Get, Some(prop), json!({})).await;
+        assert_eq!(
+            ok(&r),
+            (Some((*sig).to_owned()), value.clone()),
+            "get {prop}"
+        );
+    }
+    // Numbers accepted for 64-bit types up to 2^53, returned as strings.
+    let r = ask(
+        &fleet,
+        n,
+        NAME,
+        PATH,
+        Op::Set,
+        Some("UInt64"),
+        json!({"value": 9007199254740992u64}),
+    )
+    .await;
+    ok(&r);
+    let r = ask(&fleet, n, NAME, PATH, Op::Get, Some("UInt64"), json!({})).await;
+    assert_eq!(ok(&r).1, json!("9007199254740992"));
+    // Byte arrays also accepted as arrays of numbers.
+    let r = ask(
+        &fleet,
+        n,
+        NAME,
+        PATH,
+        Op::Set,
+        Some("Bytes"),
+        json!({"value": [1, 2, 3]}),
+    )
+    .await;
+    ok(&r);
+    let r = ask(&fleet, n, NAME, PATH, Op::Get, Some("Bytes"), json!({})).await;
+    assert_eq!(ok(&r).1, json!("AQID"));
+    // getall reports the same values in variant form.
+    let r = ask(
+        &fleet,
+        n,
+        NAME,
+        PATH,
+        Op::GetAll,
+        None,
+        json!({"interface": "org.cbus.Test1"}),
+    )
+    .await;
+    let (_, all) = ok(&r);
+    assert_eq!(all["Struct"], json!({"t": "(sib)", "v": ["z", -7, false]}));
+    assert_eq!(
+        all["Variant"],
+        json!({"t": "v", "v": {"t": "a{sas}", "v": {"k": ["v1", "v2"]}}})
+    );
+}
