@@ -1,4 +1,8 @@
 //! Command-line flags and environment variables of `cbus-agent`.
+//!
+//! Every flag has an environment variable, so the systemd unit needs no command line: a package
+//! or a NixOS module writes `/etc/default/cbus-agent` (`NATS_URL=...`, `CBUS_POLICY=...`). Lists
+//! are repeated flags, or comma-separated in the environment.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,7 +12,14 @@ use clap::Parser;
 /// Bridges this host's D-Bus to NATS: forwards signals and answers get/set/getall/call/
 /// introspect/list-names requests for the fleet.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "cbus-agent", version, about, long_about = None)]
+#[command(
+    name = "cbus-agent",
+    version,
+    about,
+    long_about = None,
+    after_help = "Logging: RUST_LOG (default info), e.g. RUST_LOG=cbus_agent=debug.\n\
+                  Reads are always allowed; set and call only as the policy allows (see policy.example.toml)."
+)]
 pub struct Config {
     /// NATS server URL(s), comma-separated.
     #[arg(
@@ -48,8 +59,8 @@ pub struct Config {
     /// Hostname to report (default: the system's).
     #[arg(long, env = "CBUS_HOSTNAME")]
     pub hostname: Option<String>,
-    /// Label reported in presence, KEY=VALUE; repeatable.
-    #[arg(long = "label", value_parser = parse_label)]
+    /// Label reported in presence, KEY=VALUE; repeatable (env: comma-separated).
+    #[arg(long = "label", env = "CBUS_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
     /// Heartbeat interval (e.g. 5s, 500ms).
     #[arg(long, env = "CBUS_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
@@ -61,43 +72,43 @@ pub struct Config {
     #[arg(long, env = "CBUS_ALLOW_ALL")]
     pub allow_all: bool,
     /// Signals queued between D-Bus and NATS; more are dropped and counted.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, env = "CBUS_SIGNAL_QUEUE", default_value_t = 8192)]
     pub signal_queue: usize,
     /// D-Bus calls in flight at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "CBUS_MAX_CONCURRENT_CALLS", default_value_t = 64)]
     pub max_concurrent_calls: usize,
     /// Longest a D-Bus call may take (caps a request's timeout_ms).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "CBUS_CALL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub call_timeout: Duration,
     /// Largest request payload accepted.
-    #[arg(long, default_value_t = 256 * 1024)]
+    #[arg(long, env = "CBUS_MAX_REQUEST_BYTES", default_value_t = 256 * 1024)]
     pub max_request_bytes: usize,
     /// Do not forward signals.
-    #[arg(long)]
+    #[arg(long, env = "CBUS_NO_SIGNALS")]
     pub no_signals: bool,
-    /// Forward only signals from these senders (unique or well-known names).
-    #[arg(long)]
+    /// Forward only signals from these senders (unique or well-known names); repeatable.
+    #[arg(long, env = "CBUS_INCLUDE_SENDER", value_delimiter = ',')]
     pub include_sender: Vec<String>,
     /// Never forward signals from these senders.
-    #[arg(long)]
+    #[arg(long, env = "CBUS_EXCLUDE_SENDER", value_delimiter = ',')]
     pub exclude_sender: Vec<String>,
     /// Forward only signals of these interfaces.
-    #[arg(long)]
+    #[arg(long, env = "CBUS_INCLUDE_INTERFACE", value_delimiter = ',')]
     pub include_interface: Vec<String>,
     /// Never forward signals of these interfaces.
-    #[arg(long)]
+    #[arg(long, env = "CBUS_EXCLUDE_INTERFACE", value_delimiter = ',')]
     pub exclude_interface: Vec<String>,
     /// Forward only signals whose path starts with one of these.
-    #[arg(long)]
+    #[arg(long, env = "CBUS_INCLUDE_PATH_PREFIX", value_delimiter = ',')]
     pub include_path_prefix: Vec<String>,
     /// Never forward signals whose path starts with one of these.
-    #[arg(long)]
+    #[arg(long, env = "CBUS_EXCLUDE_PATH_PREFIX", value_delimiter = ',')]
     pub exclude_path_prefix: Vec<String>,
     /// Also serve /metrics (Prometheus text) and /healthz (one line) on this address.
     #[arg(long, env = "CBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How often the agent publishes its own metrics on dbus.metrics.<nkey>.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "CBUS_METRICS_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub metrics_interval: Duration,
 }
 
@@ -147,7 +158,7 @@ mod tests {
     }
 
     #[test]
-    fn labels() {
+    fn labels_and_lists_from_flags_and_environment() {
         let c = Config::try_parse_from(["cbus-agent", "--label", "role=web", "--label", "dc=x"])
             .unwrap();
         assert_eq!(
@@ -155,5 +166,26 @@ mod tests {
             vec![("role".into(), "web".into()), ("dc".into(), "x".into())]
         );
         assert!(Config::try_parse_from(["cbus-agent", "--label", "nope"]).is_err());
+        // The only test touching the environment, so no other test races with it.
+        std::env::set_var("CBUS_LABELS", "a=1,b=2");
+        std::env::set_var("CBUS_EXCLUDE_INTERFACE", "x.Y,z.W");
+        std::env::set_var("CBUS_SIGNAL_QUEUE", "16");
+        std::env::set_var("CBUS_NO_SIGNALS", "true");
+        let c = Config::try_parse_from(["cbus-agent"]);
+        for v in [
+            "CBUS_LABELS",
+            "CBUS_EXCLUDE_INTERFACE",
+            "CBUS_SIGNAL_QUEUE",
+            "CBUS_NO_SIGNALS",
+        ] {
+            std::env::remove_var(v);
+        }
+        let c = c.unwrap();
+        assert_eq!(c.labels.len(), 2);
+        assert_eq!(c.exclude_interface, vec!["x.Y", "z.W"]);
+        assert_eq!(c.signal_queue, 16);
+        assert!(c.no_signals);
+        assert_eq!(c.call_timeout, Duration::from_secs(10));
+        assert_eq!(c.bus, "system");
     }
 }

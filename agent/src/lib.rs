@@ -1,44 +1,68 @@
 //! `cbus-agent`: one per host, bridging its D-Bus to NATS.
 //!
-//! Modules by concept: [`config`] (flags), [`connect`] (NATS), [`bus`] (D-Bus connections and
-//! name owners), [`requests`] (the six ops), [`signals`] (monitor → bounded queue → NATS),
-//! [`presence`] (hello, heartbeat, goodbye, ping), [`policy`] (what may be set or called),
-//! [`metrics`] (the agent's own Prometheus metrics). Every subject, header and value comes from
-//! `cbus-protocol`.
+//! Modules by concept: [`config`] (flags and environment), [`identity`] (nkey from the host key),
+//! [`nats`] (NATS connection), [`bus`] (D-Bus connections and name owners), [`requests`] (the
+//! six ops), [`schema_cache`] (introspection kept for typing), [`body`] (message bodies with
+//! their exact signature), [`signals`] (monitor → bounded queue → NATS), [`presence`] (hello,
+//! heartbeat, goodbye, ping), [`policy`] (what may be set or called), [`metrics`] (the agent's own
+//! Prometheus metrics). Every subject, header and value comes from `cbus-protocol`: the agent
+//! never spells a subject or encodes a value by hand.
 
+pub mod body;
 pub mod bus;
 pub mod config;
-pub mod connect;
+pub mod identity;
 pub mod metrics;
+pub mod nats;
 pub mod policy;
 pub mod presence;
 pub mod requests;
+pub mod schema_cache;
 pub mod signals;
 
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use cbus_protocol::presence::{AgentInfo, PresenceKind};
 use cbus_protocol::subject;
 
 pub use config::Config;
 
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot listen on {addr} (--metrics-listen): {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Nats(#[from] nats::ConnectError),
+    #[error("cannot watch for SIGTERM: {0}")]
+    Signal(std::io::Error),
+}
+
 /// Runs the agent until SIGTERM or SIGINT; then says goodbye and returns.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let keypair = match &config.nkey_seed_file {
-        Some(path) => cbus_protocol::nkey::from_seed_file(path)?,
-        None => cbus_protocol::nkey::from_ssh_host_key(&config.host_key)?,
-    };
-    let nkey = keypair.public_key();
-    let seed = connect::nkeys_seed::Seed(keypair.seed().context("cannot export the nkey seed")?);
-    let hostname = match &config.hostname {
-        Some(h) => h.clone(),
-        None => hostname::get()
-            .context("cannot read the hostname; pass --hostname")?
-            .to_string_lossy()
-            .into_owned(),
-    };
-    let metrics = Arc::new(metrics::Metrics::new().context("metrics registry")?);
+pub async fn run(config: Config) -> Result<(), Error> {
+    // Installed first: a SIGTERM during start-up still ends in a goodbye.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(Error::Signal)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(Error::Signal)?;
+    let id = identity::Identity::load(
+        &config.host_key,
+        config.nkey_seed_file.as_deref(),
+        config.hostname.as_deref(),
+    )?;
+    let nkey = id.nkey.clone();
+    let hostname = id.hostname.clone();
+    let metrics = Arc::new(metrics::Metrics::new()?);
     let policy = match (&config.policy, config.allow_all) {
         (_, true) => policy::Policy::allow_all(),
         (Some(path), false) => policy::Policy::load(path)?,
@@ -48,18 +72,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(%nkey, %hostname, bus = %config.bus, "starting cbus-agent {}", cbus_protocol::VERSION);
 
     if let Some(addr) = config.metrics_listen {
-        // Bind now, so a taken port is a clear start-up error rather than a silent task failure.
-        let listener = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
-        drop(listener);
+        // Bound now, so a taken port is a clear start-up error rather than a silent task failure.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Listen { addr, source })?;
         let m = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m).await {
+            if let Err(e) = metrics::serve(listener, m).await {
                 tracing::error!(error = %e, %addr, "metrics endpoint stopped");
             }
         });
     }
-    let client = connect::connect(&config, &seed, metrics.clone()).await?;
+    let client = nats::connect(&config, &id.seed, metrics.clone()).await?;
 
     let requests = Arc::new(requests::RequestServer::new(
         nkey.clone(),
@@ -89,26 +113,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let requests = requests.clone();
         let metrics = metrics.clone();
         async move {
+            // Reconnect at once after a bus restart (signals need the names soon), but back off
+            // when tracking keeps failing right away.
+            let mut pause = std::time::Duration::from_millis(50);
             loop {
                 let conn = bus.connect_with_backoff(false).await;
                 metrics.bus_connected.set(1);
+                let started = std::time::Instant::now();
                 if let Err(e) = owners.track(&conn, |name| requests.forget(name)).await {
-                    tracing::warn!(error = %e, "name owner tracking failed");
+                    tracing::warn!(error = %e, "name owner tracking stopped; reconnecting");
                 }
                 metrics.bus_connected.set(0);
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                if started.elapsed() > std::time::Duration::from_secs(10) {
+                    pause = std::time::Duration::from_millis(50);
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(10));
             }
         }
     });
 
     if !config.no_signals {
         let (tx, rx) = tokio::sync::mpsc::channel(config.signal_queue.max(1));
-        tokio::spawn(signals::read_loop(
-            bus.clone(),
-            config.signal_queue,
-            tx,
-            metrics.clone(),
-        ));
         let filter = signals::Filter {
             include_sender: config.include_sender.clone(),
             exclude_sender: config.exclude_sender.clone(),
@@ -117,13 +143,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             include_path_prefix: config.include_path_prefix.clone(),
             exclude_path_prefix: config.exclude_path_prefix.clone(),
         };
+        tokio::spawn(signals::read_loop(
+            bus.clone(),
+            config.signal_queue,
+            tx,
+            owners.clone(),
+            filter,
+            metrics.clone(),
+        ));
         tokio::spawn(signals::publish_loop(
             rx,
             client.clone(),
             nkey.clone(),
             hostname.clone(),
             owners.clone(),
-            filter,
             metrics.clone(),
         ));
     }
@@ -138,37 +171,71 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         bus_connected: false,
         labels: config.labels.iter().cloned().collect(),
     };
-    let presence = Arc::new(presence::Presence::new(client.clone(), info));
+    let bus_up = {
+        let m = metrics.clone();
+        Arc::new(move || m.bus_connected.get() == 1)
+    };
+    let presence = Arc::new(presence::Presence::new(client.clone(), info, bus_up));
     tokio::spawn(presence.clone().answer_pings());
-    presence
-        .announce(PresenceKind::Hello, metrics.bus_connected.get() == 1)
-        .await;
-
-    let mut heartbeat = tokio::time::interval(config.heartbeat);
-    heartbeat.tick().await;
-    let mut metrics_tick = tokio::time::interval(config.metrics_interval);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot watch SIGTERM")?;
-    loop {
-        tokio::select! {
-            _ = heartbeat.tick() => {
-                presence.announce(PresenceKind::Heartbeat, metrics.bus_connected.get() == 1).await;
+    // Hello, then heartbeats, on their own task: a slow registry write while NATS is away never
+    // delays metrics or the reaction to SIGTERM.
+    let beating = tokio::spawn({
+        let presence = presence.clone();
+        let metrics = metrics.clone();
+        let period = config.heartbeat;
+        async move {
+            // Give the bus a moment, so the hello usually says it is connected.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                while metrics.bus_connected.get() != 1 {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            presence.announce(PresenceKind::Hello).await;
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                presence.announce(PresenceKind::Heartbeat).await;
             }
-            _ = metrics_tick.tick() => {
+        }
+    });
+    let reporting = tokio::spawn({
+        let client = client.clone();
+        let metrics = metrics.clone();
+        let subject = subject::metrics(&nkey);
+        let period = config.metrics_interval;
+        async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
                 tracing::debug!(summary = %metrics.summary(), "health");
-                if let Err(e) = client.publish(subject::metrics(&nkey), metrics.render().into()).await {
+                let text = metrics.render();
+                if let Err(e) = client.publish(subject.clone(), text.into()).await {
                     tracing::debug!(error = %e, "cannot publish metrics");
                 }
             }
-            _ = sigterm.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
         }
+    });
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
     }
     tracing::info!("shutting down; saying goodbye");
     serving.abort();
-    presence
-        .announce(PresenceKind::Goodbye, metrics.bus_connected.get() == 1)
-        .await;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
+    beating.abort();
+    reporting.abort();
+    // Bounded: with NATS unreachable there is nobody to say goodbye to.
+    let goodbye = async {
+        presence.announce(PresenceKind::Goodbye).await;
+        let _ = client.flush().await;
+    };
+    let connected = client.connection_state() == async_nats::connection::State::Connected;
+    let patience = std::time::Duration::from_millis(if connected { 3000 } else { 500 });
+    if tokio::time::timeout(patience, goodbye).await.is_err() {
+        tracing::warn!(?patience, connected, "goodbye not confirmed by NATS");
+    }
     Ok(())
 }

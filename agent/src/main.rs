@@ -1,3 +1,5 @@
+//! The `cbus-agent` binary: logging setup and flags; everything else is in the library.
+
 use clap::Parser;
 
 #[tokio::main]
@@ -7,5 +9,6 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    cbus_agent::run(cbus_agent::Config::parse()).await
+    cbus_agent::run(cbus_agent::Config::parse()).await?;
+    Ok(())
 }

@@ -29,11 +29,13 @@ impl Metrics {
             &["op", "outcome"],
         )?;
         let call_seconds = HistogramVec::new(
-            HistogramOpts::new("cbus_agent_dbus_call_seconds", "D-Bus call latency.").buckets(
-                vec![
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
-                ],
-            ),
+            HistogramOpts::new(
+                "cbus_agent_dbus_call_seconds",
+                "Time to answer a request on D-Bus, waiting for a call slot included.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+            ]),
             &["op"],
         )?;
         let signals_forwarded = IntCounter::new(
@@ -102,7 +104,7 @@ impl Metrics {
 
 /// Serves `/metrics` and `/healthz` locally, for a node-local Prometheus or a health check.
 pub async fn serve(
-    addr: std::net::SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: std::sync::Arc<Metrics>,
 ) -> std::io::Result<()> {
     use axum::routing::get;
@@ -113,6 +115,5 @@ pub async fn serve(
             "/healthz",
             get(move || async move { format!("{}\n", metrics.summary()) }),
         );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
 }

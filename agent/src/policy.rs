@@ -185,4 +185,26 @@ mod tests {
         assert!(Policy::parse("[[allow]]\nops=[\"frob\"]").is_err());
         assert!(Policy::parse("[[deny]]").is_err());
     }
+
+    #[test]
+    fn example_policy_allows_unit_control_only() {
+        let p = Policy::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/policy.example.toml"
+        )))
+        .unwrap();
+        let (sd, mgr) = (
+            "org.freedesktop.systemd1",
+            "org.freedesktop.systemd1.Manager",
+        );
+        for m in ["StartUnit", "StopUnit", "RestartUnit", "ReloadUnit"] {
+            assert!(p.allows(Op::Call, sd, mgr, m), "{m}");
+        }
+        assert!(!p.allows(Op::Call, sd, mgr, "PowerOff"));
+        assert!(!p.allows(Op::Set, sd, mgr, "LogLevel"));
+        assert!(matches!(
+            Policy::load(Path::new("/nonexistent/policy.toml")),
+            Err(PolicyError::Read { .. })
+        ));
+    }
 }

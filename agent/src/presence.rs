@@ -2,9 +2,12 @@
 //!
 //! Each event goes to `dbus.presence.<nkey>` and into the registry bucket, so clients learn the
 //! fleet in one read. A server without JetStream still gets the plain messages; the agent says
-//! so once and carries on.
+//! so once, carries on, and tries the registry again now and then (JetStream may be enabled
+//! later) rather than on every heartbeat.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::Client;
@@ -13,27 +16,49 @@ use cbus_protocol::subject;
 use futures::StreamExt;
 use tokio::sync::Mutex;
 
+/// Pause between attempts to open the registry after it was unavailable.
+const REGISTRY_RETRY: Duration = Duration::from_secs(30);
+
+enum Registry {
+    Unknown,
+    Open(Box<jetstream::kv::Store>),
+    Unavailable(Instant),
+}
+
 pub struct Presence {
     client: Client,
     pub info: AgentInfo,
-    registry: Mutex<Option<jetstream::kv::Store>>,
-    warned: std::sync::atomic::AtomicBool,
+    /// Whether the agent is connected to its bus, as last reported by the bus side.
+    bus_connected: Arc<dyn Fn() -> bool + Send + Sync>,
+    registry: Mutex<Registry>,
+    warned: AtomicBool,
 }
 
 impl Presence {
-    pub fn new(client: Client, info: AgentInfo) -> Self {
+    pub fn new(
+        client: Client,
+        info: AgentInfo,
+        bus_connected: Arc<dyn Fn() -> bool + Send + Sync>,
+    ) -> Self {
         Presence {
             client,
             info,
-            registry: Mutex::new(None),
-            warned: std::sync::atomic::AtomicBool::new(false),
+            bus_connected,
+            registry: Mutex::new(Registry::Unknown),
+            warned: AtomicBool::new(false),
         }
     }
 
-    /// Publishes one event and records it in the registry.
-    pub async fn announce(&self, event: PresenceKind, bus_connected: bool) {
+    /// The agent's info as of now.
+    pub fn current(&self) -> AgentInfo {
         let mut agent = self.info.clone();
-        agent.bus_connected = bus_connected;
+        agent.bus_connected = (self.bus_connected)();
+        agent
+    }
+
+    /// Publishes one event and records it in the registry.
+    pub async fn announce(&self, event: PresenceKind) {
+        let agent = self.current();
         let ev = PresenceEvent {
             event,
             sent_at_ms: presence::now_ms(),
@@ -54,22 +79,36 @@ impl Presence {
             tracing::debug!(error = %e, "cannot publish presence");
         }
         let mut registry = self.registry.lock().await;
-        if registry.is_none() {
+        let retry = match &*registry {
+            Registry::Open(_) => false,
+            Registry::Unknown => true,
+            // A goodbye always tries: it is the last word.
+            Registry::Unavailable(since) => {
+                since.elapsed() >= REGISTRY_RETRY || event == PresenceKind::Goodbye
+            }
+        };
+        if retry {
             let js = jetstream::new(self.client.clone());
             match cbus_protocol::fleet::ensure_registry(&js).await {
-                Ok(store) => *registry = Some(store),
+                Ok(store) => {
+                    if self.warned.swap(false, Ordering::Relaxed) {
+                        tracing::info!("JetStream registry available again");
+                    }
+                    *registry = Registry::Open(Box::new(store));
+                }
                 Err(e) => {
-                    if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    if !self.warned.swap(true, Ordering::Relaxed) {
                         tracing::warn!(error = %e, "no JetStream registry; presence messages only");
                     }
+                    *registry = Registry::Unavailable(Instant::now());
                     return;
                 }
             }
         }
-        if let Some(store) = registry.as_ref() {
+        if let Registry::Open(store) = &*registry {
             if let Err(e) = store.put(&self.info.nkey, payload).await {
                 tracing::debug!(error = %e, "cannot write registry entry");
-                *registry = None;
+                *registry = Registry::Unknown;
             }
         }
     }
@@ -85,7 +124,7 @@ impl Presence {
         };
         while let Some(msg) = sub.next().await {
             let Some(reply) = msg.reply else { continue };
-            if let Ok(payload) = serde_json::to_vec(&self.info) {
+            if let Ok(payload) = serde_json::to_vec(&self.current()) {
                 let _ = self.client.publish(reply, payload.into()).await;
             }
         }

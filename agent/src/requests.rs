@@ -3,37 +3,34 @@
 //! Each request runs in its own task, bounded by a semaphore, with a per-call timeout, so one
 //! slow D-Bus peer cannot hold up the others. Every outcome, including a malformed subject or
 //! body, is a reply in the shared envelope: the requester always learns what went wrong.
-//! Missing interfaces and signatures are filled from introspection (cached per destination and
-//! path, dropped when the destination changes owner); an ambiguous member is an error.
+//! Missing interfaces and signatures are filled from introspection ([`crate::schema_cache`]); an
+//! ambiguous member is an error listing the candidates, never a guess (the original guessed).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::{Client, Message};
 use cbus_protocol::codec;
 use cbus_protocol::envelope::{ErrorBody, ErrorCode, Reply, Request, Success};
 use cbus_protocol::headers;
-use cbus_protocol::introspect::{ObjectSchema, ResolveError};
+use cbus_protocol::introspect::{MethodSchema, ObjectSchema, PropertySchema, ResolveError};
 use cbus_protocol::subject::{self, Op, RequestSubject};
 use futures::StreamExt;
 use serde_json::Value as Json;
 use tokio::sync::{RwLock, Semaphore};
 use zbus::{Connection, DBusError};
-use zvariant::{OwnedValue, Structure, StructureBuilder, Value};
+use zvariant::{OwnedValue, StructureBuilder};
 
 use crate::bus::BusKind;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::schema_cache::SchemaCache;
 
 const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
 const INTROSPECTABLE: &str = "org.freedesktop.DBus.Introspectable";
-/// How long an introspection result is trusted (name-owner changes drop it earlier).
-const SCHEMA_TTL: Duration = Duration::from_secs(60);
 
 type Outcome = Result<Success, ErrorBody>;
-/// Introspection by (destination, path), with when it was fetched.
-type SchemaCache = HashMap<(String, String), (Instant, Arc<ObjectSchema>)>;
 
 /// Serves requests for one agent.
 pub struct RequestServer {
@@ -46,8 +43,11 @@ pub struct RequestServer {
     pub call_timeout: Duration,
     pub max_request_bytes: usize,
     pub calls: Semaphore,
+    /// Requests accepted but not answered yet (waiting for a call slot or running); more are
+    /// refused at once, so a request flood cannot grow the agent's memory.
+    pending: Arc<Semaphore>,
     conn: RwLock<Option<Connection>>,
-    schemas: Mutex<SchemaCache>,
+    schemas: SchemaCache,
 }
 
 impl RequestServer {
@@ -73,8 +73,11 @@ impl RequestServer {
             call_timeout,
             max_request_bytes,
             calls: Semaphore::new(max_concurrent_calls.max(1)),
+            pending: Arc::new(Semaphore::new(
+                max_concurrent_calls.max(1).saturating_mul(16).max(256),
+            )),
             conn: RwLock::new(None),
-            schemas: Mutex::new(HashMap::new()),
+            schemas: SchemaCache::default(),
         }
     }
 
@@ -92,19 +95,75 @@ impl RequestServer {
         let mut messages = futures::stream::select(targeted, broadcast);
         while let Some(msg) = messages.next().await {
             let server = self.clone();
-            tokio::spawn(async move { server.handle(msg).await });
+            match self.pending.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(async move {
+                        server.handle(msg).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    tokio::spawn(async move { server.refuse_busy(msg).await });
+                }
+            }
         }
         Ok(())
     }
 
     /// Drops cached introspection of a destination whose owner changed.
     pub fn forget(&self, destination: &str) {
-        if let Ok(mut s) = self.schemas.lock() {
-            s.retain(|(dest, _), _| dest != destination);
+        self.schemas.forget(destination);
+    }
+
+    /// Answers without queueing: too many requests are waiting already.
+    async fn refuse_busy(&self, msg: Message) {
+        let Some(reply_to) = msg.reply else { return };
+        self.metrics
+            .requests
+            .with_label_values(&["busy", "error"])
+            .inc();
+        tracing::debug!(subject = %msg.subject, "agent busy; request refused");
+        let reply = Reply {
+            nkey: self.nkey.clone(),
+            hostname: self.hostname.clone(),
+            result: Err(ErrorBody::new(
+                ErrorCode::Timeout,
+                "agent busy: too many requests waiting for D-Bus; try again",
+            )),
+        };
+        self.send_reply(reply_to, reply).await;
+    }
+
+    /// Publishes a reply; one that NATS would refuse as too large becomes an error reply, so
+    /// the requester learns why instead of timing out.
+    async fn send_reply(&self, reply_to: async_nats::Subject, reply: Reply) {
+        let mut payload = reply.to_payload();
+        let max = self.client.server_info().max_payload;
+        if max > 0 && payload.len() > max {
+            tracing::warn!(
+                len = payload.len(),
+                max,
+                "reply larger than NATS max_payload"
+            );
+            payload = Reply {
+                nkey: reply.nkey,
+                hostname: reply.hostname,
+                result: Err(ErrorBody::new(
+                    ErrorCode::InternalError,
+                    format!(
+                        "reply of {} bytes exceeds the NATS server's max_payload of {max}",
+                        payload.len()
+                    ),
+                )),
+            }
+            .to_payload();
+        }
+        if let Err(e) = self.client.publish(reply_to, payload).await {
+            tracing::warn!(error = %e, "cannot publish reply");
         }
     }
 
-    async fn handle(&self, msg: Message) {
+    async fn handle(self: Arc<Self>, msg: Message) {
         let Some(reply_to) = msg.reply.clone() else {
             tracing::debug!(subject = %msg.subject, "request without reply subject ignored");
             return;
@@ -115,20 +174,23 @@ impl RequestServer {
             .requests
             .with_label_values(&[op.map(Op::as_str).unwrap_or("invalid"), label])
             .inc();
-        if let Err(e) = &outcome {
-            tracing::debug!(subject = %msg.subject, error = %e, "request failed");
+        match &outcome {
+            // Malformed requests are the requester's bug: visible in the agent's log too.
+            Err(e) if e.code == ErrorCode::InvalidArgument => {
+                tracing::info!(subject = %msg.subject, error = %e, "invalid request")
+            }
+            Err(e) => tracing::debug!(subject = %msg.subject, error = %e, "request failed"),
+            Ok(_) => {}
         }
         let reply = Reply {
             nkey: self.nkey.clone(),
             hostname: self.hostname.clone(),
             result: outcome,
         };
-        if let Err(e) = self.client.publish(reply_to, reply.to_payload()).await {
-            tracing::warn!(error = %e, "cannot publish reply");
-        }
+        self.send_reply(reply_to, reply).await;
     }
 
-    async fn answer(&self, msg: &Message) -> (Option<Op>, Outcome) {
+    async fn answer(self: &Arc<Self>, msg: &Message) -> (Option<Op>, Outcome) {
         if msg.payload.len() > self.max_request_bytes {
             return (
                 None,
@@ -141,10 +203,7 @@ impl RequestServer {
         }
         let subject = match RequestSubject::parse(&msg.subject) {
             Ok(s) => s,
-            Err(e) => {
-                tracing::info!(subject = %msg.subject, error = %e, "malformed request subject");
-                return (None, Err(invalid(e.to_string())));
-            }
+            Err(e) => return (None, Err(invalid(e.to_string()))),
         };
         let op = Some(subject.op);
         let request = match Request::from_payload(&msg.payload) {
@@ -161,24 +220,27 @@ impl RequestServer {
             .timeout_ms
             .map(Duration::from_millis)
             .map_or(self.call_timeout, |t| t.min(self.call_timeout));
-        let Ok(_permit) = self.calls.acquire().await else {
-            return (
-                op,
-                Err(ErrorBody::new(
-                    ErrorCode::InternalError,
-                    "agent is shutting down",
-                )),
-            );
-        };
+        // The timeout covers waiting for a call slot too, so a queued request gets an answer.
+        // A call that started keeps its slot until D-Bus answers (or the connection's method
+        // timeout, a little above --call-timeout, ends it) even when the requester was already
+        // told "timeout": the slots bound the calls the bus sees, not just the ones we wait for
+        // (dbus-daemon refuses new calls beyond its per-connection pending-reply limit).
         let started = Instant::now();
-        let outcome = match tokio::time::timeout(
-            timeout,
-            self.dispatch(&subject, &request, &requester),
-        )
-        .await
-        {
-            Ok(outcome) => outcome,
-            Err(_) => Err(ErrorBody::new(
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let server = self.clone();
+        let subject2 = subject.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, server.calls.acquire()).await
+            else {
+                return; // timed out waiting (the requester is told below) or shutting down
+            };
+            let outcome = server.dispatch(&subject2, &request, &requester).await;
+            let _ = tx.send(outcome);
+        });
+        let outcome = match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) | Err(_) => Err(ErrorBody::new(
                 ErrorCode::Timeout,
                 format!("D-Bus call did not finish within {timeout:?}"),
             )),
@@ -218,11 +280,7 @@ impl RequestServer {
     async fn get(&self, dest: &str, path: &str, r: &Request, member: &str) -> Outcome {
         let iface = match &r.interface {
             Some(i) => i.clone(),
-            None => {
-                let schema = self.schema(dest, path, false).await?;
-                let found = schema.find_property(None, member).map_err(resolve_error)?;
-                found.interface.to_owned()
-            }
+            None => self.resolve_property(dest, path, None, member).await?.0,
         };
         let reply = self
             .dbus_call(
@@ -255,18 +313,17 @@ impl RequestServer {
         let (iface, sig) = match (&r.interface, &r.signature) {
             (Some(i), Some(s)) => (i.clone(), s.clone()),
             _ => {
-                let schema = self.schema(dest, path, false).await?;
-                let found = schema
-                    .find_property(r.interface.as_deref(), member)
-                    .map_err(resolve_error)?;
-                if !found.item.access.writable() {
+                let (iface, prop) = self
+                    .resolve_property(dest, path, r.interface.as_deref(), member)
+                    .await?;
+                if !prop.access.writable() {
                     return Err(ErrorBody::new(
                         ErrorCode::AccessDenied,
-                        format!("property {}.{member} is read-only", found.interface),
+                        format!("property {iface}.{member} is read-only"),
                     ));
                 }
-                let sig = r.signature.clone().unwrap_or_else(|| found.item.ty.clone());
-                (found.interface.to_owned(), sig)
+                let sig = r.signature.clone().unwrap_or(prop.ty);
+                (iface, sig)
             }
         };
         self.check_policy(Op::Set, dest, &iface, member, requester, path)?;
@@ -344,30 +401,23 @@ impl RequestServer {
     ) -> Outcome {
         // Resolve by introspection unless both interface and signature are given; an object
         // that cannot be introspected can still be called when the caller names both.
-        let mut out_count = None;
         let (iface, sig) = match (&r.interface, &r.signature) {
-            (Some(i), Some(s)) => (Some(i.clone()), s.clone()),
+            (Some(i), Some(s)) => (i.clone(), s.clone()),
             _ => {
-                let schema = self.schema(dest, path, false).await?;
-                let found = schema
-                    .find_method(r.interface.as_deref(), member)
-                    .map_err(resolve_error)?;
-                out_count = Some(found.item.outputs.len());
-                let sig = r
-                    .signature
-                    .clone()
-                    .unwrap_or_else(|| found.item.in_signature());
-                (Some(found.interface.to_owned()), sig)
+                let (iface, method) = self
+                    .resolve_method(dest, path, r.interface.as_deref(), member)
+                    .await?;
+                let sig = r.signature.clone().unwrap_or_else(|| method.in_signature());
+                (iface, sig)
             }
         };
-        let iface_text = iface.clone().unwrap_or_default();
-        self.check_policy(Op::Call, dest, &iface_text, member, requester, path)?;
+        self.check_policy(Op::Call, dest, &iface, member, requester, path)?;
         let sigs = codec::parse_arguments(&sig).map_err(|e| invalid(e.to_string()))?;
         let empty = Json::Array(Vec::new());
         let args = codec::args_from_json(r.args.as_ref().unwrap_or(&empty), &sigs)
             .map_err(|e| invalid(e.to_string()))?;
         let reply = if args.is_empty() {
-            self.dbus_call(dest, path, iface.as_deref(), member, &())
+            self.dbus_call(dest, path, Some(&iface), member, &())
                 .await?
         } else {
             let mut builder = StructureBuilder::new();
@@ -375,36 +425,14 @@ impl RequestServer {
                 builder = builder.append_field(a);
             }
             let body = builder.build().map_err(|e| invalid(e.to_string()))?;
-            self.dbus_call(dest, path, iface.as_deref(), member, &body)
+            self.dbus_call(dest, path, Some(&iface), member, &body)
                 .await?
         };
-        let body = reply.body();
-        if body.is_empty() {
-            return Ok(Success {
-                signature: Some(String::new()),
-                value: Json::Array(Vec::new()),
-            });
-        }
-        let structure: Structure = body.deserialize().map_err(dbus_error)?;
-        let mut fields = structure.into_fields();
-        // A lone struct result and several results share one body signature; introspection
-        // says which it was.
-        if out_count == Some(1) && fields.len() > 1 {
-            let mut b = StructureBuilder::new();
-            for f in fields {
-                b = b.append_field(f);
-            }
-            fields = vec![Value::Structure(
-                b.build().map_err(|e| internal(e.to_string()))?,
-            )];
-        }
-        let signature: String = fields
-            .iter()
-            .map(|f| f.value_signature().to_string())
-            .collect();
+        let (signature, values) =
+            crate::body::arguments(&reply).map_err(|e| internal(e.to_string()))?;
         Ok(Success {
             signature: Some(signature),
-            value: codec::args_to_json(&fields).map_err(|e| internal(e.to_string()))?,
+            value: codec::args_to_json(&values).map_err(|e| internal(e.to_string()))?,
         })
     }
 
@@ -412,17 +440,26 @@ impl RequestServer {
         let conn = self.conn().await?;
         let dbus = zbus::fdo::DBusProxy::new(&conn).await.map_err(dbus_error)?;
         let names = dbus.list_names().await.map_err(fdo_error)?;
-        let mut obj = serde_json::Map::new();
-        for name in names {
-            let owner = if name.starts_with(':') {
-                name.to_string()
-            } else {
-                match dbus.get_name_owner(name.as_ref()).await {
-                    Ok(o) => o.to_string(),
-                    Err(_) => continue, // released in between
+        let owners = futures::future::join_all(names.iter().map(|name| {
+            let dbus = &dbus;
+            async move {
+                if name.starts_with(':') {
+                    Some(name.to_string())
+                } else {
+                    // None: released in between.
+                    dbus.get_name_owner(name.as_ref())
+                        .await
+                        .ok()
+                        .map(|o| o.to_string())
                 }
-            };
-            obj.insert(name.to_string(), Json::String(owner));
+            }
+        }))
+        .await;
+        let mut obj = serde_json::Map::new();
+        for (name, owner) in names.iter().zip(owners) {
+            if let Some(owner) = owner {
+                obj.insert(name.to_string(), Json::String(owner));
+            }
         }
         Ok(Success {
             signature: Some("a{ss}".into()),
@@ -458,12 +495,9 @@ impl RequestServer {
         path: &str,
         fresh: bool,
     ) -> Result<Arc<ObjectSchema>, ErrorBody> {
-        let key = (dest.to_owned(), path.to_owned());
         if !fresh {
-            if let Some((at, s)) = self.schemas.lock().ok().and_then(|m| m.get(&key).cloned()) {
-                if at.elapsed() < SCHEMA_TTL {
-                    return Ok(s);
-                }
+            if let Some(s) = self.schemas.object(dest, path) {
+                return Ok(s);
             }
         }
         let reply = self
@@ -471,10 +505,45 @@ impl RequestServer {
             .await?;
         let xml: String = reply.body().deserialize().map_err(dbus_error)?;
         let schema = Arc::new(ObjectSchema::from_xml(&xml).map_err(|e| internal(e.to_string()))?);
-        if let Ok(mut m) = self.schemas.lock() {
-            m.insert(key, (Instant::now(), schema.clone()));
-        }
+        self.schemas.insert(dest, path, schema.clone());
         Ok(schema)
+    }
+
+    /// The interface and schema of a method; with a known interface the destination's
+    /// interface cache answers without introspecting this object.
+    async fn resolve_method(
+        &self,
+        dest: &str,
+        path: &str,
+        iface: Option<&str>,
+        member: &str,
+    ) -> Result<(String, MethodSchema), ErrorBody> {
+        if let Some(known) = iface.and_then(|i| self.schemas.interface(dest, i)) {
+            if let Ok(found) = known.find_method(iface, member) {
+                return Ok((found.interface.to_owned(), found.item.clone()));
+            }
+        }
+        let schema = self.schema(dest, path, false).await?;
+        let found = schema.find_method(iface, member).map_err(resolve_error)?;
+        Ok((found.interface.to_owned(), found.item.clone()))
+    }
+
+    /// Like [`Self::resolve_method`], for a property.
+    async fn resolve_property(
+        &self,
+        dest: &str,
+        path: &str,
+        iface: Option<&str>,
+        member: &str,
+    ) -> Result<(String, PropertySchema), ErrorBody> {
+        if let Some(known) = iface.and_then(|i| self.schemas.interface(dest, i)) {
+            if let Ok(found) = known.find_property(iface, member) {
+                return Ok((found.interface.to_owned(), found.item.clone()));
+            }
+        }
+        let schema = self.schema(dest, path, false).await?;
+        let found = schema.find_property(iface, member).map_err(resolve_error)?;
+        Ok((found.interface.to_owned(), found.item.clone()))
     }
 
     async fn conn(&self) -> Result<Connection, ErrorBody> {
@@ -485,7 +554,11 @@ impl RequestServer {
         if let Some(c) = slot.clone() {
             return Ok(c);
         }
-        match self.bus.connect(false).await {
+        match self
+            .bus
+            .connect_with(false, Some(self.call_timeout + Duration::from_secs(1)))
+            .await
+        {
             Ok(c) => {
                 self.metrics.bus_connected.set(1);
                 *slot = Some(c.clone());
@@ -518,6 +591,9 @@ impl RequestServer {
             .await
         {
             Ok(m) => Ok(m),
+            Err(zbus::Error::InputOutput(e)) if e.kind() == std::io::ErrorKind::TimedOut => Err(
+                ErrorBody::new(ErrorCode::Timeout, "D-Bus peer did not reply in time"),
+            ),
             Err(e @ (zbus::Error::InputOutput(_) | zbus::Error::Handshake(_))) => {
                 // The bus went away: reconnect on the next request.
                 *self.conn.write().await = None;

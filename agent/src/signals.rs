@@ -15,7 +15,6 @@ use cbus_protocol::subject::SignalSubject;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use zbus::{MatchRule, Message, MessageStream};
-use zvariant::Structure;
 
 use crate::bus::{BusKind, NameOwners};
 use crate::metrics::Metrics;
@@ -49,10 +48,13 @@ impl Filter {
 }
 
 /// Reads signals from the bus (reconnecting when it goes away) into a queue of `capacity`.
+/// Filters apply here, before the queue, so excluded noise can never crowd out wanted signals.
 pub async fn read_loop(
     bus: BusKind,
     capacity: usize,
     queue: mpsc::Sender<Message>,
+    owners: NameOwners,
+    filter: Filter,
     metrics: Arc<Metrics>,
 ) {
     let mut dropped_logged = 0u64;
@@ -68,7 +70,8 @@ pub async fn read_loop(
         };
         while let Some(item) = stream.next().await {
             let Ok(msg) = item else { continue };
-            if msg.message_type() != zbus::message::Type::Signal {
+            if msg.message_type() != zbus::message::Type::Signal || !wanted(&msg, &owners, &filter)
+            {
                 continue;
             }
             if queue.try_send(msg).is_err() {
@@ -109,11 +112,10 @@ pub async fn publish_loop(
     nkey: String,
     hostname: String,
     owners: NameOwners,
-    filter: Filter,
     metrics: Arc<Metrics>,
 ) {
     while let Some(msg) = queue.recv().await {
-        match encode(&msg, &nkey, &hostname, &owners, &filter) {
+        match encode(&msg, &nkey, &hostname, &owners) {
             Ok(Some((subject, headers, payload))) => {
                 match client
                     .publish_with_headers(subject, headers, payload.into())
@@ -132,6 +134,26 @@ pub async fn publish_loop(
     }
 }
 
+/// Whether a signal is a broadcast that the filters let through.
+fn wanted(msg: &Message, owners: &NameOwners, filter: &Filter) -> bool {
+    let header = msg.header();
+    // A signal addressed to one connection (NameAcquired to our monitor) is not a broadcast.
+    if header.destination().is_some() {
+        return false;
+    }
+    let (Some(sender), Some(path)) = (header.sender(), header.path()) else {
+        return false;
+    };
+    let iface = header.interface();
+    let well_known = owners.well_known(sender.as_str());
+    filter.allows(
+        sender.as_str(),
+        well_known.as_deref(),
+        iface.as_ref().map(|i| i.as_str()).unwrap_or_default(),
+        path.as_str(),
+    )
+}
+
 type Encoded = (String, HeaderMap, Vec<u8>);
 
 fn encode(
@@ -139,16 +161,11 @@ fn encode(
     nkey: &str,
     hostname: &str,
     owners: &NameOwners,
-    filter: &Filter,
 ) -> Result<Option<Encoded>, String> {
     let header = msg.header();
     let (Some(sender), Some(path)) = (header.sender(), header.path()) else {
         return Ok(None);
     };
-    // A signal addressed to one connection (NameAcquired to our monitor) is not a broadcast.
-    if header.destination().is_some() {
-        return Ok(None);
-    }
     let sender = sender.to_string();
     let iface = header
         .interface()
@@ -156,29 +173,11 @@ fn encode(
         .unwrap_or_default();
     let member = header.member().map(|m| m.to_string()).unwrap_or_default();
     let well_known = owners.well_known(&sender);
-    if !filter.allows(&sender, well_known.as_deref(), &iface, path.as_str()) {
-        return Ok(None);
-    }
     let subject = SignalSubject::new(nkey, sender.as_str(), path.as_str())
         .and_then(|s| s.encode())
         .map_err(|e| e.to_string())?;
-    let body = msg.body();
-    let (signature, args) = if body.is_empty() {
-        (String::new(), serde_json::Value::Array(Vec::new()))
-    } else {
-        let fields = body
-            .deserialize::<Structure>()
-            .map_err(|e| e.to_string())?
-            .into_fields();
-        let sig: String = fields
-            .iter()
-            .map(|f| f.value_signature().to_string())
-            .collect();
-        (
-            sig,
-            codec::args_to_json(&fields).map_err(|e| e.to_string())?,
-        )
-    };
+    let (signature, values) = crate::body::arguments(msg).map_err(|e| e.to_string())?;
+    let args = codec::args_to_json(&values).map_err(|e| e.to_string())?;
     let mut h = HeaderMap::new();
     headers::set(&mut h, headers::NKEY, nkey);
     headers::set(&mut h, headers::HOSTNAME, hostname);

@@ -1,25 +1,16 @@
-//! Connecting to NATS with whichever credentials the operator gave.
+//! Connecting to NATS with whichever credentials the operator gave (the meaning of each is
+//! decided once, in `protocol::connect`). An agent must come up before its NATS server and
+//! outlive server restarts, so it retries the first connection and reconnects forever with a
+//! capped backoff; connection events are logged and mirrored in the `nats_connected` gauge.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Event;
-use nkeys_seed::Seed;
 
 use crate::config::Config;
+use crate::identity::Seed;
 use crate::metrics::Metrics;
-
-/// The agent's nkey seed, kept for nkey authentication.
-pub mod nkeys_seed {
-    /// A seed string (`SU...`); not printed by Debug.
-    #[derive(Clone)]
-    pub struct Seed(pub String);
-    impl std::fmt::Debug for Seed {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("Seed(..)")
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -64,6 +55,9 @@ pub async fn connect(
                     Event::Disconnected => {
                         m.nats_connected.set(0);
                         tracing::warn!("disconnected from NATS; reconnecting");
+                    }
+                    Event::ClientError(_) | Event::ServerError(_) | Event::SlowConsumer(_) => {
+                        tracing::warn!(event = %event, "NATS problem")
                     }
                     other => tracing::info!(event = %other, "NATS event"),
                 }
