@@ -135,14 +135,14 @@ pub fn keyscan(hosts: &[String], stdin: bool, format: Format) -> Result<(), Fail
         })
         .map(String::as_str)
         .collect();
-    if found.is_empty() {
-        return Err(Failure::Partial("no ed25519 host keys found".into()));
-    }
     if !missing.is_empty() {
         return Err(Failure::Partial(format!(
-            "no ed25519 host key from: {}",
+            "no ed25519 host key from: {} (unreachable, no SSH server, or no ed25519 key)",
             missing.join(", ")
         )));
+    }
+    if found.is_empty() {
+        return Err(Failure::Partial("no ed25519 host keys found".into()));
     }
     Ok(())
 }
