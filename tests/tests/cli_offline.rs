@@ -30,10 +30,23 @@ fn unreachable_nats_is_one_line_and_exit_2_quickly() {
     let nats = NatsServer::start_with_config("authorization { token: \"s3cret\" }\n");
     let out = cbus(&nats.url(), &["agents"]);
     assert_eq!(out.status.code(), Some(2), "{}", both(&out));
-    assert!(stderr(&out).contains("cannot connect to NATS"), "{}", both(&out));
+    assert!(
+        stderr(&out).contains("cannot connect to NATS"),
+        "{}",
+        both(&out)
+    );
     let out = cbus(&nats.url(), &["--token", "s3cret", "agents"]);
-    assert_eq!(out.status.code(), Some(1), "authenticated, but no agents: {}", both(&out));
-    assert!(stderr(&out).contains("no agents are registered"), "{}", both(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "authenticated, but no agents: {}",
+        both(&out)
+    );
+    assert!(
+        stderr(&out).contains("no agents are registered"),
+        "{}",
+        both(&out)
+    );
 }
 
 #[test]
@@ -42,37 +55,82 @@ fn argument_errors_exit_2_before_connecting() {
     // the arguments were refused first.
     let cases: &[(&[&str], &str)] = &[
         (&["get", "not a name", "/x", "P"], "invalid bus name"),
-        (&["get", "org.cbus.Test", "relative/path", "P"], "invalid object path"),
-        (&["get", "org.cbus.Test", "/x", "1bad"], "invalid member name"),
-        (&["invoke", "org.cbus.Test", "/x", "Add", "[1,"], "ARGS_JSON is not JSON"),
-        (&["invoke", "org.cbus.Test", "/x", "Add", "{}"], "must be a JSON array"),
         (
-            &["invoke", "org.cbus.Test", "/x", "Add", "[1,\"x\"]", "--sig", "ii"],
+            &["get", "org.cbus.Test", "relative/path", "P"],
+            "invalid object path",
+        ),
+        (
+            &["get", "org.cbus.Test", "/x", "1bad"],
+            "invalid member name",
+        ),
+        (
+            &["invoke", "org.cbus.Test", "/x", "Add", "[1,"],
+            "ARGS_JSON is not JSON",
+        ),
+        (
+            &["invoke", "org.cbus.Test", "/x", "Add", "{}"],
+            "must be a JSON array",
+        ),
+        (
+            &[
+                "invoke",
+                "org.cbus.Test",
+                "/x",
+                "Add",
+                "[1,\"x\"]",
+                "--sig",
+                "ii",
+            ],
             "argument 2",
         ),
-        (&["invoke", "org.cbus.Test", "/x", "Add", "[1]", "--sig", "i("], "--sig"),
-        (&["set", "org.cbus.Test", "/x", "Byte", "300", "--sig", "y"], "VALUE"),
-        (&["invoke", "org.cbus.Test", "/x", "Echo", "[1]", "--sig", "h"], "file descriptors"),
+        (
+            &["invoke", "org.cbus.Test", "/x", "Add", "[1]", "--sig", "i("],
+            "--sig",
+        ),
+        (
+            &["set", "org.cbus.Test", "/x", "Byte", "300", "--sig", "y"],
+            "VALUE",
+        ),
+        (
+            &["invoke", "org.cbus.Test", "/x", "Echo", "[1]", "--sig", "h"],
+            "file descriptors",
+        ),
         (&["--timeout", "soon", "agents"], "--timeout"),
         (&["--labels", "role", "agents"], "KEY=VALUE"),
         (&["--nkeys", "Unope", "agents"], "invalid agent nkey"),
         (&["--hosts", "web-[", "agents"], "invalid selector"),
         (&["start", "a b.service"], "invalid unit name"),
         (&["status", "getty@.service"], "template"),
-        (&["stop", "x.service", "--job-timeout", "never"], "--job-timeout"),
+        (
+            &["stop", "x.service", "--job-timeout", "never"],
+            "--job-timeout",
+        ),
         (&["monitor", "--member", "a.b"], "invalid member name"),
         (&["monitor", "--path", "x"], "invalid object path"),
-        (&["subject", "get", "org.x", "/", "P", "--nkey", "U1"], "invalid agent nkey"),
+        (
+            &["subject", "get", "org.x", "/", "P", "--nkey", "U1"],
+            "invalid agent nkey",
+        ),
     ];
     for (args, expect) in cases {
         let out = cbus(NOWHERE, args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", both(&out));
         let err = stderr(&out);
-        assert!(err.contains(expect), "{args:?}: expected {expect:?} in {err}");
-        assert!(!err.contains("cannot connect"), "{args:?} connected first: {err}");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected {expect:?} in {err}"
+        );
+        assert!(
+            !err.contains("cannot connect"),
+            "{args:?} connected first: {err}"
+        );
     }
     // clap's own usage errors are exit 2 as well.
-    for args in [&["get", "a.b"][..], &["--json", "-s", "agents"], &["frobnicate"]] {
+    for args in [
+        &["get", "a.b"][..],
+        &["--json", "-s", "agents"],
+        &["frobnicate"],
+    ] {
         assert_eq!(cbus(NOWHERE, args).status.code(), Some(2), "{args:?}");
     }
 }
@@ -87,15 +145,25 @@ fn nkey_from_every_kind_of_key() {
     let pubfile = format!("{}.pub", key.display());
     let line = std::fs::read_to_string(&pubfile).unwrap();
     // The .pub file, the line itself, stdin, and the private host key agree.
-    assert_eq!(ok_stdout(&cbus(NOWHERE, &["nkey", &pubfile])), format!("{expected}\n"));
-    assert_eq!(ok_stdout(&cbus(NOWHERE, &["nkey", line.trim()])), format!("{expected}\n"));
-    assert_eq!(ok_stdout(&cbus_stdin(&["nkey"], &line)), format!("{expected}\n"));
+    assert_eq!(
+        ok_stdout(&cbus(NOWHERE, &["nkey", &pubfile])),
+        format!("{expected}\n")
+    );
+    assert_eq!(
+        ok_stdout(&cbus(NOWHERE, &["nkey", line.trim()])),
+        format!("{expected}\n")
+    );
+    assert_eq!(
+        ok_stdout(&cbus_stdin(&["nkey"], &line)),
+        format!("{expected}\n")
+    );
     assert_eq!(
         ok_stdout(&cbus(NOWHERE, &["nkey", key.to_str().unwrap()])),
         format!("{expected}\n")
     );
     // A fixed key with its id computed independently (see cli/src/commands/keys.rs).
-    let known = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOueD+R2hvwspWaFckuZgmPLoq30I6ZxsxUNg42wDoRt x";
+    let known =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOueD+R2hvwspWaFckuZgmPLoq30I6ZxsxUNg42wDoRt x";
     assert_eq!(
         ok_stdout(&cbus(NOWHERE, &["nkey", known])),
         "UDVZ4D7EO2DPYLFFM2CXES4ZQJR4XIVN6QR2M4NTCUGYHDNQB2CG3NAL\n"
@@ -104,7 +172,10 @@ fn nkey_from_every_kind_of_key() {
     let out = cbus_stdin(&["nkey"], &format!("web1,10.0.0.1 {line}"));
     assert_eq!(ok_stdout(&out), format!("web1,10.0.0.1\t{expected}\n"));
     // Not ed25519, or garbage: a clear usage error.
-    let out = cbus(NOWHERE, &["nkey", "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC"]);
+    let out = cbus(
+        NOWHERE,
+        &["nkey", "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC"],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("ed25519"), "{}", both(&out));
     assert_eq!(cbus_stdin(&["nkey"], "").status.code(), Some(2));
@@ -125,7 +196,10 @@ fn keyscan_reads_ssh_keyscan_output_and_runs_it() {
         format!("HOST         NKEY\nweb1         {expected}\n[web2]:2222  {expected}\n")
     );
     let out = cbus_stdin(&["keyscan", "--stdin", "-s"], &scan);
-    assert_eq!(ok_stdout(&out), format!("web1\t{expected}\n[web2]:2222\t{expected}\n"));
+    assert_eq!(
+        ok_stdout(&out),
+        format!("web1\t{expected}\n[web2]:2222\t{expected}\n")
+    );
     let out = cbus_stdin(&["keyscan", "--stdin", "--json"], &scan);
     assert_eq!(json_of(&out)["hosts"][0]["nkey"], expected.as_str());
     let out = cbus_stdin(&["keyscan", "--stdin"], "");
@@ -203,7 +277,11 @@ fn config_file_gives_defaults_and_refuses_typos() {
     std::fs::write(&cfg, format!("server = \"{}\"\n", nats.url())).unwrap();
     let out = run(&["agents"]);
     assert_eq!(out.status.code(), Some(1), "{}", both(&out));
-    assert!(stderr(&out).contains("no agents are registered"), "{}", both(&out));
+    assert!(
+        stderr(&out).contains("no agents are registered"),
+        "{}",
+        both(&out)
+    );
     // The flag wins over the file.
     let out = run(&["--server", NOWHERE, "agents"]);
     assert_eq!(out.status.code(), Some(2));
@@ -227,5 +305,8 @@ fn config_file_gives_defaults_and_refuses_typos() {
     let out = run(&["agents"]);
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
-    assert!(err.contains("invalid config") && err.contains("sever"), "{err}");
+    assert!(
+        err.contains("invalid config") && err.contains("sever"),
+        "{err}"
+    );
 }
