@@ -30,7 +30,10 @@ impl Monitor {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, lines) = channel();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if tx.send(line).is_err() {
                     break;
                 }
@@ -70,7 +73,18 @@ impl Monitor {
 
 fn emit(url: &str, host: &str, text: &str) {
     let arg = serde_json::to_string(&json!([text])).unwrap();
-    let out = cbus(url, &["-M", host, "invoke", "org.cbus.Test", "/org/cbus/Test", "EmitOne", &arg]);
+    let out = cbus(
+        url,
+        &[
+            "-M",
+            host,
+            "invoke",
+            "org.cbus.Test",
+            "/org/cbus/Test",
+            "EmitOne",
+            &arg,
+        ],
+    );
     assert!(out.status.success(), "{}", both(&out));
 }
 
@@ -81,8 +95,16 @@ async fn monitor_lines_filters_and_clean_stops() {
     let (bus_a, bus_b) = (PrivateBus::start(), PrivateBus::start());
     let _svc_a = TestService::start(bus_a.address());
     let _svc_b = TestService::start(bus_b.address());
-    let _a = Agent::start(&url, bus_a.address(), &["--allow-all", "--hostname", "mon-a"]);
-    let _b = Agent::start(&url, bus_b.address(), &["--allow-all", "--hostname", "mon-b"]);
+    let _a = Agent::start(
+        &url,
+        bus_a.address(),
+        &["--allow-all", "--hostname", "mon-a"],
+    );
+    let _b = Agent::start(
+        &url,
+        bus_b.address(),
+        &["--allow-all", "--hostname", "mon-b"],
+    );
     wait_agents(&nats, 2).await;
 
     // One line per signal: time, host, sender, path, interface.member, args. SIGINT: exit 0.
@@ -100,7 +122,16 @@ async fn monitor_lines_filters_and_clean_stops() {
     assert!(err.is_empty(), "{err}");
 
     // NDJSON, with the sender filtered by its well-known name. SIGTERM: exit 0.
-    let m = Monitor::spawn(&url, &["--json", "--sender", "org.cbus.Test", "--interface", "org.cbus.Test1"]);
+    let m = Monitor::spawn(
+        &url,
+        &[
+            "--json",
+            "--sender",
+            "org.cbus.Test",
+            "--interface",
+            "org.cbus.Test1",
+        ],
+    );
     let line = m.first_line(&url, "mon-a", "as json");
     let v: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["host"], "mon-a");
@@ -119,7 +150,18 @@ async fn monitor_lines_filters_and_clean_stops() {
     let mut got = None;
     for _ in 0..50 {
         for host in ["mon-a", "mon-b"] {
-            let out = cbus(&url, &["-M", host, "invoke", "org.cbus.Test", "/org/cbus/Test", "EmitSignals", "[1]"]);
+            let out = cbus(
+                &url,
+                &[
+                    "-M",
+                    host,
+                    "invoke",
+                    "org.cbus.Test",
+                    "/org/cbus/Test",
+                    "EmitSignals",
+                    "[1]",
+                ],
+            );
             assert!(out.status.success(), "{}", both(&out));
             emit(&url, host, "not a tick");
         }
@@ -129,7 +171,10 @@ async fn monitor_lines_filters_and_clean_stops() {
         }
     }
     let line = got.expect("no Tick from mon-b");
-    assert!(line.ends_with("mon-b org.cbus.Test /org/cbus/Test org.cbus.Test1.Tick [0,\"tick\"]"), "{line}");
+    assert!(
+        line.ends_with("mon-b org.cbus.Test /org/cbus/Test org.cbus.Test1.Tick [0,\"tick\"]"),
+        "{line}"
+    );
     // Whatever else arrived is mon-b's Tick too.
     std::thread::sleep(Duration::from_millis(300));
     while let Ok(l) = m.lines.try_recv() {
