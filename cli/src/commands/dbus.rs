@@ -335,18 +335,12 @@ fn access_text(a: Access) -> &'static str {
     }
 }
 
-/// A type for humans: the signature, and its name when that says more (`u  uint32`).
+/// A type for humans: basic types with their name (`u (uint32)`), containers as their
+/// signature, which says more than any name.
 fn type_text(sig: &str) -> String {
     match codec::parse_single(sig) {
-        Ok(s) => {
-            let name = codec::type_name(&s);
-            if name == sig || name.ends_with(sig) {
-                sig.to_owned()
-            } else {
-                format!("{sig} ({name})")
-            }
-        }
-        Err(_) => sig.to_owned(),
+        Ok(s) if sig.len() == 1 => format!("{sig} ({})", codec::type_name(&s)),
+        _ => sig.to_owned(),
     }
 }
 
