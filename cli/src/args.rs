@@ -1,12 +1,18 @@
-//! The command line, as clap definitions; completions and man pages are generated from these.
+//! The command line as clap definitions. Help, shell completions and man pages are all generated
+//! from these, so this file is the one place a flag is described.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
 /// Read, call and watch D-Bus (and systemd) on every machine at once, over NATS.
+///
+/// Every query goes to all machines unless --nkeys, --hosts or --labels narrow it, and returns
+/// as soon as every machine answered. Machines that do not answer within --timeout are named.
+/// Exit status: 0 all machines succeeded; 1 some failed, timed out, were not connected or none
+/// matched; 2 usage or connection error.
 #[derive(Debug, Parser)]
-#[command(name = "cbus", version, about, long_about = None)]
+#[command(name = "cbus", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
     #[command(flatten)]
     pub conn: ConnArgs,
@@ -18,162 +24,315 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// How to reach NATS. Unset flags fall back to the environment, then to the config file
+/// (`$CBUS_CONFIG`, else `~/.config/cbus/config.toml`).
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connection")]
 pub struct ConnArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, global = true, env = "NATS_URL")]
+    /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222]
+    #[arg(long, global = true, env = "NATS_URL", value_name = "URL")]
     pub server: Option<String>,
-    /// NATS credentials file (.creds).
-    #[arg(long, global = true, env = "NATS_CREDS")]
+    /// NATS credentials file (.creds)
+    #[arg(long, global = true, env = "NATS_CREDS", value_name = "FILE")]
     pub creds: Option<PathBuf>,
-    /// File holding an nkey seed (SU...) to authenticate with.
-    #[arg(long, global = true)]
-    pub nkey: Option<PathBuf>,
-    /// NATS token.
+    /// File holding an nkey seed (SU...) to authenticate with. (`cbus subject` takes --nkey as
+    /// the agent to address instead.)
+    #[arg(long, global = true, value_name = "SEEDFILE")]
+    pub nkey: Option<String>,
+    /// NATS token
     #[arg(long, global = true, env = "NATS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// NATS user.
+    /// NATS user
     #[arg(long, global = true, env = "NATS_USER")]
     pub user: Option<String>,
-    /// NATS password.
+    /// NATS password
     #[arg(long, global = true, env = "NATS_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
-    /// CA certificate for a NATS server with TLS.
-    #[arg(long, global = true)]
+    /// CA certificate of a NATS server with TLS (requires TLS)
+    #[arg(long, global = true, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
 }
 
+/// Which machines a command addresses.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Machines")]
 pub struct TargetArgs {
-    /// Only these machines, by nkey (comma-separated).
-    #[arg(long, global = true, value_delimiter = ',')]
+    /// Only these machines, by nkey (comma-separated)
+    #[arg(long, global = true, value_delimiter = ',', value_name = "NKEY,...")]
     pub nkeys: Vec<String>,
-    /// Only machines whose hostname matches one of these globs (comma-separated).
-    #[arg(long, global = true, value_delimiter = ',')]
+    /// Only machines whose hostname matches one of these globs (comma-separated)
+    #[arg(
+        long,
+        short = 'M',
+        visible_alias = "machine",
+        global = true,
+        value_delimiter = ',',
+        value_name = "GLOB,..."
+    )]
     pub hosts: Vec<String>,
-    /// Only machines with all these labels (KEY=VALUE, comma-separated).
-    #[arg(long, global = true, value_delimiter = ',')]
+    /// Only machines with all these labels (comma-separated)
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        value_name = "KEY=VALUE,..."
+    )]
     pub labels: Vec<String>,
-    /// How long to wait for machines to answer (e.g. 5s, 500ms).
-    #[arg(long, global = true, default_value = "5s")]
-    pub timeout: String,
+    /// How long to wait for machines to answer, e.g. 5s, 500ms, 1m [default: 5s]
+    #[arg(long, short = 't', global = true, value_name = "DURATION")]
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Output")]
 pub struct OutputArgs {
-    /// One JSON document on stdout (NDJSON for monitor).
+    /// One JSON document on stdout (NDJSON for monitor)
     #[arg(long, global = true, conflicts_with = "simple")]
     pub json: bool,
-    /// Terse tab-separated lines for shell pipelines.
+    /// Terse tab-separated lines for pipelines (host first)
     #[arg(short, long, global = true)]
     pub simple: bool,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Read a property: cbus get DEST PATH [IFACE.]PROPERTY
+    /// Read a property on every machine
+    #[command(after_help = "Example: cbus get org.freedesktop.systemd1 \
+        /org/freedesktop/systemd1/unit/basic_2etarget ActiveState")]
     Get {
+        /// Bus name, e.g. org.freedesktop.systemd1
         dest: String,
+        /// Object path, e.g. /org/freedesktop/systemd1
         path: String,
+        /// Property, optionally with its interface (IFACE.PROPERTY)
+        #[arg(value_name = "[IFACE.]PROPERTY")]
         property: String,
     },
-    /// Write a property; VALUE is JSON (a bare word is a string).
+    /// Write a property on every machine
+    #[command(
+        after_help = "VALUE is JSON in cbus's D-Bus encoding (64-bit integers as strings, \
+        byte arrays as base64, variants as {\"t\":SIG,\"v\":VALUE}); a bare word that is not \
+        JSON is a string.\nExample: cbus set org.cbus.Test /org/cbus/Test String hello"
+    )]
     Set {
         dest: String,
         path: String,
+        #[arg(value_name = "[IFACE.]PROPERTY")]
         property: String,
+        /// JSON value, or a bare word taken as a string
         value: String,
-        /// D-Bus signature of VALUE (default: the property's type).
-        #[arg(long)]
+        /// D-Bus signature of VALUE [default: the property's type, from introspection]
+        #[arg(long, value_name = "SIG")]
         sig: Option<String>,
     },
-    /// Read every property of an object (or of one interface).
+    /// Read every property of an object (or of one interface)
     Getall {
         dest: String,
         path: String,
+        /// Only this interface
         interface: Option<String>,
     },
-    /// Call a method: cbus invoke DEST PATH [IFACE.]METHOD '[ARGS...]'
-    #[command(alias = "call")]
+    /// Call a method on every machine
+    #[command(
+        visible_alias = "call",
+        after_help = "Example: cbus invoke org.freedesktop.systemd1 /org/freedesktop/systemd1 \
+            StartUnit '[\"nginx.service\",\"replace\"]'"
+    )]
     Invoke {
         dest: String,
         path: String,
+        #[arg(value_name = "[IFACE.]METHOD")]
         method: String,
-        /// Arguments as a JSON array.
+        /// Arguments as a JSON array
+        #[arg(value_name = "ARGS_JSON")]
         args: Option<String>,
-        /// D-Bus in-signature (default: from introspection).
-        #[arg(long)]
+        /// D-Bus in-signature of the arguments [default: from introspection]
+        #[arg(long, value_name = "SIG")]
         sig: Option<String>,
     },
-    /// Describe an object: interfaces, methods, properties, signals, children.
+    /// A help page for an object: its interfaces, methods, properties, signals and children
     Introspect {
         dest: String,
         path: String,
-        /// Print the raw introspection XML.
+        /// Print the raw introspection XML
         #[arg(long)]
         xml: bool,
     },
-    /// Bus names on each machine, with their owners.
-    Names,
-    /// Live signals from the fleet; Ctrl-C stops.
+    /// Bus names on each machine, with their owners
+    Names {
+        /// Also list unique names (:1.42)
+        #[arg(long)]
+        all: bool,
+    },
+    /// Live signals from the fleet, one line each; Ctrl-C stops
     Monitor {
-        /// Sender's unique name (:1.7).
-        #[arg(long)]
+        /// Only signals from this sender: a unique name (:1.7) or a well-known name
+        #[arg(long, value_name = "NAME")]
         sender: Option<String>,
-        /// Only this interface.
-        #[arg(long)]
+        /// Only this interface
+        #[arg(long, value_name = "IFACE")]
         interface: Option<String>,
-        /// Only this signal name.
-        #[arg(long)]
+        /// Only this signal name
+        #[arg(long, value_name = "MEMBER")]
         member: Option<String>,
-        /// Only this path and below.
-        #[arg(long)]
+        /// Only this object path and the objects below it
+        #[arg(long, value_name = "PREFIX")]
         path: Option<String>,
     },
-    /// The fleet: every agent with its state.
+    /// The fleet: every agent with its state, last heartbeat, version, bus and labels
     Agents,
-    /// systemd units on each machine (optionally matching a glob pattern).
-    Units { pattern: Option<String> },
-    /// State of a unit on each machine.
-    Status { unit: String },
-    /// Start units on each machine and wait for the jobs.
+    /// systemd units on each machine: host, unit, load, active, sub, since, description
+    #[command(
+        after_help = "SINCE (time of the last state change) is fetched only when a \
+        PATTERN is given and it matches at most 100 distinct units; listing every unit on \
+        every machine shows it as '-' to keep that to one call per machine."
+    )]
+    Units {
+        /// Only units matching this glob, e.g. 'nginx*' or '*.timer'
+        pattern: Option<String>,
+    },
+    /// State of units on each machine: load, active, sub, since, main PID, description
+    Status {
+        #[arg(required = true, value_name = "UNIT")]
+        units: Vec<String>,
+    },
+    /// Start units on each machine and wait for the jobs
     Start(UnitAction),
-    /// Stop units on each machine and wait for the jobs.
+    /// Stop units on each machine and wait for the jobs
     Stop(UnitAction),
-    /// Restart units on each machine and wait for the jobs.
+    /// Restart units on each machine and wait for the jobs
     Restart(UnitAction),
-    /// Reload units on each machine and wait for the jobs.
+    /// Reload units on each machine and wait for the jobs
     Reload(UnitAction),
-    /// The cbus id (nkey) of an ed25519 public key (argument, file, or stdin).
-    Nkey { key: Option<String> },
-    /// The cbus ids of SSH hosts (runs ssh-keyscan, or reads its output with --stdin).
+    /// The cbus id (NATS user nkey) of an ed25519 SSH key
+    #[command(
+        after_help = "KEY is a public key line (ssh-ed25519 AAAA...), a file holding \
+        one (a .pub file, known_hosts or ssh-keyscan output), or an OpenSSH private host key. \
+        Without KEY, standard input is read.\n\
+        Example: cbus nkey /etc/ssh/ssh_host_ed25519_key.pub"
+    )]
+    Nkey {
+        #[arg(value_name = "PUBKEY|FILE")]
+        key: Option<String>,
+    },
+    /// The cbus ids of SSH hosts (runs ssh-keyscan -t ed25519)
     Keyscan {
+        #[arg(value_name = "HOST", required_unless_present = "stdin")]
         hosts: Vec<String>,
-        #[arg(long)]
+        /// Read ssh-keyscan output from standard input instead of running it
+        #[arg(long, conflicts_with = "hosts")]
         stdin: bool,
     },
-    /// Print the NATS subject of a query (for `nats sub` / `nats req`).
-    Subject {
-        /// get, set, getall, call, introspect, list-names, or signals.
-        op: String,
-        dest: Option<String>,
-        path: Option<String>,
-        member: Option<String>,
-        /// Target one agent instead of the broadcast subject.
-        #[arg(long = "agent")]
-        agent: Option<String>,
-    },
-    /// Shell completions.
+    /// Print NATS subjects, for use with `nats sub` / `nats req`
+    #[command(subcommand)]
+    Subject(SubjectCommand),
+    /// Shell completions on stdout
+    #[command(after_help = "Example: cbus completions bash > /etc/bash_completion.d/cbus")]
     Completions { shell: clap_complete::Shell },
-    /// Write man pages into DIR.
-    Man { dir: PathBuf },
+    /// Man pages: write cbus.1 and one page per command into DIR, or cbus.1 to stdout
+    Man { dir: Option<PathBuf> },
 }
 
 #[derive(Debug, Args)]
 pub struct UnitAction {
-    #[arg(required = true)]
+    /// Unit names; a name without a type suffix means NAME.service
+    #[arg(required = true, value_name = "UNIT")]
     pub units: Vec<String>,
-    /// Do not wait for the jobs to finish.
+    /// Do not wait for the jobs to finish
     #[arg(long)]
     pub no_block: bool,
+    /// How long to wait for the jobs to finish
+    #[arg(long, value_name = "DURATION", default_value = "90s")]
+    pub job_timeout: String,
+}
+
+/// An object and member to address, and optionally one agent.
+#[derive(Debug, Args)]
+pub struct SubjectQuery {
+    pub dest: String,
+    pub path: String,
+    /// Property or method name
+    pub member: String,
+    /// Address this agent instead of the broadcast subject
+    #[arg(long, value_name = "NKEY")]
+    pub nkey: Option<String>,
+}
+
+/// An object to address, and optionally one agent.
+#[derive(Debug, Args)]
+pub struct SubjectObject {
+    pub dest: String,
+    pub path: String,
+    /// Address this agent instead of the broadcast subject
+    #[arg(long, value_name = "NKEY")]
+    pub nkey: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubjectCommand {
+    /// Request subject to read a property
+    Get(SubjectQuery),
+    /// Request subject to write a property
+    Set(SubjectQuery),
+    /// Request subject to call a method
+    Call(SubjectQuery),
+    /// Request subject to read every property of an object
+    Getall(SubjectObject),
+    /// Request subject to introspect an object
+    Introspect(SubjectObject),
+    /// Request subject to list bus names
+    ListNames {
+        /// Address this agent instead of the broadcast subject
+        #[arg(long, value_name = "NKEY")]
+        nkey: Option<String>,
+    },
+    /// Subjects to subscribe to for signals
+    Signals {
+        /// Only this agent's signals
+        #[arg(long, value_name = "NKEY")]
+        nkey: Option<String>,
+        /// Only this sender (a unique name such as :1.7; signals carry unique names)
+        #[arg(long, value_name = "NAME")]
+        sender: Option<String>,
+        /// Only this object path and below
+        #[arg(long, value_name = "PREFIX")]
+        path: Option<String>,
+    },
+    /// Subject of agents' presence events
+    Presence {
+        #[arg(long, value_name = "NKEY")]
+        nkey: Option<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_anywhere_and_subject_nkey() {
+        let cli = Cli::try_parse_from([
+            "cbus", "get", "a.b", "/x", "P", "--json", "-M", "web-*", "-t", "2s",
+        ])
+        .unwrap();
+        assert!(cli.output.json);
+        assert_eq!(cli.targets.hosts, vec!["web-*"]);
+        assert_eq!(cli.targets.timeout.as_deref(), Some("2s"));
+        let cli = Cli::try_parse_from(["cbus", "subject", "get", "a.b", "/x", "P", "--nkey", "U1"])
+            .unwrap();
+        let Command::Subject(SubjectCommand::Get(q)) = cli.command else {
+            panic!("wrong command")
+        };
+        assert_eq!(q.nkey.as_deref(), Some("U1"));
+        assert!(Cli::try_parse_from(["cbus", "call", "a.b", "/x", "M", "[]"]).is_ok());
+        assert!(Cli::try_parse_from(["cbus", "--json", "-s", "agents"]).is_err());
+        assert!(Cli::try_parse_from(["cbus", "start"]).is_err());
+        assert!(Cli::try_parse_from(["cbus", "keyscan"]).is_err());
+    }
 }

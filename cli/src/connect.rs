@@ -1,91 +1,78 @@
-//! Connecting to NATS for one command, with defaults from ~/.config/cbus/config.toml.
+//! Connecting to NATS for one command.
 //!
-//! Unlike the agent, the CLI never retries in the background: an unreachable server is one clear
-//! line and exit code 2 within seconds.
+//! Unlike the agent, the CLI never retries in the background (no `retry_on_initial_connect`):
+//! an unreachable server or refused credentials is one clear line and exit code 2 within a
+//! couple of seconds, never a hang.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::args::ConnArgs;
-use crate::Failure;
+use crate::config::FileConfig;
+use crate::error::Failure;
 
-/// Defaults a user can keep in `~/.config/cbus/config.toml` (or `$CBUS_CONFIG`); flags and
-/// environment variables win.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub server: Option<String>,
-    pub creds: Option<PathBuf>,
-    pub nkey: Option<PathBuf>,
-    pub token: Option<String>,
-    pub user: Option<String>,
-    pub password: Option<String>,
-    pub tls_ca: Option<PathBuf>,
-}
+/// Default server when neither flags, environment nor config name one.
+pub const DEFAULT_SERVER: &str = "nats://127.0.0.1:4222";
+/// How long one connection attempt may take (TCP + TLS + handshake).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn config_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("CBUS_CONFIG") {
-        return Some(PathBuf::from(p));
-    }
-    let home = std::env::var_os("HOME")?;
-    Some(PathBuf::from(home).join(".config/cbus/config.toml"))
-}
-
-fn load_file() -> Result<FileConfig, Failure> {
-    let Some(path) = config_path() else {
-        return Ok(FileConfig::default());
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => toml::from_str(&text)
-            .map_err(|e| Failure::Usage(format!("invalid config {}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
-        Err(e) => Err(Failure::Usage(format!(
-            "cannot read {}: {e}",
-            path.display()
-        ))),
-    }
-}
-
-/// Connects with flags, environment and config file merged.
-pub async fn connect(args: &ConnArgs) -> Result<async_nats::Client, Failure> {
-    let file = load_file()?;
+/// Connects with flags, environment and config file merged (flags and environment win).
+pub async fn connect(args: &ConnArgs, file: &FileConfig) -> Result<async_nats::Client, Failure> {
     let server = args
         .server
         .clone()
-        .or(file.server)
-        .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
-    let nkey_seed = match args.nkey.clone().or(file.nkey) {
+        .or_else(|| file.server.clone())
+        .unwrap_or_else(|| DEFAULT_SERVER.into());
+    let nkey_seed = match args.nkey.clone().map(PathBuf::from).or(file.nkey.clone()) {
         Some(path) => {
             let kp = cbus_protocol::nkey::from_seed_file(&path)
-                .map_err(|e| Failure::Usage(e.to_string()))?;
+                .map_err(|e| Failure::Usage(format!("--nkey: {e}")))?;
             Some(kp.seed().map_err(|e| Failure::Usage(e.to_string()))?)
         }
         None => None,
     };
     let opts = cbus_protocol::connect::Credentials {
-        creds: args.creds.clone().or(file.creds),
+        creds: args.creds.clone().or(file.creds.clone()),
         nkey_seed,
-        user: args.user.clone().or(file.user),
-        password: args.password.clone().or(file.password),
-        token: args.token.clone().or(file.token),
-        tls_ca: args.tls_ca.clone().or(file.tls_ca),
+        user: args.user.clone().or(file.user.clone()),
+        password: args.password.clone().or(file.password.clone()),
+        token: args.token.clone().or(file.token.clone()),
+        tls_ca: args.tls_ca.clone().or(file.tls_ca.clone()),
     }
     .options()
     .await
     .map_err(|e| Failure::Usage(e.to_string()))?;
-    let urls: Vec<String> = server.split(',').map(|s| s.trim().to_owned()).collect();
-    opts.name("cbus")
-        .connection_timeout(Duration::from_secs(3))
-        .connect(urls)
-        .await
-        .map_err(|e| Failure::Connection(format!("cannot connect to NATS at {server}: {e}")))
+    let urls: Vec<String> = server
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err(Failure::Usage("--server is empty".into()));
+    }
+    let failed =
+        |why: String| Failure::Connection(format!("cannot connect to NATS at {server}: {why}"));
+    let attempt = opts
+        .name("cbus")
+        .connection_timeout(CONNECT_TIMEOUT)
+        .connect(urls);
+    // The outer bound also covers DNS, which connection_timeout does not.
+    match tokio::time::timeout(CONNECT_TIMEOUT * 2, attempt).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(failed(one_line(&e.to_string()))),
+        Err(_) => Err(failed("timed out".into())),
+    }
 }
 
-/// Who is asking, for the agents' audit log.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Who is asking, for the agents' audit log (`user@host`).
 pub fn requester() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
     let host = hostname::get()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());

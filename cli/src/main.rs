@@ -1,126 +1,138 @@
-//! `cbus`: fan D-Bus queries out across a fleet and return as soon as every machine answered.
+//! `cbus`: fan D-Bus queries out across a fleet over NATS, and return as soon as every machine
+//! answered.
 //!
-//! Exit codes: 0 every machine answered successfully; 1 some failed, timed out, were not
-//! connected, or none matched; 2 usage or connection error.
+//! Exit codes: 0 every machine succeeded; 1 some failed, timed out, were not connected, or none
+//! matched; 2 usage or connection error. Typed failures ([`error::Failure`]) travel up to
+//! [`main`], the only place that prints them and picks the exit code.
 
 mod args;
+mod commands;
+mod config;
 mod connect;
-mod keys;
-mod monitor;
-mod query;
+mod error;
+mod fanout;
+mod output;
 mod render;
-mod systemd;
+mod unit;
+
+use std::process::ExitCode;
 
 use clap::Parser;
 
 use args::{Cli, Command};
+use commands::{agents, dbus, docs, keys, monitor, subject, systemd};
+use error::Failure;
+use render::Format;
 
-/// Why a command did not fully succeed; decides the exit code.
-#[derive(Debug, thiserror::Error)]
-pub enum Failure {
-    /// Bad arguments: exit 2.
-    #[error("{0}")]
-    Usage(String),
-    /// NATS unreachable: exit 2.
-    #[error("{0}")]
-    Connection(String),
-    /// Some machines failed or did not answer (already reported): exit 1.
-    #[error("{0}")]
-    Partial(String),
-}
-
-#[tokio::main]
-async fn main() {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("CBUS_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let code = match run(cli).await {
-        Ok(()) => 0,
-        Err(f) => {
-            eprintln!("cbus: {f}");
-            match f {
-                Failure::Partial(_) => 1,
-                Failure::Usage(_) | Failure::Connection(_) => 2,
-            }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cbus: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
         }
     };
-    std::process::exit(code);
+    let result = runtime.block_on(run(cli));
+    // Do not wait for background tasks (NATS reconnects) on the way out.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if f.is_reported() {
+                eprintln!("cbus: {f}");
+            }
+            ExitCode::from(f.exit_code())
+        }
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let format = if cli.output.json {
-        render::Format::Json
+        Format::Json
     } else if cli.output.simple {
-        render::Format::Simple
+        Format::Simple
     } else {
-        render::Format::Table
+        Format::Table
     };
-    match cli.command {
+    // Commands that need no fleet (and no config).
+    let command = match cli.command {
         Command::Nkey { key } => return keys::nkey(key.as_deref()),
         Command::Keyscan { hosts, stdin } => return keys::keyscan(&hosts, stdin, format),
-        Command::Subject {
-            op,
-            dest,
-            path,
-            member,
-            agent,
-        } => return keys::subject(&op, dest, path, member, agent),
-        Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "cbus", &mut std::io::stdout());
-            return Ok(());
-        }
-        Command::Man { dir } => return keys::man_pages(&dir),
-        _ => {}
-    }
-    let ctx = query::Context::new(&cli.conn, &cli.targets, format).await?;
-    match cli.command {
+        Command::Subject(s) => return subject::run(s),
+        Command::Completions { shell } => return docs::completions(shell),
+        Command::Man { dir } => return docs::man(dir.as_deref()),
+        other => other,
+    };
+    let file = config::load().map_err(error::usage)?;
+    let ctx = fanout::Context::new(cli.conn, &cli.targets, file, format)?;
+    match command {
         Command::Get {
             dest,
             path,
             property,
-        } => query::get(&ctx, dest, path, &property).await,
+        } => dbus::get(&ctx, dbus::Object::new(dest, path)?, &property).await,
         Command::Set {
             dest,
             path,
             property,
             value,
             sig,
-        } => query::set(&ctx, dest, path, &property, &value, sig).await,
+        } => dbus::set(&ctx, dbus::Object::new(dest, path)?, &property, &value, sig).await,
         Command::Getall {
             dest,
             path,
             interface,
-        } => query::get_all(&ctx, dest, path, interface).await,
+        } => dbus::get_all(&ctx, dbus::Object::new(dest, path)?, interface).await,
         Command::Invoke {
             dest,
             path,
             method,
             args,
             sig,
-        } => query::invoke(&ctx, dest, path, &method, args.as_deref(), sig).await,
-        Command::Introspect { dest, path, xml } => query::introspect(&ctx, dest, path, xml).await,
-        Command::Names => query::names(&ctx).await,
-        Command::Agents => query::agents(&ctx).await,
+        } => {
+            let obj = dbus::Object::new(dest, path)?;
+            dbus::invoke(&ctx, obj, &method, args.as_deref(), sig).await
+        }
+        Command::Introspect { dest, path, xml } => {
+            dbus::introspect(&ctx, dbus::Object::new(dest, path)?, xml).await
+        }
+        Command::Names { all } => dbus::names(&ctx, all).await,
+        Command::Agents => agents::run(&ctx).await,
         Command::Monitor {
             sender,
             interface,
             member,
             path,
-        } => monitor::run(&ctx, sender, interface, member, path).await,
+        } => {
+            let watch = monitor::Watch {
+                sender,
+                interface,
+                member,
+                path,
+            };
+            monitor::run(&ctx, watch).await
+        }
         Command::Units { pattern } => systemd::units(&ctx, pattern).await,
-        Command::Status { unit } => systemd::status(&ctx, &unit).await,
+        Command::Status { units } => systemd::status(&ctx, units).await,
         Command::Start(a) => systemd::action(&ctx, "StartUnit", a).await,
         Command::Stop(a) => systemd::action(&ctx, "StopUnit", a).await,
         Command::Restart(a) => systemd::action(&ctx, "RestartUnit", a).await,
         Command::Reload(a) => systemd::action(&ctx, "ReloadUnit", a).await,
         Command::Nkey { .. }
         | Command::Keyscan { .. }
-        | Command::Subject { .. }
+        | Command::Subject(_)
         | Command::Completions { .. }
         | Command::Man { .. } => Ok(()),
     }

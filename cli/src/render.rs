@@ -1,7 +1,19 @@
-//! Turning results into tables, JSON or simple lines.
+//! Turning results into tables, simple lines and JSON documents.
+//!
+//! Human output is for reading: strings bare, variants as their value, byte arrays as text when
+//! they are printable, 64-bit integers as plain digits. It is also untrusted: hostnames, values
+//! and error messages come from remote machines, so every cell is stripped of control characters
+//! before it reaches a terminal (no escape-sequence injection, one line per row). JSON output
+//! keeps the codec's typed form untouched, so scripts can round-trip values into `cbus set`.
 
+use std::time::Duration;
+
+use base64::Engine as _;
+use cbus_protocol::codec;
 use cbus_protocol::fleet::{Outcome, TargetOutcome};
-use serde_json::{json, Value};
+use cbus_protocol::{ErrorBody, ErrorCode};
+use serde_json::{json, Map, Value};
+use zvariant::Signature;
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,95 +23,246 @@ pub enum Format {
     Simple,
 }
 
-/// A value for humans: strings bare, variants as their content, byte arrays as text when they
-/// are printable, everything else as compact JSON.
-pub fn human(value: &Value, signature: Option<&str>) -> String {
-    match (value, signature) {
-        (Value::String(s), Some("ay")) => {
-            use base64::Engine as _;
-            match base64::engine::general_purpose::STANDARD.decode(s) {
-                Ok(bytes)
-                    if !bytes.is_empty()
-                        && bytes.iter().all(|b| b.is_ascii_graphic() || *b == b' ') =>
-                {
-                    String::from_utf8_lossy(&bytes).into_owned()
-                }
-                _ => s.clone(),
+/// What a reply's value is: one value (get, a property), or a method's results (call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Single,
+    Results,
+}
+
+/// A value for humans, given its D-Bus signature when known.
+pub fn human(value: &Value, signature: Option<&str>, shape: Shape) -> String {
+    let sigs = signature.and_then(|s| codec::parse_arguments(s).ok());
+    let cleaned = match (shape, value, sigs.as_deref()) {
+        (Shape::Results, Value::Array(items), Some(sigs)) if items.len() == sigs.len() => {
+            let mut cleaned: Vec<Value> = items
+                .iter()
+                .zip(sigs)
+                .map(|(v, s)| clean(v, Some(s)))
+                .collect();
+            match cleaned.len() {
+                0 => return "ok".into(),
+                1 => cleaned.remove(0),
+                _ => Value::Array(cleaned),
             }
         }
-        (Value::String(s), _) => s.clone(),
-        (Value::Object(o), _) if o.len() == 2 && o.contains_key("t") && o.contains_key("v") => {
-            human(&o["v"], o["t"].as_str())
-        }
-        (Value::Array(items), Some(sig)) if items.len() == 1 && sig.len() == 1 => {
-            human(&items[0], Some(sig))
-        }
-        (Value::Null, _) => "ok".into(),
-        (other, _) => other.to_string(),
+        (Shape::Results, Value::Array(items), None) if items.len() == 1 => clean(&items[0], None),
+        (Shape::Single, v, Some([sig])) => clean(v, Some(sig)),
+        (_, v, _) => clean(v, None),
+    };
+    match cleaned {
+        Value::String(s) => s,
+        Value::Null => "ok".into(),
+        other => other.to_string(),
     }
 }
 
-/// The status word of an outcome.
+/// The value with variants unwrapped and printable byte arrays decoded, following the signature
+/// where there is one (and the variants' own signatures inside).
+pub fn clean(value: &Value, sig: Option<&Signature>) -> Value {
+    if let Some(inner) = as_variant(value) {
+        let inner_sig = inner.0.and_then(|t| codec::parse_single(t).ok());
+        return clean(inner.1, inner_sig.as_ref());
+    }
+    match (sig, value) {
+        (Some(Signature::Array(child)), Value::String(b64))
+            if matches!(child.signature(), Signature::U8) =>
+        {
+            Value::String(bytes_text(b64).unwrap_or_else(|| b64.clone()))
+        }
+        (Some(Signature::Array(child)), Value::Array(items)) => Value::Array(
+            items
+                .iter()
+                .map(|v| clean(v, Some(child.signature())))
+                .collect(),
+        ),
+        (Some(Signature::Dict { value: vs, .. }), Value::Object(map)) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), clean(v, Some(vs.signature()))))
+                .collect::<Map<_, _>>(),
+        ),
+        (Some(Signature::Structure(fields)), Value::Array(items)) => Value::Array(
+            items
+                .iter()
+                .zip(fields.iter())
+                .map(|(v, s)| clean(v, Some(s)))
+                .collect(),
+        ),
+        (_, Value::Array(items)) => Value::Array(items.iter().map(|v| clean(v, None)).collect()),
+        (_, Value::Object(map)) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), clean(v, None)))
+                .collect::<Map<_, _>>(),
+        ),
+        (_, other) => other.clone(),
+    }
+}
+
+/// `{"t": SIG, "v": VALUE}`, the codec's variant form.
+fn as_variant(value: &Value) -> Option<(Option<&str>, &Value)> {
+    let o = value.as_object()?;
+    if o.len() == 2 {
+        if let (Some(t), Some(v)) = (o.get("t"), o.get("v")) {
+            return Some((t.as_str(), v));
+        }
+    }
+    None
+}
+
+/// Unwraps a variant if `value` is one (property values in getall replies are variants).
+pub fn unvariant(value: &Value) -> &Value {
+    as_variant(value).map_or(value, |(_, v)| v)
+}
+
+/// A base64 byte array as text, when it is printable UTF-8 (one trailing NUL allowed, as in
+/// C strings that services export as `ay`).
+fn bytes_text(b64: &str) -> Option<String> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    let body = bytes.strip_suffix(&[0]).unwrap_or(&bytes);
+    let text = std::str::from_utf8(body).ok()?;
+    (!text.is_empty()
+        && text
+            .chars()
+            .all(|c| !c.is_control() || c == '\n' || c == '\t'))
+    .then(|| text.to_owned())
+}
+
+/// One terminal-safe line: control characters (newlines, escape sequences) shown escaped.
+pub fn sanitize(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The status word of an outcome, as used in JSON and summaries.
 pub fn status(o: &Outcome) -> &'static str {
     match o {
         Outcome::Replied(r) if r.result.is_ok() => "ok",
-        Outcome::Replied(_) => "error",
+        Outcome::Replied(_) => "failed",
         Outcome::NoResponders => "not-connected",
         Outcome::TimedOut => "timed-out",
         Outcome::Stopped => "stopped",
     }
 }
 
-/// One line of explanation for an outcome that is not a value.
-pub fn problem(o: &Outcome) -> Option<String> {
+/// The error of an outcome that is not a value: the agent's, or one standing for silence.
+pub fn outcome_error(o: &Outcome, timeout: Duration) -> Option<ErrorBody> {
     match o {
-        Outcome::Replied(r) => r.result.as_ref().err().map(|e| format!("error: {e}")),
-        Outcome::NoResponders => Some("not connected (agent is not subscribed to NATS)".into()),
-        Outcome::TimedOut => Some("timed out".into()),
-        Outcome::Stopped => Some("stopped (agent said goodbye)".into()),
+        Outcome::Replied(r) => r.result.as_ref().err().cloned(),
+        Outcome::NoResponders => Some(ErrorBody::new(
+            ErrorCode::Disconnected,
+            "not connected: no agent is listening for this machine on NATS",
+        )),
+        Outcome::TimedOut => Some(ErrorBody::new(
+            ErrorCode::Timeout,
+            format!("no answer within {}", duration(timeout)),
+        )),
+        Outcome::Stopped => Some(ErrorBody::new(
+            ErrorCode::Disconnected,
+            "stopped: the agent said goodbye",
+        )),
     }
 }
 
-/// The JSON document for a list of outcomes: every machine's result or error, and a summary.
-pub fn json_document(outcomes: &[TargetOutcome]) -> Value {
-    let results: Vec<Value> = outcomes
-        .iter()
-        .map(|t| {
-            let mut v = json!({
-                "host": t.agent.info.hostname,
-                "nkey": t.agent.info.nkey,
-                "status": status(&t.outcome),
-            });
-            if let Outcome::Replied(r) = &t.outcome {
-                match &r.result {
-                    Ok(s) => {
-                        v["ok"] = json!(true);
-                        if let Some(sig) = &s.signature {
-                            v["signature"] = json!(sig);
-                        }
-                        v["value"] = s.value.clone();
-                    }
-                    Err(e) => {
-                        v["ok"] = json!(false);
-                        v["error"] = serde_json::to_value(e).unwrap_or(Value::Null);
-                    }
-                }
-            } else {
-                v["ok"] = json!(false);
-            }
-            v
-        })
-        .collect();
-    json!({"results": results, "summary": cbus_protocol::fleet::summarize(outcomes)})
+/// One line explaining an outcome that is not a value.
+pub fn problem(o: &Outcome, timeout: Duration) -> Option<String> {
+    let e = outcome_error(o, timeout)?;
+    Some(match o {
+        Outcome::Replied(_) => format!("error: {e}"),
+        _ => e.message,
+    })
 }
 
-/// A table with a header row, columns padded to the widest cell.
+/// `5s`, `1.5s`, `250ms`.
+pub fn duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// One machine's entry in a JSON document: host, nkey, status, ok, and value or error.
+pub fn json_result(t: &TargetOutcome, timeout: Duration) -> Value {
+    let mut v = json!({
+        "host": t.agent.info.hostname,
+        "nkey": t.agent.info.nkey,
+        "status": status(&t.outcome),
+    });
+    match &t.outcome {
+        Outcome::Replied(r) if r.result.is_ok() => {
+            v["ok"] = json!(true);
+            if let Ok(s) = &r.result {
+                if let Some(sig) = &s.signature {
+                    v["signature"] = json!(sig);
+                }
+                v["value"] = s.value.clone();
+            }
+        }
+        other => {
+            v["ok"] = json!(false);
+            v["error"] = json!(outcome_error(other, timeout));
+        }
+    }
+    v
+}
+
+/// Counts per status, the machines that did not succeed, and how long the fan-out took.
+pub fn summary(outcomes: &[TargetOutcome], elapsed: Duration, timeout: Duration) -> Value {
+    let mut counts = Map::new();
+    for key in ["ok", "failed", "timed-out", "not-connected", "stopped"] {
+        counts.insert(key.into(), json!(0));
+    }
+    let mut not_ok = Vec::new();
+    for o in outcomes {
+        let s = status(&o.outcome);
+        if let Some(n) = counts.get_mut(s) {
+            *n = json!(n.as_u64().unwrap_or(0) + 1);
+        }
+        if s != "ok" {
+            not_ok.push(
+                json!({"host": o.agent.info.hostname, "nkey": o.agent.info.nkey, "status": s}),
+            );
+        }
+    }
+    counts.insert("targets".into(), json!(outcomes.len()));
+    counts.insert("not_ok".into(), Value::Array(not_ok));
+    counts.insert("elapsed_ms".into(), json!(elapsed.as_millis() as u64));
+    counts.insert("timeout_ms".into(), json!(timeout.as_millis() as u64));
+    Value::Object(counts)
+}
+
+/// The JSON document of a plain fan-out: every machine's result, and a summary.
+pub fn json_document(outcomes: &[TargetOutcome], elapsed: Duration, timeout: Duration) -> Value {
+    let results: Vec<Value> = outcomes.iter().map(|t| json_result(t, timeout)).collect();
+    json!({"results": results, "summary": summary(outcomes, elapsed, timeout)})
+}
+
+/// A table with a header row, columns padded to the widest cell; cells are sanitized.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| sanitize(c)).collect())
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
-            if i < widths.len() {
-                widths[i] = widths[i].max(cell.chars().count());
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
             }
         }
     }
@@ -109,21 +272,46 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         for (i, c) in cells.iter().enumerate() {
             out.push_str(c);
             if i < last {
-                out.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
+                let w = widths.get(i).copied().unwrap_or(0);
+                out.push_str(&" ".repeat(w.saturating_sub(c.chars().count()) + 2));
             }
         }
         out.push('\n');
     };
     line(header.to_vec());
-    for row in rows {
+    for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
     out
 }
 
+/// Tab-separated lines, one per row; cells are sanitized (so a tab inside a value cannot shift
+/// columns).
+pub fn simple(rows: &[Vec<String>]) -> String {
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row.iter().map(|c| sanitize(c)).collect();
+        out.push_str(&cells.join("\t"));
+        out.push('\n');
+    }
+    out
+}
+
+/// Rows as a table or as simple lines, by format (JSON is handled by each command).
+pub fn rows(format: Format, header: &[&str], rows: &[Vec<String>]) -> String {
+    match format {
+        Format::Simple => simple(rows),
+        _ => table(header, rows),
+    }
+}
+
 /// "3s ago" from a Unix-ms timestamp.
 pub fn ago(ms: u64) -> String {
-    let secs = cbus_protocol::presence::now_ms().saturating_sub(ms) / 1000;
+    ago_at(ms, cbus_protocol::presence::now_ms())
+}
+
+fn ago_at(ms: u64, now: u64) -> String {
+    let secs = now.saturating_sub(ms) / 1000;
     match secs {
         0..=59 => format!("{secs}s ago"),
         60..=3599 => format!("{}m ago", secs / 60),
@@ -132,18 +320,77 @@ pub fn ago(ms: u64) -> String {
     }
 }
 
+/// RFC 3339 (UTC, seconds) of a Unix-µs timestamp as systemd keeps them; `None` for 0 (never).
+pub fn timestamp_us(us: u64) -> Option<String> {
+    if us == 0 {
+        return None;
+    }
+    let t = time::OffsetDateTime::from_unix_timestamp((us / 1_000_000) as i64).ok()?;
+    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    t.format(&f).ok()
+}
+
+/// `HH:MM:SS.mmm` (UTC) of a Unix-ms timestamp, for monitor lines.
+pub fn clock_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        ms % 1000
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn human_values() {
-        assert_eq!(human(&json!("active"), Some("s")), "active");
-        assert_eq!(human(&json!({"t": "u", "v": 3}), Some("v")), "3");
-        assert_eq!(human(&json!("aGk="), Some("ay")), "hi");
-        assert_eq!(human(&json!("AAE="), Some("ay")), "AAE=");
-        assert_eq!(human(&json!(["x"]), Some("s")), "x");
-        assert_eq!(human(&json!([1, 2]), Some("ii")), "[1,2]");
+        assert_eq!(human(&json!("active"), Some("s"), Shape::Single), "active");
+        assert_eq!(
+            human(&json!({"t": "u", "v": 3}), Some("v"), Shape::Single),
+            "3"
+        );
+        assert_eq!(human(&json!("aGk="), Some("ay"), Shape::Single), "hi");
+        // A C string exported as ay, NUL-terminated.
+        assert_eq!(
+            human(&json!("L3Vzci9iaW4A"), Some("ay"), Shape::Single),
+            "/usr/bin"
+        );
+        // Not printable: stays base64.
+        assert_eq!(human(&json!("AAE="), Some("ay"), Shape::Single), "AAE=");
+        assert_eq!(
+            human(&json!("18446744073709551615"), Some("t"), Shape::Single),
+            "18446744073709551615"
+        );
+        // An array property with one element is not mistaken for a method's single result.
+        assert_eq!(human(&json!(["x"]), Some("as"), Shape::Single), "[\"x\"]");
+        assert_eq!(human(&json!(["x"]), Some("s"), Shape::Results), "x");
+        assert_eq!(human(&json!([1, 2]), Some("ii"), Shape::Results), "[1,2]");
+        assert_eq!(human(&json!([]), Some(""), Shape::Results), "ok");
+        assert_eq!(human(&Value::Null, None, Shape::Single), "ok");
+        // Variants nested in a dict are shown as their values, bytes inside decoded.
+        assert_eq!(
+            human(
+                &json!({"a": {"t": "s", "v": "x"}, "b": {"t": "ay", "v": "aGk="}}),
+                Some("a{sv}"),
+                Shape::Single
+            ),
+            r#"{"a":"x","b":"hi"}"#
+        );
+        assert_eq!(
+            human(&json!([["x", 1, true]]), Some("(sib)"), Shape::Results),
+            r#"["x",1,true]"#
+        );
+    }
+
+    #[test]
+    fn untrusted_text_is_one_safe_line() {
+        assert_eq!(sanitize("a\nb\tc\x1b[31m"), "a\\nb\\tc\\u{1b}[31m");
+        assert_eq!(sanitize("plain"), "plain");
+        assert_eq!(simple(&[vec!["h".into(), "a\tb".into()]]), "h\ta\\tb\n");
     }
 
     #[test]
@@ -156,5 +403,38 @@ mod tests {
             ],
         );
         assert_eq!(t, "HOST  VALUE\na     1\nlong  2\n");
+        // Short rows do not panic.
+        let t = table(&["A", "B"], &[vec!["x".into()]]);
+        assert_eq!(t, "A  B\nx\n");
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(ago_at(1_000, 4_500), "3s ago");
+        assert_eq!(ago_at(0, 7_200_000), "2h ago");
+        assert_eq!(ago_at(5_000, 1_000), "0s ago");
+        assert_eq!(timestamp_us(0), None);
+        assert_eq!(
+            timestamp_us(1_700_000_000_123_456).as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
+        assert_eq!(clock_ms(3_723_004), "01:02:03.004");
+        assert_eq!(duration(Duration::from_secs(5)), "5s");
+        assert_eq!(duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(duration(Duration::from_millis(1500)), "1.5s");
+    }
+
+    #[test]
+    fn outcome_errors_name_the_silence() {
+        let t = Duration::from_secs(5);
+        assert_eq!(
+            outcome_error(&Outcome::TimedOut, t).unwrap().code,
+            ErrorCode::Timeout
+        );
+        assert_eq!(
+            problem(&Outcome::TimedOut, t).unwrap(),
+            "no answer within 5s"
+        );
+        assert_eq!(status(&Outcome::NoResponders), "not-connected");
     }
 }

@@ -301,6 +301,33 @@ impl SignalFilter {
     }
 }
 
+impl SignalFilter {
+    /// The one subject for signals at exactly `path_prefix` (`/` when unset), not below it:
+    /// for watching one object, e.g. systemd's manager (`JobRemoved`) without every unit's
+    /// `PropertiesChanged` underneath.
+    pub fn exact_subject(&self) -> Result<String, SubjectError> {
+        let nkey = match &self.nkey {
+            Some(n) => {
+                validate_nkey(n)?;
+                n.clone()
+            }
+            None => "*".to_owned(),
+        };
+        let sender = match &self.sender {
+            Some(s) => {
+                names::validate_bus_name(s)?;
+                label::escape(s)
+            }
+            None => "*".to_owned(),
+        };
+        let path = self.path_prefix.as_deref().unwrap_or("/");
+        names::validate_object_path(path)?;
+        let mut s = format!("{PREFIX}.signals.{nkey}.{sender}");
+        push_path(&mut s, path);
+        check_len(s)
+    }
+}
+
 /// Presence events of one agent.
 pub fn presence(nkey: &str) -> String {
     format!("{PREFIX}.presence.{nkey}")
@@ -437,6 +464,32 @@ mod tests {
             SignalFilter::default().subjects().unwrap(),
             vec!["dbus.signals.*.*.>"]
         );
+    }
+
+    #[test]
+    fn exact_filter() {
+        let f = SignalFilter {
+            nkey: Some(NKEY.into()),
+            path_prefix: Some("/org/freedesktop/systemd1".into()),
+            ..Default::default()
+        };
+        let s = f.exact_subject().unwrap();
+        assert_eq!(s, format!("dbus.signals.{NKEY}.*.org.freedesktop.systemd1"));
+        // What an agent publishes for that object matches; a unit below it does not.
+        let at = SignalSubject::new(NKEY, ":1.1", "/org/freedesktop/systemd1")
+            .unwrap()
+            .encode()
+            .unwrap();
+        assert_eq!(at.replace("_3a1_2e1", "*"), s);
+        assert_eq!(
+            SignalFilter::default().exact_subject().unwrap(),
+            "dbus.signals.*.*.-"
+        );
+        let bad = SignalFilter {
+            path_prefix: Some("no/slash".into()),
+            ..Default::default()
+        };
+        assert!(bad.exact_subject().is_err());
     }
 
     #[test]

@@ -1,0 +1,11 @@
+//! One module per command family. Each validates its arguments before it connects, asks
+//! through [`crate::fanout::Context`], renders with [`crate::render`], and returns the verdict
+//! that becomes the exit code.
+
+pub mod agents;
+pub mod dbus;
+pub mod docs;
+pub mod keys;
+pub mod monitor;
+pub mod subject;
+pub mod systemd;

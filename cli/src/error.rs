@@ -1,0 +1,57 @@
+//! Why a command did not fully succeed, and the exit code that says so.
+//!
+//! Scripts branch on the exit code, so the three outcomes are kept apart by type rather than by
+//! message: 1 means "asked, but not every machine succeeded", 2 means "could not even ask".
+
+use std::fmt;
+
+/// A command's failure; [`Failure::exit_code`] decides the process exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// Bad arguments or configuration, found before anything was sent: exit 2.
+    #[error("{0}")]
+    Usage(String),
+    /// NATS unreachable, refused us, or failed under us: exit 2.
+    #[error("{0}")]
+    Connection(String),
+    /// Some machines failed, did not answer, or none matched (already reported): exit 1.
+    #[error("{0}")]
+    Partial(String),
+    /// Standard output was closed (`cbus monitor | head`): stop quietly, exit 0.
+    #[error("standard output closed")]
+    Closed,
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Closed => 0,
+            Failure::Partial(_) => 1,
+            Failure::Usage(_) | Failure::Connection(_) => 2,
+        }
+    }
+
+    /// Whether the failure is worth a line on stderr.
+    pub fn is_reported(&self) -> bool {
+        !matches!(self, Failure::Closed)
+    }
+}
+
+/// A usage failure from any displayable error (names, signatures, codec errors).
+pub fn usage(e: impl fmt::Display) -> Failure {
+    Failure::Usage(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(Failure::Usage("x".into()).exit_code(), 2);
+        assert_eq!(Failure::Connection("x".into()).exit_code(), 2);
+        assert_eq!(Failure::Partial("x".into()).exit_code(), 1);
+        assert_eq!(Failure::Closed.exit_code(), 0);
+        assert!(!Failure::Closed.is_reported());
+    }
+}

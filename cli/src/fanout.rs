@@ -1,0 +1,352 @@
+//! One command's view of the fleet: connect lazily, select targets, ask them, judge the result.
+//!
+//! Arguments are validated before anything is sent, so the connection is opened only when a
+//! command first needs the fleet ([`Context::fleet`]); a typo never waits for a server. The
+//! fan-out itself is `protocol::fleet`'s: this module adds the spinner, the timing the JSON
+//! summary reports, and the verdict that becomes the exit code.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use cbus_protocol::fleet::{AgentStatus, Fleet, Query, Selector, TargetOutcome};
+use tokio::sync::OnceCell;
+
+use crate::args::{ConnArgs, TargetArgs};
+use crate::config::FileConfig;
+use crate::error::{usage, Failure};
+use crate::render::{self, Format};
+
+/// How long a ping-based discovery (server without JetStream) collects answers.
+const PING_WINDOW: Duration = Duration::from_millis(500);
+/// Default `--timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The fleet (connected on first use), the selection, the timeout and the output format.
+pub struct Context {
+    conn: ConnArgs,
+    file: FileConfig,
+    fleet: OnceCell<Fleet>,
+    pub selector: Selector,
+    pub timeout: Duration,
+    pub format: Format,
+}
+
+/// The outcomes of one fan-out and how long it took.
+pub struct Asked {
+    pub outcomes: Vec<TargetOutcome>,
+    pub elapsed: Duration,
+}
+
+impl Context {
+    /// Validates the selection and timeout; does not connect yet.
+    pub fn new(
+        conn: ConnArgs,
+        targets: &TargetArgs,
+        file: FileConfig,
+        format: Format,
+    ) -> Result<Self, Failure> {
+        let timeout = match targets.timeout.as_deref().or(file.timeout.as_deref()) {
+            Some(t) => parse_duration(t).map_err(|e| Failure::Usage(format!("--timeout: {e}")))?,
+            None => DEFAULT_TIMEOUT,
+        };
+        let labels = targets
+            .labels
+            .iter()
+            .map(|l| match l.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+                _ => Err(Failure::Usage(format!(
+                    "--labels wants KEY=VALUE, got {l:?}"
+                ))),
+            })
+            .collect::<Result<_, _>>()?;
+        for n in &targets.nkeys {
+            cbus_protocol::subject::validate_nkey(n).map_err(usage)?;
+        }
+        let selector = Selector {
+            nkeys: targets.nkeys.clone(),
+            hosts: targets.hosts.clone(),
+            labels,
+        };
+        // Bad globs are usage errors, found before connecting.
+        selector.select(&[]).map_err(usage)?;
+        Ok(Context {
+            conn,
+            file,
+            fleet: OnceCell::new(),
+            selector,
+            timeout,
+            format,
+        })
+    }
+
+    /// The connected fleet; connects on first use.
+    pub async fn fleet(&self) -> Result<&Fleet, Failure> {
+        self.fleet
+            .get_or_try_init(|| async {
+                let client = crate::connect::connect(&self.conn, &self.file).await?;
+                Ok(Fleet::new(client, crate::connect::requester()))
+            })
+            .await
+    }
+
+    /// Whether --nkeys, --hosts or --labels narrowed the fleet.
+    pub fn selecting(&self) -> bool {
+        !(self.selector.nkeys.is_empty()
+            && self.selector.hosts.is_empty()
+            && self.selector.labels.is_empty())
+    }
+
+    /// Every known agent that the selection picks (possibly none).
+    pub async fn selected(&self) -> Result<(Vec<AgentStatus>, usize), Failure> {
+        let all = self
+            .fleet()
+            .await?
+            .agents(PING_WINDOW)
+            .await
+            .map_err(|e| Failure::Connection(e.to_string()))?;
+        let selected = self.selector.select(&all).map_err(usage)?;
+        Ok((selected, all.len()))
+    }
+
+    /// The agents to ask; none is a failure (exit 1), never an empty success.
+    pub async fn targets(&self) -> Result<Vec<AgentStatus>, Failure> {
+        let (selected, known) = self.selected().await?;
+        if selected.is_empty() {
+            return Err(Failure::Partial(if known == 0 {
+                "no agents are registered on this NATS server (is cbus-agent running?)".into()
+            } else {
+                format!("no machines match the selection ({known} agent(s) known; see cbus agents)")
+            }));
+        }
+        Ok(selected)
+    }
+
+    /// Sends one query to every target, with a spinner when stderr is a terminal.
+    pub async fn ask(&self, targets: &[AgentStatus], query: &Query) -> Result<Asked, Failure> {
+        let _spinner = Spinner::start(targets.len());
+        self.ask_quietly(targets, query).await
+    }
+
+    /// Like [`Context::ask`], without a spinner (for polls inside a longer wait).
+    pub async fn ask_quietly(
+        &self,
+        targets: &[AgentStatus],
+        query: &Query,
+    ) -> Result<Asked, Failure> {
+        let started = Instant::now();
+        let outcomes = self
+            .fleet()
+            .await?
+            .fan_out(targets, query, self.timeout)
+            .await
+            .map_err(|e| match e {
+                cbus_protocol::fleet::FleetError::Subject(e) => usage(e),
+                other => Failure::Connection(other.to_string()),
+            })?;
+        Ok(Asked {
+            outcomes,
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+/// Exit status for a list of outcomes: success, or a summary naming every machine that did not
+/// succeed, grouped by why.
+pub fn verdict(outcomes: &[TargetOutcome], timeout: Duration) -> Result<(), Failure> {
+    verdict_of(
+        outcomes
+            .iter()
+            .map(|o| (o.agent.info.hostname.as_str(), render::status(&o.outcome))),
+        timeout,
+    )
+}
+
+/// [`verdict`] over (host, status word) pairs, for commands with several rows per machine.
+pub fn verdict_of<'a>(
+    items: impl Iterator<Item = (&'a str, &'a str)>,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let mut total = std::collections::BTreeSet::new();
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (host, status) in items {
+        total.insert(host);
+        if status == "ok" {
+            continue;
+        }
+        match groups.iter_mut().find(|(s, _)| *s == status) {
+            Some((_, hosts)) => {
+                if !hosts.contains(&host) {
+                    hosts.push(host)
+                }
+            }
+            None => groups.push((status, vec![host])),
+        }
+    }
+    if groups.is_empty() {
+        return Ok(());
+    }
+    let bad: std::collections::BTreeSet<&str> =
+        groups.iter().flat_map(|(_, h)| h.iter().copied()).collect();
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(status, hosts)| {
+            let why = match *status {
+                "timed-out" => format!("timed out after {}", render::duration(timeout)),
+                "not-connected" => "not connected".into(),
+                "stopped" => "stopped".into(),
+                other => other.to_owned(),
+            };
+            format!("{why}: {}", hosts.join(", "))
+        })
+        .collect();
+    Err(Failure::Partial(format!(
+        "{} of {} machine(s) did not succeed; {}",
+        bad.len(),
+        total.len(),
+        parts.join("; ")
+    )))
+}
+
+/// `5s`, `500ms`, `2m`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?} (e.g. 5s, 500ms, 2m)");
+    let s = s.trim();
+    let (num, unit) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    let secs = v * unit;
+    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A spinner line on stderr while a fan-out runs, only when stderr is a terminal; cleared when
+/// dropped.
+pub struct Spinner {
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Spinner {
+    pub fn start(machines: usize) -> Spinner {
+        if !std::io::stderr().is_terminal() {
+            return Spinner { task: None };
+        }
+        let task = tokio::spawn(async move {
+            let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+            let started = Instant::now();
+            // Quick answers should not flash a spinner.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            for i in 0.. {
+                eprint!(
+                    "\r\x1b[2K{} asking {machines} machine(s)… {:.1}s",
+                    frames[i % frames.len()],
+                    started.elapsed().as_secs_f64()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Spinner { task: Some(task) }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        for bad in ["soon", "", "0s", "-1s", "NaNs", "infs"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn verdict_names_machines_by_reason() {
+        let t = Duration::from_secs(5);
+        assert!(verdict_of([("a", "ok"), ("b", "ok")].into_iter(), t).is_ok());
+        let e = verdict_of(
+            [
+                ("a", "ok"),
+                ("b", "timed-out"),
+                ("c", "not-connected"),
+                ("d", "timed-out"),
+            ]
+            .into_iter(),
+            t,
+        )
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 1);
+        assert_eq!(
+            e.to_string(),
+            "3 of 4 machine(s) did not succeed; timed out after 5s: b, d; not connected: c"
+        );
+        // Several rows of one machine count it once.
+        let e = verdict_of(
+            [("a", "failed"), ("a", "failed"), ("b", "ok")].into_iter(),
+            t,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "1 of 2 machine(s) did not succeed; failed: a"
+        );
+    }
+
+    #[test]
+    fn selection_is_validated_before_connecting() {
+        let conn = crate::args::ConnArgs {
+            server: Some("nats://127.0.0.1:1".into()),
+            creds: None,
+            nkey: None,
+            token: None,
+            user: None,
+            password: None,
+            tls_ca: None,
+        };
+        let targets = |labels: Vec<&str>, hosts: Vec<&str>, nkeys: Vec<&str>| TargetArgs {
+            nkeys: nkeys.into_iter().map(Into::into).collect(),
+            hosts: hosts.into_iter().map(Into::into).collect(),
+            labels: labels.into_iter().map(Into::into).collect(),
+            timeout: None,
+        };
+        let new = |t: &TargetArgs| {
+            Context::new(conn.clone(), t, FileConfig::default(), Format::Table).map(|c| c.timeout)
+        };
+        assert_eq!(
+            new(&targets(vec![], vec![], vec![])).unwrap(),
+            DEFAULT_TIMEOUT
+        );
+        assert!(new(&targets(vec!["role"], vec![], vec![])).is_err());
+        assert!(new(&targets(vec![], vec!["web-[a"], vec![])).is_err());
+        assert!(new(&targets(vec![], vec![], vec!["not-an-nkey"])).is_err());
+        let file = FileConfig {
+            timeout: Some("250ms".into()),
+            ..Default::default()
+        };
+        let c = Context::new(conn, &targets(vec![], vec![], vec![]), file, Format::Json).unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,447 @@
+//! The real `cbus` binary against several real agents, each on its own private bus with the
+//! test service and its own generated SSH host key: output of every generic command (text,
+//! JSON, simple), typed values, targeting, and machines that are silent, crashed or stopped.
+
+#[path = "cli_support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
+use serde_json::json;
+use support::*;
+
+const DEST: &str = "org.cbus.Test";
+const PATH: &str = "/org/cbus/Test";
+
+/// One machine: a private bus, the test service on it, an agent.
+struct Machine {
+    agent: Agent,
+    _svc: TestService,
+    _bus: PrivateBus,
+}
+
+fn machine(url: &str, host: &str, role: &str) -> Machine {
+    let bus = PrivateBus::start();
+    let svc = TestService::start(bus.address());
+    let agent = Agent::start(
+        url,
+        bus.address(),
+        &[
+            "--allow-all",
+            "--hostname",
+            host,
+            "--label",
+            &format!("role={role}"),
+        ],
+    );
+    Machine {
+        agent,
+        _svc: svc,
+        _bus: bus,
+    }
+}
+
+fn get(url: &str, extra: &[&str], property: &str) -> std::process::Output {
+    let mut args = extra.to_vec();
+    args.extend(["get", DEST, PATH, property]);
+    cbus(url, &args)
+}
+
+#[tokio::test]
+async fn values_rendering_and_targeting_over_three_machines() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let a = machine(&url, "fan-a", "web");
+    let b = machine(&url, "fan-b", "web");
+    let _c = machine(&url, "fan-c", "db");
+    wait_agents(&nats, 3).await;
+
+    // agents: table, JSON, simple.
+    let table = ok_stdout(&cbus(&url, &["agents"]));
+    let mut lines = table.lines();
+    assert!(
+        lines.next().unwrap().starts_with("HOST   NKEY") && table.contains("LAST SEEN"),
+        "{table}"
+    );
+    let first = lines.next().unwrap();
+    assert!(
+        first.starts_with("fan-a  U") && first.contains(" running ") && first.contains("s ago"),
+        "{table}"
+    );
+    assert!(
+        first.contains(&a.agent.nkey) && first.ends_with("role=web"),
+        "{table}"
+    );
+    let doc = json_of(&cbus(&url, &["agents", "--json"]));
+    let agents = doc["agents"].as_array().unwrap();
+    let hosts: Vec<&str> = agents
+        .iter()
+        .map(|a| a["hostname"].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, vec!["fan-a", "fan-b", "fan-c"]);
+    assert!(agents.iter().all(|a| a["state"] == "running"));
+    let simple = ok_stdout(&cbus(&url, &["agents", "-s"]));
+    assert!(
+        simple.starts_with(&format!("fan-a\t{}\trunning\t", a.agent.nkey)),
+        "{simple}"
+    );
+
+    // get: human table, sorted by host, strings bare.
+    assert_eq!(
+        ok_stdout(&get(&url, &[], "org.cbus.Test1.String")),
+        "HOST   VALUE\nfan-a  hello\nfan-b  hello\nfan-c  hello\n"
+    );
+    // JSON: typed per the codec, and the fan-out returns as soon as all answered.
+    let started = Instant::now();
+    let out = get(&url, &["--timeout", "20s", "--json"], "UInt64");
+    let wall = started.elapsed();
+    let doc = json_of(&out);
+    assert!(out.status.success(), "{}", both(&out));
+    for r in doc["results"].as_array().unwrap() {
+        assert_eq!(r["ok"], true);
+        assert_eq!(r["status"], "ok");
+        assert_eq!(r["signature"], "t");
+        assert_eq!(r["value"], "18446744073709551615");
+        assert!(r["nkey"].as_str().unwrap().starts_with('U'));
+    }
+    let s = &doc["summary"];
+    assert_eq!(
+        (s["targets"].as_u64(), s["ok"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(s["not_ok"], json!([]));
+    assert_eq!(s["timeout_ms"], 20000);
+    assert!(s["elapsed_ms"].as_u64().unwrap() < 10_000, "{s}");
+    assert!(wall < Duration::from_secs(10), "took {wall:?}");
+
+    // Readable values: bytes decoded when printable, variants as their value.
+    assert_eq!(
+        ok_stdout(&get(&url, &["-s", "--hosts", "fan-a"], "Bytes")),
+        "fan-a\tAAEC/w==\n"
+    );
+    ok_stdout(&cbus(
+        &url,
+        &[
+            "--hosts",
+            "fan-a",
+            "set",
+            DEST,
+            PATH,
+            "Bytes",
+            "\"aGVsbG8=\"",
+        ],
+    ));
+    assert_eq!(
+        ok_stdout(&get(&url, &["-s", "-M", "fan-a"], "Bytes")),
+        "fan-a\thello\n"
+    );
+    assert_eq!(
+        result_of(
+            &json_of(&get(&url, &["--json", "-M", "fan-a"], "Bytes")),
+            "fan-a"
+        )["value"],
+        "aGVsbG8="
+    );
+    assert_eq!(
+        ok_stdout(&get(&url, &["-s", "-M", "fan-a"], "Dict")),
+        "fan-a\t{\"answer\":42,\"name\":\"cbus\"}\n"
+    );
+    assert_eq!(
+        result_of(
+            &json_of(&get(&url, &["--json", "-M", "fan-a"], "Dict")),
+            "fan-a"
+        )["value"],
+        json!({"answer": {"t": "u", "v": 42}, "name": {"t": "s", "v": "cbus"}})
+    );
+    assert_eq!(
+        ok_stdout(&get(&url, &["-s", "-M", "fan-a"], "Variant")),
+        "fan-a\t3\n"
+    );
+    assert_eq!(
+        ok_stdout(&get(&url, &["-s", "-M", "fan-a"], "Struct")),
+        "fan-a\t[\"s\",1,true]\n"
+    );
+
+    // Targeting by nkey, host glob and label; set with a bare word and with JSON.
+    let out = cbus(
+        &url,
+        &[
+            "--nkeys",
+            &b.agent.nkey,
+            "-s",
+            "set",
+            DEST,
+            PATH,
+            "String",
+            "bye",
+        ],
+    );
+    assert_eq!(ok_stdout(&out), "fan-b\tok\n");
+    assert_eq!(
+        ok_stdout(&get(&url, &["-s"], "String")),
+        "fan-a\thello\nfan-b\tbye\nfan-c\thello\n"
+    );
+    ok_stdout(&cbus(
+        &url,
+        &["--labels", "role=db", "set", DEST, PATH, "Int32", "41"],
+    ));
+    assert_eq!(
+        ok_stdout(&get(&url, &["-s"], "Int32")),
+        "fan-a\t-32\nfan-b\t-32\nfan-c\t41\n"
+    );
+    let out = cbus(
+        &url,
+        &[
+            "--hosts", "fan-[ab]", "-s", "invoke", DEST, PATH, "Add", "[1,2]",
+        ],
+    );
+    assert_eq!(ok_stdout(&out), "fan-a\t3\nfan-b\t3\n");
+    let out = cbus(
+        &url,
+        &[
+            "-M",
+            "fan-c",
+            "-s",
+            "call",
+            DEST,
+            PATH,
+            "org.cbus.Test1.Concat",
+            "[[\"a\",\"b\"]]",
+            "--sig",
+            "as",
+        ],
+    );
+    assert_eq!(ok_stdout(&out), "fan-c\tab\n");
+    let out = cbus(&url, &["--labels", "role=web,nope=x", "agents"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = get(&url, &["--hosts", "nomatch*"], "String");
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    assert!(
+        stderr(&out).contains("no machines match the selection (3 agent(s) known"),
+        "{}",
+        both(&out)
+    );
+    assert!(stdout(&out).is_empty());
+
+    // Per-machine errors: exit 1, the error shown per machine, machines named.
+    let out = cbus(&url, &["invoke", DEST, PATH, "Ping"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("ambiguous"), "{}", both(&out));
+    let out = cbus(
+        &url,
+        &["invoke", DEST, PATH, "Fail", "[\"boom\"]", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let doc = json_of(&out);
+    let r = result_of(&doc, "fan-b");
+    assert_eq!(
+        (r["ok"].clone(), r["status"].clone()),
+        (json!(false), json!("failed"))
+    );
+    assert_eq!(r["error"]["dbus_name"], "org.cbus.Test.Error.Failed");
+    assert_eq!(r["error"]["message"], "boom");
+    assert_eq!(doc["summary"]["failed"], 3);
+    assert!(
+        stderr(&out).contains("3 of 3 machine(s) did not succeed; failed: fan-a, fan-b, fan-c"),
+        "{}",
+        both(&out)
+    );
+
+    // getall, one interface or all.
+    let text = ok_stdout(&cbus(
+        &url,
+        &["-M", "fan-a", "-s", "getall", DEST, PATH, "org.cbus.Test1"],
+    ));
+    assert!(
+        text.contains("fan-a\tVersion\t1.0\n") && text.contains("fan-a\tUInt32\t32\n"),
+        "{text}"
+    );
+    let text = ok_stdout(&cbus(&url, &["-M", "fan-a", "getall", DEST, PATH]));
+    assert!(text.starts_with("HOST   PROPERTY"), "{text}");
+    assert!(text.contains("org.cbus.Test1.Version"), "{text}");
+    let doc = json_of(&cbus(
+        &url,
+        &[
+            "-M",
+            "fan-a",
+            "--json",
+            "getall",
+            DEST,
+            PATH,
+            "org.cbus.Test1",
+        ],
+    ));
+    assert_eq!(
+        result_of(&doc, "fan-a")["value"]["Int16"],
+        json!({"t": "n", "v": -16})
+    );
+
+    // introspect: one help page for the machines that agree.
+    let page = ok_stdout(&cbus(&url, &["introspect", DEST, PATH]));
+    for expected in [
+        "org.cbus.Test /org/cbus/Test  (on fan-a, fan-b, fan-c)\n",
+        "interface org.cbus.Test1\n  methods:\n",
+        "    Add(i a, i b) -> (i)\n",
+        "    Tick(u n, s text)\n",
+        "  properties:\n",
+        "children:\n  /org/cbus/Test/child1\n",
+        "usage:\n  cbus get org.cbus.Test /org/cbus/Test org.cbus.Test1.",
+    ] {
+        assert!(page.contains(expected), "missing {expected:?} in\n{page}");
+    }
+    assert!(
+        page.lines().any(|l| l.trim_start().starts_with("UInt64")
+            && l.contains("t (uint64)")
+            && l.ends_with("readwrite")),
+        "{page}"
+    );
+    let xml = ok_stdout(&cbus(
+        &url,
+        &["-M", "fan-a", "introspect", DEST, PATH, "--xml"],
+    ));
+    assert!(xml.contains("<interface name=\"org.cbus.Test1\">"), "{xml}");
+    let simple = ok_stdout(&cbus(
+        &url,
+        &["-M", "fan-a", "-s", "introspect", DEST, PATH],
+    ));
+    assert!(
+        simple.contains("fan-a\tmethod\torg.cbus.Test1.Add\tii\ti\n"),
+        "{simple}"
+    );
+    assert!(
+        simple.contains("fan-a\tproperty\torg.cbus.Test1.String\ts\treadwrite\n"),
+        "{simple}"
+    );
+    assert!(simple.contains("fan-a\tchild\tchild1\n"), "{simple}");
+
+    // names: well-known names per machine; --all adds unique names.
+    let text = ok_stdout(&cbus(&url, &["names", "-s"]));
+    for host in ["fan-a", "fan-b", "fan-c"] {
+        assert!(
+            text.contains(&format!("{host}\torg.cbus.Test\t:")),
+            "{text}"
+        );
+    }
+    assert!(!text
+        .lines()
+        .any(|l| l.split('\t').nth(1).is_some_and(|n| n.starts_with(':'))));
+    let all = ok_stdout(&cbus(&url, &["-M", "fan-a", "names", "--all", "-s"]));
+    assert!(all.lines().any(|l| l.starts_with("fan-a\t:")), "{all}");
+    let doc = json_of(&cbus(&url, &["-M", "fan-a", "names", "--json"]));
+    assert_eq!(result_of(&doc, "fan-a")["signature"], "a{ss}");
+}
+
+fn signal(agent: &Agent, sig: i32) {
+    let pid = agent.pid().expect("agent running") as i32;
+    // SAFETY: sending a signal to a child process we started.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+#[tokio::test]
+async fn silent_crashed_and_stopped_machines_are_named() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let mut a = machine(&url, "sil-a", "x");
+    let b = machine(&url, "sil-b", "x");
+    let mut c = machine(&url, "sil-c", "x");
+    wait_agents(&nats, 3).await;
+
+    // A frozen agent keeps its NATS subscription but never answers: timed out, by name, and
+    // the command returns at the timeout, not later.
+    signal(&b.agent, libc::SIGSTOP);
+    let started = Instant::now();
+    let out = get(&url, &["--timeout", "1s", "--json"], "String");
+    let wall = started.elapsed();
+    signal(&b.agent, libc::SIGCONT);
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    let doc = json_of(&out);
+    let r = result_of(&doc, "sil-b");
+    assert_eq!(r["status"], "timed-out");
+    assert_eq!(r["ok"], false);
+    assert_eq!(r["error"]["code"], "timeout");
+    assert_eq!(result_of(&doc, "sil-a")["value"], "hello");
+    assert_eq!(doc["summary"]["timed-out"], 1);
+    assert_eq!(doc["summary"]["not_ok"][0]["host"], "sil-b");
+    assert!(
+        wall >= Duration::from_secs(1) && wall < Duration::from_secs(5),
+        "{wall:?}"
+    );
+    assert!(
+        stderr(&out).contains("1 of 3 machine(s) did not succeed; timed out after 1s: sil-b"),
+        "{}",
+        both(&out)
+    );
+
+    // A crashed agent (SIGKILL, no goodbye): not connected, known at once.
+    c.agent.kill();
+    let started = Instant::now();
+    let out = get(&url, &["--timeout", "10s"], "String");
+    let wall = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    assert!(wall < Duration::from_secs(5), "{wall:?}");
+    let text = stdout(&out);
+    assert!(
+        text.contains("sil-a  hello") && text.contains("sil-b  hello"),
+        "{text}"
+    );
+    assert!(text.contains("sil-c  not connected"), "{text}");
+    assert!(
+        stderr(&out).contains("not connected: sil-c"),
+        "{}",
+        both(&out)
+    );
+    // Its heartbeats stop: the registry turns it unresponsive (3 x 500 ms).
+    let ok = cbus_tests::wait_for(Duration::from_secs(10), || async {
+        let doc = json_of(&cbus(&url, &["agents", "--json"]));
+        doc["agents"][2]["state"] == "unresponsive"
+    })
+    .await;
+    assert!(ok, "sil-c never became unresponsive");
+    assert!(ok_stdout(&cbus(&url, &["agents"])).contains(" unresponsive "));
+
+    // A stopped agent (SIGTERM: goodbye) is reported stopped and not asked.
+    a.agent.stop();
+    let out = get(&url, &["--json"], "String");
+    assert_eq!(out.status.code(), Some(1));
+    let doc = json_of(&out);
+    assert_eq!(result_of(&doc, "sil-a")["status"], "stopped");
+    assert_eq!(result_of(&doc, "sil-b")["status"], "ok");
+    let doc = json_of(&cbus(&url, &["agents", "--json"]));
+    assert_eq!(doc["agents"][0]["state"], "stopped");
+    // Targeting only the live machine succeeds.
+    assert_eq!(
+        ok_stdout(&get(&url, &["-s", "-M", "sil-b"], "String")),
+        "sil-b\thello\n"
+    );
+}
+
+/// Without JetStream, cbus learns the fleet by ping and still works.
+#[tokio::test]
+async fn plain_nats_without_jetstream() {
+    let port = cbus_tests::free_port();
+    let mut server = std::process::Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nats-server");
+    let url = format!("nats://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _m = machine(&url, "plain-a", "x");
+    let ok = cbus_tests::wait_for(Duration::from_secs(15), || async {
+        cbus(&url, &["agents", "-s"]).status.success()
+    })
+    .await;
+    assert!(ok, "agent never answered a ping");
+    let out = get(&url, &["-s"], "String");
+    assert_eq!(ok_stdout(&out), "plain-a\thello\n");
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -1,0 +1,205 @@
+//! `cbus monitor` against real agents: line and NDJSON output, filters (sender by well-known
+//! name, interface, member, path, machine), and clean stops on SIGINT, SIGTERM and a closed pipe.
+
+#[path = "cli_support/mod.rs"]
+mod support;
+
+use std::io::BufRead;
+use std::process::{Child, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::Duration;
+
+use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
+use serde_json::{json, Value};
+use support::*;
+
+struct Monitor {
+    child: Child,
+    lines: Receiver<String>,
+}
+
+impl Monitor {
+    fn spawn(url: &str, args: &[&str]) -> Monitor {
+        let mut child = command()
+            .args(["--server", url, "monitor"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run cbus monitor");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Monitor { child, lines }
+    }
+
+    /// Emits `Message(text)` on `host` until the monitor prints a line (its subscription is up
+    /// once a signal sent after it arrives), and returns that line.
+    fn first_line(&self, url: &str, host: &str, text: &str) -> String {
+        for _ in 0..50 {
+            emit(url, host, text);
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                return l;
+            }
+        }
+        panic!("monitor printed nothing");
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: signalling a child we started.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    fn wait(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.wait().expect("wait monitor");
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        (status, err)
+    }
+}
+
+fn emit(url: &str, host: &str, text: &str) {
+    let arg = serde_json::to_string(&json!([text])).unwrap();
+    let out = cbus(
+        url,
+        &[
+            "-M",
+            host,
+            "invoke",
+            "org.cbus.Test",
+            "/org/cbus/Test",
+            "EmitOne",
+            &arg,
+        ],
+    );
+    assert!(out.status.success(), "{}", both(&out));
+}
+
+#[tokio::test]
+async fn monitor_lines_filters_and_clean_stops() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let (bus_a, bus_b) = (PrivateBus::start(), PrivateBus::start());
+    let _svc_a = TestService::start(bus_a.address());
+    let _svc_b = TestService::start(bus_b.address());
+    let _a = Agent::start(
+        &url,
+        bus_a.address(),
+        &["--allow-all", "--hostname", "mon-a"],
+    );
+    let _b = Agent::start(
+        &url,
+        bus_b.address(),
+        &["--allow-all", "--hostname", "mon-b"],
+    );
+    wait_agents(&nats, 2).await;
+
+    // One line per signal: time, host, sender, path, interface.member, args. SIGINT: exit 0.
+    let m = Monitor::spawn(&url, &["--member", "Message", "--path", "/org/cbus"]);
+    let line = m.first_line(&url, "mon-a", "hello monitor");
+    let (time, rest) = line.split_once(' ').unwrap();
+    assert_eq!(time.len(), "12:34:56.789".len(), "{line}");
+    assert_eq!(
+        rest,
+        "mon-a org.cbus.Test /org/cbus/Test org.cbus.Test1.Message [\"hello monitor\"]"
+    );
+    m.signal(libc::SIGINT);
+    let (status, err) = m.wait();
+    assert!(status.success(), "{status:?} {err}");
+    assert!(err.is_empty(), "{err}");
+
+    // NDJSON, with the sender filtered by its well-known name. SIGTERM: exit 0.
+    let m = Monitor::spawn(
+        &url,
+        &[
+            "--json",
+            "--sender",
+            "org.cbus.Test",
+            "--interface",
+            "org.cbus.Test1",
+        ],
+    );
+    let line = m.first_line(&url, "mon-a", "as json");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["host"], "mon-a");
+    assert_eq!(v["member"], "Message");
+    assert_eq!(v["sender_name"], "org.cbus.Test");
+    assert!(v["sender"].as_str().unwrap().starts_with(':'));
+    assert_eq!(v["path"], "/org/cbus/Test");
+    assert_eq!(v["signature"], "s");
+    assert_eq!(v["args"], json!(["as json"]));
+    assert!(v["time_ms"].as_u64().unwrap() > 0);
+    m.signal(libc::SIGTERM);
+    assert!(m.wait().0.success());
+
+    // Only the selected machine; only the named member (Tick from EmitSignals, not Message).
+    let m = Monitor::spawn(&url, &["-s", "--hosts", "mon-b", "--member", "Tick"]);
+    let mut got = None;
+    for _ in 0..50 {
+        for host in ["mon-a", "mon-b"] {
+            let out = cbus(
+                &url,
+                &[
+                    "-M",
+                    host,
+                    "invoke",
+                    "org.cbus.Test",
+                    "/org/cbus/Test",
+                    "EmitSignals",
+                    "[1]",
+                ],
+            );
+            assert!(out.status.success(), "{}", both(&out));
+            emit(&url, host, "not a tick");
+        }
+        if let Ok(l) = m.lines.recv_timeout(Duration::from_millis(200)) {
+            got = Some(l);
+            break;
+        }
+    }
+    let line = got.expect("no Tick from mon-b");
+    assert!(
+        line.ends_with("mon-b org.cbus.Test /org/cbus/Test org.cbus.Test1.Tick [0,\"tick\"]"),
+        "{line}"
+    );
+    // Whatever else arrived is mon-b's Tick too.
+    std::thread::sleep(Duration::from_millis(300));
+    while let Ok(l) = m.lines.try_recv() {
+        assert!(l.contains(" mon-b ") && l.contains(".Tick "), "{l}");
+    }
+    m.signal(libc::SIGINT);
+    assert!(m.wait().0.success());
+
+    // A reader that goes away (cbus monitor | head -1): cbus stops quietly, exit 0.
+    let m = Monitor::spawn(&url, &[]);
+    let _ = m.first_line(&url, "mon-a", "first");
+    let Monitor { mut child, lines } = m;
+    drop(lines); // the reader thread ends at its next line, closing the pipe
+    let mut exited = None;
+    for i in 0..100 {
+        emit(&url, "mon-a", &format!("more {i}"));
+        if let Ok(Some(status)) = child.try_wait() {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = exited.expect("monitor kept running with nobody reading");
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+    assert!(status.success(), "{status:?} {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
