@@ -46,6 +46,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
             "/app.js",
             get(|| async { file(APP_JS, "text/javascript; charset=utf-8") }),
         )
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route(
             "/style.css",
             get(|| async { file(STYLE, "text/css; charset=utf-8") }),

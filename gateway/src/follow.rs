@@ -176,14 +176,12 @@ impl Follower {
                 continue;
             };
             match member {
-                Some("UnitNew") => {
-                    if self.cache.unit_new(nkey, name, path) {
-                        tokio::spawn(self.clone().load_new_unit(
-                            nkey.to_owned(),
-                            name.to_owned(),
-                            path.to_owned(),
-                        ));
-                    }
+                Some("UnitNew") if self.cache.unit_new(nkey, name, path) => {
+                    tokio::spawn(self.clone().load_new_unit(
+                        nkey.to_owned(),
+                        name.to_owned(),
+                        path.to_owned(),
+                    ));
                 }
                 Some("UnitRemoved") => self.cache.unit_removed(nkey, name),
                 _ => {}
@@ -315,6 +313,10 @@ impl Follower {
         .await
         {
             MachineResult::Ok(_) => {}
+            // Subscriptions belong to the agent's bus connection, which outlives our requests.
+            MachineResult::Failed(e)
+                if e.dbus_name.as_deref() == Some("org.freedesktop.systemd1.AlreadySubscribed") => {
+            }
             other => {
                 tracing::warn!(%host, outcome = ?other, "systemd Subscribe failed: unit changes made outside systemctl may arrive late (allow Manager.Subscribe in the agent policy)")
             }

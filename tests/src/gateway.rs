@@ -19,7 +19,12 @@ impl GatewayProcess {
     /// Starts `cbus-gateway --nats-url URL --listen 127.0.0.1:<free> --token <token>` plus
     /// `extra`, and waits until it answers `/healthz`.
     pub fn start(nats_url: &str, token: &str, extra: &[&str]) -> GatewayProcess {
-        let port = free_port();
+        Self::start_on(nats_url, token, free_port(), extra)
+    }
+
+    /// Like [`GatewayProcess::start`] on a given port (to restart a gateway where clients
+    /// expect it).
+    pub fn start_on(nats_url: &str, token: &str, port: u16, extra: &[&str]) -> GatewayProcess {
         let child = Command::new(bin_path("cbus-gateway"))
             .args(["--nats-url", nats_url, "--listen"])
             .arg(format!("127.0.0.1:{port}"))
