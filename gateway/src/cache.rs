@@ -89,7 +89,13 @@ impl Machine {
         m
     }
 
+    /// running / unresponsive / stopped from presence; `gone` once silent for longer than
+    /// the registry keeps an entry.
     pub fn state(&self, now_ms: u64) -> AgentState {
+        let silent = now_ms.saturating_sub(self.last_seen_ms);
+        if silent > cbus_protocol::presence::REGISTRY_MAX_AGE.as_millis() as u64 {
+            return AgentState::Gone;
+        }
         AgentState::derive(
             self.last_event,
             Duration::from_millis(self.info.heartbeat_ms.max(1)),
@@ -790,6 +796,11 @@ mod tests {
         }
         c.tick(now + 20_000);
         assert!(rx.try_recv().is_err());
+        c.tick(now + 25 * 3600 * 1000);
+        match rx.try_recv().as_deref() {
+            Ok(Change::Machine(row)) => assert_eq!(row.state, AgentState::Gone),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -116,6 +116,16 @@ pub async fn start(
             token
         }
     };
+    // Local configuration errors first, before waiting on the network.
+    let tls_config = if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        Some(tls::from_files(cert, key)?)
+    } else if config.self_signed {
+        let (cfg, pem) = tls::self_signed(&[host()])?;
+        tracing::info!(certificate = %pem, "generated a self-signed certificate; clients may pin it");
+        Some(cfg)
+    } else {
+        None
+    };
     let cache = Cache::new(filter);
     let client = connect(&config).await?;
     let fleet = Fleet::new(client, format!("cbus-gateway@{}", host()));
@@ -143,15 +153,6 @@ pub async fn start(
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(dashboard::routes());
 
-    let tls_config = if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
-        Some(tls::from_files(cert, key)?)
-    } else if config.self_signed {
-        let (cfg, pem) = tls::self_signed(&[host()])?;
-        tracing::info!(certificate = %pem, "generated a self-signed certificate; clients may pin it");
-        Some(cfg)
-    } else {
-        None
-    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen {

@@ -464,4 +464,63 @@ async fn websocket_api_and_metrics_against_real_machines() {
     assert!(text.contains(&format!(
         "cbus_systemd_unit_start_time_seconds{{host=\"gw-a\",name=\"{UNIT}\",type=\"service\"}}"
     )));
+
+    slow_client_gets_resync(&nats.url(), a, &nkey_a).await;
+}
+
+/// A client that does not read while changes happen: a gateway with a tiny per-client queue
+/// drops its queued deltas and sends fresh snapshots marked `resync`; once the client reads
+/// again, every subscription ends consistent with the machine.
+async fn slow_client_gets_resync(nats_url: &str, a: &Machine, nkey_a: &str) {
+    let gw = GatewayProcess::start(nats_url, TOKEN, &["--ws-queue", "4"]);
+    let t = Duration::from_secs(30);
+    // Wait until this gateway has loaded machine A's units.
+    let mut probe = Client::connect(&gw.ws_url(), Some(TOKEN)).await;
+    probe.next(t).await.expect("hello");
+    probe
+        .send(json!({"type": "subscribe", "id": "u", "resource": "units", "machines": [nkey_a]}))
+        .await;
+    while probe.units.active(nkey_a, UNIT).as_deref() != Some("active") {
+        probe.expect("units loaded", t, |v| v["sub"] == "u").await;
+    }
+    drop(probe);
+
+    let mut c = Client::connect(&gw.ws_url(), Some(TOKEN)).await;
+    c.next(t).await.expect("hello");
+    const SUBS: usize = 48;
+    for i in 0..SUBS {
+        c.send(json!({"type": "subscribe", "id": format!("s{i}"), "resource": "units"}))
+            .await;
+    }
+    // Not reading: the socket buffers fill with snapshots, then the queue.
+    for _ in 0..3 {
+        assert!(a.exec(&["systemctl", "restart", UNIT]).status.success());
+    }
+    assert!(a.exec(&["systemctl", "stop", UNIT]).status.success());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Now read everything, keeping one table per subscription.
+    let mut tables: BTreeMap<String, Units> = BTreeMap::new();
+    let mut resyncs = 0;
+    while let Some(v) = c.next(Duration::from_secs(3)).await {
+        let Some(sub) = v["sub"].as_str() else {
+            continue;
+        };
+        if v["type"] == "snapshot" && v["resync"] == true {
+            resyncs += 1;
+        }
+        tables.entry(sub.to_owned()).or_default().apply(&v);
+    }
+    assert!(
+        resyncs > 0,
+        "a client that fell behind gets resync snapshots"
+    );
+    assert_eq!(tables.len(), SUBS, "every subscription got its snapshot");
+    for (sub, table) in &tables {
+        assert_eq!(
+            table.active(nkey_a, UNIT).as_deref(),
+            Some("inactive"),
+            "subscription {sub} ends consistent with the machine"
+        );
+    }
 }
