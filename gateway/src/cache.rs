@@ -314,10 +314,15 @@ impl Cache {
         let mut m = self.write();
         let (join, row) = match m.get_mut(&ev.agent.nkey) {
             Some(machine) => {
+                // Signals may have been missed while the machine was silent: a machine that
+                // comes back is reloaded like one that restarted.
+                let returning =
+                    machine.state(now) != AgentState::Running && ev.event != PresenceKind::Goodbye;
                 let restarted = machine.info.started_at_ms != ev.agent.started_at_ms
                     || (ev.event == PresenceKind::Hello
                         && machine.last_event != PresenceKind::Hello)
-                    || (!machine.info.bus_connected && ev.agent.bus_connected);
+                    || (!machine.info.bus_connected && ev.agent.bus_connected)
+                    || returning;
                 let before = machine.row(now);
                 machine.info = ev.agent;
                 machine.last_event = ev.event;
@@ -622,6 +627,16 @@ impl Cache {
             .unwrap_or_default()
     }
 
+    /// The machines that are running now.
+    pub fn running_nkeys(&self) -> Vec<String> {
+        let now = presence_now();
+        self.read()
+            .values()
+            .filter(|m| m.state(now) == AgentState::Running)
+            .map(|m| m.info.nkey.clone())
+            .collect()
+    }
+
     pub fn hostname(&self, nkey: &str) -> Option<String> {
         self.read().get(nkey).map(|m| m.info.hostname.clone())
     }
@@ -714,6 +729,20 @@ mod tests {
             c.presence(ev(PresenceKind::Hello, "A", 2), now),
             Join::Restarted
         );
+        // Silent for long, then heard again with the same start time: reloaded too.
+        c.presence(ev(PresenceKind::Heartbeat, "B", 1), now - 60_000);
+        assert_eq!(
+            c.presence(ev(PresenceKind::Heartbeat, "B", 1), now),
+            Join::Restarted
+        );
+    }
+
+    /// Machines known to the cache, to reload them all (after the gateway's own reconnect).
+    #[test]
+    fn all_nkeys() {
+        let c = cache();
+        c.presence(ev(PresenceKind::Hello, "A", 1), presence_now());
+        assert_eq!(c.running_nkeys(), vec!["A".to_owned()]);
     }
 
     #[test]

@@ -61,7 +61,15 @@ async fn subscribe(
 }
 
 /// Subscribes, reads the registry, and spawns every follower task.
-pub async fn start(fleet: Fleet, cache: Cache, timeout: Duration) -> Result<Follower, FollowError> {
+///
+/// `reconnected` yields once each time the gateway's NATS connection came back: every running
+/// machine is then reloaded, since signals sent during the outage were lost.
+pub async fn start(
+    fleet: Fleet,
+    cache: Cache,
+    timeout: Duration,
+    mut reconnected: mpsc::UnboundedReceiver<()>,
+) -> Result<Follower, FollowError> {
     let client = fleet.client().clone();
     let (joins, join_rx) = mpsc::unbounded_channel::<String>();
     let follower = Follower {
@@ -100,6 +108,21 @@ pub async fn start(fleet: Fleet, cache: Cache, timeout: Duration) -> Result<Foll
     }
 
     tokio::spawn(follower.clone().load_loop(join_rx));
+    tokio::spawn({
+        let f = follower.clone();
+        async move {
+            while reconnected.recv().await.is_some() {
+                let nkeys = f.cache.running_nkeys();
+                tracing::info!(
+                    machines = nkeys.len(),
+                    "NATS reconnected; reloading machines"
+                );
+                for n in nkeys {
+                    let _ = f.joins.send(n);
+                }
+            }
+        }
+    });
     tokio::spawn(follower.clone().presence_loop(presence_sub));
     tokio::spawn(follower.clone().unit_signal_loop(unit_signals));
     tokio::spawn(follower.clone().manager_signal_loop(manager_signals));

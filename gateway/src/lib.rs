@@ -24,6 +24,7 @@ pub mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -127,9 +128,16 @@ pub async fn start(
         None
     };
     let cache = Cache::new(filter);
-    let client = connect(&config).await?;
+    let (reconnected_tx, reconnected) = tokio::sync::mpsc::unbounded_channel();
+    let client = connect(&config, reconnected_tx).await?;
     let fleet = Fleet::new(client, format!("cbus-gateway@{}", host()));
-    follow::start(fleet.clone(), cache.clone(), config.request_timeout).await?;
+    follow::start(
+        fleet.clone(),
+        cache.clone(),
+        config.request_timeout,
+        reconnected,
+    )
+    .await?;
     let objects = objects::Objects::new(fleet.clone(), cache.clone(), config.request_timeout);
     let ctx = Arc::new(ws::WsContext {
         cache: cache.clone(),
@@ -203,7 +211,12 @@ async fn serve_metrics(State(cache): State<Cache>) -> impl IntoResponse {
     )
 }
 
-async fn connect(config: &Config) -> Result<async_nats::Client, StartError> {
+/// Connects (retrying in the background); `reconnected` hears of every reconnection after the
+/// first connection.
+async fn connect(
+    config: &Config,
+    reconnected: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Result<async_nats::Client, StartError> {
     let opts = config
         .credentials()
         .map_err(|e| StartError::Credentials(e.to_string()))?
@@ -216,10 +229,24 @@ async fn connect(config: &Config) -> Result<async_nats::Client, StartError> {
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .collect();
+    let was_down = Arc::new(AtomicBool::new(false));
     opts.name("cbus-gateway")
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .event_callback(|e| async move { tracing::info!(event = %e, "NATS event") })
+        .event_callback(move |e| {
+            let reconnected = reconnected.clone();
+            let was_down = was_down.clone();
+            async move {
+                tracing::info!(event = %e, "NATS event");
+                match e {
+                    async_nats::Event::Disconnected => was_down.store(true, Ordering::SeqCst),
+                    async_nats::Event::Connected if was_down.swap(false, Ordering::SeqCst) => {
+                        let _ = reconnected.send(());
+                    }
+                    _ => {}
+                }
+            }
+        })
         .connect(urls)
         .await
         .map_err(|e| StartError::Nats {

@@ -19,7 +19,7 @@ const SLEEPER: &str = "[Unit]\nDescription=gateway sleeper\n[Service]\nExecStart
 
 #[tokio::test]
 async fn metrics_from_cache_follow_real_units() {
-    let nats = NatsServer::start();
+    let mut nats = NatsServer::start();
     let machines = tokio::task::spawn_blocking(|| {
         let mut spec = MachineSpec::new("gw-1").with_unit("gw-sleeper.service", SLEEPER);
         spec.enable.push("gw-sleeper.service".into());
@@ -73,6 +73,21 @@ async fn metrics_from_cache_follow_real_units() {
     })
     .await;
     assert!(stopped, "stop not reflected:\n{}", metrics(port));
+
+    // NATS goes away while the unit starts; once everyone reconnected the cache catches up.
+    nats.stop();
+    let out = m.exec(&["systemctl", "start", "gw-sleeper.service"]);
+    assert!(out.status.success());
+    nats.restart();
+    let caught_up = cbus_tests::wait_for(Duration::from_secs(40), || async {
+        metrics(port).contains(&line("active", 1))
+    })
+    .await;
+    assert!(
+        caught_up,
+        "change during the NATS outage never arrived:\n{}",
+        metrics(port)
+    );
 
     // An agent that goes silent is reported down.
     agent.kill();
