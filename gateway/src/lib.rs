@@ -1,202 +1,207 @@
-//! `cbus-gateway`: one process that follows the fleet over NATS and serves Prometheus.
+//! `cbus-gateway`: one process that follows the fleet over NATS and serves browsers and
+//! Prometheus from what it learned, never from a round trip made on their behalf.
 //!
-//! [`cache`] holds every machine's agent state and systemd units, kept current by presence,
-//! one ListUnits per machine when it joins, and PropertiesChanged deltas; [`metrics`] renders
-//! `/metrics` from that cache alone.
+//! - [`follow`] keeps the [`cache`] current from NATS traffic (presence, the registry, unit
+//!   signals, one ListUnits per joining machine, agents' metrics);
+//! - [`objects`] follows the D-Bus objects clients look at;
+//! - [`ws`] is the WebSocket API (auth, subscriptions with snapshots and deltas, requests);
+//! - [`metrics`] renders `/metrics` from the cache alone;
+//! - [`dashboard`] serves the embedded browser UI; [`tls`] the optional rustls listener;
+//! - [`auth`] the token and Origin checks; [`requests`] the queries sent to machines.
+//!
+//! `main.rs` only parses flags and calls [`run`]; tests may call [`start`] in-process.
 
+pub mod auth;
 pub mod cache;
+pub mod config;
+pub mod dashboard;
+pub mod follow;
 pub mod metrics;
+pub mod objects;
+pub mod requests;
+pub mod tls;
+pub mod ws;
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use anyhow::Context as _;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use cbus_protocol::fleet::{status_from, Fleet, Outcome, Query};
-use cbus_protocol::presence::{self, PresenceEvent};
-use cbus_protocol::{headers, subject, Op, Request};
-use clap::Parser;
-use futures::StreamExt;
-use serde_json::json;
-use tokio::sync::mpsc;
+use cbus_protocol::fleet::Fleet;
+use cbus_protocol::presence;
 
-use cache::{Cache, Join, UnitFilter};
+pub use config::Config;
 
-/// Follows a cbus fleet over NATS and serves Prometheus metrics from a cache.
-#[derive(Debug, Clone, Parser)]
-#[command(name = "cbus-gateway", version, about)]
-pub struct Config {
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// NATS credentials file (.creds).
-    #[arg(long, env = "NATS_CREDS")]
-    pub creds: Option<PathBuf>,
-    /// NATS user.
-    #[arg(long, env = "NATS_USER")]
-    pub user: Option<String>,
-    /// NATS password.
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
-    pub password: Option<String>,
-    /// NATS token.
-    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// CA certificate for a NATS server with TLS.
-    #[arg(long, env = "NATS_CA")]
-    pub tls_ca: Option<PathBuf>,
-    /// HTTP listen address.
-    #[arg(long, env = "CBUS_GATEWAY_LISTEN", default_value = "127.0.0.1:9850")]
-    pub listen: SocketAddr,
-    /// Units to export (regex, anchored).
-    #[arg(long, default_value = ".+")]
-    pub unit_include: String,
-    /// Units not to export (regex, anchored); node_exporter's default.
-    #[arg(long, default_value = cache::DEFAULT_EXCLUDE)]
-    pub unit_exclude: String,
+use auth::{OriginPolicy, Token};
+use cache::{Cache, UnitFilter};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid --unit-include/--unit-exclude: {0}")]
+    UnitFilter(#[from] regex::Error),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("NATS credentials: {0}")]
+    Credentials(String),
+    #[error("cannot connect to NATS at {url}: {message}")]
+    Nats { url: String, message: String },
+    #[error(transparent)]
+    Follow(#[from] follow::FollowError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A started gateway.
+pub struct Gateway {
+    pub cache: Cache,
+    pub local_addr: SocketAddr,
+    pub tls: bool,
+    server: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+}
+
+impl Gateway {
+    /// Waits until the server stops (after the shutdown future given to [`start`] resolved).
+    pub async fn wait(self) -> Result<(), StartError> {
+        match self.server.await {
+            Ok(r) => r.map_err(StartError::Serve),
+            Err(e) => Err(StartError::Serve(std::io::Error::other(e.to_string()))),
+        }
+    }
 }
 
 /// Runs until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let filter = UnitFilter::new(&config.unit_include, &config.unit_exclude)
-        .context("invalid --unit-include/--unit-exclude")?;
-    let cache = Cache::new(filter);
-    let client = connect(&config).await?;
-    let fleet = Fleet::new(client.clone(), format!("cbus-gateway@{}", host()));
-    let (join_tx, join_rx) = mpsc::unbounded_channel::<String>();
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let gateway = start(config, shutdown_signal()).await?;
+    gateway.wait().await
+}
 
-    // Subscribe first, then read the registry, so no event falls in between.
-    let mut presence_sub = client.subscribe(subject::PRESENCE_ALL).await?;
-    let mut unit_signals = client
-        .subscribe("dbus.signals.*.*.org.freedesktop.systemd1.unit.>")
-        .await?;
-    let mut manager_signals = client
-        .subscribe("dbus.signals.*.*.org.freedesktop.systemd1")
-        .await?;
-    let mut agent_metrics = client.subscribe(subject::METRICS_ALL).await?;
-    match fleet.registry().await {
-        Ok(agents) => {
-            for a in agents {
-                let ev = PresenceEvent {
-                    event: match a.state {
-                        presence::AgentState::Stopped => presence::PresenceKind::Goodbye,
-                        _ => presence::PresenceKind::Heartbeat,
-                    },
-                    sent_at_ms: a.last_seen_ms,
-                    agent: a.info,
-                };
-                let nkey = ev.agent.nkey.clone();
-                if cache.presence(ev, a.last_seen_ms) == Join::New {
-                    let _ = join_tx.send(nkey);
-                }
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "no registry; learning agents from heartbeats"),
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
+}
 
-    tokio::spawn(load_units(fleet.clone(), cache.clone(), join_rx));
-    tokio::spawn({
-        let cache = cache.clone();
-        let join_tx = join_tx.clone();
-        async move {
-            while let Some(msg) = presence_sub.next().await {
-                let Ok(ev) = serde_json::from_slice::<PresenceEvent>(&msg.payload) else {
-                    tracing::debug!(subject = %msg.subject, "malformed presence ignored");
-                    continue;
-                };
-                let nkey = ev.agent.nkey.clone();
-                if subject::nkey_of(&msg.subject) != Some(nkey.as_str()) {
-                    tracing::debug!(subject = %msg.subject, "presence for another nkey ignored");
-                    continue;
-                }
-                if matches!(
-                    cache.presence(ev, presence::now_ms()),
-                    Join::New | Join::Restarted
-                ) {
-                    let _ = join_tx.send(nkey);
-                }
-            }
+/// Connects, starts following the fleet, and serves until `shutdown` resolves.
+pub async fn start(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Gateway, StartError> {
+    let filter = UnitFilter::new(&config.unit_include, &config.unit_exclude)?;
+    let token = match (&config.token, &config.token_file) {
+        (Some(t), _) if !t.is_empty() => Token::new(t),
+        (_, Some(path)) => Token::from_file(path)?,
+        _ => {
+            let (token, text) = Token::generate()?;
+            tracing::warn!(
+                token = %text,
+                "no --token or --token-file given: generated a client token for this run"
+            );
+            token
         }
+    };
+    // Local configuration errors first, before waiting on the network.
+    let tls_config = if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        Some(tls::from_files(cert, key)?)
+    } else if config.self_signed {
+        let (cfg, pem) = tls::self_signed(&[host()])?;
+        tracing::info!(certificate = %pem, "generated a self-signed certificate; clients may pin it");
+        Some(cfg)
+    } else {
+        None
+    };
+    let cache = Cache::new(filter);
+    let (reconnected_tx, reconnected) = tokio::sync::mpsc::unbounded_channel();
+    let client = connect(&config, reconnected_tx).await?;
+    let fleet = Fleet::new(client, format!("cbus-gateway@{}", host()));
+    follow::start(
+        fleet.clone(),
+        cache.clone(),
+        config.request_timeout,
+        reconnected,
+    )
+    .await?;
+    let objects = objects::Objects::new(fleet.clone(), cache.clone(), config.request_timeout);
+    let ctx = Arc::new(ws::WsContext {
+        cache: cache.clone(),
+        objects,
+        fleet,
+        token,
+        origins: OriginPolicy::new(&config.allow_origins),
+        allow_token_in_url: config.allow_token_in_url,
+        heartbeat: config.ws_heartbeat,
+        queue: config.ws_queue,
+        request_timeout: config.request_timeout,
     });
-    tokio::spawn({
-        let cache = cache.clone();
-        async move {
-            while let Some(msg) = unit_signals.next().await {
-                let h = msg.headers.as_ref();
-                if headers::get(h, headers::MEMBER) != Some("PropertiesChanged") {
-                    continue;
-                }
-                let (Some(nkey), Some(path)) = (
-                    headers::get(h, headers::NKEY),
-                    headers::get(h, headers::PATH),
-                ) else {
-                    continue;
-                };
-                if let Ok(args) = serde_json::from_slice(&msg.payload) {
-                    cache.properties_changed(nkey, path, &args);
-                }
-            }
-        }
-    });
-    tokio::spawn({
-        let join_tx = join_tx.clone();
-        async move {
-            while let Some(msg) = manager_signals.next().await {
-                let h = msg.headers.as_ref();
-                if matches!(
-                    headers::get(h, headers::MEMBER),
-                    Some("UnitNew" | "UnitRemoved")
-                ) {
-                    if let Some(nkey) = headers::get(h, headers::NKEY) {
-                        let _ = join_tx.send(nkey.to_owned());
-                    }
-                }
-            }
-        }
-    });
-    tokio::spawn({
-        let cache = cache.clone();
-        async move {
-            while let Some(msg) = agent_metrics.next().await {
-                if let Some(nkey) = subject::nkey_of(&msg.subject) {
-                    cache.set_agent_metrics(
-                        nkey,
-                        String::from_utf8_lossy(&msg.payload).into_owned(),
-                    );
-                }
-            }
-        }
-    });
-
     let app = axum::Router::new()
-        .route("/metrics", get(serve_metrics))
+        .route("/ws", get(ws::handler))
+        .with_state(ctx)
+        .merge(
+            axum::Router::new()
+                .route("/metrics", get(serve_metrics))
+                .with_state(cache.clone()),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(cache);
+        .merge(dashboard::routes());
+
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    tracing::info!(listen = %config.listen, "serving /metrics");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => return std::future::pending().await,
-                };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        })
-        .await?;
-    Ok(())
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(StartError::Serve)?;
+    let is_tls = tls_config.is_some();
+    tracing::info!(
+        listen = %local_addr,
+        tls = is_tls,
+        "serving the dashboard at /, the WebSocket API at /ws and Prometheus at /metrics"
+    );
+    let server = match tls_config {
+        Some(cfg) => {
+            let listener = tls::TlsListener::new(listener, cfg).map_err(StartError::Serve)?;
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            })
+        }
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }),
+    };
+    Ok(Gateway {
+        cache,
+        local_addr,
+        tls: is_tls,
+        server,
+    })
 }
 
 async fn serve_metrics(State(cache): State<Cache>) -> impl IntoResponse {
-    let body = metrics::render(&cache.snapshot(), presence::now_ms());
+    let body = cache.with_machines(|m| {
+        let machines: Vec<&cache::Machine> = m.values().collect();
+        metrics::render(&machines, presence::now_ms())
+    });
     (
         [(
             header::CONTENT_TYPE,
@@ -206,88 +211,48 @@ async fn serve_metrics(State(cache): State<Cache>) -> impl IntoResponse {
     )
 }
 
-/// Loads units of machines that joined, restarted, or added/removed units; coalesces bursts.
-async fn load_units(fleet: Fleet, cache: Cache, mut joins: mpsc::UnboundedReceiver<String>) {
-    while let Some(first) = joins.recv().await {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut nkeys = vec![first];
-        while let Ok(n) = joins.try_recv() {
-            if !nkeys.contains(&n) {
-                nkeys.push(n);
-            }
-        }
-        let targets: Vec<_> = cache
-            .snapshot()
-            .into_iter()
-            .filter(|m| nkeys.contains(&m.info.nkey))
-            .map(|m| {
-                let ev = PresenceEvent {
-                    event: m.last_event,
-                    sent_at_ms: m.last_seen_ms,
-                    agent: m.info.clone(),
-                };
-                status_from(ev, m.last_seen_ms, presence::now_ms())
-            })
-            .collect();
-        let query = Query {
-            destination: "org.freedesktop.systemd1".into(),
-            path: "/org/freedesktop/systemd1".into(),
-            op: Op::Call,
-            member: Some("ListUnits".into()),
-            request: Request {
-                interface: Some("org.freedesktop.systemd1.Manager".into()),
-                args: Some(json!([])),
-                signature: Some(String::new()),
-                ..Default::default()
-            },
-        };
-        match fleet
-            .fan_out(&targets, &query, Duration::from_secs(10))
-            .await
-        {
-            Ok(outcomes) => {
-                for o in outcomes {
-                    match o.outcome {
-                        Outcome::Replied(r) => match r.result {
-                            Ok(s) => cache.load_units(&o.agent.info.nkey, &s.value[0]),
-                            Err(e) => {
-                                tracing::debug!(host = %o.agent.info.hostname, error = %e, "no systemd units")
-                            }
-                        },
-                        other => {
-                            tracing::info!(host = %o.agent.info.hostname, outcome = ?other, "could not load units")
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot load units"),
-        }
-    }
-}
-
-async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
-    let opts = cbus_protocol::connect::Credentials {
-        creds: config.creds.clone(),
-        nkey_seed: None,
-        user: config.user.clone(),
-        password: config.password.clone(),
-        token: config.token.clone(),
-        tls_ca: config.tls_ca.clone(),
-    }
-    .options()
-    .await?;
+/// Connects (retrying in the background); `reconnected` hears of every reconnection after the
+/// first connection.
+async fn connect(
+    config: &Config,
+    reconnected: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Result<async_nats::Client, StartError> {
+    let opts = config
+        .credentials()
+        .map_err(|e| StartError::Credentials(e.to_string()))?
+        .options()
+        .await
+        .map_err(|e| StartError::Credentials(e.to_string()))?;
     let urls: Vec<String> = config
         .nats_url
         .split(',')
         .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
         .collect();
+    let was_down = Arc::new(AtomicBool::new(false));
     opts.name("cbus-gateway")
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .event_callback(|e| async move { tracing::info!(event = %e, "NATS event") })
+        .event_callback(move |e| {
+            let reconnected = reconnected.clone();
+            let was_down = was_down.clone();
+            async move {
+                tracing::info!(event = %e, "NATS event");
+                match e {
+                    async_nats::Event::Disconnected => was_down.store(true, Ordering::SeqCst),
+                    async_nats::Event::Connected if was_down.swap(false, Ordering::SeqCst) => {
+                        let _ = reconnected.send(());
+                    }
+                    _ => {}
+                }
+            }
+        })
         .connect(urls)
         .await
-        .with_context(|| format!("cannot connect to NATS at {}", config.nats_url))
+        .map_err(|e| StartError::Nats {
+            url: config.nats_url.clone(),
+            message: e.to_string(),
+        })
 }
 
 fn host() -> String {

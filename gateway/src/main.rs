@@ -1,3 +1,5 @@
+//! `cbus-gateway`: flags, logging, and the library's `run`.
+
 use clap::Parser;
 
 #[tokio::main]
@@ -7,5 +9,6 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    cbus_gateway::run(cbus_gateway::Config::parse()).await
+    cbus_gateway::run(cbus_gateway::Config::parse()).await?;
+    Ok(())
 }

@@ -1,16 +1,23 @@
 //! `/metrics` rendered from the cache: no NATS round trip during a scrape, so one stuck machine
 //! can never slow Prometheus down. Names follow node_exporter's systemd collector with a `host`
 //! label, so dashboards carry over; the agents' own metrics are appended with a `host` label.
+//!
+//! Agents' text is untrusted input merged into one exposition, so it is parsed, not pasted:
+//! samples are regrouped under one HELP/TYPE per family (the format requires a family's samples
+//! to be contiguous and its metadata to appear once), label values are re-checked, an agent's own
+//! `host` label becomes `exported_host` (as Prometheus does on conflicts), and families that
+//! would clash with the gateway's own names are dropped.
 
-use std::collections::BTreeSet;
+use std::borrow::Borrow;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use cbus_protocol::presence::AgentState;
 
-use crate::cache::Machine;
+use crate::cache::{unit_type, Machine};
 
 /// The states node_exporter exports one-hot.
-const STATES: [&str; 6] = [
+pub const STATES: [&str; 6] = [
     "active",
     "activating",
     "deactivating",
@@ -19,8 +26,19 @@ const STATES: [&str; 6] = [
     "reloading",
 ];
 
-/// Prometheus text exposition of the fleet.
-pub fn render(machines: &[Machine], now_ms: u64) -> String {
+/// Families the gateway writes itself; agents may not reuse them.
+const OWN_FAMILIES: [&str; 5] = [
+    "cbus_agent_up",
+    "cbus_agent_last_seen_timestamp_seconds",
+    "cbus_systemd_unit_state",
+    "cbus_systemd_unit_restarts_total",
+    "cbus_systemd_unit_start_time_seconds",
+];
+
+/// Prometheus text exposition (format 0.0.4) of the fleet.
+pub fn render<M: Borrow<Machine>>(machines: &[M], now_ms: u64) -> String {
+    let machines: Vec<&Machine> = machines.iter().map(Borrow::borrow).collect();
+    let machines = machines.as_slice();
     let mut out = String::new();
     family(
         &mut out,
@@ -97,20 +115,22 @@ pub fn render(machines: &[Machine], now_ms: u64) -> String {
         &mut out,
         "cbus_systemd_unit_start_time_seconds",
         "gauge",
-        "When the unit last became active, where known.",
+        "When an active unit became active (ActiveEnterTimestamp); 0 for units not active.",
     );
     for m in machines {
         for (name, u) in &m.units {
-            if let Some(us) = u.active_enter_us.filter(|us| *us > 0) {
-                let _ = writeln!(
-                    out,
-                    "cbus_systemd_unit_start_time_seconds{{host=\"{}\",name=\"{}\",type=\"{}\"}} {:.6}",
-                    esc(&m.info.hostname),
-                    esc(name),
-                    esc(unit_type(name)),
-                    us as f64 / 1e6
-                );
-            }
+            let secs = match u.active_enter_us {
+                Some(us) if u.active == "active" => us as f64 / 1e6,
+                _ if u.active != "active" => 0.0,
+                _ => continue,
+            };
+            let _ = writeln!(
+                out,
+                "cbus_systemd_unit_start_time_seconds{{host=\"{}\",name=\"{}\",type=\"{}\"}} {secs:.6}",
+                esc(&m.info.hostname),
+                esc(name),
+                esc(unit_type(name)),
+            );
         }
     }
     append_agent_metrics(&mut out, machines);
@@ -119,10 +139,6 @@ pub fn render(machines: &[Machine], now_ms: u64) -> String {
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn unit_type(name: &str) -> &str {
-    name.rsplit_once('.').map(|(_, t)| t).unwrap_or("")
 }
 
 /// Escapes a label value per the exposition format.
@@ -137,55 +153,227 @@ pub fn esc(v: &str) -> std::borrow::Cow<'_, str> {
     )
 }
 
+/// One metric family gathered from all agents.
+#[derive(Default)]
+struct Family {
+    help: Option<String>,
+    kind: Option<String>,
+    samples: Vec<String>,
+}
+
 /// Every agent's own metrics with a `host` label added; HELP and TYPE once per family, and the
 /// samples of a family kept together as the format requires.
-fn append_agent_metrics(out: &mut String, machines: &[Machine]) {
-    // family name -> (help/type lines, samples)
-    let mut families: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
-    let mut seen_meta: BTreeSet<String> = BTreeSet::new();
+pub fn append_agent_metrics(out: &mut String, machines: &[&Machine]) {
+    let mut order: Vec<String> = Vec::new();
+    let mut families: HashMap<String, Family> = HashMap::new();
     for m in machines {
-        let mut current: Option<usize> = None;
-        for line in m.agent_metrics.lines() {
-            if let Some(rest) = line.strip_prefix("# ") {
-                let mut parts = rest.splitn(3, ' ');
-                let (Some(kind), Some(name)) = (parts.next(), parts.next()) else {
-                    continue;
-                };
-                if kind != "HELP" && kind != "TYPE" {
-                    continue;
-                }
-                if !valid_metric_name(name) {
-                    current = None;
-                    continue;
-                }
-                let idx = match families.iter().position(|f| f.0 == name) {
-                    Some(i) => i,
-                    None => {
-                        families.push((name.to_owned(), Vec::new(), Vec::new()));
-                        families.len() - 1
-                    }
-                };
-                if seen_meta.insert(format!("{kind} {name}")) {
-                    families[idx].1.push(line.to_owned());
-                }
-                current = Some(idx);
-            } else if !line.trim().is_empty() && !line.starts_with('#') {
-                let Some(idx) = current else { continue };
-                if let Some(sample) = with_host(line, &m.info.hostname) {
-                    families[idx].2.push(sample);
-                }
-            }
-        }
+        relabel_into(
+            &m.agent_metrics,
+            &m.info.hostname,
+            &mut order,
+            &mut families,
+        );
     }
-    for (_, meta, samples) in families {
-        for l in meta {
-            out.push_str(&l);
-            out.push('\n');
+    for name in order {
+        let Some(f) = families.remove(&name) else {
+            continue;
+        };
+        if let Some(help) = f.help {
+            let _ = writeln!(out, "# HELP {name} {help}");
         }
-        for s in samples {
+        if let Some(kind) = f.kind {
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+        }
+        for s in f.samples {
             out.push_str(&s);
             out.push('\n');
         }
+    }
+}
+
+/// Parses one agent's exposition and files its samples, relabelled, under their families.
+fn relabel_into(
+    text: &str,
+    host: &str,
+    order: &mut Vec<String>,
+    families: &mut HashMap<String, Family>,
+) {
+    fn get<'f>(
+        order: &mut Vec<String>,
+        families: &'f mut HashMap<String, Family>,
+        name: &str,
+    ) -> Option<&'f mut Family> {
+        if OWN_FAMILIES.contains(&name) {
+            return None;
+        }
+        if !families.contains_key(name) {
+            order.push(name.to_owned());
+        }
+        Some(families.entry(name.to_owned()).or_default())
+    }
+    // The family the last TYPE line named: its histogram/summary samples carry suffixes.
+    let mut current: Option<(String, String)> = None;
+    for line in text.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('#') {
+            let rest = rest.trim_start();
+            let mut parts = rest.splitn(3, ' ');
+            let (Some(kind), Some(name)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let arg = parts.next().unwrap_or("").trim();
+            if !valid_metric_name(name) {
+                continue;
+            }
+            match kind {
+                "HELP" => {
+                    if let Some(f) = get(order, families, name) {
+                        f.help.get_or_insert_with(|| arg.to_owned());
+                    }
+                }
+                "TYPE" => {
+                    const KINDS: [&str; 5] =
+                        ["counter", "gauge", "histogram", "summary", "untyped"];
+                    if !KINDS.contains(&arg) {
+                        continue;
+                    }
+                    if let Some(f) = get(order, families, name) {
+                        f.kind.get_or_insert_with(|| arg.to_owned());
+                        current = Some((name.to_owned(), arg.to_owned()));
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        let Some(sample) = Sample::parse(line) else {
+            tracing::debug!(host, line, "unparsable agent metric line dropped");
+            continue;
+        };
+        let family_name = match &current {
+            Some((fam, kind))
+                if sample.name == *fam
+                    || (matches!(kind.as_str(), "histogram" | "summary")
+                        && ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .any(|s| sample.name.strip_suffix(s) == Some(fam.as_str()))) =>
+            {
+                fam.clone()
+            }
+            _ => sample.name.to_owned(),
+        };
+        if let Some(f) = get(order, families, &family_name) {
+            f.samples.push(sample.render_with_host(host));
+        }
+    }
+}
+
+/// A parsed sample line: `name{labels} value [timestamp]`.
+#[derive(Debug, PartialEq)]
+struct Sample<'a> {
+    name: &'a str,
+    /// (label name, escaped value as written)
+    labels: Vec<(&'a str, &'a str)>,
+    /// value and optional timestamp, as written
+    rest: &'a str,
+}
+
+impl<'a> Sample<'a> {
+    fn parse(line: &'a str) -> Option<Sample<'a>> {
+        let line = line.trim();
+        let name_end = line
+            .find(|c: char| c == '{' || c.is_ascii_whitespace())
+            .unwrap_or(line.len());
+        let name = &line[..name_end];
+        if !valid_metric_name(name) {
+            return None;
+        }
+        let mut rest = &line[name_end..];
+        let mut labels = Vec::new();
+        if let Some(body) = rest.strip_prefix('{') {
+            let mut s = body;
+            loop {
+                s = s.trim_start();
+                if let Some(after) = s.strip_prefix('}') {
+                    rest = after;
+                    break;
+                }
+                let eq = s.find('=')?;
+                let lname = s[..eq].trim();
+                if !valid_label_name(lname) {
+                    return None;
+                }
+                let after_eq = s[eq + 1..].trim_start().strip_prefix('"')?;
+                // Find the closing quote, honouring backslash escapes.
+                let mut end = None;
+                let mut escaped = false;
+                for (i, c) in after_eq.char_indices() {
+                    match c {
+                        _ if escaped => {
+                            if !matches!(c, '\\' | '"' | 'n') {
+                                return None;
+                            }
+                            escaped = false;
+                        }
+                        '\\' => escaped = true,
+                        '"' => {
+                            end = Some(i);
+                            break;
+                        }
+                        '\n' => return None,
+                        _ => {}
+                    }
+                }
+                let end = end?;
+                labels.push((lname, &after_eq[..end]));
+                s = after_eq[end + 1..].trim_start();
+                if let Some(after) = s.strip_prefix(',') {
+                    s = after;
+                } else if !s.starts_with('}') {
+                    return None;
+                }
+            }
+        }
+        let rest = rest.trim();
+        let mut fields = rest.split_ascii_whitespace();
+        let value = fields.next()?;
+        let valid_value = value.parse::<f64>().is_ok()
+            || matches!(value, "NaN" | "+Inf" | "-Inf" | "Inf" | "+inf" | "-inf");
+        if !valid_value {
+            return None;
+        }
+        if let Some(ts) = fields.next() {
+            ts.parse::<i64>().ok()?;
+        }
+        if fields.next().is_some() {
+            return None;
+        }
+        Some(Sample { name, labels, rest })
+    }
+
+    fn render_with_host(&self, host: &str) -> String {
+        let mut s = String::with_capacity(self.name.len() + self.rest.len() + 32);
+        s.push_str(self.name);
+        s.push_str("{host=\"");
+        s.push_str(&esc(host));
+        s.push('"');
+        for (name, value) in &self.labels {
+            s.push(',');
+            s.push_str(if *name == "host" {
+                "exported_host"
+            } else {
+                name
+            });
+            s.push_str("=\"");
+            s.push_str(value);
+            s.push('"');
+        }
+        s.push_str("} ");
+        s.push_str(self.rest);
+        s
     }
 }
 
@@ -195,42 +383,136 @@ fn valid_metric_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
 }
 
-/// `name{a="b"} 1` -> `name{host="h",a="b"} 1`; `name 1` -> `name{host="h"} 1`.
-fn with_host(line: &str, host: &str) -> Option<String> {
-    let label = format!("host=\"{}\"", esc(host));
-    if let Some(brace) = line.find('{') {
-        let (name, rest) = line.split_at(brace);
-        if !valid_metric_name(name) || rest.contains("host=") {
-            return None;
-        }
-        let rest = &rest[1..];
-        if rest.starts_with('}') {
-            Some(format!("{name}{{{label}{rest}"))
-        } else {
-            Some(format!("{name}{{{label},{rest}"))
-        }
-    } else {
-        let (name, value) = line.split_once(' ')?;
-        valid_metric_name(name).then(|| format!("{name}{{{label}}} {value}"))
-    }
+fn valid_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::Unit;
+    use cbus_protocol::presence::{AgentInfo, PresenceKind};
+    use std::collections::BTreeMap;
+
+    fn machine(host: &str, metrics: &str) -> Machine {
+        let mut m = Machine::new(
+            AgentInfo {
+                nkey: format!("U{host}"),
+                hostname: host.into(),
+                version: "0.1.0".into(),
+                bus: "system".into(),
+                started_at_ms: 1,
+                heartbeat_ms: 5000,
+                bus_connected: true,
+                labels: BTreeMap::new(),
+            },
+            PresenceKind::Heartbeat,
+            cbus_protocol::presence::now_ms(),
+        );
+        m.agent_metrics = metrics.into();
+        m
+    }
 
     #[test]
-    fn host_label_is_added() {
+    fn samples_parse_and_relabel() {
+        let s = Sample::parse(r#"a{op="get",x="a\"}b"} 3 1700"#).unwrap();
+        assert_eq!(s.labels, vec![("op", "get"), ("x", r#"a\"}b"#)]);
         assert_eq!(
-            with_host("a_total 3", "h").unwrap(),
+            s.render_with_host("h\"x"),
+            r#"a{host="h\"x",op="get",x="a\"}b"} 3 1700"#
+        );
+        assert_eq!(
+            Sample::parse("a_total 3").unwrap().render_with_host("h"),
             "a_total{host=\"h\"} 3"
         );
         assert_eq!(
-            with_host("a{op=\"get\"} 3", "h\"x").unwrap(),
-            "a{host=\"h\\\"x\",op=\"get\"} 3"
+            Sample::parse("a{} 3").unwrap().render_with_host("h"),
+            "a{host=\"h\"} 3"
         );
-        assert_eq!(with_host("a{} 3", "h").unwrap(), "a{host=\"h\"} 3");
-        assert!(with_host("1bad 3", "h").is_none());
+        assert_eq!(
+            Sample::parse(r#"a{host="inner"} NaN"#)
+                .unwrap()
+                .render_with_host("h"),
+            r#"a{host="h",exported_host="inner"} NaN"#
+        );
+        for bad in [
+            "1bad 3",
+            "a 3 4 5",
+            "a{x=\"1} 3",
+            "a{x=1} 3",
+            "a{1x=\"1\"} 3",
+            "a{x=\"\\q\"} 3",
+            "a nope",
+            "a",
+        ] {
+            assert!(Sample::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn families_merge_across_agents() {
+        let a = "# HELP req_total Requests.\n# TYPE req_total counter\nreq_total{op=\"get\"} 1\n\
+                 # HELP lat Latency.\n# TYPE lat histogram\nlat_bucket{le=\"1\"} 1\nlat_bucket{le=\"+Inf\"} 2\nlat_sum 3\nlat_count 2\n\
+                 cbus_agent_up 1\nstray 5\n";
+        let b = "# HELP req_total Other help.\n# TYPE req_total counter\nreq_total{op=\"get\"} 7\n# TYPE lat histogram\nlat_bucket{le=\"+Inf\"} 0\nlat_sum 0\nlat_count 0\n";
+        let mut out = String::new();
+        append_agent_metrics(&mut out, &[&machine("a", a), &machine("b", b)]);
+        assert_eq!(out.matches("# HELP req_total").count(), 1);
+        assert_eq!(out.matches("# TYPE lat histogram").count(), 1);
+        assert!(
+            !out.contains("cbus_agent_up"),
+            "own families are not overwritten"
+        );
+        let req: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("req_total{"))
+            .collect();
+        assert_eq!(
+            req,
+            [
+                "req_total{host=\"a\",op=\"get\"} 1",
+                "req_total{host=\"b\",op=\"get\"} 7"
+            ]
+        );
+        // The histogram's samples stay together after its TYPE, from both hosts.
+        let lat_start = out.find("# TYPE lat").unwrap();
+        let lat_block: Vec<&str> = out[lat_start..].lines().skip(1).take(7).collect();
+        assert!(lat_block.iter().all(|l| l.starts_with("lat_")), "{out}");
+        assert!(out.contains("stray{host=\"a\"} 5"));
+    }
+
+    #[test]
+    fn exposition_of_units() {
+        let mut m = machine("h1", "");
+        m.units.insert(
+            "x.service".into(),
+            Unit {
+                active: "failed".into(),
+                restarts: Some(2),
+                ..Default::default()
+            },
+        );
+        m.units.insert(
+            "y.service".into(),
+            Unit {
+                active: "active".into(),
+                active_enter_us: Some(1_500_000),
+                ..Default::default()
+            },
+        );
+        let out = render(&[m], cbus_protocol::presence::now_ms());
+        assert!(out.contains(
+            "cbus_systemd_unit_state{host=\"h1\",name=\"x.service\",type=\"service\",state=\"failed\"} 1"
+        ));
+        assert!(out.contains(
+            "cbus_systemd_unit_state{host=\"h1\",name=\"x.service\",type=\"service\",state=\"active\"} 0"
+        ));
+        assert!(out.contains("cbus_systemd_unit_restarts_total{host=\"h1\",name=\"x.service\"} 2"));
+        assert!(out.contains("cbus_systemd_unit_start_time_seconds{host=\"h1\",name=\"y.service\",type=\"service\"} 1.500000"));
+        assert!(out.contains("cbus_systemd_unit_start_time_seconds{host=\"h1\",name=\"x.service\",type=\"service\"} 0.000000"));
+        assert!(out.contains("cbus_agent_up{host=\"h1\",nkey=\"Uh1\"} 1"));
     }
 
     #[test]

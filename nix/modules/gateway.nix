@@ -1,4 +1,5 @@
-# services.cbus-gateway: Prometheus metrics for the whole fleet, served from a cache.
+# services.cbus-gateway: dashboard, WebSocket API and Prometheus metrics for the whole fleet,
+# served from a cache kept by NATS traffic.
 { config, lib, pkgs, ... }:
 let
   cfg = config.services.cbus-gateway;
@@ -24,8 +25,18 @@ in
     };
     listenAddress = mkOption {
       type = types.str;
-      default = "127.0.0.1:9850";
-      description = "Address of /metrics.";
+      default = "127.0.0.1:8080";
+      description = "Address of the dashboard (/), the WebSocket API (/ws) and /metrics.";
+    };
+    tokenFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      description = "File holding the token dashboard and WebSocket clients must present (passed as a systemd credential). Without it the gateway generates one per start and logs it.";
+    };
+    allowOrigins = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Web origins besides the gateway's own that may open WebSockets.";
     };
     unitInclude = mkOption {
       type = types.str;
@@ -51,7 +62,7 @@ in
 
   config = mkIf cfg.enable {
     systemd.services.cbus-gateway = {
-      description = "cbus gateway: fleet metrics from NATS";
+      description = "cbus gateway: fleet dashboard, WebSocket API and metrics from NATS";
       wantedBy = [ "multi-user.target" ];
       after = [ "network-online.target" ];
       wants = [ "network-online.target" ];
@@ -61,9 +72,12 @@ in
           [ "--nats-url" cfg.natsUrl "--listen" cfg.listenAddress
             "--unit-include" cfg.unitInclude "--unit-exclude" cfg.unitExclude ]
           (optionals (cfg.credentialsFile != null) [ "--creds" (toString cfg.credentialsFile) ])
+          (optionals (cfg.tokenFile != null) [ "--token-file" "%d/token" ])
+          (concatLists (map (o: [ "--allow-origin" o ]) cfg.allowOrigins))
           cfg.extraArgs
         ]);
         DynamicUser = true;
+        LoadCredential = optionals (cfg.tokenFile != null) [ "token:${toString cfg.tokenFile}" ];
         Restart = "always";
         RestartSec = 2;
       };

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod bins;
 pub mod dbus;
+pub mod gateway;
 pub mod machines;
 pub mod nats;
 pub mod util;
@@ -13,6 +14,7 @@ pub mod util;
 pub use agent::Agent;
 pub use bins::bin_path;
 pub use dbus::{PrivateBus, TestService};
+pub use gateway::GatewayProcess;
 pub use machines::{Fleet, Machine, MachineSpec};
 pub use nats::NatsServer;
 pub use util::{free_port, init_tracing, wait_for};

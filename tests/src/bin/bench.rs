@@ -194,12 +194,13 @@ fn metrics_render() {
                             sub: "running".into(),
                             active_enter_us: Some(1_700_000_000_000_000),
                             restarts: Some(u % 3),
+                            ..Default::default()
                         },
                     )
                 })
                 .collect();
-            Machine {
-                info: AgentInfo {
+            let mut m = Machine::new(
+                AgentInfo {
                     nkey: format!("U{i:055}"),
                     hostname: format!("host-{i}"),
                     version: "0.1.0".into(),
@@ -209,12 +210,11 @@ fn metrics_render() {
                     bus_connected: true,
                     labels: BTreeMap::new(),
                 },
-                last_event: PresenceKind::Heartbeat,
-                last_seen_ms: cbus_protocol::presence::now_ms(),
-                paths: BTreeMap::new(),
-                units,
-                agent_metrics: String::new(),
-            }
+                PresenceKind::Heartbeat,
+                cbus_protocol::presence::now_ms(),
+            );
+            m.units = units;
+            m
         })
         .collect();
     let mut samples = Vec::new();

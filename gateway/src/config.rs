@@ -1,0 +1,173 @@
+//! Command-line flags and environment of `cbus-gateway`.
+//!
+//! NATS flags mirror the agent's and the CLI's, so one set of credentials works for all three;
+//! what they mean is decided once in `cbus_protocol::connect`. Client-facing flags (token,
+//! origins, TLS) are the gateway's own.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Follows a cbus fleet over NATS; serves a WebSocket API, a dashboard and Prometheus metrics
+/// from a cache that NATS traffic keeps current.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "cbus-gateway", version, about)]
+pub struct Config {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// NATS credentials file (.creds).
+    #[arg(long, env = "NATS_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// File holding an nkey seed (`SU...`) to authenticate to NATS with.
+    #[arg(long, env = "NATS_NKEY")]
+    pub nkey: Option<PathBuf>,
+    /// NATS user.
+    #[arg(long, env = "NATS_USER")]
+    pub user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// NATS token (for the NATS server; clients of the gateway use --client-token).
+    #[arg(
+        long = "nats-token",
+        alias = "token-nats",
+        env = "NATS_TOKEN",
+        hide_env_values = true
+    )]
+    pub nats_token: Option<String>,
+    /// CA certificate for a NATS server with TLS.
+    #[arg(long, env = "NATS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// HTTP(S) listen address for the dashboard, /ws and /metrics.
+    #[arg(long, env = "CBUS_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Token WebSocket clients must present. Without --token and --token-file the gateway
+    /// generates one at start and logs it.
+    #[arg(long, env = "CBUS_GATEWAY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the client token (first line).
+    #[arg(long, env = "CBUS_GATEWAY_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// Also accept the token as `?token=` in the WebSocket URL (off: URLs end up in logs).
+    #[arg(long)]
+    pub allow_token_in_url: bool,
+    /// Origins allowed to open a WebSocket besides the gateway's own host (`https://ops.example`);
+    /// `*` allows any. Repeatable.
+    #[arg(
+        long = "allow-origin",
+        env = "CBUS_GATEWAY_ALLOW_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub allow_origins: Vec<String>,
+    /// TLS certificate chain (PEM).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve TLS with a self-signed certificate generated at start (its SHA-256 is logged).
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub self_signed: bool,
+
+    /// Units to follow and export (regex, anchored).
+    #[arg(long, default_value = ".+")]
+    pub unit_include: String,
+    /// Units not to follow (regex, anchored); node_exporter's default.
+    #[arg(long, default_value = crate::cache::DEFAULT_EXCLUDE)]
+    pub unit_exclude: String,
+
+    /// Interval of server heartbeats on WebSockets.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub ws_heartbeat: Duration,
+    /// Frames queued per WebSocket client; a client further behind gets a fresh snapshot.
+    #[arg(long, default_value_t = 256)]
+    pub ws_queue: usize,
+    /// Default timeout of requests sent to machines.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+}
+
+impl Config {
+    /// The NATS credentials given on the command line.
+    pub fn credentials(&self) -> Result<cbus_protocol::connect::Credentials, std::io::Error> {
+        let nkey_seed = match &self.nkey {
+            Some(path) => Some(
+                std::fs::read_to_string(path)?
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| l.starts_with("SU"))
+                    .ok_or_else(|| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("{} holds no nkey seed (SU...)", path.display()),
+                        )
+                    })?
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(cbus_protocol::connect::Credentials {
+            creds: self.creds.clone(),
+            nkey_seed,
+            user: self.user.clone(),
+            password: self.password.clone(),
+            token: self.nats_token.clone(),
+            tls_ca: self.tls_ca.clone(),
+        })
+    }
+}
+
+/// `500ms`, `15s`, `2m`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (e.g. 500ms, 15s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (ms, s or m)")),
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("duration {s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("3h").is_err());
+    }
+
+    #[test]
+    fn flags_parse() {
+        let c = Config::try_parse_from([
+            "cbus-gateway",
+            "--allow-origin",
+            "https://a.example,https://b.example",
+            "--token",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(c.allow_origins.len(), 2);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert!(Config::try_parse_from(["cbus-gateway", "--tls-cert", "a"]).is_err());
+    }
+}

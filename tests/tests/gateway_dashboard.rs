@@ -1,0 +1,193 @@
+//! The dashboard in real headless Chromium (driven by playwright-core, tests/dashboard/
+//! dashboard.mjs) against the gateway, real agents and two real systemd machines: login, the
+//! machines x units table, stop on one machine (checked over that machine's bus), the signal
+//! log, a bulk start with per-machine results, the object browser with a property edit, an
+//! unresponsive machine, and reconnecting after the gateway restarts. Screenshots go to
+//! /tmp/cbus-dashboard-*.png.
+//!
+//! Chromium (Debian package) and playwright-core (npm, into target/playwright) are installed
+//! when missing, so this runs from a fresh clone.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use cbus_tests::{Agent, GatewayProcess, Machine, MachineSpec, NatsServer};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const TOKEN: &str = "dashboard-test-token-42";
+const UNIT: &str = "gw-sleeper.service";
+const UNIT_PATH: &str = "/org/freedesktop/systemd1/unit/gw_2dsleeper_2eservice";
+const SLEEPER: &str = "[Unit]\nDescription=gateway sleeper\n[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+fn run(cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Installs Chromium and playwright-core when missing; returns the directory holding
+/// node_modules/playwright-core.
+fn browser_deps() -> PathBuf {
+    if !Path::new(CHROMIUM).exists() {
+        run(std::process::Command::new("apt-get")
+            .args(["install", "-y", "-qq", "chromium"])
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target.join("playwright");
+    if !dir
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        std::fs::create_dir_all(&dir).expect("create playwright dir");
+        run(std::process::Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+            .arg(&dir)
+            .arg("playwright-core@1"));
+    }
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboard/dashboard.mjs"),
+        dir.join("dashboard.mjs"),
+    )
+    .expect("copy dashboard.mjs next to node_modules");
+    dir
+}
+
+async fn property(m: &Machine, path: &str, iface: &str, name: &str) -> String {
+    let conn = zbus::connection::Builder::address(m.bus_address().as_str())
+        .expect("bus address")
+        .build()
+        .await
+        .expect("connect to the machine's bus");
+    let proxy = zbus::Proxy::new(
+        &conn,
+        "org.freedesktop.systemd1",
+        path.to_owned(),
+        iface.to_owned(),
+    )
+    .await
+    .expect("proxy");
+    proxy
+        .get_property::<String>(name)
+        .await
+        .expect("get property")
+}
+
+async fn active_state(m: &Machine) -> String {
+    property(m, UNIT_PATH, "org.freedesktop.systemd1.Unit", "ActiveState").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_in_headless_chromium() {
+    cbus_tests::init_tracing();
+    let pw_dir = tokio::task::spawn_blocking(browser_deps)
+        .await
+        .expect("browser deps");
+    let nats = NatsServer::start();
+    let fleet = tokio::task::spawn_blocking(|| {
+        let specs: Vec<MachineSpec> = ["dash-a", "dash-b"]
+            .iter()
+            .map(|name| {
+                let mut s = MachineSpec::new(*name).with_unit(UNIT, SLEEPER);
+                s.enable.push(UNIT.into());
+                s
+            })
+            .collect();
+        cbus_tests::Fleet::boot(&specs)
+    })
+    .await
+    .expect("boot machines");
+    let (a, b) = (fleet.get("dash-a"), fleet.get("dash-b"));
+    let start_agent = |m: &Machine| {
+        Agent::start_with_key(
+            &nats.url(),
+            &m.bus_address(),
+            &m.host_key_path(),
+            &["--hostname", &m.name, "--allow-all"],
+        )
+    };
+    let _agent_a = start_agent(a);
+    let mut agent_b = start_agent(b);
+    let mut gw = GatewayProcess::start(&nats.url(), TOKEN, &["--ws-heartbeat", "1s"]);
+    let port = gw.port;
+
+    let mut node = tokio::process::Command::new("node")
+        .arg(pw_dir.join("dashboard.mjs"))
+        .current_dir(&pw_dir)
+        .env("GATEWAY_URL", gw.base_url())
+        .env("TOKEN", TOKEN)
+        .env("UNIT", UNIT)
+        .env("HOST_A", &a.name)
+        .env("HOST_B", &b.name)
+        .env("SHOTS", "/tmp/cbus-dashboard")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run node (apt-get install nodejs npm)");
+    let mut stdin = node.stdin.take().expect("node stdin");
+    let mut out = BufReader::new(node.stdout.take().expect("node stdout")).lines();
+    let mut transcript = Vec::new();
+    let mut done = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        let line = match tokio::time::timeout_at(deadline, out.next_line()).await {
+            Ok(Ok(Some(l))) => l,
+            Ok(_) => break,
+            Err(_) => panic!("dashboard script timed out:\n{}", transcript.join("\n")),
+        };
+        transcript.push(line.clone());
+        match line.as_str() {
+            "STEP STOPPED" => {
+                assert_eq!(active_state(a).await, "inactive", "stop reached machine A");
+                assert_eq!(active_state(b).await, "active", "machine B untouched");
+            }
+            "STEP EDITED" => {
+                let level = property(
+                    a,
+                    "/org/freedesktop/systemd1",
+                    "org.freedesktop.systemd1.Manager",
+                    "LogLevel",
+                )
+                .await;
+                assert_eq!(level, "debug", "property edit reached machine A");
+                a.exec(&["systemd-analyze", "log-level", "info"]);
+            }
+            "STEP KILL_B" => agent_b.kill(),
+            "STEP STOP_GATEWAY" => gw.stop(),
+            "STEP START_GATEWAY" => {
+                gw = GatewayProcess::start_on(&nats.url(), TOKEN, port, &["--ws-heartbeat", "1s"]);
+            }
+            "DONE" => done = true,
+            l if l.starts_with("FAIL") => {
+                panic!("dashboard: {l}\n{}", transcript.join("\n"))
+            }
+            _ => continue,
+        }
+        if line.starts_with("STEP ") {
+            stdin.write_all(b"go\n").await.expect("write to node");
+            stdin.flush().await.expect("flush node stdin");
+        }
+    }
+    let status = node.wait().await.expect("wait for node");
+    println!("{}", transcript.join("\n"));
+    assert!(
+        done && status.success(),
+        "dashboard script failed:\n{}",
+        transcript.join("\n")
+    );
+    assert_eq!(
+        active_state(a).await,
+        "active",
+        "bulk start reached machine A"
+    );
+    drop(gw);
+}
