@@ -30,14 +30,19 @@ impl DevFleet {
             .and_then(Path::file_name)
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap();
+        let port = cbus_tests::free_port();
+        // Two calls may return the same port: the gateway's must differ from NATS's.
+        let gateway_port = std::iter::repeat_with(cbus_tests::free_port)
+            .find(|p| *p != port)
+            .unwrap();
         DevFleet {
             repo,
             dir: tempfile::Builder::new()
                 .prefix("cbus-devfleet-")
                 .tempdir()
                 .unwrap(),
-            port: cbus_tests::free_port(),
-            gateway_port: cbus_tests::free_port(),
+            port,
+            gateway_port,
             profile,
         }
     }
@@ -300,20 +305,24 @@ async fn dev_up_cli_permissions_add_and_down() {
     let by_gateway = format!("dbus.signals.{}._3a1_2e1.gateway", kp1.public_key());
     let requests2 = format!("dbus.agent.{}.>", kp2.public_key());
     let _spy = impostor.subscribe(requests2.clone()).await.unwrap();
-    impostor
-        .publish(foreign.clone(), "[]".into())
-        .await
-        .unwrap();
-    impostor.publish(own.clone(), "[]".into()).await.unwrap();
-    impostor.flush().await.unwrap();
     gateway
         .publish(by_gateway.clone(), "[]".into())
         .await
         .unwrap();
     gateway.flush().await.unwrap();
+    impostor
+        .publish(foreign.clone(), "[]".into())
+        .await
+        .unwrap();
+    // Last: once it arrives, anything the server let through before it has arrived too.
+    impostor.publish(own.clone(), "[]".into()).await.unwrap();
+    impostor.flush().await.unwrap();
     let mut got = Vec::new();
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), watch.next()).await {
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
         got.push(m.subject.to_string());
+        if got.contains(&own) {
+            break;
+        }
     }
     assert!(got.contains(&own), "own subject not delivered: {got:?}");
     assert!(
@@ -324,16 +333,25 @@ async fn dev_up_cli_permissions_add_and_down() {
         !got.contains(&by_gateway),
         "server let the gateway publish as machine 1"
     );
-    let mut reported = Vec::new();
-    while let Ok(e) = errors.try_recv() {
-        reported.push(e);
+    let mut reported: Vec<String> = Vec::new();
+    let violated = |reported: &[String], subject: &str| {
+        reported
+            .iter()
+            .any(|e| e.to_lowercase().contains("permissions violation") && e.contains(subject))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while [&foreign, &requests2, &by_gateway]
+        .iter()
+        .any(|s| !violated(&reported, s))
+    {
+        match tokio::time::timeout_at(deadline, errors.recv()).await {
+            Ok(Some(e)) => reported.push(e),
+            _ => break,
+        }
     }
     for subject in [&foreign, &requests2, &by_gateway] {
         assert!(
-            reported
-                .iter()
-                .any(|e| e.to_lowercase().contains("permissions violation")
-                    && e.contains(subject.as_str())),
+            violated(&reported, subject),
             "no permissions violation reported for {subject}: {reported:?}"
         );
     }
