@@ -1,17 +1,29 @@
-# All cbus binaries from the workspace; `agent` and `gateway` are thin outputs for one binary each.
+# All cbus binaries from the workspace (cbus, cbus-agent, cbus-gateway); `agent` and `gateway`
+# are thin outputs holding one binary each, for machines that need only that one.
 { lib, rustPlatform, runCommand }:
 let
+  root = ../.;
+  # The sources cargo needs: no .dev (the dev fleet's state and machine overlays), no target.
+  src = lib.cleanSourceWith {
+    src = lib.cleanSource root;
+    filter = path: type:
+      let rel = lib.removePrefix (toString root + "/") (toString path);
+      in !(lib.elem rel [ ".dev" "target" "result" "node_modules" ]);
+  };
   cbus = rustPlatform.buildRustPackage {
     pname = "cbus";
-    version = "0.1.0";
-    src = lib.cleanSource ../.;
+    version = (lib.importTOML ../Cargo.toml).workspace.package.version;
+    inherit src;
     cargoLock.lockFile = ../Cargo.lock;
     cargoBuildFlags = [ "--workspace" "--bins" ];
-    # The integration tests boot systemd machines and need root; run them with ./dev test.
+    # The integration tests need root, nats-server and systemd-nspawn: run them with ./dev test.
     doCheck = false;
     postInstall = ''
-      rm -f $out/bin/cbus-test-service
+      # Test and benchmark helpers of the tests crate are not part of the package.
+      rm -f $out/bin/cbus-test-service $out/bin/cbus-bench
       install -Dm644 agent/cbus-agent.service $out/lib/systemd/system/cbus-agent.service
+      substituteInPlace $out/lib/systemd/system/cbus-agent.service \
+        --replace-fail /usr/local/bin/cbus-agent $out/bin/cbus-agent
       install -Dm644 agent/policy.example.toml $out/share/cbus/policy.example.toml
     '';
     meta = {
@@ -21,7 +33,8 @@ let
       platforms = lib.platforms.linux;
     };
   };
-  only = name: runCommand "${name}-${cbus.version}" { meta.mainProgram = name; } ''
+  only = name: runCommand "${name}-${cbus.version}"
+    { meta = cbus.meta // { mainProgram = name; }; } ''
     install -Dm755 ${cbus}/bin/${name} $out/bin/${name}
   '';
 in

@@ -1,83 +1,196 @@
-# services.cbus-agent: bridges this host's D-Bus to NATS.
-{ config, lib, pkgs, ... }:
+# services.cbus-agent: bridges this host's D-Bus (system bus by default) to NATS.
+#
+# Every option maps to one cbus-agent flag (see `cbus-agent --help`); keep the two in sync.
+# The agent runs as root: it watches the system bus as a monitor (BecomeMonitor is root-only)
+# and reads the SSH host key its identity (nkey) comes from.
+{ config, lib, pkgs, utils, ... }:
 let
   cfg = config.services.cbus-agent;
-  inherit (lib) mkEnableOption mkOption mkIf types optional optionals concatLists mapAttrsToList escapeShellArgs;
+  inherit (lib) mkEnableOption mkOption mkIf types optional optionals concatLists
+    mapAttrsToList literalExpression;
+  toml = pkgs.formats.toml { };
+  policyFile =
+    if cfg.policyFile != null then cfg.policyFile
+    else if cfg.policy != { } then toml.generate "cbus-agent-policy.toml" cfg.policy
+    else null;
+  secretPath = types.nullOr (types.either types.path types.str);
 in
 {
   options.services.cbus-agent = {
-    enable = mkEnableOption "the cbus agent";
+    enable = mkEnableOption "the cbus agent, which bridges this host's D-Bus to NATS";
+
     package = mkOption {
       type = types.package;
       default = pkgs.cbus.agent or (pkgs.callPackage ../package.nix { }).agent;
+      defaultText = literalExpression "pkgs.cbus.agent";
       description = "Package providing bin/cbus-agent.";
     };
+
     natsUrl = mkOption {
-      type = types.str;
+      type = types.either types.str (types.listOf types.str);
       default = "nats://127.0.0.1:4222";
-      description = "NATS server URL(s), comma-separated.";
+      example = [ "tls://nats-1.example:4222" "tls://nats-2.example:4222" ];
+      description = "NATS server URL, or several (`--nats-url`, comma-separated).";
     };
+
+    # --- how the agent authenticates to NATS (at most one besides nkeyAuth) ---
     nkeyAuth = mkOption {
       type = types.bool;
-      default = true;
-      description = "Authenticate to NATS with the nkey derived from the SSH host key.";
+      default = cfg.credentialsFile == null;
+      defaultText = literalExpression "config.services.cbus-agent.credentialsFile == null";
+      description = ''
+        Authenticate to NATS with the nkey derived from {option}`hostKeyFile` (`--nats-nkey-auth`).
+        The server needs a user for that nkey: `cbus keyscan HOST` or `cbus nkey KEY.pub` prints it.
+      '';
     };
     credentialsFile = mkOption {
+      type = secretPath;
+      default = null;
+      example = "/run/keys/cbus-agent.creds";
+      description = ''
+        NATS `.creds` file holding a user JWT and its nkey seed (`--creds`), for servers in
+        operator/JWT mode. Give a path outside the Nix store.
+      '';
+    };
+    environmentFile = mkOption {
+      type = secretPath;
+      default = null;
+      example = "/run/keys/cbus-agent.env";
+      description = ''
+        Environment file for secrets that must not enter the Nix store:
+        `NATS_USER=` and `NATS_PASSWORD=`, or `NATS_TOKEN=`.
+      '';
+    };
+    tlsCaFile = mkOption {
       type = types.nullOr types.path;
       default = null;
-      description = "NATS .creds file (user JWT and seed), instead of nkey authentication.";
+      description = "CA certificate of a NATS server with TLS (`--tls-ca`).";
     };
+
+    # --- identity ---
     hostKeyFile = mkOption {
-      type = types.path;
-      default = "/etc/ssh/ssh_host_ed25519_key";
-      description = "SSH ed25519 host key the agent's identity (nkey) is derived from.";
-    };
-    bus = mkOption {
       type = types.str;
-      default = "system";
-      description = "system, user, or a D-Bus address.";
+      default = "/etc/ssh/ssh_host_ed25519_key";
+      description = "SSH ed25519 host key the agent's id (its nkey) is derived from (`--host-key`).";
     };
-    policyFile = mkOption {
-      type = types.nullOr types.path;
+    nkeySeedFile = mkOption {
+      type = secretPath;
       default = null;
-      description = "TOML policy of what may be set or called remotely (read-only when null).";
+      description = "An nkey seed file (`SU...`) to use instead of the SSH host key (`--nkey-seed-file`).";
+    };
+    hostname = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = "Hostname to report instead of the system's (`--hostname`).";
     };
     labels = mkOption {
       type = types.attrsOf types.str;
       default = { };
-      example = { role = "web"; };
-      description = "Labels reported in presence, for targeting.";
+      example = { role = "web"; env = "prod"; };
+      description = "Labels reported in presence, for `cbus --labels` (`--label KEY=VALUE`).";
     };
+
+    # --- what it bridges and allows ---
+    bus = mkOption {
+      type = types.str;
+      default = "system";
+      example = "unix:path=/run/user/1000/bus";
+      description = "Bus to bridge: `system`, `user`, or a D-Bus address (`--bus`).";
+    };
+    policy = mkOption {
+      type = toml.type;
+      default = { };
+      example = literalExpression ''
+        {
+          allow = [{
+            ops = [ "call" ];
+            destination = "org.freedesktop.systemd1";
+            interface = "org.freedesktop.systemd1.Manager";
+            member = "{Start,Stop,Restart,Reload,TryRestart}Unit";
+          }];
+        }
+      '';
+      description = ''
+        Policy of what may be set or called remotely, written as TOML (see
+        `share/cbus/policy.example.toml` of the package). Reads are always allowed;
+        with neither this nor {option}`policyFile`, the agent is read-only.
+      '';
+    };
+    policyFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      description = "Policy file (TOML) instead of {option}`policy` (`--policy`).";
+    };
+    allowAll = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Allow every remote set and call (`--allow-all`); trusted development setups only.";
+    };
+    heartbeat = mkOption {
+      type = types.str;
+      default = "5s";
+      description = "Presence heartbeat interval (`--heartbeat`).";
+    };
+    metricsListen = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "127.0.0.1:9851";
+      description = "Also serve the agent's own /metrics and /healthz here (`--metrics-listen`).";
+    };
+
     logLevel = mkOption {
       type = types.str;
       default = "info";
-      description = "RUST_LOG filter.";
+      example = "info,cbus_agent=debug";
+      description = "`RUST_LOG` filter.";
     };
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
+      example = [ "--exclude-interface" "org.freedesktop.DBus.Properties" ];
       description = "More cbus-agent flags.";
     };
   };
 
   config = mkIf cfg.enable {
+    assertions = [{
+      assertion = lib.length (lib.filter (x: x) [
+        cfg.nkeyAuth
+        (cfg.credentialsFile != null)
+      ]) <= 1;
+      message = "services.cbus-agent: use either nkeyAuth or credentialsFile, not both.";
+    }];
+
     systemd.services.cbus-agent = {
       description = "cbus agent: bridges this host's D-Bus to NATS";
       wantedBy = [ "multi-user.target" ];
-      after = [ "network-online.target" "dbus.service" ];
+      after = [ "network-online.target" "dbus.service" "sshd.service" "sshd-keygen.service" ];
       wants = [ "network-online.target" ];
       environment.RUST_LOG = cfg.logLevel;
       serviceConfig = {
-        ExecStart = "${cfg.package}/bin/cbus-agent " + escapeShellArgs (concatLists [
-          [ "--nats-url" cfg.natsUrl "--host-key" (toString cfg.hostKeyFile) "--bus" cfg.bus ]
+        ExecStart = utils.escapeSystemdExecArgs (concatLists [
+          [ "${cfg.package}/bin/cbus-agent" ]
+          [ "--nats-url" (lib.concatStringsSep "," (lib.toList cfg.natsUrl)) ]
+          [ "--host-key" cfg.hostKeyFile "--bus" cfg.bus "--heartbeat" cfg.heartbeat ]
           (optional cfg.nkeyAuth "--nats-nkey-auth")
           (optionals (cfg.credentialsFile != null) [ "--creds" (toString cfg.credentialsFile) ])
-          (optionals (cfg.policyFile != null) [ "--policy" (toString cfg.policyFile) ])
+          (optionals (cfg.tlsCaFile != null) [ "--tls-ca" (toString cfg.tlsCaFile) ])
+          (optionals (cfg.nkeySeedFile != null) [ "--nkey-seed-file" (toString cfg.nkeySeedFile) ])
+          (optionals (cfg.hostname != null) [ "--hostname" cfg.hostname ])
+          (optionals (policyFile != null) [ "--policy" (toString policyFile) ])
+          (optional cfg.allowAll "--allow-all")
+          (optionals (cfg.metricsListen != null) [ "--metrics-listen" cfg.metricsListen ])
           (concatLists (mapAttrsToList (k: v: [ "--label" "${k}=${v}" ]) cfg.labels))
           cfg.extraArgs
         ]);
+        EnvironmentFile = optional (cfg.environmentFile != null) (toString cfg.environmentFile);
         Restart = "always";
         RestartSec = 2;
+        # Root for BecomeMonitor and the host key, but nothing to write anywhere.
+        NoNewPrivileges = true;
+        ProtectSystem = "full";
+        ProtectHome = true;
+        PrivateTmp = true;
       };
     };
   };

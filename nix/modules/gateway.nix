@@ -1,57 +1,123 @@
-# services.cbus-gateway: dashboard, WebSocket API and Prometheus metrics for the whole fleet,
-# served from a cache kept by NATS traffic.
-{ config, lib, pkgs, ... }:
+# services.cbus-gateway: the fleet's dashboard, WebSocket API and Prometheus /metrics, served from
+# a cache that NATS traffic keeps current.
+#
+# Every option maps to one cbus-gateway flag (see `cbus-gateway --help`); keep the two in sync.
+# Secrets (NATS credentials, client token, TLS key) are handed over with systemd's LoadCredential,
+# so the service runs as a dynamic user and they never enter the Nix store.
+{ config, lib, pkgs, utils, ... }:
 let
   cfg = config.services.cbus-gateway;
-  inherit (lib) mkEnableOption mkOption mkIf types optionals concatLists escapeShellArgs;
+  inherit (lib) mkEnableOption mkOption mkIf types optional optionals concatLists
+    literalExpression;
+  secretPath = types.nullOr (types.either types.path types.str);
+  # Flag pointing at a credential that systemd copies into $CREDENTIALS_DIRECTORY (%d).
+  credFlag = flag: name: file: optionals (file != null) [ flag "%d/${name}" ];
+  credential = name: file: optional (file != null) "${name}:${toString file}";
+  escape = utils.escapeSystemdExecArgs;
+  port = lib.toInt (lib.last (lib.splitString ":" cfg.listenAddress));
+  lowPort = port < 1024;
 in
 {
   options.services.cbus-gateway = {
-    enable = mkEnableOption "the cbus gateway";
+    enable = mkEnableOption "the cbus gateway (dashboard, WebSocket API and Prometheus metrics)";
+
     package = mkOption {
       type = types.package;
       default = pkgs.cbus.gateway or (pkgs.callPackage ../package.nix { }).gateway;
+      defaultText = literalExpression "pkgs.cbus.gateway";
       description = "Package providing bin/cbus-gateway.";
     };
+
+    # --- NATS side ---
     natsUrl = mkOption {
-      type = types.str;
+      type = types.either types.str (types.listOf types.str);
       default = "nats://127.0.0.1:4222";
-      description = "NATS server URL(s).";
+      description = "NATS server URL, or several (`--nats-url`, comma-separated).";
     };
     credentialsFile = mkOption {
+      type = secretPath;
+      default = null;
+      example = "/run/keys/cbus-gateway.creds";
+      description = "NATS `.creds` file, user JWT and seed (`--creds`). Give a path outside the Nix store.";
+    };
+    environmentFile = mkOption {
+      type = secretPath;
+      default = null;
+      example = "/run/keys/cbus-gateway.env";
+      description = ''
+        Environment file with NATS secrets that must not enter the Nix store:
+        `NATS_USER=` and `NATS_PASSWORD=`, or `NATS_TOKEN=`.
+      '';
+    };
+    tlsCaFile = mkOption {
       type = types.nullOr types.path;
       default = null;
-      description = "NATS .creds file.";
+      description = "CA certificate of a NATS server with TLS (`--tls-ca`).";
     };
+
+    # --- client side ---
     listenAddress = mkOption {
       type = types.str;
       default = "127.0.0.1:8080";
-      description = "Address of the dashboard (/), the WebSocket API (/ws) and /metrics.";
+      example = "0.0.0.0:8443";
+      description = "Address of the dashboard, /ws and /metrics (`--listen`).";
+    };
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the port of {option}`listenAddress` in the firewall.";
     };
     tokenFile = mkOption {
-      type = types.nullOr types.path;
+      type = secretPath;
       default = null;
-      description = "File holding the token dashboard and WebSocket clients must present (passed as a systemd credential). Without it the gateway generates one per start and logs it.";
+      example = "/run/keys/cbus-gateway.token";
+      description = ''
+        File whose first line is the token dashboard and WebSocket clients must present
+        (`--token-file`). Without it the gateway makes one up at start and logs it.
+      '';
+    };
+    tls = {
+      certFile = mkOption {
+        type = secretPath;
+        default = null;
+        description = "TLS certificate chain, PEM (`--tls-cert`).";
+      };
+      keyFile = mkOption {
+        type = secretPath;
+        default = null;
+        description = "TLS private key, PEM (`--tls-key`). Give a path outside the Nix store.";
+      };
+      selfSigned = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Serve TLS with a certificate generated at start (`--self-signed`).";
+      };
     };
     allowOrigins = mkOption {
       type = types.listOf types.str;
       default = [ ];
-      description = "Web origins besides the gateway's own that may open WebSockets.";
+      example = [ "https://ops.example" ];
+      description = "Origins besides the gateway's own allowed to open a WebSocket (`--allow-origin`).";
     };
+
+    # --- what it follows ---
     unitInclude = mkOption {
-      type = types.str;
-      default = ".+";
-      description = "Units to export (anchored regex).";
+      type = types.nullOr types.str;
+      default = null;
+      example = "(nginx|postgresql).*";
+      description = "Units to follow and export, an anchored regex (`--unit-include`; default: all).";
     };
     unitExclude = mkOption {
-      type = types.str;
-      default = ".+\\.(automount|device|mount|scope|slice)";
-      description = "Units not to export (anchored regex), node_exporter's default.";
+      type = types.nullOr types.str;
+      default = null;
+      example = ".+\\.(automount|device|mount|scope|slice)";
+      description = "Units not to follow, an anchored regex (`--unit-exclude`; default: node_exporter's).";
     };
+
     logLevel = mkOption {
       type = types.str;
       default = "info";
-      description = "RUST_LOG filter.";
+      description = "`RUST_LOG` filter.";
     };
     extraArgs = mkOption {
       type = types.listOf types.str;
@@ -61,25 +127,64 @@ in
   };
 
   config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = (cfg.tls.certFile == null) == (cfg.tls.keyFile == null);
+        message = "services.cbus-gateway: set both tls.certFile and tls.keyFile, or neither.";
+      }
+      {
+        assertion = !(cfg.tls.selfSigned && cfg.tls.certFile != null);
+        message = "services.cbus-gateway: tls.selfSigned and tls.certFile exclude each other.";
+      }
+    ];
+
+    networking.firewall.allowedTCPPorts = optional cfg.openFirewall port;
+
     systemd.services.cbus-gateway = {
       description = "cbus gateway: fleet dashboard, WebSocket API and metrics from NATS";
       wantedBy = [ "multi-user.target" ];
-      after = [ "network-online.target" ];
+      after = [ "network-online.target" "nats.service" ];
       wants = [ "network-online.target" ];
       environment.RUST_LOG = cfg.logLevel;
       serviceConfig = {
-        ExecStart = "${cfg.package}/bin/cbus-gateway " + escapeShellArgs (concatLists [
-          [ "--nats-url" cfg.natsUrl "--listen" cfg.listenAddress
-            "--unit-include" cfg.unitInclude "--unit-exclude" cfg.unitExclude ]
-          (optionals (cfg.credentialsFile != null) [ "--creds" (toString cfg.credentialsFile) ])
-          (optionals (cfg.tokenFile != null) [ "--token-file" "%d/token" ])
-          (concatLists (map (o: [ "--allow-origin" o ]) cfg.allowOrigins))
-          cfg.extraArgs
+        # %d is systemd's credentials directory: kept unescaped, everything else escaped.
+        ExecStart = lib.concatStringsSep " " ([
+          (escape (concatLists [
+            [ "${cfg.package}/bin/cbus-gateway" ]
+            [ "--nats-url" (lib.concatStringsSep "," (lib.toList cfg.natsUrl)) ]
+            [ "--listen" cfg.listenAddress ]
+            (optionals (cfg.tlsCaFile != null) [ "--tls-ca" (toString cfg.tlsCaFile) ])
+            (optional cfg.tls.selfSigned "--self-signed")
+            (concatLists (map (o: [ "--allow-origin" o ]) cfg.allowOrigins))
+            (optionals (cfg.unitInclude != null) [ "--unit-include" cfg.unitInclude ])
+            (optionals (cfg.unitExclude != null) [ "--unit-exclude" cfg.unitExclude ])
+            cfg.extraArgs
+          ]))
+        ] ++ concatLists [
+          (credFlag "--creds" "nats.creds" cfg.credentialsFile)
+          (credFlag "--token-file" "token" cfg.tokenFile)
+          (credFlag "--tls-cert" "tls.crt" cfg.tls.certFile)
+          (credFlag "--tls-key" "tls.key" cfg.tls.keyFile)
         ]);
+        LoadCredential = concatLists [
+          (credential "nats.creds" cfg.credentialsFile)
+          (credential "token" cfg.tokenFile)
+          (credential "tls.crt" cfg.tls.certFile)
+          (credential "tls.key" cfg.tls.keyFile)
+        ];
+        EnvironmentFile = optional (cfg.environmentFile != null) (toString cfg.environmentFile);
         DynamicUser = true;
-        LoadCredential = optionals (cfg.tokenFile != null) [ "token:${toString cfg.tokenFile}" ];
         Restart = "always";
         RestartSec = 2;
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+        # No capabilities, but the one a port below 1024 needs.
+        CapabilityBoundingSet = if lowPort then "CAP_NET_BIND_SERVICE" else "";
+        AmbientCapabilities = optional lowPort "CAP_NET_BIND_SERVICE";
       };
     };
   };

@@ -1,8 +1,10 @@
-//! `./dev up` end to end: a NATS server with per-agent nkey users, real machines running the
-//! agent as a systemd unit, the CLI against it, and `./dev down` leaving nothing behind.
-//! Runs with the debug binaries the test command already built, in its own state dir and port.
+//! `./dev up` end to end: `scripts/fleet up 2` into its own state dir and ports (so it runs beside
+//! a developer's fleet), then the CLI against it, the per-agent NATS permissions of the generated
+//! config, `add`, and `down` leaving no machine, mount or server behind.
+//!
+//! Runs with the binaries the test command built already (the profile this test was built with).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -11,46 +13,113 @@ use futures::StreamExt;
 struct DevFleet {
     repo: PathBuf,
     dir: tempfile::TempDir,
-    machines: PathBuf,
     port: u16,
     gateway_port: u16,
+    profile: String,
 }
 
 impl DevFleet {
+    fn new() -> Self {
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        // target/<profile>/cbus: the fleet uses the same binaries as the CLI calls below.
+        let profile = cbus_tests::bin_path("cbus")
+            .parent()
+            .and_then(Path::file_name)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap();
+        let port = cbus_tests::free_port();
+        // Two calls may return the same port: the gateway's must differ from NATS's.
+        let gateway_port = std::iter::repeat_with(cbus_tests::free_port)
+            .find(|p| *p != port)
+            .unwrap();
+        DevFleet {
+            repo,
+            dir: tempfile::Builder::new()
+                .prefix("cbus-devfleet-")
+                .tempdir()
+                .unwrap(),
+            port,
+            gateway_port,
+            profile,
+        }
+    }
+
     fn fleet(&self, args: &[&str]) -> Output {
         Command::new(self.repo.join("scripts/fleet"))
             .args(args)
             .env("CBUS_DEV_DIR", self.dir.path())
-            .env("CBUS_DEV_MACHINES", &self.machines)
+            .env_remove("CBUS_DEV_MACHINES")
             .env("CBUS_DEV_NATS_PORT", self.port.to_string())
             .env("CBUS_DEV_GATEWAY_PORT", self.gateway_port.to_string())
             .env("CBUS_DEV_PREFIX", "devt")
-            .env("CBUS_DEV_PROFILE", "debug")
+            .env("CBUS_DEV_PROFILE", &self.profile)
             .output()
             .expect("run scripts/fleet")
     }
 
-    fn password(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("admin.password"))
-            .expect("admin password")
+    fn secret(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
             .trim()
             .to_owned()
     }
 
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
     fn cbus(&self, args: &[&str]) -> Output {
         Command::new(cbus_tests::bin_path("cbus"))
-            .args([
-                "--server",
-                &format!("nats://127.0.0.1:{}", self.port),
-                "--user",
-                "admin",
-                "--password",
-                &self.password(),
-            ])
+            .args(["--server", &self.url(), "--user", "admin", "--password"])
+            .arg(self.secret("admin.password"))
             .args(args)
             .env("CBUS_CONFIG", "/nonexistent")
             .output()
             .expect("run cbus")
+    }
+
+    /// Where the machine overlays are: the state dir, unless that is on overlayfs.
+    fn machines_dir(&self) -> PathBuf {
+        let in_state = self.dir.path().join("machines");
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        if mounts.contains(&format!(" {}/", in_state.display())) {
+            return in_state;
+        }
+        // Otherwise /var/tmp/cbus-dev-<cksum>: find it by the upperdir of our mounts.
+        mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .find(|m| m.starts_with("/var/tmp/cbus-dev-") && m.ends_with("/devt-1/root"))
+            .map(|m| Path::new(m).ancestors().nth(2).unwrap().to_path_buf())
+            .unwrap_or(in_state)
+    }
+
+    /// The machine's init (the nspawn process's child), from the script's pid file.
+    fn leader(&self, name: &str) -> u32 {
+        let nspawn = std::fs::read_to_string(self.dir.path().join(format!("machines/{name}/pid")))
+            .expect("machine pid file");
+        let nspawn = nspawn.trim();
+        let children =
+            std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).unwrap();
+        children
+            .split_whitespace()
+            .next()
+            .expect("nspawn has a child")
+            .parse()
+            .unwrap()
+    }
+
+    /// `systemctl is-active UNIT` run inside the machine with nsenter.
+    fn is_active_inside(&self, name: &str, unit: &str) -> String {
+        let o = Command::new("nsenter")
+            .args(["-t", &self.leader(name).to_string(), "-a"])
+            .args(["systemctl", "is-active", unit])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
     }
 }
 
@@ -68,132 +137,264 @@ fn text(o: &Output) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dev_up_cli_permissions_and_down() {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let dev = DevFleet {
-        repo,
-        dir: tempfile::tempdir().unwrap(),
-        machines: PathBuf::from(format!("/var/tmp/cbus-devtest-{}", std::process::id())),
-        port: cbus_tests::free_port(),
-        gateway_port: cbus_tests::free_port(),
-    };
-    let up = tokio::task::block_in_place(|| dev.fleet(&["up", "2"]));
-    assert!(up.status.success(), "dev up failed:\n{}", text(&up));
-    let out = text(&up);
-    assert!(
-        out.contains("devt-1")
-            && out.contains("devt-2")
-            && out.contains("devt-demo-worker.service"),
-        "{out}"
-    );
+fn ok(o: Output) -> String {
+    assert!(o.status.success(), "failed:\n{}", text(&o));
+    text(&o)
+}
 
-    // Agents listed with distinct nkeys and hostnames.
+/// `cbus status UNIT -s` as (host, active state) pairs.
+fn states(o: &Output) -> Vec<(String, String)> {
+    let out = String::from_utf8_lossy(&o.stdout);
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let state = f.iter().find(|s| {
+                ["active", "inactive", "failed", "activating", "deactivating"].contains(s)
+            })?;
+            Some((f[0].to_owned(), (*state).to_owned()))
+        })
+        .collect()
+}
+
+/// Processes still running (not zombies) whose command line contains `needle`.
+fn running_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!("{}: {cmdline}", p.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// Processes whose root is an overlay with an upperdir under `dir` (machines, also orphaned).
+fn rooted_in(dir: &Path) -> Vec<String> {
+    let needle = format!("upperdir={}/", dir.display());
+    let mut found = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let info = std::fs::read_to_string(p.path().join("mountinfo")).unwrap_or_default();
+        if info
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/") && l.contains(&needle))
+        {
+            found.push(p.file_name().to_string_lossy().into_owned());
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_up_cli_permissions_add_and_down() {
+    let dev = DevFleet::new();
+    let up = tokio::task::block_in_place(|| dev.fleet(&["up", "2"]));
+    let out = ok(up);
+    for want in [
+        "devt-1",
+        "devt-2",
+        "devt-demo-worker.service",
+        "$ cbus agents",
+        &dev.url(),
+        &format!("http://127.0.0.1:{}/metrics", dev.gateway_port),
+    ] {
+        assert!(out.contains(want), "`up` did not print {want}:\n{out}");
+    }
+    let machines = dev.machines_dir();
+
+    // Agents listed with distinct nkeys and hostnames; each nkey is its host key's.
     let agents: serde_json::Value =
         serde_json::from_slice(&dev.cbus(&["agents", "--json"]).stdout).unwrap();
     let list = agents["agents"].as_array().unwrap();
     assert_eq!(list.len(), 2, "{agents}");
     assert_ne!(list[0]["nkey"], list[1]["nkey"]);
-    assert_eq!(list[0]["hostname"], "devt-1");
-    assert_eq!(list[1]["hostname"], "devt-2");
+    let mut hosts: Vec<&str> = list
+        .iter()
+        .map(|a| a["hostname"].as_str().unwrap())
+        .collect();
+    hosts.sort_unstable();
+    assert_eq!(hosts, ["devt-1", "devt-2"]);
+    let key = |name: &str| {
+        cbus_protocol::nkey::from_ssh_host_key(
+            &machines.join(format!("{name}/root/etc/ssh/ssh_host_ed25519_key")),
+        )
+        .unwrap()
+    };
+    let (kp1, kp2) = (key("devt-1"), key("devt-2"));
+    for (kp, host) in [(&kp1, "devt-1"), (&kp2, "devt-2")] {
+        assert!(
+            list.iter()
+                .any(|a| a["nkey"] == kp.public_key() && a["hostname"] == host),
+            "{host}'s host key does not give its listed nkey: {agents}"
+        );
+    }
+    // Each machine has its own machine-id too.
+    let id = |n: &str| std::fs::read_to_string(machines.join(format!("{n}/root/etc/machine-id")));
+    assert_ne!(id("devt-1").unwrap(), id("devt-2").unwrap());
 
-    // Stop a demo unit on one machine, then start it on all.
-    let o = dev.cbus(&["--hosts", "devt-1", "stop", "devt-demo-worker.service"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let s = dev.cbus(&["status", "devt-demo-worker.service", "-s"]);
-    let st = String::from_utf8_lossy(&s.stdout).to_string();
+    // `up` again: already up, nothing restarted.
+    let leader_before = dev.leader("devt-1");
+    let again = ok(tokio::task::block_in_place(|| dev.fleet(&["up", "2"])));
+    assert!(again.contains("already up"), "{again}");
+    assert_eq!(dev.leader("devt-1"), leader_before);
+    let status = ok(dev.fleet(&["status"]));
     assert!(
-        st.lines()
-            .any(|l| l.starts_with("devt-1\t") && l.contains("\tinactive\t")),
-        "{st}"
+        status.contains("nats-server    running")
+            && status.contains("cbus-gateway   running")
+            && status
+                .lines()
+                .filter(|l| l.starts_with("devt-") && l.contains("cbus-agent active"))
+                .count()
+                == 2,
+        "{status}"
     );
-    assert!(
-        st.lines()
-            .any(|l| l.starts_with("devt-2\t") && l.contains("\tactive\t")),
-        "{st}"
-    );
-    let o = dev.cbus(&["start", "devt-demo-worker.service", "--json"]);
+
+    // Stop a demo unit on one machine, then start it on all: the CLI and systemd agree.
+    let unit = "devt-demo-worker.service";
+    ok(dev.cbus(&["--hosts", "devt-1", "stop", unit]));
+    let st = states(&dev.cbus(&["status", unit, "-s"]));
+    assert!(st.contains(&("devt-1".into(), "inactive".into())), "{st:?}");
+    assert!(st.contains(&("devt-2".into(), "active".into())), "{st:?}");
+    assert_eq!(dev.is_active_inside("devt-1", unit), "inactive");
+    assert_eq!(dev.is_active_inside("devt-2", unit), "active");
+    let o = dev.cbus(&["start", unit, "--json"]);
     assert!(o.status.success(), "{}", text(&o));
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let results = doc["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{doc}");
     assert!(
-        doc["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r["active_state"] == "active"),
+        results.iter().all(|r| r["active_state"] == "active"),
         "{doc}"
     );
+    assert_eq!(dev.is_active_inside("devt-1", unit), "active");
+    assert_eq!(dev.is_active_inside("devt-2", unit), "active");
+    // And on all machines at once: stop, seen inside both.
+    ok(dev.cbus(&["stop", unit]));
+    assert_eq!(dev.is_active_inside("devt-1", unit), "inactive");
+    assert_eq!(dev.is_active_inside("devt-2", unit), "inactive");
 
-    // Permissions: machine 1's key may publish its own signals but not machine 2's.
-    let key1 = dev
-        .machines
-        .join("devt-1/root/etc/ssh/ssh_host_ed25519_key");
-    let kp1 = cbus_protocol::nkey::from_ssh_host_key(&key1).unwrap();
-    let nkey2 = list
-        .iter()
-        .map(|a| a["nkey"].as_str().unwrap())
-        .find(|n| *n != kp1.public_key())
-        .unwrap()
-        .to_owned();
+    // Permissions: machine 1's nkey may publish its own signals but not machine 2's, nor listen
+    // to machine 2's requests; the gateway user may not speak for an agent.
     let admin = async_nats::ConnectOptions::new()
-        .user_and_password("admin".into(), dev.password())
-        .connect(format!("nats://127.0.0.1:{}", dev.port))
+        .user_and_password("admin".into(), dev.secret("admin.password"))
+        .connect(dev.url())
         .await
         .unwrap();
     let mut watch = admin.subscribe("dbus.signals.>").await.unwrap();
     admin.flush().await.unwrap();
     let (tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let events = move |e: async_nats::Event| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(e.to_string());
+        }
+    };
     let impostor = async_nats::ConnectOptions::with_nkey(kp1.seed().unwrap())
-        .event_callback(move |e| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(e.to_string());
-            }
-        })
-        .connect(format!("nats://127.0.0.1:{}", dev.port))
+        .event_callback(events.clone())
+        .connect(dev.url())
         .await
         .expect("machine 1's nkey is a NATS user");
-    let foreign = format!("dbus.signals.{nkey2}._3a1_2e1.forged");
+    let gateway = async_nats::ConnectOptions::new()
+        .user_and_password("gateway".into(), dev.secret("gateway.password"))
+        .event_callback(events)
+        .connect(dev.url())
+        .await
+        .expect("the gateway user");
+    let foreign = format!("dbus.signals.{}._3a1_2e1.forged", kp2.public_key());
     let own = format!("dbus.signals.{}._3a1_2e1.genuine", kp1.public_key());
+    let by_gateway = format!("dbus.signals.{}._3a1_2e1.gateway", kp1.public_key());
+    let requests2 = format!("dbus.agent.{}.>", kp2.public_key());
+    let _spy = impostor.subscribe(requests2.clone()).await.unwrap();
+    gateway
+        .publish(by_gateway.clone(), "[]".into())
+        .await
+        .unwrap();
+    gateway.flush().await.unwrap();
     impostor
         .publish(foreign.clone(), "[]".into())
         .await
         .unwrap();
+    // Last: once it arrives, anything the server let through before it has arrived too.
     impostor.publish(own.clone(), "[]".into()).await.unwrap();
     impostor.flush().await.unwrap();
     let mut got = Vec::new();
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), watch.next()).await {
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
         got.push(m.subject.to_string());
+        if got.contains(&own) {
+            break;
+        }
     }
     assert!(got.contains(&own), "own subject not delivered: {got:?}");
     assert!(
         !got.contains(&foreign),
         "server let machine 1 publish as machine 2"
     );
-    let mut violation = false;
-    while let Ok(e) = errors.try_recv() {
-        violation |= e.to_lowercase().contains("permission");
+    assert!(
+        !got.contains(&by_gateway),
+        "server let the gateway publish as machine 1"
+    );
+    let mut reported: Vec<String> = Vec::new();
+    let violated = |reported: &[String], subject: &str| {
+        reported
+            .iter()
+            .any(|e| e.to_lowercase().contains("permissions violation") && e.contains(subject))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while [&foreign, &requests2, &by_gateway]
+        .iter()
+        .any(|s| !violated(&reported, s))
+    {
+        match tokio::time::timeout_at(deadline, errors.recv()).await {
+            Ok(Some(e)) => reported.push(e),
+            _ => break,
+        }
     }
-    assert!(violation, "server did not report a permissions violation");
+    for subject in [&foreign, &requests2, &by_gateway] {
+        assert!(
+            violated(&reported, subject),
+            "no permissions violation reported for {subject}: {reported:?}"
+        );
+    }
+    drop((impostor, gateway, admin));
 
-    // Down: no machine, mount or server left.
+    // Add a machine: its nkey user is added and nats-server reloaded, its agent joins.
+    let added = ok(tokio::task::block_in_place(|| dev.fleet(&["add", "1"])));
+    assert!(added.contains("devt-3"), "{added}");
+    let agents: serde_json::Value =
+        serde_json::from_slice(&dev.cbus(&["agents", "--json"]).stdout).unwrap();
+    let running = agents["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["state"] == "running")
+        .count();
+    assert_eq!(running, 3, "{agents}");
+
+    // Down: no machine, mount or server left; a second down is fine.
+    let gateway_pid = dev.secret("gateway/pid");
     let down = tokio::task::block_in_place(|| dev.fleet(&["down"]));
-    assert!(down.status.success(), "{}", text(&down));
+    ok(down);
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(
-        !mounts.contains(dev.machines.to_str().unwrap()),
-        "overlay left mounted"
+        !mounts.contains(&format!(" {}/", machines.display())),
+        "overlay left mounted:\n{mounts}"
     );
-    let nats_left = std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
-        std::fs::read_to_string(p.path().join("cmdline"))
-            .map(|c| {
-                c.contains(&dev.dir.path().to_string_lossy().to_string())
-                    || c.contains(&dev.machines.to_string_lossy().to_string())
-            })
-            .unwrap_or(false)
-    });
-    assert!(!nats_left, "a process of the dev fleet is still running");
+    assert_eq!(
+        rooted_in(&machines),
+        Vec::<String>::new(),
+        "machine processes left"
+    );
+    let left = [
+        running_with(&format!("systemd-nspawn -D {}", machines.display())),
+        running_with(&dev.dir.path().to_string_lossy()),
+    ]
+    .concat();
+    assert!(left.is_empty(), "processes of the dev fleet left: {left:?}");
+    let stat = std::fs::read_to_string(format!("/proc/{gateway_pid}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.contains(") Z "),
+        "cbus-gateway still running: {stat}"
+    );
+    assert!(!machines.join("devt-1").exists(), "machine dir left");
+    ok(tokio::task::block_in_place(|| dev.fleet(&["down"])));
 }
