@@ -20,6 +20,8 @@ const UNIT: &str = "gw-sleeper.service";
 const UNIT_PATH: &str = "/org/freedesktop/systemd1/unit/gw_2dsleeper_2eservice";
 const SLEEPER: &str = "[Unit]\nDescription=gateway sleeper\n[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n";
 const CHROMIUM: &str = "/usr/bin/chromium";
+/// Pinned: the version this test was written against (a newer one may change the API).
+const PLAYWRIGHT: &str = "playwright-core@1.65.1";
 
 fn run(cmd: &mut std::process::Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
@@ -51,7 +53,7 @@ fn browser_deps() -> PathBuf {
         run(std::process::Command::new("npm")
             .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
             .arg(&dir)
-            .arg("playwright-core@1"));
+            .arg(PLAYWRIGHT));
     }
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboard/dashboard.mjs"),
