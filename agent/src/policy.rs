@@ -64,6 +64,8 @@ pub const READ_ONLY_CALLS: &[(&str, &str)] = &[
     ("org.freedesktop.systemd1.Manager", "ListJobs"),
     ("org.freedesktop.systemd1.Manager", "GetUnit"),
     ("org.freedesktop.systemd1.Manager", "GetDefaultTarget"),
+    // Only asks systemd to emit unit signals (what `systemctl status` and the gateway need).
+    ("org.freedesktop.systemd1.Manager", "Subscribe"),
     ("org.freedesktop.DBus.Peer", "Ping"),
     ("org.freedesktop.DBus.Peer", "GetMachineId"),
 ];
@@ -164,6 +166,7 @@ mod tests {
         assert!(Policy::allow_all().allows(Op::Call, "a.b", "a.b.C", "X"));
         let mgr = "org.freedesktop.systemd1.Manager";
         assert!(p.allows(Op::Call, "org.freedesktop.systemd1", mgr, "ListUnits"));
+        assert!(p.allows(Op::Call, "org.freedesktop.systemd1", mgr, "Subscribe"));
         assert!(!p.allows(Op::Call, "org.freedesktop.systemd1", mgr, "StartUnit"));
     }
 
