@@ -217,6 +217,11 @@ impl Fleet {
         fleet
     }
 
+    /// Where this fleet's overlays and state live (removed on drop).
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn get(&self, name: &str) -> &Machine {
         self.machines
             .iter()
@@ -257,8 +262,15 @@ fn start_machine(fleet_dir: &Path, spec: &MachineSpec) -> Machine {
         ))
         .arg(&root));
     let etc = root.join("etc");
+    // A machine-id of its own: systemd-machine-id-setup --root would copy the host's
+    // /var/lib/dbus/machine-id, and every machine would share the host's id.
     let _ = std::fs::remove_file(etc.join("machine-id"));
-    run(Command::new("systemd-machine-id-setup").arg(format!("--root={}", root.display())));
+    let _ = std::fs::remove_file(root.join("var/lib/dbus/machine-id"));
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .expect("read a random uuid")
+        .trim()
+        .replace('-', "");
+    std::fs::write(etc.join("machine-id"), format!("{id}\n")).expect("write machine-id");
     std::fs::write(etc.join("hostname"), format!("{}\n", spec.name)).expect("write hostname");
     let system = etc.join("systemd/system");
     let mut masked: Vec<String> = MASKED.iter().map(|s| s.to_string()).collect();
@@ -455,13 +467,14 @@ fn sweep_stale() {
     }
 }
 
-/// Mount points of overlays under the machine state root, for leak checks.
-pub fn leftover_mounts() -> Vec<String> {
+/// Mount points left under `dir` (a fleet's [`Fleet::state_dir`]), for leak checks. Scoped to one
+/// fleet so that other fleets booted at the same time (a benchmark, a second test run) don't count.
+pub fn leftover_mounts(dir: &Path) -> Vec<String> {
     std::fs::read_to_string("/proc/mounts")
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|m| m.starts_with(STATE_ROOT))
+        .filter(|m| Path::new(m).starts_with(dir))
         .map(str::to_owned)
         .collect()
 }

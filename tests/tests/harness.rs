@@ -164,8 +164,22 @@ fn three_real_systemd_machines() {
         .collect();
     assert_eq!(hostnames, vec!["harness-1", "harness-2", "harness-3"]);
     let mut nkeys: Vec<String> = fleet.machines.iter().map(|m| m.nkey()).collect();
+    nkeys.sort();
     nkeys.dedup();
     assert_eq!(nkeys.len(), 3, "each machine has its own host key");
+    let host_id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let mut ids: Vec<String> = fleet
+        .machines
+        .iter()
+        .map(|m| m.exec_stdout(&["cat", "/etc/machine-id"]))
+        .collect();
+    assert!(
+        ids.iter().all(|id| id.len() == 32 && id != host_id.trim()),
+        "machine-ids {ids:?} must be their own, not the host's {host_id}"
+    );
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "each machine has its own machine-id");
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -226,6 +240,7 @@ fn three_real_systemd_machines() {
     });
 
     let pids: Vec<u32> = fleet.machines.iter().map(|m| m.leader_pid()).collect();
+    let state_dir = fleet.state_dir().to_path_buf();
     drop(fleet);
     for pid in pids {
         assert!(
@@ -234,7 +249,7 @@ fn three_real_systemd_machines() {
         );
     }
     assert_eq!(
-        cbus_tests::machines::leftover_mounts(),
+        cbus_tests::machines::leftover_mounts(&state_dir),
         Vec::<String>::new()
     );
 }
