@@ -55,7 +55,11 @@ impl NatsServer {
         ])
         .arg(self.dir.path().join("js"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(
+            std::fs::File::create(self.dir.path().join("nats-server.log"))
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+        );
         if let Some(config) = &self.config {
             cmd.arg("-c").arg(config);
         }
@@ -67,8 +71,10 @@ impl NatsServer {
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "nats-server did not listen on {}",
-                self.port
+                "nats-server did not listen on {}: {}",
+                self.port,
+                std::fs::read_to_string(self.dir.path().join("nats-server.log"))
+                    .unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
