@@ -64,8 +64,10 @@ impl Client {
 
     /// The next JSON message (pings skipped), or None on close/timeout.
     async fn next(&mut self, timeout: Duration) -> Option<Value> {
+        // One deadline for the whole call: the server's pings must not restart the wait.
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            match tokio::time::timeout(timeout, self.ws.next()).await {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
                 Ok(Some(Ok(Message::Text(t)))) => {
                     let v: Value = serde_json::from_str(t.as_str()).expect("server sends JSON");
                     if v["type"] == "ping" {
@@ -116,8 +118,9 @@ impl Client {
 
     /// Reads until the server closes; returns the close code and reason.
     async fn close_code(&mut self) -> (u16, String) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
-            match tokio::time::timeout(Duration::from_secs(15), self.ws.next()).await {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
                 Ok(Some(Ok(Message::Close(Some(f))))) => {
                     return (u16::from(f.code), f.reason.as_str().to_owned())
                 }
