@@ -8,6 +8,7 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
+pub use cbus_protocol::duration::parse_duration;
 use cbus_protocol::fleet::{AgentStatus, Fleet, Query, Selector, TargetOutcome};
 use tokio::sync::OnceCell;
 
@@ -207,29 +208,6 @@ pub fn verdict_of<'a>(
     )))
 }
 
-/// `5s`, `500ms`, `2m`, `1h`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?} (e.g. 5s, 500ms, 2m)");
-    let s = s.trim();
-    let (num, unit) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num.trim().parse().map_err(|_| bad())?;
-    let secs = v * unit;
-    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 /// A spinner line on stderr while a fan-out runs, only when stderr is a terminal; cleared when
 /// dropped.
 pub struct Spinner {
@@ -271,17 +249,6 @@ impl Drop for Spinner {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
-        for bad in ["soon", "", "0s", "-1s", "NaNs", "infs"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn verdict_names_machines_by_reason() {

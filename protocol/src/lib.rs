@@ -8,6 +8,7 @@
 
 pub mod codec;
 pub mod connect;
+pub mod duration;
 pub mod envelope;
 pub mod error;
 pub mod fleet;
