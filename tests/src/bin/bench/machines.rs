@@ -13,8 +13,8 @@ use crate::{ms, summary};
 
 /// The unit whose ActiveState every side reads: present on every machine.
 const UNIT: &str = "dbus.service";
-/// Machines booted per `Fleet::boot`: 2 cores boot ten at a time comfortably.
-const BATCH: usize = 10;
+/// Machines booted per `Fleet::boot`: 2 cores boot five at a time while other work runs.
+const BATCH: usize = 5;
 
 /// Boots machines in batches until `fleets` hold `n`; `spec` makes the i-th spec.
 async fn grow(fleets: &mut Vec<Fleet>, n: usize, spec: &(dyn Fn(usize) -> MachineSpec + Sync)) {
