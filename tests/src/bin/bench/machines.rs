@@ -53,6 +53,17 @@ async fn wait_registered(fleet: &CbusFleet, n: usize) {
     assert!(ok, "{n} agents did not register");
 }
 
+/// ssh ControlMaster processes, ended on drop (also when the bench panics).
+struct Masters(Vec<Child>);
+
+impl Drop for Masters {
+    fn drop(&mut self) {
+        for m in &mut self.0 {
+            cbus_tests::util::terminate(m, Duration::from_secs(2));
+        }
+    }
+}
+
 struct SshTarget {
     port: u16,
     name: String,
@@ -191,7 +202,7 @@ pub async fn fan_out_machines(sizes: &[usize]) {
     let cfleet = CbusFleet::new(nats.connect().await, "bench");
     let mut fleets: Vec<Fleet> = Vec::new();
     let mut agents: Vec<Agent> = Vec::new();
-    let mut masters: Vec<Child> = Vec::new();
+    let mut masters = Masters(Vec::new());
     let mut mux_paths: Vec<PathBuf> = Vec::new();
     let mut targets: Vec<SshTarget> = Vec::new();
     for &n in sizes {
@@ -239,8 +250,8 @@ pub async fn fan_out_machines(sizes: &[usize]) {
             }
         }
         // Persistent connections: one ControlMaster per machine, kept for the later sizes.
-        while masters.len() < n {
-            let i = masters.len();
+        while masters.0.len() < n {
+            let i = masters.0.len();
             let path = dir.path().join(format!("mux-{i}"));
             let child = ssh_command(&key, &known_hosts, &targets[i], None)
                 .arg("-N")
@@ -250,7 +261,7 @@ pub async fn fan_out_machines(sizes: &[usize]) {
                 .stdin(Stdio::null())
                 .spawn()
                 .expect("ssh master");
-            masters.push(child);
+            masters.0.push(child);
             mux_paths.push(path);
         }
         let ok = cbus_tests::wait_for(Duration::from_secs(60), || async {
@@ -285,9 +296,7 @@ pub async fn fan_out_machines(sizes: &[usize]) {
             fixed.as_secs_f64() / cm.as_secs_f64(),
         );
     }
-    for mut m in masters {
-        cbus_tests::util::terminate(&mut m, Duration::from_secs(2));
-    }
+    drop(masters);
     drop(agents);
     drop(fleets);
 }
