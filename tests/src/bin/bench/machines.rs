@@ -169,6 +169,19 @@ pub async fn fan_out_machines(sizes: &[usize]) {
     );
     println!("| machines | cbus median | cbus p95 | ssh median | ssh p95 | ssh / cbus | ssh-mux median | ssh-mux p95 | ssh-mux / cbus | fixed 1 s / cbus |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
+    // Every machine's systemd, journald, logind... takes inotify instances, counted per user on
+    // the host (root for all machines): the default 128 stalls the 15th machine in
+    // "initializing" with failed .path units.
+    let most = sizes.iter().copied().max().unwrap_or(1);
+    let instances: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        instances >= 16 * most + 128,
+        "{most} machines need more inotify instances than fs.inotify.max_user_instances={instances}: \
+         sysctl -w fs.inotify.max_user_instances=8192"
+    );
     let dir = tempfile::tempdir().expect("tempdir for the ssh client key");
     let key = dir.path().join("id_ed25519");
     let st = Command::new("ssh-keygen")
