@@ -24,9 +24,20 @@ async fn grow(fleets: &mut Vec<Fleet>, n: usize, spec: &(dyn Fn(usize) -> Machin
         let end = (next + BATCH).min(n);
         let specs: Vec<MachineSpec> = (next..end).map(spec).collect();
         let t = Instant::now();
-        let fleet = tokio::task::spawn_blocking(move || Fleet::boot(&specs))
-            .await
-            .expect("boot machines");
+        // On a loaded host a machine now and then comes up degraded (a unit that failed to
+        // start in time); the batch is torn down by the panic and booted once more.
+        let mut attempt = 0;
+        let fleet = loop {
+            let specs = specs.clone();
+            match tokio::task::spawn_blocking(move || Fleet::boot(&specs)).await {
+                Ok(f) => break f,
+                Err(e) if attempt < 2 => {
+                    attempt += 1;
+                    eprintln!("booting machines {next}..{end} failed, retrying: {e}");
+                }
+                Err(e) => panic!("booting machines {next}..{end} failed: {e}"),
+            }
+        };
         eprintln!(
             "booted machines {next}..{end} in {:.1} s",
             t.elapsed().as_secs_f64()
