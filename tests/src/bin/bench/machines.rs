@@ -140,7 +140,8 @@ fn ssh_round(
     t.elapsed()
 }
 
-fn cbus_get_round(url: &str, n: usize) -> Duration {
+/// One `cbus get` over the fleet; the wall time, or why it did not answer for all `n`.
+fn cbus_get_round(url: &str, n: usize) -> Result<Duration, String> {
     let path = cbus_protocol::names::systemd_unit_path(UNIT);
     let t = Instant::now();
     let out = Command::new(bin_path("cbus"))
@@ -157,14 +158,15 @@ fn cbus_get_round(url: &str, n: usize) -> Duration {
         .expect("run cbus");
     let took = t.elapsed();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(text.lines().count(), n, "{text}");
-    assert!(text.lines().all(|l| l.ends_with("active")), "{text}");
-    took
+    let answered = text.lines().filter(|l| l.ends_with("\tactive")).count();
+    if out.status.success() && answered == n {
+        Ok(took)
+    } else {
+        Err(format!(
+            "{answered} of {n} answered: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 /// 1. `cbus get` of a unit's ActiveState over 1/3/10/50 real systemd machines, next to parallel
@@ -263,12 +265,20 @@ pub async fn fan_out_machines(sizes: &[usize]) {
         let targets = &targets[..n];
         // Warm-up: sshd up and logins work, agents answer.
         let _ = ssh_round(&key, &known_hosts, targets, None);
-        let _ = cbus_get_round(&url, n);
+        let ok = cbus_tests::wait_for(Duration::from_secs(30), || async {
+            cbus_get_round(&url, n).is_ok()
+        })
+        .await;
+        assert!(ok, "cbus get did not reach all {n} machines");
         let mut cb = Vec::new();
+        let mut failed = Vec::new();
         let mut ssh = Vec::new();
         // Interleave so both sides see the same background load.
         for i in 0..RUNS {
-            cb.push(cbus_get_round(&url, n));
+            match cbus_get_round(&url, n) {
+                Ok(d) => cb.push(d),
+                Err(e) => failed.push(e),
+            }
             if i < SSH_RUNS {
                 ssh.push(ssh_round(&key, &known_hosts, targets, None));
             }
@@ -302,6 +312,9 @@ pub async fn fan_out_machines(sizes: &[usize]) {
                 targets,
                 Some(&mux_paths[..n]),
             ));
+        }
+        if !failed.is_empty() {
+            println!("{} of {RUNS} cbus runs at {n} machines did not answer for all: {failed:?}", failed.len());
         }
         let (cm, cp) = summary(cb);
         let (sm, sp) = summary(ssh);
@@ -403,13 +416,15 @@ pub async fn node_exporter() {
     drop(fleet);
 }
 
-fn proc_cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat(5), i.e. 11 and 12 after the state.
-    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+/// CPU time the process has used, from /proc/PID/schedstat (nanoseconds, all threads), so that
+/// an idle process is not rounded to 0 clock ticks.
+fn proc_cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("read /proc/PID/task")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// A `VmRSS`-style field of /proc/PID/status, in KiB.
@@ -446,9 +461,8 @@ pub async fn idle(secs: u64) {
     wait_registered(&cfleet, 1).await;
     // Let start-up work (registry write, first metrics) settle.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let t0 = Instant::now();
-    let c0 = proc_cpu_ticks(pid);
+    let c0 = proc_cpu_ns(pid);
     let mut rss_max = 0;
     let mut rss_sum = 0;
     let mut samples = 0;
@@ -459,13 +473,13 @@ pub async fn idle(secs: u64) {
         rss_sum += r;
         samples += 1;
     }
-    let cpu_s = (proc_cpu_ticks(pid) - c0) as f64 / tck;
+    let cpu_s = (proc_cpu_ns(pid) - c0) as f64 / 1e9;
     let wall = t0.elapsed().as_secs_f64();
     println!("| CPU | RSS mean | RSS max | VmHWM (peak since start) | threads |\n|---|---|---|---|---|");
     println!(
-        "| {:.3} % ({:.2} s CPU in {:.0} s) | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} |",
+        "| {:.4} % ({:.1} ms CPU in {:.0} s) | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} |",
         cpu_s / wall * 100.0,
-        cpu_s,
+        cpu_s * 1e3,
         wall,
         rss_sum as f64 / samples.max(1) as f64 / 1024.0,
         rss_max as f64 / 1024.0,
