@@ -205,8 +205,11 @@ pub async fn fan_out_machines(sizes: &[usize]) {
     assert!(st.success());
     let client_pub = std::fs::read_to_string(key.with_extension("pub")).expect("client pub key");
     let known_hosts = dir.path().join("known_hosts");
-    let ports: Vec<u16> = (0..sizes.iter().copied().max().unwrap_or(1))
-        .map(|_| free_port())
+    // sshd ports below the kernel's ephemeral range (32768..), so that no client socket or
+    // other fixture's free_port() takes one between now and the machine's boot.
+    let ports: Vec<u16> = (22000u16..32000)
+        .filter(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .take(most)
         .collect();
     let spec = |i: usize| {
         let mut s = MachineSpec::new(format!("cbench-{i:02}"));
