@@ -36,13 +36,22 @@ const SECTIONS: &[(&str, &str)] = &[
         "fanout-machines",
         "cbus get vs parallel ssh busctl over 1/3/10/50 nspawn machines",
     ),
-    ("signals", "signal throughput, agent -> NATS vs busctl monitor"),
-    ("metrics", "/metrics render from a 100 x 200 cache, in process"),
+    (
+        "signals",
+        "signal throughput, agent -> NATS vs busctl monitor",
+    ),
+    (
+        "metrics",
+        "/metrics render from a 100 x 200 cache, in process",
+    ),
     (
         "node-exporter",
         "gateway /metrics vs node_exporter --collector.systemd on one machine",
     ),
-    ("gateway", "WebSocket clients: delivery latency and gateway RSS"),
+    (
+        "gateway",
+        "WebSocket clients: delivery latency and gateway RSS",
+    ),
     ("idle", "agent CPU and RSS over 60 s on an idle machine bus"),
 ];
 
@@ -62,7 +71,9 @@ async fn main() {
     while i < args.len() {
         match args[i].as_str() {
             "--machines" => {
-                let v = args.get(i + 1).expect("--machines needs a list, e.g. 1,3,10");
+                let v = args
+                    .get(i + 1)
+                    .expect("--machines needs a list, e.g. 1,3,10");
                 sizes = v
                     .split(',')
                     .map(|n| n.parse().expect("--machines: numbers"))
@@ -228,7 +239,11 @@ async fn signals() {
         use std::io::BufRead;
         let mut r = std::io::BufReader::with_capacity(1 << 20, stdout);
         let mut line = Vec::new();
-        while r.read_until(b'\n', &mut line).map(|n| n > 0).unwrap_or(false) {
+        while r
+            .read_until(b'\n', &mut line)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
             if line.windows(6).any(|w| w == b"\"Tick\"") && tx.send(Instant::now()).is_err() {
                 break;
             }

@@ -118,7 +118,11 @@ async fn publish_change(client: &async_nats::Client, nkey: &str, unit: usize, ac
     headers::set(&mut h, headers::NKEY, nkey);
     headers::set(&mut h, headers::SENDER, ":1.1");
     headers::set(&mut h, headers::PATH, &path);
-    headers::set(&mut h, headers::INTERFACE, "org.freedesktop.DBus.Properties");
+    headers::set(
+        &mut h,
+        headers::INTERFACE,
+        "org.freedesktop.DBus.Properties",
+    );
     headers::set(&mut h, headers::MEMBER, "PropertiesChanged");
     headers::set(&mut h, headers::SIGNATURE, "sa{sv}as");
     let state = if active { "active" } else { "inactive" };
@@ -200,11 +204,7 @@ async fn ws_client(
                     }
                 }
                 stats.rows.fetch_add(local.len() as u64, Ordering::Relaxed);
-                stats
-                    .latencies_us
-                    .lock()
-                    .expect("stats lock")
-                    .extend(local);
+                stats.latencies_us.lock().expect("stats lock").extend(local);
             }
             Some("ping") => {
                 let _ = ws.send(Message::text(r#"{"type":"pong"}"#)).await;
@@ -243,9 +243,7 @@ pub async fn gateway() {
     let loaded = cbus_tests::wait_for(Duration::from_secs(180), || async {
         http_get(port, "/metrics").is_some_and(|t| {
             t.lines()
-                .filter(|l| {
-                    l.starts_with("cbus_systemd_unit_start_time_seconds{host=\"synth-")
-                })
+                .filter(|l| l.starts_with("cbus_systemd_unit_start_time_seconds{host=\"synth-"))
                 .count()
                 >= MACHINES * UNITS
         })
@@ -368,4 +366,3 @@ pub async fn gateway() {
     }
     drop(gw);
 }
-

@@ -82,12 +82,19 @@ struct SshTarget {
 
 fn ssh_command(key: &Path, known_hosts: &Path, t: &SshTarget, mux: Option<&Path>) -> Command {
     let mut c = Command::new("ssh");
-    c.args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-        .args(["-o", "StrictHostKeyChecking=yes", "-i"])
-        .arg(key)
-        .args(["-p", &t.port.to_string()]);
+    c.args([
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "LogLevel=ERROR",
+    ])
+    .arg("-o")
+    .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+    .args(["-o", "StrictHostKeyChecking=yes", "-i"])
+    .arg(key)
+    .args(["-p", &t.port.to_string()]);
     if let Some(path) = mux {
         c.arg("-o")
             .arg(format!("ControlPath={}", path.display()))
@@ -175,7 +182,9 @@ fn cbus_get_round(url: &str, n: usize) -> Result<Duration, String> {
 pub async fn fan_out_machines(sizes: &[usize]) {
     const RUNS: usize = 30;
     const SSH_RUNS: usize = 15;
-    println!("\n## fan-out over nspawn machines: `cbus get {UNIT} ActiveState` vs parallel ssh busctl");
+    println!(
+        "\n## fan-out over nspawn machines: `cbus get {UNIT} ActiveState` vs parallel ssh busctl"
+    );
     println!(
         "cbus: {RUNS} runs; ssh: {SSH_RUNS} runs of N parallel `ssh root@m busctl get-property` (fresh \
          connections), and the same over persistent ControlMaster connections"
@@ -222,8 +231,11 @@ pub async fn fan_out_machines(sizes: &[usize]) {
             ),
             0o644,
         ));
-        s.files
-            .push(("/root/.ssh/authorized_keys".into(), client_pub.clone(), 0o600));
+        s.files.push((
+            "/root/.ssh/authorized_keys".into(),
+            client_pub.clone(),
+            0o600,
+        ));
         s
     };
     let nats = NatsServer::start();
@@ -317,7 +329,10 @@ pub async fn fan_out_machines(sizes: &[usize]) {
             ));
         }
         if !failed.is_empty() {
-            println!("{} of {RUNS} cbus runs at {n} machines did not answer for all: {failed:?}", failed.len());
+            println!(
+                "{} of {RUNS} cbus runs at {n} machines did not answer for all: {failed:?}",
+                failed.len()
+            );
         }
         let (cm, cp) = summary(cb);
         let (sm, sp) = summary(ssh);
@@ -351,7 +366,8 @@ pub async fn node_exporter() {
         "[Unit]\nDescription=node_exporter for cbus-bench\n[Service]\nExecStart=/usr/bin/prometheus-node-exporter \
          --web.listen-address=127.0.0.1:{port} --collector.disable-defaults --collector.systemd\n"
     );
-    let mut spec = MachineSpec::new("cbench-ne").with_unit("cbus-bench-node-exporter.service", &unit);
+    let mut spec =
+        MachineSpec::new("cbench-ne").with_unit("cbus-bench-node-exporter.service", &unit);
     spec.enable.push("cbus-bench-node-exporter.service".into());
     let fleet = tokio::task::spawn_blocking(move || Fleet::boot(&[spec]))
         .await
@@ -373,7 +389,10 @@ pub async fn node_exporter() {
         }) && http_get(port, "/metrics").is_some()
     })
     .await;
-    assert!(ok, "gateway or node_exporter did not serve the machine's units");
+    assert!(
+        ok,
+        "gateway or node_exporter did not serve the machine's units"
+    );
     let series = |t: &str| t.lines().filter(|l| !l.starts_with('#')).count();
     let unit_series = |t: &str, name: &str| {
         t.lines()
@@ -478,7 +497,9 @@ pub async fn idle(secs: u64) {
     }
     let cpu_s = (proc_cpu_ns(pid) - c0) as f64 / 1e9;
     let wall = t0.elapsed().as_secs_f64();
-    println!("| CPU | RSS mean | RSS max | VmHWM (peak since start) | threads |\n|---|---|---|---|---|");
+    println!(
+        "| CPU | RSS mean | RSS max | VmHWM (peak since start) | threads |\n|---|---|---|---|---|"
+    );
     println!(
         "| {:.4} % ({:.1} ms CPU in {:.0} s) | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} |",
         cpu_s / wall * 100.0,
