@@ -1,7 +1,7 @@
-//! 3. The gateway under load: synthetic agents (NATS only: presence, answers to the gateway's
-//! Subscribe / ListUnits / get, and unit PropertiesChanged signals at a given rate), a real
-//! `cbus-gateway`, and N WebSocket clients subscribed to unit states. Also scrapes the real
-//! gateway's /metrics over HTTP with that cache (4).
+//! Section 3, the gateway under load: synthetic agents (NATS only: presence, answers to the
+//! gateway's Subscribe / ListUnits / get, and unit PropertiesChanged signals at a given rate), a
+//! real `cbus-gateway`, and N WebSocket clients subscribed to unit states. Also scrapes the real
+//! gateway's /metrics over HTTP with that cache (section 4).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
