@@ -58,6 +58,11 @@ impl GatewayProcess {
         format!("ws://127.0.0.1:{}/ws", self.port)
     }
 
+    /// PID of the gateway process, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGTERM and wait.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -353,14 +353,18 @@ fn start_machine(fleet_dir: &Path, spec: &MachineSpec) -> Machine {
         .stderr(log)
         .spawn()
         .expect("start systemd-nspawn");
-    let leader = wait_leader(nspawn.id(), &dir);
-    Machine {
+    let nspawn_pid = nspawn.id();
+    // Owned by a Machine before waiting, so a machine that does not start is still powered off
+    // and unmounted when the wait panics.
+    let mut machine = Machine {
         name: spec.name.clone(),
         dir,
         nspawn: Some(nspawn),
-        leader,
+        leader: 0,
         own_units: spec.units.iter().map(|(name, _)| name.clone()).collect(),
-    }
+    };
+    machine.leader = wait_leader(nspawn_pid, &machine.dir);
+    machine
 }
 
 /// What the host image enables beyond a minimal system: its own services and SysV scripts.

@@ -15,27 +15,116 @@ use cbus_protocol::presence::{AgentInfo, PresenceKind};
 use cbus_tests::{bin_path, Agent, NatsServer, PrivateBus, TestService};
 use futures::StreamExt;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+#[path = "bench/gateway.rs"]
+mod gateway;
+#[path = "bench/machines.rs"]
+mod machines;
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn summary(mut samples: Vec<Duration>) -> (Duration, Duration) {
+pub fn summary(mut samples: Vec<Duration>) -> (Duration, Duration) {
     samples.sort();
     (percentile(&samples, 0.5), percentile(&samples, 0.95))
 }
 
+/// Sections, in the order they run; `cbus-bench SECTION...` runs only those.
+const SECTIONS: &[(&str, &str)] = &[
+    ("fanout", "cbus get over N agents sharing one private bus"),
+    (
+        "fanout-machines",
+        "cbus get vs parallel ssh busctl over 1/3/10/50 nspawn machines",
+    ),
+    (
+        "signals",
+        "signal throughput, agent -> NATS vs busctl monitor",
+    ),
+    (
+        "metrics",
+        "/metrics render from a 100 x 200 cache, in process",
+    ),
+    (
+        "node-exporter",
+        "gateway /metrics vs node_exporter --collector.systemd on one machine",
+    ),
+    (
+        "gateway",
+        "WebSocket clients: delivery latency and gateway RSS",
+    ),
+    ("idle", "agent CPU and RSS over 60 s on an idle machine bus"),
+];
+
 #[tokio::main]
 async fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("usage: cbus-bench [--machines 1,3,10,50] [--idle-secs 60] [SECTION...]\nsections (all by default):");
+        for (name, what) in SECTIONS {
+            println!("  {name:16} {what}");
+        }
+        return;
+    }
+    let mut sizes = vec![1usize, 3, 10, 50];
+    let mut idle_secs = 60u64;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--machines" => {
+                let v = args
+                    .get(i + 1)
+                    .expect("--machines needs a list, e.g. 1,3,10");
+                sizes = v
+                    .split(',')
+                    .map(|n| n.parse().expect("--machines: numbers"))
+                    .collect();
+                args.drain(i..i + 2);
+            }
+            "--idle-secs" => {
+                let v = args.get(i + 1).expect("--idle-secs needs a number");
+                idle_secs = v.parse().expect("--idle-secs: a number");
+                args.drain(i..i + 2);
+            }
+            _ => i += 1,
+        }
+    }
+    for a in &args {
+        assert!(
+            SECTIONS.iter().any(|(n, _)| n == a),
+            "unknown section {a:?}; see cbus-bench --help"
+        );
+    }
+    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
     println!(
-        "cbus-bench {} on {} ({} cores), {}",
+        "cbus-bench {} on {} ({} cores, {}), {}; load average {}",
         cbus_protocol::VERSION,
         hostname(),
         num_cpus(),
-        date()
+        kernel(),
+        date(),
+        loadavg()
     );
-    fan_out().await;
-    signals().await;
-    metrics_render();
+    if want("fanout") {
+        fan_out().await;
+    }
+    if want("fanout-machines") {
+        machines::fan_out_machines(&sizes).await;
+    }
+    if want("signals") {
+        signals().await;
+    }
+    if want("metrics") {
+        metrics_render();
+    }
+    if want("node-exporter") {
+        machines::node_exporter().await;
+    }
+    if want("gateway") {
+        gateway::gateway().await;
+    }
+    if want("idle") {
+        machines::idle(idle_secs).await;
+    }
 }
 
 /// 1. `cbus get` (whole process) over N agents; baseline: the original's fixed 1 s broadcast wait.
@@ -96,13 +185,17 @@ async fn fan_out() {
     }
 }
 
-/// 2. Signals through the agent to a NATS subscriber, next to what a plain D-Bus subscriber on
-///    the same bus receives in the same run.
+/// 2. Signals through the agent to a NATS subscriber, next to what a plain `busctl monitor` on
+///    the same bus receives in the same run. The emitter is `cbus-test-service --emit`, several
+///    connections sending pre-built `Tick` signals at once.
 async fn signals() {
-    println!("\n## signal throughput: EmitSignals(200000) on a private bus");
+    const TOTAL: u32 = 300_000;
+    const CONNECTIONS: u32 = 4;
+    println!(
+        "\n## signal throughput: {TOTAL} Tick signals from {CONNECTIONS} emitter connections on a private bus"
+    );
     let nats = NatsServer::start();
     let bus = PrivateBus::start();
-    let _svc = TestService::start(bus.address());
     let client = nats.connect().await;
     let agent = Agent::start(
         &nats.url(),
@@ -118,63 +211,133 @@ async fn signals() {
             .unwrap_or(false)
     })
     .await;
-    assert!(ok);
+    assert!(ok, "agent did not register");
     let mut sub = client
         .subscribe(format!("dbus.signals.{}.>", agent.nkey))
         .await
-        .unwrap();
-    client.flush().await.unwrap();
-    // The plain D-Bus side: a match rule on its own connection, as `busctl monitor` would.
-    let conn = bus.connect().await;
-    let rule = zbus::MatchRule::builder()
-        .msg_type(zbus::message::Type::Signal)
-        .member("Tick")
-        .unwrap()
-        .build();
-    let mut direct = zbus::MessageStream::for_match_rule(rule, &conn, Some(1 << 20))
+        .expect("subscribe to signals");
+    let mut metrics = client
+        .subscribe(cbus_protocol::subject::metrics(&agent.nkey))
         .await
-        .unwrap();
-    let total = 200_000u32;
-    let caller = bus.connect().await;
+        .expect("subscribe to agent metrics");
+    client.flush().await.expect("flush");
+    // The plain side: busctl monitor on the same bus, one JSON line per message, counted.
+    let mut monitor = Command::new("busctl")
+        .arg(format!("--address={}", bus.address()))
+        .args([
+            "monitor",
+            "--json=short",
+            "--match=type='signal',member='Tick'",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run busctl monitor");
+    let stdout = monitor.stdout.take().expect("busctl stdout");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut r = std::io::BufReader::with_capacity(1 << 20, stdout);
+        let mut line = Vec::new();
+        while r
+            .read_until(b'\n', &mut line)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            if line.windows(6).any(|w| w == b"\"Tick\"") && tx.send(Instant::now()).is_err() {
+                break;
+            }
+            line.clear();
+        }
+    });
+    // busctl needs a moment to become a monitor.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let start = Instant::now();
-    let emit = tokio::spawn(async move {
-        caller
-            .call_method(
-                Some("org.cbus.Test"),
-                "/org/cbus/Test",
-                Some("org.cbus.Test1"),
-                "EmitSignals",
-                &(total,),
-            )
-            .await
-            .map(|_| ())
+    let address = bus.address().to_owned();
+    let emitter = tokio::task::spawn_blocking(move || {
+        Command::new(bin_path("cbus-test-service"))
+            .args(["--address", &address, "--emit"])
+            .arg(TOTAL.to_string())
+            .args(["--connections", &CONNECTIONS.to_string()])
+            .output()
+            .expect("run the emitter")
     });
     let nats_count = tokio::spawn(async move {
         let mut n = 0u32;
         let mut last = Instant::now();
-        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
-            n += 1;
-            last = Instant::now();
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(3), sub.next()).await {
+            if cbus_protocol::headers::get(m.headers.as_ref(), cbus_protocol::headers::MEMBER)
+                == Some("Tick")
+            {
+                n += 1;
+                last = Instant::now();
+            }
         }
         (n, last)
     });
     let mut d = 0u32;
     let mut d_last = Instant::now();
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), direct.next()).await {
+    while let Ok(Some(t)) = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
         d += 1;
-        d_last = Instant::now();
+        d_last = t;
     }
-    let _ = emit.await;
-    let (n, n_last) = nats_count.await.unwrap();
+    let out = emitter.await.expect("emitter task");
+    assert!(
+        out.status.success(),
+        "emitter failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let emit_secs: f64 = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .expect("emitter prints EMITTED N SECS");
+    let (n, n_last) = nats_count.await.expect("nats counter");
+    cbus_tests::util::terminate(&mut monitor, Duration::from_secs(2));
+    // The agent's own counters, from its next metrics publication.
+    let mut text = String::new();
+    // Publications queued since the start come at once; the first one that had to be waited for
+    // is fresh, published after the last signal was counted.
+    loop {
+        let waited = Instant::now();
+        match tokio::time::timeout(Duration::from_secs(3), metrics.next()).await {
+            Ok(Some(m)) => {
+                text = String::from_utf8_lossy(&m.payload).into_owned();
+                if waited.elapsed() > Duration::from_millis(100) {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    let counter = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("?")
+            .to_owned()
+    };
     let nats_rate = f64::from(n) / (n_last - start).as_secs_f64();
     let direct_rate = f64::from(d) / (d_last - start).as_secs_f64();
-    println!("| path | received | rate |\n|---|---|---|");
-    println!("| D-Bus match rule (baseline) | {d} | {direct_rate:.0}/s |");
-    println!("| agent -> NATS subscriber | {n} | {nats_rate:.0}/s |");
     println!(
-        "ratio received {:.2}, rate {:.2} (drops are counted in cbus_agent_signals_dropped_total)",
+        "emitter sent {TOTAL} in {emit_secs:.2} s ({:.0}/s, {CONNECTIONS} connections)",
+        f64::from(TOTAL) / emit_secs
+    );
+    println!("| path | received | lost | rate |\n|---|---|---|---|");
+    println!(
+        "| busctl monitor (baseline) | {d} | {} | {direct_rate:.0}/s |",
+        TOTAL - d.min(TOTAL)
+    );
+    println!(
+        "| agent -> NATS subscriber | {n} | {} | {nats_rate:.0}/s |",
+        TOTAL - n.min(TOTAL)
+    );
+    println!(
+        "ratio received {:.2}, rate {:.2}; agent counters: forwarded {}, dropped {} (cbus_agent_signals_dropped_total)",
         f64::from(n) / f64::from(d.max(1)),
-        nats_rate / direct_rate
+        nats_rate / direct_rate,
+        counter("cbus_agent_signals_forwarded_total"),
+        counter("cbus_agent_signals_dropped_total"),
     );
 }
 
@@ -258,4 +421,20 @@ fn date() -> String {
     )
     .trim()
     .to_owned()
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| format!("Linux {}", s.trim()))
+        .unwrap_or_default()
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }

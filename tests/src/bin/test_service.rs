@@ -335,17 +335,64 @@ fn initial() -> Test1 {
     }
 }
 
+/// Emitter mode for the benchmark: `count` `org.cbus.Test1.Tick` signals from `/org/cbus/Test`,
+/// split over `connections` bus connections sending at once, each message built before the clock
+/// starts so that only sending is timed. Prints `EMITTED <count> <seconds>`.
+async fn emit_flood(address: &str, count: u32, connections: u32) -> anyhow::Result<()> {
+    let connections = connections.max(1);
+    let mut batches = Vec::new();
+    for c in 0..connections {
+        let conn = zbus::connection::Builder::address(address)?.build().await?;
+        let n = count / connections + u32::from(c < count % connections);
+        let mut msgs = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            msgs.push(
+                zbus::message::Message::signal("/org/cbus/Test", "org.cbus.Test1", "Tick")?
+                    .build(&(i, "tick"))?,
+            );
+        }
+        batches.push((conn, msgs));
+    }
+    let start = std::time::Instant::now();
+    let tasks: Vec<_> = batches
+        .into_iter()
+        .map(|(conn, msgs)| {
+            tokio::spawn(async move {
+                for m in &msgs {
+                    conn.send(m).await?;
+                }
+                Ok::<_, zbus::Error>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    println!("EMITTED {count} {:.6}", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut address = None;
     let mut name = "org.cbus.Test".to_owned();
+    let mut emit: Option<u32> = None;
+    let mut connections = 1u32;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--address" => address = args.next(),
             "--name" => name = args.next().unwrap_or(name),
-            other => anyhow::bail!("unknown argument {other}; usage: --address ADDR [--name NAME]"),
+            "--emit" => emit = Some(args.next().unwrap_or_default().parse()?),
+            "--connections" => connections = args.next().unwrap_or_default().parse()?,
+            other => anyhow::bail!(
+                "unknown argument {other}; usage: --address ADDR [--name NAME] [--emit COUNT [--connections K]]"
+            ),
         }
+    }
+    if let Some(count) = emit {
+        let address = address.ok_or_else(|| anyhow::anyhow!("--emit needs --address"))?;
+        return emit_flood(&address, count, connections).await;
     }
     let builder = match address {
         Some(a) => zbus::connection::Builder::address(a.as_str())?,
