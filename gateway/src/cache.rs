@@ -6,22 +6,21 @@
 //! UnitNew/UnitRemoved from the signal stream), and the agent's own metrics text. Machines that
 //! stop heartbeating turn unresponsive by time alone ([`Cache::tick`]).
 //!
-//! Every visible change is also published as a [`Change`] on a bounded broadcast channel; each
-//! WebSocket session reads it and turns it into deltas. A session that falls behind the channel
-//! is told so by the channel (`Lagged`) and resends snapshots instead of queueing without bound.
+//! Every visible change is also published as a [`Change`] through the [`Router`], to the
+//! WebSocket sessions that follow its machine; they turn it into deltas. Changes are published
+//! while the cache is still locked, so sessions see them in the order they were applied.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+use crate::changes::{ChangeReceiver, Interest, Router};
+use crate::objects::ObjectChange;
 use cbus_protocol::fleet::AgentStatus;
 use cbus_protocol::presence::{AgentInfo, AgentState, PresenceEvent, PresenceKind};
 use regex::Regex;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::broadcast;
-
-use crate::objects::ObjectChange;
 
 /// systemd's interface names.
 pub const UNIT_IFACE: &str = "org.freedesktop.systemd1.Unit";
@@ -35,9 +34,6 @@ pub const UNIT_PROPS: [&str; 6] = [
     "StateChangeTimestamp",
     "ActiveEnterTimestamp",
 ];
-
-/// How many changes the broadcast channel keeps for slow sessions before they must resync.
-const CHANGE_CAPACITY: usize = 4096;
 
 /// One unit's state.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -275,16 +271,15 @@ pub struct Fetch {
 pub struct Cache {
     inner: Arc<RwLock<BTreeMap<String, Machine>>>,
     pub filter: Arc<UnitFilter>,
-    changes: broadcast::Sender<Arc<Change>>,
+    changes: Router,
 }
 
 impl Cache {
     pub fn new(filter: UnitFilter) -> Self {
-        let (changes, _) = broadcast::channel(CHANGE_CAPACITY);
         Cache {
             inner: Arc::new(RwLock::new(BTreeMap::new())),
             filter: Arc::new(filter),
-            changes,
+            changes: Router::default(),
         }
     }
 
@@ -298,14 +293,15 @@ impl Cache {
         self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A receiver of every change from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
-        self.changes.subscribe()
+    /// A receiver of the changes `interest` selects from now on, queueing at most `capacity`.
+    pub fn subscribe(&self, interest: Interest, capacity: usize) -> ChangeReceiver {
+        self.changes.subscribe(interest, capacity)
     }
 
-    /// Publishes a change; nobody listening is fine.
+    /// Publishes a change; nobody listening is fine. Callers that changed the maps call it
+    /// before unlocking them, so changes reach sessions in the order they were applied.
     pub fn emit(&self, change: Change) {
-        let _ = self.changes.send(Arc::new(change));
+        self.changes.publish(change);
     }
 
     /// Records a presence event seen at `seen_ms` (the listener's or the server's clock).
@@ -361,16 +357,13 @@ impl Cache {
 
     /// Publishes state transitions that happen by time alone (a machine turning unresponsive).
     pub fn tick(&self, now_ms: u64) {
-        let mut changed = Vec::new();
-        for machine in self.write().values_mut() {
+        let mut m = self.write();
+        for machine in m.values_mut() {
             let state = machine.state(now_ms);
             if state != machine.reported {
                 machine.reported = state;
-                changed.push(machine.row(now_ms));
+                self.emit(Change::Machine(machine.row(now_ms)));
             }
-        }
-        for row in changed {
-            self.emit(Change::Machine(row));
         }
     }
 
@@ -416,7 +409,6 @@ impl Cache {
             .map(|(n, u)| machine.unit_row(n, u))
             .collect();
         let row = machine.row(now);
-        drop(m);
         self.emit(Change::Units {
             machine: nkey.to_owned(),
             rows,
@@ -443,7 +435,6 @@ impl Cache {
                 rows.push(machine.unit_row(name, &unit));
             }
         }
-        drop(m);
         if !rows.is_empty() {
             self.emit(Change::Units {
                 machine: nkey.to_owned(),
@@ -500,7 +491,6 @@ impl Cache {
             .collect();
         let changed = apply(unit, &props).then(|| unit.clone());
         let row = changed.map(|unit| machine.unit_row(&name, &unit));
-        drop(m);
         if let Some(row) = row {
             self.emit(Change::Units {
                 machine: nkey.to_owned(),
@@ -546,7 +536,6 @@ impl Cache {
             return;
         };
         machine.paths.remove(&unit.path);
-        drop(m);
         self.emit(Change::Units {
             machine: nkey.to_owned(),
             rows: Vec::new(),
@@ -748,7 +737,7 @@ mod tests {
     #[test]
     fn units_follow_signals_and_publish_changes() {
         let c = cache();
-        let mut rx = c.subscribe();
+        let mut rx = c.subscribe(Interest::everything(), 64);
         let now = presence_now();
         c.presence(ev(PresenceKind::Hello, "A", 1), now);
         let list = json!([
@@ -795,7 +784,7 @@ mod tests {
         assert!(!c.snapshot()[0].units.contains_key("c.service"));
 
         let mut kinds = Vec::new();
-        while let Ok(ch) = rx.try_recv() {
+        while let Some(Ok(ch)) = rx.try_recv() {
             kinds.push(match &*ch {
                 Change::Machine(_) => "machine",
                 Change::Units { replace: true, .. } => "replace",
@@ -815,19 +804,19 @@ mod tests {
         let c = cache();
         let now = presence_now();
         c.presence(ev(PresenceKind::Hello, "A", 1), now);
-        let mut rx = c.subscribe();
+        let mut rx = c.subscribe(Interest::everything(), 64);
         c.tick(now + 500);
-        assert!(rx.try_recv().is_err());
+        assert!(rx.try_recv().is_none());
         c.tick(now + 10_000);
-        match rx.try_recv().as_deref() {
-            Ok(Change::Machine(row)) => assert_eq!(row.state, AgentState::Unresponsive),
+        match rx.try_recv().and_then(Result::ok).as_deref() {
+            Some(Change::Machine(row)) => assert_eq!(row.state, AgentState::Unresponsive),
             other => panic!("{other:?}"),
         }
         c.tick(now + 20_000);
-        assert!(rx.try_recv().is_err());
+        assert!(rx.try_recv().is_none());
         c.tick(now + 25 * 3600 * 1000);
-        match rx.try_recv().as_deref() {
-            Ok(Change::Machine(row)) => assert_eq!(row.state, AgentState::Gone),
+        match rx.try_recv().and_then(Result::ok).as_deref() {
+            Some(Change::Machine(row)) => assert_eq!(row.state, AgentState::Gone),
             other => panic!("{other:?}"),
         }
     }

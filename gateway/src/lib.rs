@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod cache;
+pub mod changes;
 pub mod config;
 pub mod dashboard;
 pub mod follow;
@@ -31,6 +32,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use cbus_protocol::fleet::Fleet;
 use cbus_protocol::presence;
 
@@ -184,6 +186,13 @@ pub async fn start(
             })
         }
         None => tokio::spawn(async move {
+            // Deltas are small frames: without TCP_NODELAY, Nagle holds one back while an
+            // earlier one is unacknowledged, and the client's delayed ACK makes that up to 40 ms.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set");
+                }
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await

@@ -99,6 +99,10 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Deltas are small frames that must go out at once (see lib.rs).
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set");
+                }
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {

@@ -16,6 +16,7 @@ use cbus_tests::{GatewayProcess, NatsServer};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::machines::proc_status_kib;
@@ -162,7 +163,11 @@ async fn ws_client(
         "Authorization",
         format!("Bearer {token}").parse().expect("header"),
     );
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+    // tungstenite zero-fills its read buffer (128 KiB by default) on every read: with 1,000
+    // clients in this process that memset was a quarter of both cores and the clients' own
+    // delay showed up as the gateway's latency. A browser has no such cost.
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), false)
         .await
         .expect("WebSocket connect");
     let sub = json!({"type":"subscribe","id":"u","resource":"units","machines":[machine]});
