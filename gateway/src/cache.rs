@@ -11,10 +11,11 @@
 //! while the cache is still locked, so sessions see them in the order they were applied.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use crate::changes::{ChangeReceiver, Interest, Router};
+use crate::metrics::UnitSeries;
 use crate::objects::ObjectChange;
 use cbus_protocol::fleet::AgentStatus;
 use cbus_protocol::presence::{AgentInfo, AgentState, PresenceEvent, PresenceKind};
@@ -58,8 +59,10 @@ pub struct Machine {
     pub info: AgentInfo,
     pub last_event: PresenceKind,
     pub last_seen_ms: u64,
-    /// unit name -> state
-    pub units: BTreeMap<String, Unit>,
+    /// unit name -> state; changed only through [`Machine::units_mut`].
+    units: BTreeMap<String, Unit>,
+    /// The units' `/metrics` series, rendered once per change of the units.
+    pub(crate) unit_series: OnceLock<Arc<UnitSeries>>,
     /// object path -> unit name, to map signals to units
     pub paths: HashMap<String, String>,
     /// Whether a ListUnits has been applied since the agent (re)started.
@@ -76,6 +79,7 @@ impl Machine {
             last_event,
             last_seen_ms,
             units: BTreeMap::new(),
+            unit_series: OnceLock::new(),
             paths: HashMap::new(),
             units_loaded: false,
             agent_metrics: String::new(),
@@ -83,6 +87,17 @@ impl Machine {
         };
         m.reported = m.state(presence_now());
         m
+    }
+
+    /// unit name -> state.
+    pub fn units(&self) -> &BTreeMap<String, Unit> {
+        &self.units
+    }
+
+    /// The units, to change them; what was rendered of them is dropped.
+    pub fn units_mut(&mut self) -> &mut BTreeMap<String, Unit> {
+        self.unit_series = OnceLock::new();
+        &mut self.units
     }
 
     /// running / unresponsive / stopped from presence; `gone` once silent for longer than
@@ -400,7 +415,7 @@ impl Cache {
                 },
             );
         }
-        machine.units = units;
+        *machine.units_mut() = units;
         machine.paths = paths;
         machine.units_loaded = true;
         let rows = machine
@@ -427,7 +442,7 @@ impl Cache {
         };
         let mut rows = Vec::new();
         for (name, props) in patches {
-            let Some(unit) = machine.units.get_mut(name) else {
+            let Some(unit) = machine.units_mut().get_mut(name) else {
                 continue;
             };
             if apply(unit, props) {
@@ -461,7 +476,7 @@ impl Cache {
         let Some(name) = machine.paths.get(path).cloned() else {
             return Vec::new();
         };
-        let Some(unit) = machine.units.get_mut(&name) else {
+        let Some(unit) = machine.units_mut().get_mut(&name) else {
             return Vec::new();
         };
         let mut props = BTreeMap::new();
@@ -516,7 +531,7 @@ impl Cache {
             return false;
         }
         machine.paths.insert(path.to_owned(), name.to_owned());
-        machine.units.insert(
+        machine.units_mut().insert(
             name.to_owned(),
             Unit {
                 path: path.to_owned(),
@@ -532,7 +547,7 @@ impl Cache {
         let Some(machine) = m.get_mut(nkey) else {
             return;
         };
-        let Some(unit) = machine.units.remove(name) else {
+        let Some(unit) = machine.units_mut().remove(name) else {
             return;
         };
         machine.paths.remove(&unit.path);
@@ -757,7 +772,7 @@ mod tests {
         ]);
         c.load_units("A", &list);
         let m = c.snapshot();
-        assert_eq!(m[0].units.len(), 1, "mounts are excluded by default");
+        assert_eq!(m[0].units().len(), 1, "mounts are excluded by default");
         let fetch = c.properties_changed(
             "A",
             "/u/a",
@@ -766,7 +781,8 @@ mod tests {
         );
         assert_eq!(fetch.len(), 1);
         assert_eq!(fetch[0].property, "SubState");
-        let u = &c.snapshot()[0].units["a.service"];
+        let machines = c.snapshot();
+        let u = &machines[0].units()["a.service"];
         assert_eq!(u.active, "inactive");
         assert_eq!(u.since_us, Some(1_700_000_000_000_000));
         c.patch_units(
@@ -776,12 +792,12 @@ mod tests {
                 BTreeMap::from([("NRestarts".into(), json!(3))]),
             )],
         );
-        assert_eq!(c.snapshot()[0].units["a.service"].restarts, Some(3));
+        assert_eq!(c.snapshot()[0].units()["a.service"].restarts, Some(3));
         assert!(c.unit_new("A", "c.service", "/u/c"));
         assert!(!c.unit_new("A", "c.service", "/u/c"));
         assert!(!c.unit_new("A", "d.scope", "/u/d"));
         c.unit_removed("A", "c.service");
-        assert!(!c.snapshot()[0].units.contains_key("c.service"));
+        assert!(!c.snapshot()[0].units().contains_key("c.service"));
 
         let mut kinds = Vec::new();
         while let Some(Ok(ch)) = rx.try_recv() {

@@ -11,6 +11,7 @@
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use cbus_protocol::presence::AgentState;
 
@@ -70,28 +71,23 @@ pub fn render<M: Borrow<Machine>>(machines: &[M], now_ms: u64) -> String {
             m.last_seen_ms as f64 / 1000.0
         );
     }
+    // The bulk of a scrape is the units' series, so each machine's are rendered once per
+    // change of its units and reused by every scrape until then.
+    let series: Vec<Arc<UnitSeries>> = machines.iter().map(|m| unit_series(m)).collect();
+    out.reserve(
+        series
+            .iter()
+            .map(|s| s.state.len() + s.restarts.len() + s.start_time.len())
+            .sum(),
+    );
     family(
         &mut out,
         "cbus_systemd_unit_state",
         "gauge",
         "systemd unit state, one-hot over the states.",
     );
-    // The bulk of a scrape: each unit's label prefix is built once, then plain pushes.
-    out.reserve(machines.iter().map(|m| m.units.len()).sum::<usize>() * STATES.len() * 100);
-    for m in machines {
-        let host = esc(&m.info.hostname);
-        for (name, u) in &m.units {
-            let prefix = format!(
-                "cbus_systemd_unit_state{{host=\"{host}\",name=\"{}\",type=\"{}\",state=\"",
-                esc(name),
-                esc(unit_type(name))
-            );
-            for s in STATES {
-                out.push_str(&prefix);
-                out.push_str(s);
-                out.push_str(if u.active == s { "\"} 1\n" } else { "\"} 0\n" });
-            }
-        }
+    for s in &series {
+        out.push_str(&s.state);
     }
     family(
         &mut out,
@@ -99,17 +95,8 @@ pub fn render<M: Borrow<Machine>>(machines: &[M], now_ms: u64) -> String {
         "counter",
         "Service restarts (NRestarts), where known.",
     );
-    for m in machines {
-        for (name, u) in &m.units {
-            if let Some(r) = u.restarts {
-                let _ = writeln!(
-                    out,
-                    "cbus_systemd_unit_restarts_total{{host=\"{}\",name=\"{}\"}} {r}",
-                    esc(&m.info.hostname),
-                    esc(name)
-                );
-            }
-        }
+    for s in &series {
+        out.push_str(&s.restarts);
     }
     family(
         &mut out,
@@ -117,24 +104,74 @@ pub fn render<M: Borrow<Machine>>(machines: &[M], now_ms: u64) -> String {
         "gauge",
         "When an active unit became active (ActiveEnterTimestamp); 0 for units not active.",
     );
-    for m in machines {
-        for (name, u) in &m.units {
-            let secs = match u.active_enter_us {
-                Some(us) if u.active == "active" => us as f64 / 1e6,
-                _ if u.active != "active" => 0.0,
-                _ => continue,
-            };
-            let _ = writeln!(
-                out,
-                "cbus_systemd_unit_start_time_seconds{{host=\"{}\",name=\"{}\",type=\"{}\"}} {secs:.6}",
-                esc(&m.info.hostname),
-                esc(name),
-                esc(unit_type(name)),
-            );
-        }
+    for s in &series {
+        out.push_str(&s.start_time);
     }
     append_agent_metrics(&mut out, machines);
     out
+}
+
+/// One machine's samples of the three unit families, kept in [`Machine`] until its units change.
+#[derive(Debug, Default)]
+pub struct UnitSeries {
+    /// The hostname the series were rendered with; a renamed host renders them again.
+    host: String,
+    state: String,
+    restarts: String,
+    start_time: String,
+}
+
+/// The machine's cached unit series, rendered now if its units changed since the last scrape.
+fn unit_series(m: &Machine) -> Arc<UnitSeries> {
+    let cached = m
+        .unit_series
+        .get_or_init(|| Arc::new(render_unit_series(m)));
+    if cached.host == m.info.hostname {
+        Arc::clone(cached)
+    } else {
+        Arc::new(render_unit_series(m))
+    }
+}
+
+fn render_unit_series(m: &Machine) -> UnitSeries {
+    let host = esc(&m.info.hostname);
+    let mut s = UnitSeries {
+        host: m.info.hostname.clone(),
+        state: String::with_capacity(m.units().len() * STATES.len() * 100),
+        ..Default::default()
+    };
+    for (name, u) in m.units() {
+        let (name, kind) = (esc(name), esc(unit_type(name)));
+        // Each unit's label prefix is built once, then plain pushes.
+        let prefix = format!(
+            "cbus_systemd_unit_state{{host=\"{host}\",name=\"{name}\",type=\"{kind}\",state=\""
+        );
+        for state in STATES {
+            s.state.push_str(&prefix);
+            s.state.push_str(state);
+            s.state.push_str(if u.active == state {
+                "\"} 1\n"
+            } else {
+                "\"} 0\n"
+            });
+        }
+        if let Some(r) = u.restarts {
+            let _ = writeln!(
+                s.restarts,
+                "cbus_systemd_unit_restarts_total{{host=\"{host}\",name=\"{name}\"}} {r}"
+            );
+        }
+        let secs = match u.active_enter_us {
+            Some(us) if u.active == "active" => us as f64 / 1e6,
+            _ if u.active != "active" => 0.0,
+            _ => continue,
+        };
+        let _ = writeln!(
+            s.start_time,
+            "cbus_systemd_unit_start_time_seconds{{host=\"{host}\",name=\"{name}\",type=\"{kind}\"}} {secs:.6}"
+        );
+    }
+    s
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -486,7 +523,7 @@ mod tests {
     #[test]
     fn exposition_of_units() {
         let mut m = machine("h1", "");
-        m.units.insert(
+        m.units_mut().insert(
             "x.service".into(),
             Unit {
                 active: "failed".into(),
@@ -494,7 +531,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        m.units.insert(
+        m.units_mut().insert(
             "y.service".into(),
             Unit {
                 active: "active".into(),
@@ -513,6 +550,36 @@ mod tests {
         assert!(out.contains("cbus_systemd_unit_start_time_seconds{host=\"h1\",name=\"y.service\",type=\"service\"} 1.500000"));
         assert!(out.contains("cbus_systemd_unit_start_time_seconds{host=\"h1\",name=\"x.service\",type=\"service\"} 0.000000"));
         assert!(out.contains("cbus_agent_up{host=\"h1\",nkey=\"Uh1\"} 1"));
+    }
+
+    #[test]
+    fn cached_unit_series_follow_changes() {
+        let mut m = machine("h1", "");
+        m.units_mut().insert(
+            "x.service".into(),
+            Unit {
+                active: "active".into(),
+                ..Default::default()
+            },
+        );
+        let line = |host: &str, state: &str, v: u8| {
+            format!("cbus_systemd_unit_state{{host=\"{host}\",name=\"x.service\",type=\"service\",state=\"{state}\"}} {v}")
+        };
+        let now = cbus_protocol::presence::now_ms();
+        assert!(render(&[&m], now).contains(&line("h1", "active", 1)));
+        // A second scrape reuses what the first rendered.
+        let first = unit_series(&m);
+        assert!(Arc::ptr_eq(&first, &unit_series(&m)));
+        if let Some(u) = m.units_mut().get_mut("x.service") {
+            u.active = "failed".into();
+        }
+        let out = render(&[&m], now);
+        assert!(out.contains(&line("h1", "failed", 1)), "{out}");
+        assert!(out.contains(&line("h1", "active", 0)), "{out}");
+        m.info.hostname = "h2".into();
+        let out = render(&[&m], now);
+        assert!(out.contains(&line("h2", "failed", 1)), "{out}");
+        assert!(!out.contains("host=\"h1\""), "{out}");
     }
 
     #[test]

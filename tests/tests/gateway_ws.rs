@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cbus_tests::gateway::{http_get, promtool_errors};
-use cbus_tests::{Agent, GatewayProcess, Machine, MachineSpec, NatsServer};
+use cbus_tests::{wait_for, Agent, GatewayProcess, Machine, MachineSpec, NatsServer};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -414,8 +414,13 @@ async fn websocket_api_and_metrics_against_real_machines() {
         ),
         (Some(2), Some(0), Some(0))
     );
-    // The state changed on the machine, and the change reached the client.
-    assert_eq!(is_active(a), "active");
+    // The state changed on the machine (a result means the job was queued, so it may still be
+    // running for a moment), and the change reached the client.
+    assert!(
+        wait_for(t, || async { is_active(a) == "active" }).await,
+        "{UNIT} on gw-a is {} after the restart",
+        is_active(a)
+    );
     while c.units.active(&nkey_a, UNIT).as_deref() != Some("active") {
         c.expect("delta back to active", t, |v| v["sub"] == "u")
             .await;
