@@ -7,7 +7,7 @@
 //! returns as soon as every target answered. A target whose subscription is gone yields NATS's
 //! "no responders" at once instead of a timeout, and one that stays silent is reported by name.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
@@ -22,6 +22,10 @@ use crate::error::SubjectError;
 use crate::headers;
 use crate::presence::{self, AgentInfo, AgentState, PresenceEvent, PresenceKind};
 use crate::subject::{self, Op, RequestSubject, Target};
+
+/// How long a registry read waits for entries it was promised after the server said none are
+/// left (see [`Fleet::registry`]).
+const REGISTRY_SETTLE: Duration = Duration::from_millis(200);
 
 /// Why the fleet could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -182,7 +186,14 @@ impl Fleet {
         .await
         .map_err(|_| registry_err("timed out".into()))?
         .map_err(|e| registry_err(e.to_string()))?;
-        if consumer.cached_info().num_pending == 0 {
+        // The pending count a message carries is not enough to know the replay is complete:
+        // nats-server 2.9 sometimes delivers the first entry twice and counts both, so pending
+        // reaches 0 one entry early (a machine silently missing from a fan-out). The replay is
+        // complete when pending is 0 and as many distinct entries arrived as the consumer had
+        // when it was created; if entries expired meanwhile, fewer ever come, so after pending
+        // was 0 a short quiet spell ends the read too.
+        let expected = consumer.cached_info().num_pending;
+        if expected == 0 {
             return Ok(Vec::new());
         }
         let mut messages = consumer
@@ -191,8 +202,23 @@ impl Fleet {
             .map_err(|e| registry_err(e.to_string()))?;
         let now = presence::now_ms();
         let mut by_nkey = BTreeMap::new();
+        let mut sequences = HashSet::new();
+        let mut drained = false;
         loop {
-            let message = match timeout_at(deadline, messages.next()).await {
+            let wait = if drained {
+                deadline.min(Instant::now() + REGISTRY_SETTLE)
+            } else {
+                deadline
+            };
+            let message = match timeout_at(wait, messages.next()).await {
+                Err(_) if drained => {
+                    tracing::debug!(
+                        expected,
+                        got = sequences.len(),
+                        "registry replay ended short; entries expired while reading"
+                    );
+                    break;
+                }
                 Err(_) => return Err(registry_err("timed out while reading".into())),
                 Ok(None) => break,
                 Ok(Some(Err(e))) => return Err(registry_err(e.to_string())),
@@ -200,6 +226,7 @@ impl Fleet {
             };
             let info = message.info().map_err(|e| registry_err(e.to_string()))?;
             let pending = info.pending;
+            sequences.insert(info.stream_sequence);
             let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
             let deleted = message
                 .headers
@@ -218,7 +245,10 @@ impl Fleet {
                 }
             }
             if pending == 0 {
-                break;
+                if sequences.len() as u64 >= expected {
+                    break;
+                }
+                drained = true;
             }
         }
         Ok(by_nkey.into_values().collect())
