@@ -17,4 +17,4 @@ pub use dbus::{PrivateBus, TestService};
 pub use gateway::GatewayProcess;
 pub use machines::{Fleet, Machine, MachineSpec};
 pub use nats::NatsServer;
-pub use util::{free_port, init_tracing, wait_for};
+pub use util::{free_port, init_tracing, synthetic_agent_info, wait_for};

@@ -12,6 +12,25 @@ pub fn free_port() -> u16 {
         .expect("cannot bind an ephemeral port on 127.0.0.1")
 }
 
+/// What a synthetic agent (one that only talks NATS, for load and registry tests) says about
+/// itself: started now, system bus connected, 5 s heartbeat, no labels.
+pub fn synthetic_agent_info(
+    nkey: impl Into<String>,
+    hostname: impl Into<String>,
+) -> cbus_protocol::presence::AgentInfo {
+    let now = cbus_protocol::presence::now_ms();
+    cbus_protocol::presence::AgentInfo {
+        nkey: nkey.into(),
+        hostname: hostname.into(),
+        version: cbus_protocol::VERSION.into(),
+        bus: "system".into(),
+        started_at_ms: now,
+        heartbeat_ms: 5000,
+        bus_connected: true,
+        labels: Default::default(),
+    }
+}
+
 /// Polls `condition` until it returns true or `timeout` passes; returns whether it held.
 pub async fn wait_for<F, Fut>(timeout: Duration, mut condition: F) -> bool
 where

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use cbus_gateway::cache::{Machine, Unit};
 use cbus_protocol::fleet::Fleet;
-use cbus_protocol::presence::{AgentInfo, PresenceKind};
+use cbus_protocol::presence::PresenceKind;
 use cbus_tests::{bin_path, Agent, NatsServer, PrivateBus, TestService};
 use futures::StreamExt;
 
@@ -361,16 +361,7 @@ fn metrics_render() {
                 })
                 .collect();
             let mut m = Machine::new(
-                AgentInfo {
-                    nkey: format!("U{i:055}"),
-                    hostname: format!("host-{i}"),
-                    version: "0.1.0".into(),
-                    bus: "system".into(),
-                    started_at_ms: 0,
-                    heartbeat_ms: 5000,
-                    bus_connected: true,
-                    labels: BTreeMap::new(),
-                },
+                cbus_tests::synthetic_agent_info(format!("U{i:055}"), format!("host-{i}")),
                 PresenceKind::Heartbeat,
                 cbus_protocol::presence::now_ms(),
             );

@@ -231,16 +231,7 @@ pub async fn gateway() {
     for i in 0..MACHINES {
         let nkey = nkeys::KeyPair::new_user().public_key();
         nkeys.push(nkey.clone());
-        let info = AgentInfo {
-            nkey,
-            hostname: format!("synth-{i:03}"),
-            version: cbus_protocol::VERSION.into(),
-            bus: "system".into(),
-            started_at_ms: now_ms(),
-            heartbeat_ms: 5000,
-            bus_connected: true,
-            labels: Default::default(),
-        };
+        let info = cbus_tests::synthetic_agent_info(nkey, format!("synth-{i:03}"));
         tokio::spawn(synthetic_agent(agents_client.clone(), info));
     }
     let t = Instant::now();
