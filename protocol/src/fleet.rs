@@ -10,7 +10,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
+use async_nats::jetstream::context::CreateStreamErrorKind;
+use async_nats::jetstream::{
+    self, consumer::push::OrderedConfig, consumer::DeliverPolicy, ErrorCode,
+};
 use async_nats::{Client, HeaderMap, StatusCode};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -22,6 +25,9 @@ use crate::error::SubjectError;
 use crate::headers;
 use crate::presence::{self, AgentInfo, AgentState, PresenceEvent, PresenceKind};
 use crate::subject::{self, Op, RequestSubject, Target};
+
+/// How long a failed bucket create waits for another client's create of the same bucket.
+const BUCKET_RACE_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a registry read waits for entries it was promised after the server said none are
 /// left (see [`Fleet::registry`]).
@@ -407,22 +413,51 @@ pub async fn ensure_registry(js: &jetstream::Context) -> Result<jetstream::kv::S
         return Ok(store);
     }
     let bucket = presence::REGISTRY_BUCKET;
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: format!("KV_{bucket}"),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        max_age: presence::REGISTRY_MAX_AGE,
-        discard: jetstream::stream::DiscardPolicy::New,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| registry_err(format!("cannot create the bucket: {e}")))?;
-    js.get_key_value(bucket)
-        .await
-        .map_err(|e| registry_err(e.to_string()))
+    let created = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age: presence::REGISTRY_MAX_AGE,
+            discard: jetstream::stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await;
+    let Err(create_error) = created else {
+        return js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| registry_err(e.to_string()));
+    };
+    // Agents that start together all find no bucket and all create it; nats-server 2.9 can
+    // refuse the later identical creates ("subjects overlap with an existing stream") while the
+    // first is still being set up. The bucket is there (or about to be) all the same, so such
+    // an error only counts when the bucket does not show up.
+    let lost_race = matches!(
+        create_error.kind(),
+        CreateStreamErrorKind::JetStream(e)
+            if matches!(e.error_code(), ErrorCode::STREAM_SUBJECT_OVERLAP | ErrorCode::STREAM_NAME_EXIST)
+    );
+    if !lost_race {
+        return Err(registry_err(format!(
+            "cannot create the bucket: {create_error}"
+        )));
+    }
+    let deadline = Instant::now() + BUCKET_RACE_WAIT;
+    loop {
+        if let Ok(store) = js.get_key_value(bucket).await {
+            return Ok(store);
+        }
+        if Instant::now() >= deadline {
+            return Err(registry_err(format!(
+                "cannot create the bucket: {create_error}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// An agent's status from its last presence event, seen `now_ms - seen_ms` ago.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use cbus_protocol::fleet::{ensure_registry, Fleet};
-use cbus_protocol::presence::{now_ms, AgentInfo, PresenceEvent, PresenceKind};
+use cbus_protocol::presence::{now_ms, PresenceEvent, PresenceKind};
 use cbus_tests::NatsServer;
 
 const AGENTS: usize = 50;
@@ -16,16 +16,7 @@ fn heartbeat(i: usize) -> (String, Vec<u8>) {
     let event = PresenceEvent {
         event: PresenceKind::Heartbeat,
         sent_at_ms: now_ms(),
-        agent: AgentInfo {
-            nkey: nkey.clone(),
-            hostname: format!("host-{i:02}"),
-            version: cbus_protocol::VERSION.into(),
-            bus: "system".into(),
-            started_at_ms: now_ms(),
-            heartbeat_ms: 5000,
-            bus_connected: true,
-            labels: Default::default(),
-        },
+        agent: cbus_tests::synthetic_agent_info(&nkey, format!("host-{i:02}")),
     };
     let payload = serde_json::to_vec(&event).expect("presence event serializes");
     (nkey, payload)
@@ -77,4 +68,36 @@ async fn every_entry_is_read_while_entries_are_rewritten() {
         short.is_empty(),
         "reads (index, entries) that missed some of the {AGENTS} entries: {short:?}"
     );
+}
+
+/// Agents that start together all find no bucket and create it at once; every one of them must
+/// end up with the registry (nats-server 2.9 refuses all but one create with "subjects overlap").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_creating_the_bucket_at_once_all_get_it() {
+    cbus_tests::init_tracing();
+    for round in 0..10 {
+        let nats = NatsServer::start();
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(nats.connect().await);
+        }
+        let start = Arc::new(tokio::sync::Barrier::new(clients.len()));
+        let creators: Vec<_> = clients
+            .into_iter()
+            .map(|client| {
+                let start = start.clone();
+                tokio::spawn(async move {
+                    start.wait().await;
+                    ensure_registry(&jetstream::new(client))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        for c in creators {
+            let created = c.await.expect("creator task");
+            assert!(created.is_ok(), "round {round}: {created:?}");
+        }
+    }
 }
