@@ -432,10 +432,10 @@ pub async fn ensure_registry(js: &jetstream::Context) -> Result<jetstream::kv::S
             .await
             .map_err(|e| registry_err(e.to_string()));
     };
-    // Agents that start together all find no bucket and all create it; nats-server 2.9 can
-    // refuse the later identical creates ("subjects overlap with an existing stream") while the
-    // first is still being set up. The bucket is there (or about to be) all the same, so such
-    // an error only counts when the bucket does not show up.
+    // Agents that start together all find no bucket and all create it. nats-server 2.9 checks a
+    // new stream's name and its subjects under two separate locks, so a create that races
+    // another's identical one can fail with "subjects overlap with an existing stream". The
+    // bucket is there all the same, so such an error only counts when the bucket does not show.
     let lost_race = matches!(
         create_error.kind(),
         CreateStreamErrorKind::JetStream(e)

@@ -71,7 +71,7 @@ async fn every_entry_is_read_while_entries_are_rewritten() {
 }
 
 /// Agents that start together all find no bucket and create it at once; every one of them must
-/// end up with the registry (nats-server 2.9 refuses all but one create with "subjects overlap").
+/// end up with the registry (nats-server 2.9 can refuse a racing create with "subjects overlap").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_creating_the_bucket_at_once_all_get_it() {
     cbus_tests::init_tracing();
