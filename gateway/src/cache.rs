@@ -575,6 +575,17 @@ impl Cache {
         f(&self.read())
     }
 
+    /// Calls `f` on each machine in turn, holding the read lock for one machine at a time, so
+    /// that updates get in between (the lock lets waiting writers go first).
+    pub fn each_machine(&self, mut f: impl FnMut(&Machine)) {
+        let nkeys: Vec<String> = self.read().keys().cloned().collect();
+        for nkey in nkeys {
+            if let Some(m) = self.read().get(&nkey) {
+                f(m);
+            }
+        }
+    }
+
     pub fn machine_rows(&self, now_ms: u64) -> Vec<MachineRow> {
         self.read().values().map(|m| m.row(now_ms)).collect()
     }

@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use cbus_protocol::fleet::Fleet;
@@ -206,18 +206,35 @@ pub async fn start(
     })
 }
 
-async fn serve_metrics(State(cache): State<Cache>) -> impl IntoResponse {
-    let body = cache.with_machines(|m| {
-        let machines: Vec<&cache::Machine> = m.values().collect();
-        metrics::render(&machines, presence::now_ms())
+async fn serve_metrics(State(cache): State<Cache>) -> Response {
+    // Rendering the machines whose units changed since the last scrape takes milliseconds on a
+    // big fleet: off the async workers, and one machine per hold of the cache, so WebSocket
+    // sessions and cache updates keep moving meanwhile.
+    let render = tokio::task::spawn_blocking(move || {
+        cache.each_machine(metrics::prepare);
+        cache.with_machines(|m| {
+            let machines: Vec<&cache::Machine> = m.values().collect();
+            metrics::render(&machines, presence::now_ms())
+        })
     });
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
+    match render.await {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "rendering /metrics failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "rendering /metrics failed\n",
+            )
+                .into_response()
+        }
+    }
 }
 
 /// Connects (retrying in the background); `reconnected` hears of every reconnection after the

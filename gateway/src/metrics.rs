@@ -121,6 +121,13 @@ pub struct UnitSeries {
     start_time: String,
 }
 
+/// Renders the machine's unit series if its units changed since the last scrape, so that a
+/// following [`render`] finds them ready. Called for one machine at a time, it keeps the bulk
+/// of a scrape's work out of the one long hold of the cache that [`render`] needs.
+pub fn prepare(m: &Machine) {
+    unit_series(m);
+}
+
 /// The machine's cached unit series, rendered now if its units changed since the last scrape.
 fn unit_series(m: &Machine) -> Arc<UnitSeries> {
     let cached = m

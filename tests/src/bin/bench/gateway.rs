@@ -266,8 +266,8 @@ pub async fn gateway() {
         ms(sp)
     );
 
-    println!("| clients | updates/s sent | deliveries expected | delivered | resyncs | p50 | p99 | gateway RSS before / max |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| clients | updates/s sent | deliveries expected | delivered | resyncs | p50 | p99 | gateway RSS before / max | /metrics scrapes meanwhile: count, median |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let publisher = nats.connect().await;
     for clients in [100usize, 1000] {
         let measuring = Arc::new(AtomicBool::new(false));
@@ -311,6 +311,22 @@ pub async fn gateway() {
                     }
                 }
             });
+            // Prometheus scraping once a second meanwhile: every machine changed between two
+            // scrapes, so each renders the whole cache again.
+            let scraper = tokio::task::spawn_blocking({
+                let sampling = sampling.clone();
+                move || {
+                    let mut took = Vec::new();
+                    while sampling.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        if http_get(port, "/metrics").is_some() {
+                            took.push(t.elapsed());
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    took
+                }
+            });
             measuring.store(true, Ordering::Relaxed);
             // Paced in 10 ms slices.
             let per_slice = (rate / 100).max(1);
@@ -334,6 +350,13 @@ pub async fn gateway() {
             measuring.store(false, Ordering::Relaxed);
             sampling.store(false, Ordering::Relaxed);
             let _ = sampler.await;
+            let scrapes = scraper.await.unwrap_or_default();
+            let scrape_count = scrapes.len();
+            let (scrape_median, _) = if scrapes.is_empty() {
+                (Duration::ZERO, Duration::ZERO)
+            } else {
+                summary(scrapes)
+            };
             let expected = total * (clients / MACHINES) as u64;
             let lat = std::mem::take(&mut *stats.latencies_us.lock().expect("lock"));
             let delivered = lat.len();
@@ -346,13 +369,14 @@ pub async fn gateway() {
                 (p(0.5), p(0.99))
             };
             println!(
-                "| {clients} | {:.0} | {expected} | {delivered} | {} | {:.1} ms | {:.1} ms | {:.0} / {:.0} MiB |",
+                "| {clients} | {:.0} | {expected} | {delivered} | {} | {:.1} ms | {:.1} ms | {:.0} / {:.0} MiB | {scrape_count}, {:.1} ms |",
                 total as f64 / sent_secs,
                 stats.resyncs.load(Ordering::Relaxed),
                 ms(p50),
                 ms(p99),
                 rss_before as f64 / 1024.0,
                 rss_max.load(Ordering::Relaxed) as f64 / 1024.0,
+                ms(scrape_median),
             );
         }
         stop.store(true, Ordering::Relaxed);
