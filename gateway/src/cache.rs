@@ -335,6 +335,10 @@ impl Cache {
                     || (!machine.info.bus_connected && ev.agent.bus_connected)
                     || returning;
                 let before = machine.row(now);
+                if machine.info.hostname != ev.agent.hostname {
+                    // Its /metrics series carry the old name in their labels.
+                    machine.unit_series = OnceLock::new();
+                }
                 machine.info = ev.agent;
                 machine.last_event = ev.event;
                 machine.last_seen_ms = machine.last_seen_ms.max(seen_ms);
@@ -750,6 +754,22 @@ mod tests {
             c.presence(ev(PresenceKind::Heartbeat, "B", 1), now),
             Join::Restarted
         );
+    }
+
+    #[test]
+    fn a_renamed_machine_drops_its_metrics_series() {
+        let c = cache();
+        let now = presence_now();
+        c.presence(ev(PresenceKind::Hello, "A", 1), now);
+        let cached = |c: &Cache| c.with_machines(|m| m["A"].unit_series.get().is_some());
+        c.each_machine(crate::metrics::prepare);
+        assert!(cached(&c));
+        c.presence(ev(PresenceKind::Heartbeat, "A", 1), now);
+        assert!(cached(&c), "a heartbeat keeps them");
+        let mut renamed = ev(PresenceKind::Heartbeat, "A", 1);
+        renamed.agent.hostname = "other".into();
+        c.presence(renamed, now);
+        assert!(!cached(&c), "a new hostname drops them");
     }
 
     /// Machines known to the cache, to reload them all (after the gateway's own reconnect).

@@ -114,7 +114,8 @@ pub fn render<M: Borrow<Machine>>(machines: &[M], now_ms: u64) -> String {
 /// One machine's samples of the three unit families, kept in [`Machine`] until its units change.
 #[derive(Debug, Default)]
 pub struct UnitSeries {
-    /// The hostname the series were rendered with; a renamed host renders them again.
+    /// The hostname the series were rendered with. The cache drops the series when a machine
+    /// reports a new name; this guards any other change of `Machine::info`.
     host: String,
     state: String,
     restarts: String,
