@@ -9,8 +9,14 @@ use async_nats::HeaderMap;
 pub const NKEY: &str = "NKey";
 /// The signal sender's unique name (`:1.7`).
 pub const SENDER: &str = "Sender";
-/// The well-known name the sender owns, when the agent knows one.
+/// The well-known names the sender owns, as the agent's owner table says when the signal is read:
+/// space-separated (a bus name never holds a space), sorted, at most [`MAX_SENDER_NAMES`]; absent
+/// when it owns none. The sender's unique name comes from the bus and cannot be forged by a local
+/// user, and no local user can own `org.freedesktop.systemd1`, so [`sender_owns`] is how a
+/// consumer tells systemd's own signals from forgeries (`busctl emit` by any user).
 pub const SENDER_NAME: &str = "Sender-Name";
+/// The most well-known names listed in [`SENDER_NAME`].
+pub const MAX_SENDER_NAMES: usize = 16;
 /// The object path.
 pub const PATH: &str = "Path";
 /// The interface.
@@ -42,9 +48,46 @@ pub fn get<'a>(headers: Option<&'a HeaderMap>, name: &'static str) -> Option<&'a
     headers?.get(name).map(|v| v.as_str())
 }
 
+/// The well-known names listed in a signal's [`SENDER_NAME`] header.
+pub fn sender_names(headers: Option<&HeaderMap>) -> impl Iterator<Item = &str> {
+    get(headers, SENDER_NAME)
+        .unwrap_or_default()
+        .split(' ')
+        .filter(|n| !n.is_empty())
+        .take(MAX_SENDER_NAMES)
+}
+
+/// Whether the agent saw the signal's sender own the well-known `name` (see [`SENDER_NAME`]).
+pub fn sender_owns(headers: Option<&HeaderMap>, name: &str) -> bool {
+    sender_names(headers).any(|n| n == name)
+}
+
+/// The [`SENDER_NAME`] value for a sender that owns `names`.
+pub fn sender_names_value<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    let mut names: Vec<&str> = names.into_iter().filter(|n| !n.contains(' ')).collect();
+    names.sort_unstable();
+    names.dedup();
+    names.truncate(MAX_SENDER_NAMES);
+    names.join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sender_names_round_trip() {
+        let mut h = HeaderMap::new();
+        let value = sender_names_value(["org.b", "org.freedesktop.systemd1", "org.b", "bad name"]);
+        set(&mut h, SENDER_NAME, &value);
+        assert_eq!(
+            sender_names(Some(&h)).collect::<Vec<_>>(),
+            ["org.b", "org.freedesktop.systemd1"]
+        );
+        assert!(sender_owns(Some(&h), "org.freedesktop.systemd1"));
+        assert!(!sender_owns(Some(&h), "org.freedesktop"));
+        assert!(!sender_owns(None, "org.b"));
+    }
 
     #[test]
     fn crlf_is_sanitized() {
