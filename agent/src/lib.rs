@@ -83,7 +83,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             }
         });
     }
-    let client = nats::connect(&config, &id.seed, metrics.clone()).await?;
+    let client = nats::connect(&config, &id, metrics.clone()).await?;
 
     let requests = Arc::new(requests::RequestServer::new(
         nkey.clone(),

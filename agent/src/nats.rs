@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_nats::Event;
 
 use crate::config::Config;
-use crate::identity::Seed;
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,12 +23,12 @@ pub enum ConnectError {
 /// Connects; retries forever in the background, so an agent started before NATS still comes up.
 pub async fn connect(
     config: &Config,
-    seed: &Seed,
+    id: &Identity,
     metrics: Arc<Metrics>,
 ) -> Result<async_nats::Client, ConnectError> {
     let opts = cbus_protocol::connect::Credentials {
         creds: config.creds.clone(),
-        nkey_seed: config.nats_nkey_auth.then(|| seed.0.clone()),
+        nkey_seed: config.nats_nkey_auth.then(|| id.seed.0.clone()),
         user: config.user.clone(),
         password: config.password.clone(),
         token: config.token.clone(),
@@ -39,6 +39,8 @@ pub async fn connect(
     let m = metrics.clone();
     let opts = opts
         .name(format!("cbus-agent {}", cbus_protocol::VERSION))
+        // Its own inbox prefix, so its permissions can keep it out of everyone else's replies.
+        .custom_inbox_prefix(cbus_protocol::permissions::agent_inbox_prefix(&id.nkey))
         .retry_on_initial_connect()
         .max_reconnects(None)
         .reconnect_delay_callback(|attempts| {

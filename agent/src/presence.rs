@@ -16,13 +16,17 @@ use cbus_protocol::subject;
 use futures::StreamExt;
 use tokio::sync::Mutex;
 
-/// Pause between attempts to open the registry after it was unavailable.
-const REGISTRY_RETRY: Duration = Duration::from_secs(30);
+/// Pauses between attempts to open the registry after it was unavailable: from the first to
+/// the last, doubling. Short at first because under the generated permissions an agent may not
+/// create the bucket and waits for the gateway to (crate docs of `cbus_protocol::permissions`).
+const REGISTRY_RETRY_FIRST: Duration = Duration::from_secs(1);
+const REGISTRY_RETRY_LAST: Duration = Duration::from_secs(30);
 
 enum Registry {
     Unknown,
     Open(Box<jetstream::kv::Store>),
-    Unavailable(Instant),
+    /// Since when, and the pause before the next attempt.
+    Unavailable(Instant, Duration),
 }
 
 pub struct Presence {
@@ -79,13 +83,14 @@ impl Presence {
             tracing::debug!(error = %e, "cannot publish presence");
         }
         let mut registry = self.registry.lock().await;
-        let retry = match &*registry {
-            Registry::Open(_) => false,
-            Registry::Unknown => true,
+        let (retry, pause) = match &*registry {
+            Registry::Open(_) => (false, REGISTRY_RETRY_FIRST),
+            Registry::Unknown => (true, REGISTRY_RETRY_FIRST),
             // A goodbye always tries: it is the last word.
-            Registry::Unavailable(since) => {
-                since.elapsed() >= REGISTRY_RETRY || event == PresenceKind::Goodbye
-            }
+            Registry::Unavailable(since, pause) => (
+                since.elapsed() >= *pause || event == PresenceKind::Goodbye,
+                (*pause * 2).min(REGISTRY_RETRY_LAST),
+            ),
         };
         if retry {
             let js = jetstream::new(self.client.clone());
@@ -100,7 +105,7 @@ impl Presence {
                     if !self.warned.swap(true, Ordering::Relaxed) {
                         tracing::warn!(error = %e, "no JetStream registry; presence messages only");
                     }
-                    *registry = Registry::Unavailable(Instant::now());
+                    *registry = Registry::Unavailable(Instant::now(), pause);
                     return;
                 }
             }

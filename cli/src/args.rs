@@ -231,6 +231,25 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
     /// Man pages: write cbus.1 and one page per command into DIR, or cbus.1 to stdout
     Man { dir: Option<PathBuf> },
+    /// The NATS permissions of a cbus role, as a nats-server `permissions` value (JSON)
+    #[command(after_help = "Example: a users entry for one machine's agent:\n  \
+        { nkey: U..., permissions: $(cbus permissions agent U...) }")]
+    Permissions {
+        role: PermissionRole,
+        /// The agent's nkey (agents only)
+        nkey: Option<String>,
+    },
+}
+
+/// The roles whose NATS permissions cbus defines (docs/security.md).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PermissionRole {
+    /// One machine's agent: only its own subjects, inbox and broadcast queue group
+    Agent,
+    /// The gateway: requests, and reading signals, presence, metrics and the registry
+    Gateway,
+    /// An operator's `cbus`: the gateway's rights and the JetStream API
+    Operator,
 }
 
 #[derive(Debug, Args)]

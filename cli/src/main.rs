@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use args::{Cli, Command};
-use commands::{agents, dbus, docs, keys, monitor, subject, systemd};
+use commands::{agents, dbus, docs, keys, monitor, permissions, subject, systemd};
 use error::Failure;
 use render::Format;
 
@@ -73,6 +73,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Subject(s) => return subject::run(s),
         Command::Completions { shell } => return docs::completions(shell),
         Command::Man { dir } => return docs::man(dir.as_deref()),
+        Command::Permissions { role, nkey } => return permissions::run(role, nkey.as_deref()),
         other => other,
     };
     let file = config::load().map_err(error::usage)?;
@@ -134,6 +135,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         | Command::Keyscan { .. }
         | Command::Subject(_)
         | Command::Completions { .. }
-        | Command::Man { .. } => Ok(()),
+        | Command::Man { .. }
+        | Command::Permissions { .. } => Ok(()),
     }
 }

@@ -60,6 +60,24 @@ async fn subscribe(
         })
 }
 
+/// Creates the registry bucket, or closes an old one to rollups and purges, retrying until it
+/// worked once: under the generated permissions agents may not create or change the bucket
+/// (`cbus_protocol::permissions`), so the gateway does, also when NATS comes up after it.
+async fn close_registry(client: async_nats::Client) {
+    let js = async_nats::jetstream::new(client);
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match cbus_protocol::fleet::close_registry(&js).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create or close the registry bucket; retrying")
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
 /// Subscribes, reads the registry, and spawns every follower task.
 ///
 /// `reconnected` yields once each time the gateway's NATS connection came back: every running
@@ -79,6 +97,8 @@ pub async fn start(
         gets: Arc::new(Semaphore::new(GET_CONCURRENCY)),
         timeout,
     };
+
+    tokio::spawn(close_registry(client.clone()));
 
     // Subscribe first, then read the registry, so no event falls in between.
     let presence_sub = subscribe(&client, subject::PRESENCE_ALL).await?;

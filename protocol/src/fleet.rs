@@ -8,6 +8,8 @@
 //! "no responders" at once instead of a timeout, and one that stays silent is reported by name.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::context::CreateStreamErrorKind;
@@ -133,6 +135,24 @@ pub struct Query {
 pub struct Fleet {
     client: Client,
     requester: String,
+    rejected: Arc<Rejected>,
+}
+
+/// Messages dropped because what they said about identity disagreed with where they arrived:
+/// the registry key (or reply subject) is what the server's permissions guarantee, the body is
+/// a claim (docs/security.md).
+#[derive(Debug, Default)]
+pub struct Rejected {
+    /// Registry entries whose body names another nkey than their key.
+    pub registry: AtomicU64,
+    /// Replies whose envelope names another nkey than the agent they were asked of.
+    pub replies: AtomicU64,
+}
+
+impl Rejected {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Fleet {
@@ -141,11 +161,17 @@ impl Fleet {
         Fleet {
             client,
             requester: requester.into(),
+            rejected: Arc::default(),
         }
     }
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// What this fleet connection dropped as forged so far.
+    pub fn rejected(&self) -> &Rejected {
+        &self.rejected
     }
 
     /// Every agent in the registry with its state, sorted by hostname. Falls back to a ping
@@ -239,8 +265,18 @@ impl Fleet {
                 .as_ref()
                 .and_then(|h| h.get("KV-Operation"))
                 .is_some();
+            // The key is the nkey whose permissions allowed the write; the body only claims one.
+            let key = presence::registry_key_of(&message.subject).unwrap_or_default();
             if !deleted {
                 match serde_json::from_slice::<PresenceEvent>(&message.payload) {
+                    Ok(event) if event.agent.nkey != key => {
+                        Rejected::count(&self.rejected.registry);
+                        tracing::warn!(
+                            key,
+                            claims = short(&event.agent.nkey),
+                            "ignoring a registry entry that names another machine"
+                        );
+                    }
                     Ok(event) => {
                         let status = status_from(event, published_ms, now);
                         by_nkey.insert(status.info.nkey.clone(), status);
@@ -371,6 +407,20 @@ impl Fleet {
                 Outcome::NoResponders
             } else {
                 match Reply::from_payload(&msg.payload) {
+                    // Only the agent asked could answer on this reply subject (allow_responses);
+                    // an envelope naming another machine is a forgery, never that machine's word.
+                    Ok(reply) if reply.nkey != targets[i].info.nkey => {
+                        Rejected::count(&self.rejected.replies);
+                        tracing::warn!(agent = %targets[i].info.hostname, claims = short(&reply.nkey), "reply names another machine");
+                        Outcome::Replied(Reply {
+                            nkey: targets[i].info.nkey.clone(),
+                            hostname: targets[i].info.hostname.clone(),
+                            result: Err(crate::ErrorBody::new(
+                                crate::ErrorCode::InternalError,
+                                "the agent's reply names another machine; ignored",
+                            )),
+                        })
+                    }
                     Ok(reply) => Outcome::Replied(reply),
                     Err(e) => {
                         tracing::warn!(agent = %targets[i].info.hostname, error = %e, "malformed reply");
@@ -399,11 +449,73 @@ impl Fleet {
     }
 }
 
-/// Opens the registry bucket, creating it when missing.
+/// The registry bucket's stream configuration.
+///
+/// A KV bucket as async-nats would make it (one message per key, direct get), but closed against
+/// a writer that may only touch its own key: no rollups (a `Nats-Rollup: all` put would wipe
+/// every machine's entry), no purge or delete through the API, and entries bounded in size.
+pub fn registry_config() -> jetstream::stream::Config {
+    let bucket = presence::REGISTRY_BUCKET;
+    jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age: presence::REGISTRY_MAX_AGE,
+        max_message_size: presence::REGISTRY_MAX_ENTRY_BYTES as i32,
+        discard: jetstream::stream::DiscardPolicy::New,
+        allow_rollup: false,
+        deny_delete: true,
+        deny_purge: true,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Whether an existing bucket's configuration has what [`registry_config`] guarantees.
+fn registry_is_closed(config: &jetstream::stream::Config) -> bool {
+    !config.allow_rollup
+        && config.deny_delete
+        && config.deny_purge
+        && config.max_message_size > 0
+        && config.max_message_size <= presence::REGISTRY_MAX_ENTRY_BYTES as i32
+}
+
+/// Creates the registry bucket, or closes an existing one that an older cbus (or anyone with
+/// the rights) left open to rollups and purges. For the gateway and operators: agents have no
+/// permission to change the bucket (crate::permissions). Returns whether the bucket changed.
+pub async fn close_registry(js: &jetstream::Context) -> Result<bool, FleetError> {
+    let registry_err = |message: String| FleetError::Registry {
+        bucket: presence::REGISTRY_BUCKET,
+        message,
+    };
+    let config = registry_config();
+    match js.get_stream(&config.name).await {
+        Ok(mut stream) => {
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| registry_err(e.to_string()))?;
+            if registry_is_closed(&info.config) {
+                return Ok(false);
+            }
+            js.update_stream(config)
+                .await
+                .map_err(|e| registry_err(format!("cannot close the bucket: {e}")))?;
+            tracing::info!(
+                "registry bucket closed to rollups and purges (it was created by an older cbus)"
+            );
+            Ok(true)
+        }
+        Err(_) => ensure_registry(js).await.map(|_| true),
+    }
+}
+
+/// Opens the registry bucket, creating it when missing (where the server's permissions let this
+/// client create it: agents may not, see [`crate::permissions`]).
 ///
 /// async-nats 0.51's `create_key_value` first asks for account info, whose reply from
-/// nats-server 2.9 it cannot parse; so the bucket's stream is created directly, with the settings
-/// a KV bucket has (one message per key, rollups allowed, no deletes, direct get).
+/// nats-server 2.9 it cannot parse; so the bucket's stream is created directly
+/// ([`registry_config`]).
 pub async fn ensure_registry(js: &jetstream::Context) -> Result<jetstream::kv::Store, FleetError> {
     let registry_err = |message: String| FleetError::Registry {
         bucket: presence::REGISTRY_BUCKET,
@@ -413,19 +525,7 @@ pub async fn ensure_registry(js: &jetstream::Context) -> Result<jetstream::kv::S
         return Ok(store);
     }
     let bucket = presence::REGISTRY_BUCKET;
-    let created = js
-        .get_or_create_stream(jetstream::stream::Config {
-            name: format!("KV_{bucket}"),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            max_age: presence::REGISTRY_MAX_AGE,
-            discard: jetstream::stream::DiscardPolicy::New,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            ..Default::default()
-        })
-        .await;
+    let created = js.get_or_create_stream(registry_config()).await;
     let Err(create_error) = created else {
         return js
             .get_key_value(bucket)
@@ -458,6 +558,15 @@ pub async fn ensure_registry(js: &jetstream::Context) -> Result<jetstream::kv::S
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// At most 64 bytes of a claimed identity, for a log line: claims are attacker-sized.
+fn short(claim: &str) -> &str {
+    let mut end = claim.len().min(64);
+    while !claim.is_char_boundary(end) {
+        end -= 1;
+    }
+    &claim[..end]
 }
 
 /// An agent's status from its last presence event, seen `now_ms - seen_ms` ago.

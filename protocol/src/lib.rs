@@ -17,6 +17,7 @@ pub mod introspect;
 pub mod label;
 pub mod names;
 pub mod nkey;
+pub mod permissions;
 pub mod presence;
 pub mod subject;
 

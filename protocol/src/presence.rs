@@ -18,6 +18,17 @@ use serde::{Deserialize, Serialize};
 
 /// JetStream KV bucket holding the latest [`PresenceEvent`] of each agent.
 pub const REGISTRY_BUCKET: &str = "cbus-agents";
+/// The registry key (an nkey) of a message on the bucket's subject `$KV.<bucket>.<key>`.
+pub fn registry_key_of(subject: &str) -> Option<&str> {
+    subject
+        .strip_prefix("$KV.")?
+        .strip_prefix(REGISTRY_BUCKET)?
+        .strip_prefix('.')
+}
+
+/// The largest registry entry the bucket stores: an [`AgentInfo`] with its labels is well
+/// under 1 KiB, and a bound keeps one machine from filling the bucket.
+pub const REGISTRY_MAX_ENTRY_BYTES: usize = 64 * 1024;
 /// Entries older than this disappear from the registry: the agent is `gone`.
 pub const REGISTRY_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Default heartbeat interval.

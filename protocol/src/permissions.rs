@@ -1,0 +1,196 @@
+//! The NATS permissions each kind of cbus client gets, written once as data.
+//!
+//! NATS guarantees one thing about a message: the subject it arrived on is one its publisher was
+//! allowed to publish to. cbus builds identity on that alone (docs/security.md): an agent may
+//! publish only under its own nkey, so `dbus.signals.<nkey>.…`, `dbus.presence.<nkey>`,
+//! `dbus.metrics.<nkey>` and the registry key `<nkey>` speak for that machine and no other. What
+//! a header or a body says about identity is a claim that consumers check against the subject.
+//!
+//! The same sets are rendered for the dev fleet's nats-server (`cbus permissions`), the NixOS
+//! module and docs/protocol.md, so a deployment cannot drift from what the code expects. Three
+//! roles:
+//! - **agent** (one per machine, user = its nkey): publish its own subjects and registry entry,
+//!   answer requests (`allow_responses`); subscribe only to its own requests, broadcasts in its
+//!   own queue group (so it cannot answer for another machine), pings, and its own inbox prefix
+//!   ([`agent_inbox_prefix`]), so it never reads anyone else's replies.
+//! - **gateway**: send requests, read signals, presence, metrics and the registry, and keep the
+//!   registry bucket's configuration ([`crate::fleet::ensure_registry`]).
+//! - **operator** (the `cbus` CLI's user): the gateway's rights plus the rest of the JetStream
+//!   API, for an administrator.
+
+use serde::Serialize;
+
+use crate::presence::REGISTRY_BUCKET;
+use crate::subject;
+
+/// What one NATS user may do, in nats-server's `permissions` shape (JSON is valid server
+/// configuration, so [`Permissions::to_config`] can be pasted into a `users` entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Permissions {
+    pub publish: Rules,
+    pub subscribe: Rules,
+    /// Whether the user may publish to the reply subject of a request it received (once, and only
+    /// while the request is fresh; nats-server's defaults for `allow_responses: true`).
+    pub allow_responses: bool,
+}
+
+/// Allowed subjects. Subscribe entries may name a queue group after a space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rules {
+    pub allow: Vec<String>,
+}
+
+/// The role a NATS user plays in cbus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Agent,
+    Gateway,
+    Operator,
+}
+
+/// The inbox prefix an agent uses, so its subscribe permission can be that prefix only.
+pub fn agent_inbox_prefix(nkey: &str) -> String {
+    format!("_INBOX_{nkey}")
+}
+
+fn js_api(rest: &str) -> String {
+    format!("$JS.API.{rest}")
+}
+
+fn registry_stream() -> String {
+    format!("KV_{REGISTRY_BUCKET}")
+}
+
+/// The JetStream API calls that read the registry (open the bucket, replay it, get one entry).
+fn registry_read() -> Vec<String> {
+    let stream = registry_stream();
+    vec![
+        js_api("INFO"),
+        js_api(&format!("STREAM.INFO.{stream}")),
+        js_api(&format!("STREAM.MSG.GET.{stream}")),
+        js_api(&format!("DIRECT.GET.{stream}.>")),
+        js_api(&format!("CONSUMER.CREATE.{stream}")),
+        js_api(&format!("CONSUMER.CREATE.{stream}.>")),
+        js_api(&format!("CONSUMER.DELETE.{stream}.>")),
+        js_api(&format!("CONSUMER.INFO.{stream}.>")),
+    ]
+}
+
+fn request_subjects() -> Vec<String> {
+    vec![
+        format!("{}.agent.>", subject::PREFIX),
+        subject::BROADCAST_ALL.to_owned(),
+        subject::PING.to_owned(),
+    ]
+}
+
+fn watched_subjects() -> Vec<String> {
+    vec![
+        format!("{}.signals.>", subject::PREFIX),
+        subject::PRESENCE_ALL.to_owned(),
+        subject::METRICS_ALL.to_owned(),
+        "_INBOX.>".to_owned(),
+    ]
+}
+
+/// The permissions of the agent whose nkey is `nkey`.
+pub fn agent(nkey: &str) -> Permissions {
+    let stream = registry_stream();
+    Permissions {
+        publish: Rules {
+            allow: vec![
+                format!("{}.signals.{nkey}.>", subject::PREFIX),
+                subject::presence(nkey),
+                subject::metrics(nkey),
+                format!("$KV.{REGISTRY_BUCKET}.{nkey}"),
+                // Opening the bucket; never creating or changing it.
+                js_api(&format!("STREAM.INFO.{stream}")),
+            ],
+        },
+        subscribe: Rules {
+            allow: vec![
+                subject::agent_requests(nkey),
+                format!("{} {nkey}", subject::BROADCAST_ALL),
+                subject::PING.to_owned(),
+                format!("{}.>", agent_inbox_prefix(nkey)),
+            ],
+        },
+        allow_responses: true,
+    }
+}
+
+/// The gateway's permissions.
+pub fn gateway() -> Permissions {
+    let stream = registry_stream();
+    let mut publish = request_subjects();
+    publish.extend(registry_read());
+    publish.push(js_api(&format!("STREAM.CREATE.{stream}")));
+    publish.push(js_api(&format!("STREAM.UPDATE.{stream}")));
+    Permissions {
+        publish: Rules { allow: publish },
+        subscribe: Rules {
+            allow: watched_subjects(),
+        },
+        allow_responses: false,
+    }
+}
+
+/// The operator's permissions (the `cbus` CLI).
+pub fn operator() -> Permissions {
+    let mut publish = request_subjects();
+    publish.push(js_api(">"));
+    Permissions {
+        publish: Rules { allow: publish },
+        subscribe: Rules {
+            allow: watched_subjects(),
+        },
+        allow_responses: false,
+    }
+}
+
+impl Role {
+    /// This role's permissions; agents need their nkey.
+    pub fn permissions(self, nkey: Option<&str>) -> Option<Permissions> {
+        match (self, nkey) {
+            (Role::Agent, Some(nkey)) => Some(agent(nkey)),
+            (Role::Agent, None) => None,
+            (Role::Gateway, _) => Some(gateway()),
+            (Role::Operator, _) => Some(operator()),
+        }
+    }
+}
+
+impl Permissions {
+    /// The `permissions` value for a nats-server `users` entry, as JSON.
+    pub fn to_config(&self) -> String {
+        serde_json::to_string(self).expect("permissions serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "UAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+
+    #[test]
+    fn agent_speaks_only_for_itself() {
+        let p = agent(A);
+        assert!(p
+            .publish
+            .allow
+            .iter()
+            .all(|s| s.contains(A) || s.starts_with("$JS.API.STREAM.INFO.")));
+        assert!(!p.subscribe.allow.iter().any(|s| s.starts_with("_INBOX.")));
+        assert!(p.subscribe.allow.contains(&format!("dbus.broadcast.> {A}")));
+        assert!(!p.publish.allow.iter().any(|s| s.contains("STREAM.CREATE")));
+    }
+
+    #[test]
+    fn config_is_json_in_server_shape() {
+        let v: serde_json::Value = serde_json::from_str(&gateway().to_config()).unwrap();
+        assert!(v["publish"]["allow"].is_array());
+        assert!(v["subscribe"]["allow"].is_array());
+        assert_eq!(v["allow_responses"], false);
+    }
+}
