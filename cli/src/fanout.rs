@@ -224,6 +224,11 @@ impl Context {
                 })
                 .collect()
         } else {
+            tracing::debug!(
+                machines = targets.len(),
+                member = query.member.as_deref().unwrap_or(""),
+                "asking"
+            );
             let asked = fleet.fan_out(targets, query, self.timeout.min(remaining));
             tokio::time::timeout_at(self.deadline() + FAN_OUT_SLACK, asked)
                 .await

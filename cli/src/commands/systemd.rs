@@ -52,6 +52,10 @@ pub const MAX_SINCE_UNITS: usize = 100;
 const CONCURRENCY: usize = 16;
 /// How often pending jobs are polled.
 const POLL_EVERY: Duration = Duration::from_secs(1);
+/// A machine silent to polls for this long during a job wait is reported, not waited for. It is
+/// longer than the client needs to notice a frozen server (three ping intervals), so that a
+/// server's silence is reported as `disconnected` rather than blamed on the machines.
+const SILENCE_LIMIT: Duration = Duration::from_secs(5);
 
 fn manager_call(method: &str, args: Value) -> Query {
     Query {
@@ -403,6 +407,8 @@ struct JobRow {
     finished: bool,
     /// Why the wait for this job stopped early (machine stopped answering).
     lost: Option<(&'static str, String)>,
+    /// Since when polls of this job got no answer.
+    silent_since: Option<tokio::time::Instant>,
     active: Option<String>,
     sub: Option<String>,
 }
@@ -514,6 +520,7 @@ pub async fn action(ctx: &Context, method: &str, action: UnitAction) -> Result<(
                 result: None,
                 finished: false,
                 lost: None,
+                silent_since: None,
                 active: None,
                 sub: None,
             });
@@ -521,6 +528,10 @@ pub async fn action(ctx: &Context, method: &str, action: UnitAction) -> Result<(
     }
 
     if !action.no_block {
+        tracing::debug!(
+            jobs = rows.iter().filter(|r| r.pending()).count(),
+            "waiting for jobs"
+        );
         wait_for_jobs(ctx, &mut rows, signals.as_mut(), job_timeout).await?;
         final_states(ctx, &mut rows).await?;
     }
@@ -764,6 +775,7 @@ fn job_removed(rows: &mut [JobRow], msg: &async_nats::Message, seen: &mut JobSig
 
 /// Asks each machine with a pending job whether the job object still exists.
 async fn poll_jobs(ctx: &Context, rows: &mut [JobRow]) -> Result<(), Failure> {
+    let polled = tokio::time::Instant::now();
     let pending: Vec<(usize, AgentStatus, String)> = rows
         .iter()
         .enumerate()
@@ -790,12 +802,19 @@ async fn poll_jobs(ctx: &Context, rows: &mut [JobRow]) -> Result<(), Failure> {
         if row.finished {
             continue;
         }
+        if outcome != Outcome::TimedOut {
+            row.silent_since = None;
+        }
         match &outcome {
             Outcome::Replied(r) => match &r.result {
                 Ok(_) => {}
                 Err(e) if e.code == ErrorCode::NotFound => row.finished = true,
                 Err(e) => row.lost = Some(("failed", format!("cannot follow the job: {e}"))),
             },
+            // A frozen server looks like silent machines until the client's pings notice it;
+            // a machine is given up only after a silence longer than that.
+            Outcome::TimedOut
+                if row.silent_since.get_or_insert(polled).elapsed() < SILENCE_LIMIT => {}
             other => {
                 row.lost = Some((
                     render::status(other),
@@ -882,6 +901,7 @@ mod tests {
             result: None,
             finished: false,
             lost: None,
+            silent_since: None,
             active: None,
             sub: None,
         }
