@@ -137,7 +137,7 @@ async fn job_results_come_from_systemd_and_job_waits_end_by_their_deadline() {
             "8s",
         ],
     );
-    let waiting = run.wait_stderr("waiting for jobs", Duration::from_secs(5));
+    let waiting = run.wait_stderr("waiting for jobs", Duration::from_secs(1));
     nats.freeze();
     let frozen_at = run.started.elapsed();
     let (out, took) = run.finish(Duration::from_secs(60));
@@ -175,7 +175,7 @@ async fn job_results_come_from_systemd_and_job_waits_end_by_their_deadline() {
             "30s",
         ],
     );
-    let waiting = run.wait_stderr("waiting for jobs", Duration::from_secs(5));
+    let waiting = run.wait_stderr("waiting for jobs", Duration::from_secs(1));
     let killed_at = run.started.elapsed();
     nats.stop();
     let (out, took) = run.finish(Duration::from_secs(60));
