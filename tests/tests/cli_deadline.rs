@@ -15,6 +15,10 @@ use support::*;
 /// How long after its deadline a command may still be running (process exit, a loaded machine).
 const GRACE: Duration = Duration::from_millis(1500);
 
+fn last_line(text: &str) -> &str {
+    text.trim_end().lines().last().unwrap_or("")
+}
+
 #[tokio::test]
 async fn get_ends_disconnected_by_its_deadline_when_the_server_freezes() {
     let mut nats = NatsServer::start();
@@ -55,6 +59,7 @@ async fn get_ends_disconnected_by_its_deadline_when_the_server_freezes() {
         took.as_secs_f64(),
         timeout.as_secs_f64()
     );
+    println!("  {}", last_line(&stderr(&out)));
     assert_eq!(out.status.code(), Some(2), "{}", both(&out));
     assert!(
         stderr(&out).contains("cbus: disconnected:"),
@@ -101,6 +106,7 @@ async fn monitor_ends_disconnected_when_the_server_dies() {
         took.as_secs_f64(),
         budget.as_secs_f64()
     );
+    println!("  {}", last_line(&stderr(&out)));
     assert_eq!(out.status.code(), Some(2), "{}", both(&out));
     assert!(
         stderr(&out).contains("cbus: disconnected:"),
@@ -110,4 +116,47 @@ async fn monitor_ends_disconnected_when_the_server_dies() {
     assert!(took <= budget + GRACE * 2, "took {took:?}\n{}", both(&out));
     // It did try to reconnect rather than give up at once.
     assert!(took >= Duration::from_secs(3), "took {took:?}");
+}
+
+#[tokio::test]
+async fn monitor_ends_disconnected_when_the_server_freezes() {
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let bus = PrivateBus::start();
+    let _svc = TestService::start(bus.address());
+    let _agent = Agent::start(&url, bus.address(), &["--allow-all", "--hostname", "dl-f"]);
+    wait_agents(&nats, 1).await;
+
+    let run = Running::spawn(&url, &["monitor", "--member", "Message"]);
+    let mut seen = false;
+    for i in 0..50 {
+        emit(&url, "dl-f", &format!("before {i}"));
+        if run.stdout_line(Duration::from_millis(200)).is_some() {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "monitor printed nothing");
+    let frozen = Instant::now();
+    nats.freeze();
+    let (out, _) = run.finish(Duration::from_secs(60));
+    let took = frozen.elapsed();
+    nats.thaw();
+    // Two unanswered pings (about 3 s), then 10 attempts that each wait out the 2 s connect
+    // timeout (TCP connects, the handshake never comes), with 7.5 s of pauses between them.
+    let budget = Duration::from_millis(3000 + 10 * 2000 + 7500);
+    println!(
+        "monitor, server frozen: exit {:?} {:.2}s after the freeze (budget {:.1}s)",
+        out.status.code(),
+        took.as_secs_f64(),
+        budget.as_secs_f64()
+    );
+    println!("  {}", last_line(&stderr(&out)));
+    assert_eq!(out.status.code(), Some(2), "{}", both(&out));
+    assert!(
+        stderr(&out).contains("cbus: disconnected:"),
+        "{}",
+        both(&out)
+    );
+    assert!(took <= budget + GRACE * 2, "took {took:?}\n{}", both(&out));
 }

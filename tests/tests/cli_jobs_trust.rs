@@ -149,6 +149,7 @@ async fn job_results_come_from_systemd_and_job_waits_end_by_their_deadline() {
         took.as_secs_f64(),
         (timeout + job_timeout).as_secs_f64()
     );
+    println!("  {}", stderr(&out).trim_end().lines().last().unwrap_or(""));
     assert_eq!(out.status.code(), Some(2), "{}", both(&out));
     assert!(
         stderr(&out).contains("cbus: disconnected:"),
@@ -185,6 +186,7 @@ async fn job_results_come_from_systemd_and_job_waits_end_by_their_deadline() {
         out.status.code(),
         took.as_secs_f64()
     );
+    println!("  {}", stderr(&out).trim_end().lines().last().unwrap_or(""));
     assert_eq!(out.status.code(), Some(2), "{}", both(&out));
     assert!(
         stderr(&out).contains("cbus: disconnected:"),
