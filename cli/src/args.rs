@@ -10,7 +10,8 @@ use clap::{Args, Parser, Subcommand};
 /// Every query goes to all machines unless --nkeys, --hosts or --labels narrow it, and returns
 /// as soon as every machine answered. Machines that do not answer within --timeout are named.
 /// Exit status: 0 all machines succeeded; 1 some failed, timed out, were not connected or none
-/// matched; 2 usage or connection error.
+/// matched; 2 usage or connection error, or the connection to NATS was lost during the command
+/// (disconnected).
 #[derive(Debug, Parser)]
 #[command(name = "cbus", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
@@ -78,7 +79,8 @@ pub struct TargetArgs {
         value_name = "KEY=VALUE,..."
     )]
     pub labels: Vec<String>,
-    /// How long to wait for machines to answer, e.g. 5s, 500ms, 1m [default: 5s]
+    /// How long the whole command may take (connect, registry, answers), e.g. 5s, 500ms, 1m;
+    /// a job wait adds --job-timeout [default: 5s]
     #[arg(long, short = 't', global = true, value_name = "DURATION")]
     pub timeout: Option<String>,
 }
@@ -260,7 +262,7 @@ pub struct UnitAction {
     /// Do not wait for the jobs to finish
     #[arg(long)]
     pub no_block: bool,
-    /// How long to wait for the jobs to finish
+    /// How long to wait for the jobs to finish (added to --timeout for the command's deadline)
     #[arg(long, value_name = "DURATION", default_value = "90s")]
     pub job_timeout: String,
 }

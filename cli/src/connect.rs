@@ -1,11 +1,19 @@
-//! Connecting to NATS for one command.
+//! Connecting to NATS for one command, and knowing when that connection is gone.
 //!
 //! Unlike the agent, the CLI never retries in the background (no `retry_on_initial_connect`):
 //! an unreachable server or refused credentials is one clear line and exit code 2 within a
-//! couple of seconds, never a hang.
+//! couple of seconds, never a hang. A connection lost later is retried a bounded number of
+//! times ([`MAX_RECONNECTS`]), and a frozen server (process stopped, TCP still open) is noticed
+//! by unanswered pings ([`PING_INTERVAL`]); [`Health`] lets a command tell "NATS went away"
+//! from "machines are silent", so that it never blames machines for a lost connection.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use async_nats::connection::State;
+use tokio::time::Instant;
 
 use crate::args::ConnArgs;
 use crate::config::FileConfig;
@@ -15,9 +23,52 @@ use crate::error::Failure;
 pub const DEFAULT_SERVER: &str = "nats://127.0.0.1:4222";
 /// How long one connection attempt may take (TCP + TLS + handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// An idle connection is pinged this often; async-nats drops it after two unanswered pings, so
+/// a frozen server is noticed within about three intervals.
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// Reconnect attempts after a connection is lost, before the client gives up (and `monitor`,
+/// which has no deadline, exits with `disconnected`).
+pub const MAX_RECONNECTS: usize = 10;
 
-/// Connects with flags, environment and config file merged (flags and environment win).
-pub async fn connect(args: &ConnArgs, file: &FileConfig) -> Result<async_nats::Client, Failure> {
+/// Pause before connection attempt `n` (1-based; the first one, also the initial connect, at
+/// once): then 250 ms more each time, at most 1 s. With a server that refuses connections the
+/// reconnects take about 8 s in all; with a frozen one each also waits out [`CONNECT_TIMEOUT`].
+fn reconnect_delay(n: usize) -> Duration {
+    Duration::from_millis(250 * n.saturating_sub(1).min(4) as u64)
+}
+
+/// The state of a command's connection, as the client's background task sees it.
+#[derive(Clone)]
+pub struct Health {
+    client: async_nats::Client,
+    gave_up: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// A mark to compare with later ([`Health::lost_since`]).
+    pub fn mark(&self) -> u64 {
+        self.client.statistics().connects.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection is down now, or went down and came back since `mark`: either way
+    /// replies sent meanwhile may be lost.
+    pub fn lost_since(&self, mark: u64) -> bool {
+        self.gave_up() || self.client.connection_state() != State::Connected || self.mark() != mark
+    }
+
+    /// Whether the client stopped reconnecting: nothing will be sent or received any more.
+    pub fn gave_up(&self) -> bool {
+        self.gave_up.load(Ordering::Relaxed)
+    }
+}
+
+/// Connects with flags, environment and config file merged (flags and environment win), giving
+/// up at `deadline` at the latest.
+pub async fn connect(
+    args: &ConnArgs,
+    file: &FileConfig,
+    deadline: Instant,
+) -> Result<(async_nats::Client, Health), Failure> {
     let server = args
         .server
         .clone()
@@ -52,13 +103,41 @@ pub async fn connect(args: &ConnArgs, file: &FileConfig) -> Result<async_nats::C
     }
     let failed =
         |why: String| Failure::Connection(format!("cannot connect to NATS at {server}: {why}"));
+    let gave_up = Arc::new(AtomicBool::new(false));
+    let flag = gave_up.clone();
     let attempt = opts
         .name("cbus")
         .connection_timeout(CONNECT_TIMEOUT)
+        .ping_interval(PING_INTERVAL)
+        .max_reconnects(MAX_RECONNECTS)
+        .reconnect_delay_callback(reconnect_delay)
+        .event_callback(move |event| {
+            let flag = flag.clone();
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("lost the connection to NATS; reconnecting")
+                    }
+                    async_nats::Event::Connected => tracing::info!("reconnected to NATS"),
+                    async_nats::Event::ClientError(async_nats::ClientError::MaxReconnects) => {
+                        flag.store(true, Ordering::Relaxed);
+                        tracing::debug!(attempts = MAX_RECONNECTS, "gave up reconnecting to NATS");
+                    }
+                    other => tracing::debug!(event = %other, "NATS client event"),
+                }
+            }
+        })
         .connect(urls);
     // The outer bound also covers DNS, which connection_timeout does not.
-    match tokio::time::timeout(CONNECT_TIMEOUT * 2, attempt).await {
-        Ok(Ok(client)) => Ok(client),
+    let bound = deadline.min(Instant::now() + CONNECT_TIMEOUT * 2);
+    match tokio::time::timeout_at(bound, attempt).await {
+        Ok(Ok(client)) => {
+            let health = Health {
+                client: client.clone(),
+                gave_up,
+            };
+            Ok((client, health))
+        }
         Ok(Err(e)) => Err(failed(one_line(&e.to_string()))),
         Err(_) => Err(failed("timed out".into())),
     }

@@ -1,7 +1,8 @@
 //! Why a command did not fully succeed, and the exit code that says so.
 //!
-//! Scripts branch on the exit code, so the three outcomes are kept apart by type rather than by
-//! message: 1 means "asked, but not every machine succeeded", 2 means "could not even ask".
+//! Scripts branch on the exit code, so the outcomes are kept apart by type rather than by
+//! message: 1 means "asked, but not every machine succeeded", 2 means "could not ask, or lost
+//! NATS while asking" (then nothing can be said about the machines, so no machine is blamed).
 
 use std::fmt;
 
@@ -14,6 +15,11 @@ pub enum Failure {
     /// NATS unreachable, refused us, or failed under us: exit 2.
     #[error("{0}")]
     Connection(String),
+    /// NATS went away during the command (killed, frozen, unreachable) and did not come back
+    /// before its deadline, or the client gave up reconnecting: exit 2. What the machines did
+    /// is unknown, so this is never reported as their timeout.
+    #[error("disconnected: {0}")]
+    Disconnected(String),
     /// Some machines failed, did not answer, or none matched (already reported): exit 1.
     #[error("{0}")]
     Partial(String),
@@ -27,7 +33,7 @@ impl Failure {
         match self {
             Failure::Closed => 0,
             Failure::Partial(_) => 1,
-            Failure::Usage(_) | Failure::Connection(_) => 2,
+            Failure::Usage(_) | Failure::Connection(_) | Failure::Disconnected(_) => 2,
         }
     }
 
@@ -50,6 +56,11 @@ mod tests {
     fn exit_codes() {
         assert_eq!(Failure::Usage("x".into()).exit_code(), 2);
         assert_eq!(Failure::Connection("x".into()).exit_code(), 2);
+        assert_eq!(Failure::Disconnected("x".into()).exit_code(), 2);
+        assert_eq!(
+            Failure::Disconnected("x".into()).to_string(),
+            "disconnected: x"
+        );
         assert_eq!(Failure::Partial("x".into()).exit_code(), 1);
         assert_eq!(Failure::Closed.exit_code(), 0);
         assert!(!Failure::Closed.is_reported());

@@ -4,16 +4,29 @@
 //! command first needs the fleet ([`Context::fleet`]); a typo never waits for a server. The
 //! fan-out itself is `protocol::fleet`'s: this module adds the spinner, the timing the JSON
 //! summary reports, and the verdict that becomes the exit code.
+//!
+//! Every command has one deadline, computed once when it starts: `--timeout` after the start
+//! (plus `--job-timeout` for a job wait, [`Context::extend_deadline`]). Connecting, reading the
+//! registry, subscribing, publishing, flushing and waiting for replies all count against it
+//! ([`Context::bounded`]), so a server that dies or freezes mid-command cannot make `cbus` hang:
+//! at the deadline it exits with [`Failure::Disconnected`]. Machines that did not answer while
+//! the connection was down are not reported as timed out (the silence was NATS's, not theirs).
 
+use std::cell::Cell;
+use std::future::Future;
 use std::io::IsTerminal;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use cbus_protocol::duration::parse_duration;
-use cbus_protocol::fleet::{AgentStatus, Fleet, Query, Selector, TargetOutcome};
+use cbus_protocol::fleet::{
+    AgentStatus, Fleet, FleetError, Outcome, Query, Selector, TargetOutcome,
+};
 use tokio::sync::OnceCell;
+use tokio::time::Instant;
 
 use crate::args::{ConnArgs, TargetArgs};
 use crate::config::FileConfig;
+use crate::connect::Health;
 use crate::error::{usage, Failure};
 use crate::render::{self, Format};
 
@@ -21,15 +34,21 @@ use crate::render::{self, Format};
 const PING_WINDOW: Duration = Duration::from_millis(500);
 /// Default `--timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How far past the deadline a fan-out may run before it is abandoned: its reply wait ends at
+/// the deadline by itself, and this keeps its answers from being cut off by a hair.
+const FAN_OUT_SLACK: Duration = Duration::from_millis(100);
 
-/// The fleet (connected on first use), the selection, the timeout and the output format.
+/// The fleet (connected on first use), the selection, the deadline and the output format.
 pub struct Context {
     conn: ConnArgs,
     file: FileConfig,
-    fleet: OnceCell<Fleet>,
+    fleet: OnceCell<(Fleet, Health)>,
     pub selector: Selector,
     pub timeout: Duration,
     pub format: Format,
+    /// When the command started; its deadline is this plus the budget.
+    started: Instant,
+    budget: Cell<Duration>,
 }
 
 /// The outcomes of one fan-out and how long it took.
@@ -77,15 +96,62 @@ impl Context {
             selector,
             timeout,
             format,
+            started: Instant::now(),
+            budget: Cell::new(timeout),
         })
+    }
+
+    /// Gives the command `extra` more time (a job wait's `--job-timeout`); call before the
+    /// fleet is first used.
+    pub fn extend_deadline(&self, extra: Duration) {
+        self.budget.set(self.budget.get().saturating_add(extra));
+    }
+
+    /// The command's deadline.
+    pub fn deadline(&self) -> Instant {
+        self.started + self.budget.get()
+    }
+
+    /// Time left until the deadline.
+    pub fn remaining(&self) -> Duration {
+        self.deadline().saturating_duration_since(Instant::now())
+    }
+
+    /// Runs one NATS step (`what`, for the message), giving up at the deadline with
+    /// [`Failure::Disconnected`].
+    pub async fn bounded<T>(
+        &self,
+        what: &str,
+        step: impl Future<Output = T>,
+    ) -> Result<T, Failure> {
+        tokio::time::timeout_at(self.deadline(), step)
+            .await
+            .map_err(|_| self.no_answer(what))
+    }
+
+    fn no_answer(&self, what: &str) -> Failure {
+        Failure::Disconnected(format!(
+            "{what}: NATS did not answer before the command's deadline ({} after it started)",
+            render::duration(self.budget.get())
+        ))
     }
 
     /// The connected fleet; connects on first use.
     pub async fn fleet(&self) -> Result<&Fleet, Failure> {
+        Ok(&self.link().await?.0)
+    }
+
+    /// What the connection's background task knows (connects first if needed).
+    pub async fn health(&self) -> Result<&Health, Failure> {
+        Ok(&self.link().await?.1)
+    }
+
+    async fn link(&self) -> Result<&(Fleet, Health), Failure> {
         self.fleet
             .get_or_try_init(|| async {
-                let client = crate::connect::connect(&self.conn, &self.file).await?;
-                Ok(Fleet::new(client, crate::connect::requester()))
+                let (client, health) =
+                    crate::connect::connect(&self.conn, &self.file, self.deadline()).await?;
+                Ok((Fleet::new(client, crate::connect::requester()), health))
             })
             .await
     }
@@ -99,12 +165,22 @@ impl Context {
 
     /// Every known agent that the selection picks (possibly none).
     pub async fn selected(&self) -> Result<(Vec<AgentStatus>, usize), Failure> {
-        let all = self
-            .fleet()
-            .await?
-            .agents(PING_WINDOW)
-            .await
-            .map_err(|e| Failure::Connection(e.to_string()))?;
+        let (fleet, health) = self.link().await?;
+        let mark = health.mark();
+        let read = self
+            .bounded("reading the agent registry", fleet.agents(PING_WINDOW))
+            .await?;
+        // An empty or failed read while the connection was down says nothing about the fleet.
+        let all = match read {
+            Ok(all) if !all.is_empty() || !health.lost_since(mark) => all,
+            Ok(_) => {
+                return Err(Failure::Disconnected(
+                    "lost the connection to NATS while reading the agent registry".into(),
+                ))
+            }
+            Err(e) if health.lost_since(mark) => return Err(Failure::Disconnected(e.to_string())),
+            Err(e) => return Err(Failure::Connection(e.to_string())),
+        };
         let selected = self.selector.select(&all).map_err(usage)?;
         Ok((selected, all.len()))
     }
@@ -135,15 +211,43 @@ impl Context {
         query: &Query,
     ) -> Result<Asked, Failure> {
         let started = Instant::now();
-        let outcomes = self
-            .fleet()
-            .await?
-            .fan_out(targets, query, self.timeout)
-            .await
-            .map_err(|e| match e {
-                cbus_protocol::fleet::FleetError::Subject(e) => usage(e),
-                other => Failure::Connection(other.to_string()),
-            })?;
+        let (fleet, health) = self.link().await?;
+        let remaining = self.remaining();
+        let mark = health.mark();
+        let outcomes = if remaining.is_zero() {
+            // Nothing would wait for the answers (an earlier step used the time up): not sent.
+            targets
+                .iter()
+                .map(|agent| TargetOutcome {
+                    agent: agent.clone(),
+                    outcome: Outcome::TimedOut,
+                })
+                .collect()
+        } else {
+            tracing::debug!(
+                machines = targets.len(),
+                member = query.member.as_deref().unwrap_or(""),
+                "asking"
+            );
+            let asked = fleet.fan_out(targets, query, self.timeout.min(remaining));
+            tokio::time::timeout_at(self.deadline() + FAN_OUT_SLACK, asked)
+                .await
+                .map_err(|_| self.no_answer("sending requests"))?
+                .map_err(|e| match e {
+                    FleetError::Subject(e) => usage(e),
+                    other => Failure::Disconnected(other.to_string()),
+                })?
+        };
+        let silent = outcomes
+            .iter()
+            .filter(|o| o.outcome == Outcome::TimedOut)
+            .count();
+        if silent > 0 && health.lost_since(mark) {
+            return Err(Failure::Disconnected(format!(
+                "lost the connection to NATS while waiting for {silent} machine(s); \
+                 what they did is unknown"
+            )));
+        }
         Ok(Asked {
             outcomes,
             elapsed: started.elapsed(),
@@ -221,7 +325,7 @@ impl Spinner {
         }
         let task = tokio::spawn(async move {
             let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
-            let started = Instant::now();
+            let started = std::time::Instant::now();
             // Quick answers should not flash a spinner.
             tokio::time::sleep(Duration::from_millis(150)).await;
             for i in 0.. {

@@ -2,7 +2,8 @@
 //! answered.
 //!
 //! Exit codes: 0 every machine succeeded; 1 some failed, timed out, were not connected, or none
-//! matched; 2 usage or connection error. Typed failures ([`error::Failure`]) travel up to
+//! matched; 2 usage or connection error, or NATS lost during the command (`disconnected`, by the
+//! command's deadline at the latest; see `fanout`). Typed failures ([`error::Failure`]) travel up to
 //! [`main`], the only place that prints them and picks the exit code.
 
 mod args;

@@ -304,15 +304,18 @@ impl Fleet {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| FleetError::Nats(e.to_string()))?;
-        self.client
-            .publish_with_reply(subject::PING, inbox, Bytes::new())
-            .await
-            .map_err(|e| FleetError::Nats(e.to_string()))?;
-        self.client
-            .flush()
-            .await
-            .map_err(|e| FleetError::Nats(e.to_string()))?;
+        // The window bounds the publish and flush too: while the client reconnects, both wait
+        // for a connection that may never come back.
         let deadline = Instant::now() + window;
+        timeout_at(
+            deadline,
+            self.client
+                .publish_with_reply(subject::PING, inbox, Bytes::new()),
+        )
+        .await
+        .map_err(|_| FleetError::Nats("ping: no connection to publish on".into()))?
+        .map_err(|e| FleetError::Nats(e.to_string()))?;
+        flush_until(&self.client, deadline).await?;
         let mut found = BTreeMap::new();
         while let Ok(Some(msg)) = timeout_at(deadline, sub.next()).await {
             if msg.status == Some(StatusCode::NO_RESPONDERS) {
@@ -345,6 +348,9 @@ impl Fleet {
         );
         let mut header_map = HeaderMap::new();
         headers::set(&mut header_map, headers::REQUESTER, &self.requester);
+        // `timeout` bounds the whole call: publishing and flushing wait for a connection while
+        // the client reconnects, so they count against it too.
+        let until = Instant::now() + timeout;
 
         // One reply subject per target, so "no responders" can be told apart per agent.
         let inbox = self.client.new_inbox();
@@ -368,23 +374,25 @@ impl Fleet {
                 query.member.clone(),
             )?
             .encode()?;
-            self.client
-                .publish_with_reply_and_headers(
+            timeout_at(
+                until,
+                self.client.publish_with_reply_and_headers(
                     subject,
                     format!("{inbox}.{i}"),
                     header_map.clone(),
                     payload.clone(),
-                )
-                .await
-                .map_err(|e| FleetError::Nats(e.to_string()))?;
+                ),
+            )
+            .await
+            .map_err(|_| {
+                FleetError::Nats("no connection to publish on before the deadline".into())
+            })?
+            .map_err(|e| FleetError::Nats(e.to_string()))?;
             waiting += 1;
         }
-        self.client
-            .flush()
-            .await
-            .map_err(|e| FleetError::Nats(e.to_string()))?;
+        flush_until(&self.client, until).await?;
 
-        let deadline = Instant::now() + timeout;
+        let deadline = until;
         while waiting > 0 {
             let msg = match timeout_at(deadline, sub.next()).await {
                 Ok(Some(msg)) => msg,
@@ -447,6 +455,15 @@ impl Fleet {
             })
             .collect())
     }
+}
+
+/// Flushes, giving up at `deadline`: a flush waits for the connection, and while the client
+/// reconnects to a server that is gone or frozen that may be forever.
+async fn flush_until(client: &Client, deadline: Instant) -> Result<(), FleetError> {
+    timeout_at(deadline, client.flush())
+        .await
+        .map_err(|_| FleetError::Nats("flush did not complete before the deadline".into()))?
+        .map_err(|e| FleetError::Nats(e.to_string()))
 }
 
 /// The registry bucket's stream configuration.

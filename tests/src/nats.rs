@@ -12,6 +12,7 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
     config: Option<PathBuf>,
     child: Option<Child>,
+    frozen: bool,
 }
 
 impl NatsServer {
@@ -38,6 +39,7 @@ impl NatsServer {
             dir,
             config,
             child: None,
+            frozen: false,
         };
         server.spawn();
         server
@@ -88,8 +90,33 @@ impl NatsServer {
         self.port
     }
 
+    /// SIGSTOPs the server: its TCP connections stay open and nothing answers, as with a hung
+    /// host. [`NatsServer::thaw`] (or drop) continues it.
+    pub fn freeze(&mut self) {
+        self.signal(libc::SIGSTOP);
+        self.frozen = true;
+    }
+
+    /// SIGCONTs a frozen server.
+    pub fn thaw(&mut self) {
+        if self.frozen {
+            self.signal(libc::SIGCONT);
+            self.frozen = false;
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, sig);
+            }
+        }
+    }
+
     /// Stops the server (clients see a disconnect).
     pub fn stop(&mut self) {
+        self.thaw();
         if let Some(mut child) = self.child.take() {
             terminate(&mut child, Duration::from_secs(5));
         }

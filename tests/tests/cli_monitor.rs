@@ -203,3 +203,108 @@ async fn monitor_lines_filters_and_clean_stops() {
     assert!(status.success(), "{status:?} {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Issue #13, item 6: a compromised agent publishes on its own signal subject (all the server's
+/// permissions allow it) with another machine's `NKey` and `Hostname` headers. The machine of a
+/// signal is the subject's `<nkey>`: the impersonation is dropped and counted, and a bare
+/// `Hostname` claim is overridden by the registry's hostname for that nkey.
+#[tokio::test]
+async fn monitor_attributes_signals_by_subject_not_headers() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let (bus_a, bus_b) = (PrivateBus::start(), PrivateBus::start());
+    let _svc_a = TestService::start(bus_a.address());
+    let _svc_b = TestService::start(bus_b.address());
+    let a = Agent::start(
+        &url,
+        bus_a.address(),
+        &["--allow-all", "--hostname", "imp-a"],
+    );
+    let b = Agent::start(
+        &url,
+        bus_b.address(),
+        &["--allow-all", "--hostname", "imp-b"],
+    );
+    wait_agents(&nats, 2).await;
+
+    let run = Running::spawn(&url, &["monitor", "--json", "--member", "Message"]);
+    let mut first = None;
+    for i in 0..50 {
+        emit(&url, "imp-a", &format!("sync {i}"));
+        if let Some(l) = run.stdout_line(Duration::from_millis(200)) {
+            first = Some(l);
+            break;
+        }
+    }
+    let first: Value = serde_json::from_str(&first.expect("monitor printed nothing")).unwrap();
+    assert_eq!(first["host"], "imp-a");
+
+    // What a compromised imp-a may publish: its own subject, anyone's headers.
+    let attacker = nats.connect().await;
+    let subject = format!("dbus.signals.{}._3a1_2e99.org.cbus.Test", a.nkey);
+    let forge = |nkey: &str, text: &str| {
+        let mut h = async_nats::HeaderMap::new();
+        for (k, v) in [
+            ("NKey", nkey),
+            ("Hostname", "imp-b"),
+            ("Sender", ":1.99"),
+            ("Path", "/org/cbus/Test"),
+            ("Interface", "org.cbus.Test1"),
+            ("Member", "Message"),
+            ("Signature", "s"),
+        ] {
+            h.insert(k, v);
+        }
+        (h, serde_json::to_vec(&json!([text])).unwrap())
+    };
+    for (nkey, text) in [
+        (b.nkey.as_str(), "as imp-b"),
+        (a.nkey.as_str(), "hostname claim"),
+    ] {
+        let (h, payload) = forge(nkey, text);
+        attacker
+            .publish_with_headers(subject.clone(), h, payload.into())
+            .await
+            .unwrap();
+    }
+    attacker.flush().await.unwrap();
+    // A real signal after them: once it shows, the forged ones have been handled.
+    let mut lines = Vec::new();
+    'marker: for i in 0..50 {
+        emit(&url, "imp-a", &format!("after {i}"));
+        while let Some(l) = run.stdout_line(Duration::from_millis(200)) {
+            let after = l.contains("\"after ");
+            lines.push(l);
+            if after {
+                break 'marker;
+            }
+        }
+    }
+    run.signal(libc::SIGTERM);
+    let (out, _) = run.finish(Duration::from_secs(10));
+    assert!(out.status.success(), "{}", both(&out));
+    let docs: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    println!("monitor printed {} line(s) after the forgeries", docs.len());
+    assert!(docs.iter().any(|d| d["args"][0]
+        .as_str()
+        .is_some_and(|t| t.starts_with("after "))));
+    for d in &docs {
+        assert_ne!(d["host"], "imp-b", "impersonation shown: {d}");
+        assert_ne!(d["nkey"], b.nkey.as_str(), "impersonation shown: {d}");
+        assert_ne!(d["args"][0], "as imp-b", "impersonation shown: {d}");
+    }
+    let claim = docs
+        .iter()
+        .find(|d| d["args"][0] == "hostname claim")
+        .unwrap_or_else(|| panic!("the signal with a bare Hostname claim is missing: {docs:?}"));
+    assert_eq!(claim["host"], "imp-a", "{claim}");
+    assert_eq!(claim["nkey"], a.nkey.as_str(), "{claim}");
+    assert!(
+        stderr(&out).contains("dropped 1 signal(s) whose NKey header disagreed"),
+        "{}",
+        both(&out)
+    );
+}

@@ -5,12 +5,22 @@
 //! subject, so they are matched here against the signal's headers. Signal subjects carry the
 //! sender's unique name (`:1.7`) only, so `--sender org.freedesktop.systemd1` is matched against
 //! the `Sender-Name` header the agent adds.
+//!
+//! A signal's machine is the `<nkey>` token of the subject it arrived on: the server's
+//! permissions let an agent publish only under its own nkey, while headers are whatever the
+//! publisher wrote. So the host shown is the registry's hostname for that nkey (never the
+//! `Hostname` header), and a signal whose `NKey` header names another machine is dropped and
+//! counted (a compromised agent trying to speak for another), not shown as either.
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use cbus_protocol::headers;
 use cbus_protocol::names;
-use cbus_protocol::subject::SignalFilter;
+use cbus_protocol::subject::{SignalFilter, SignalSubject};
 use futures::StreamExt;
 use serde_json::{json, Value};
+use tokio::time::Instant;
 
 use crate::error::{usage, Failure};
 use crate::fanout::Context;
@@ -20,6 +30,10 @@ use crate::render::{self, Format};
 /// Above this many selected machines, one wildcard subscription filtered here replaces one
 /// subscription per machine.
 const MAX_PER_MACHINE_SUBSCRIPTIONS: usize = 100;
+/// A signal from an nkey the registry did not name re-reads the registry, at most this often.
+const REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// How long a ping-based registry read (server without JetStream) collects answers.
+const PING_WINDOW: Duration = Duration::from_millis(500);
 
 /// What to watch.
 #[derive(Debug, Default)]
@@ -72,9 +86,7 @@ impl Watch {
     pub fn matches(&self, h: Option<&async_nats::HeaderMap>) -> bool {
         let get = |name| headers::get(h, name).unwrap_or("");
         let sender_ok = match &self.sender {
-            Some(s) if !s.starts_with(':') => {
-                get(headers::SENDER_NAME) == s || get(headers::SENDER) == s
-            }
+            Some(s) if !s.starts_with(':') => headers::sender_owns(h, s),
             _ => true,
         };
         sender_ok
@@ -89,70 +101,164 @@ impl Watch {
     }
 }
 
+/// Why signals were not shown although they matched.
+#[derive(Debug, Default)]
+struct Dropped {
+    /// The `NKey` header named another machine than the subject.
+    impersonating: u64,
+    /// The subject is not a signal subject.
+    malformed: u64,
+}
+
+/// Hostnames by nkey, from the registry.
+struct Hosts {
+    by_nkey: HashMap<String, String>,
+    refreshed: Instant,
+}
+
+impl Hosts {
+    fn new(agents: &[cbus_protocol::fleet::AgentStatus]) -> Hosts {
+        Hosts {
+            by_nkey: agents
+                .iter()
+                .map(|a| (a.info.nkey.clone(), a.info.hostname.clone()))
+                .collect(),
+            refreshed: Instant::now(),
+        }
+    }
+
+    /// The registry's hostname of `nkey`; an nkey it does not know re-reads it (rate-limited,
+    /// bounded by --timeout), else the nkey's first characters stand for the host.
+    async fn name(&mut self, ctx: &Context, nkey: &str) -> String {
+        if !self.by_nkey.contains_key(nkey) && self.refreshed.elapsed() >= REFRESH_EVERY {
+            self.refreshed = Instant::now();
+            if let Ok(fleet) = ctx.fleet().await {
+                match tokio::time::timeout(ctx.timeout, fleet.agents(PING_WINDOW)).await {
+                    Ok(Ok(agents)) => {
+                        *self = Hosts::new(&agents);
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "cannot re-read the registry"),
+                    Err(_) => tracing::debug!("re-reading the registry timed out"),
+                }
+            }
+        }
+        match self.by_nkey.get(nkey) {
+            Some(h) => h.clone(),
+            None => nkey.chars().take(8).collect(),
+        }
+    }
+}
+
 pub async fn run(ctx: &Context, watch: Watch) -> Result<(), Failure> {
     watch.check()?;
+    // The setup is bounded by --timeout; the watch itself runs until stopped, or until the
+    // client gives up reconnecting.
+    let (agents, _) = ctx.selected().await?;
     // With a selection, only the selected machines' signals are shown.
     let allowed: Option<Vec<String>> = if ctx.selecting() {
-        Some(
-            ctx.targets()
-                .await?
-                .into_iter()
-                .map(|a| a.info.nkey)
-                .collect(),
-        )
+        if agents.is_empty() {
+            // Same message as every other command with an empty selection.
+            ctx.targets().await?;
+        }
+        Some(agents.iter().map(|a| a.info.nkey.clone()).collect())
     } else {
         None
     };
+    let mut hosts = Hosts::new(&agents);
     let subjects = watch.subjects(allowed.as_deref())?;
     let client = ctx.fleet().await?.client().clone();
     let mut subs = Vec::new();
     for s in &subjects {
         subs.push(
-            client
-                .subscribe(s.clone())
-                .await
+            ctx.bounded("subscribing", client.subscribe(s.clone()))
+                .await?
                 .map_err(|e| Failure::Connection(format!("cannot subscribe to {s}: {e}")))?,
         );
     }
-    client
-        .flush()
-        .await
-        .map_err(|e| Failure::Connection(e.to_string()))?;
+    ctx.bounded("subscribing", client.flush())
+        .await?
+        .map_err(|e| Failure::Disconnected(e.to_string()))?;
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!("watching {} (Ctrl-C to stop)", subjects.join(" "));
     }
-    let mut messages = futures::stream::select_all(subs);
+    let mut dropped = Dropped::default();
+    let result = watch_loop(
+        ctx,
+        &watch,
+        futures::stream::select_all(subs),
+        allowed.as_deref(),
+        &mut hosts,
+        &mut dropped,
+    )
+    .await;
+    if dropped.impersonating > 0 || dropped.malformed > 0 {
+        tracing::warn!(
+            impersonating = dropped.impersonating,
+            malformed = dropped.malformed,
+            "dropped {} signal(s) whose NKey header disagreed with the machine of their subject, \
+             and {} with a malformed subject",
+            dropped.impersonating,
+            dropped.malformed
+        );
+    }
+    result
+}
+
+async fn watch_loop(
+    ctx: &Context,
+    watch: &Watch,
+    mut messages: futures::stream::SelectAll<async_nats::Subscriber>,
+    allowed: Option<&[String]>,
+    hosts: &mut Hosts,
+    dropped: &mut Dropped,
+) -> Result<(), Failure> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Failure::Connection(format!("cannot watch SIGTERM: {e}")))?;
     loop {
         let msg = tokio::select! {
             m = messages.next() => match m {
                 Some(m) => m,
-                None => return Err(Failure::Connection("NATS subscription closed".into())),
+                // The client closes its subscriptions when it stops reconnecting.
+                None => return Err(Failure::Disconnected(format!(
+                    "lost the connection to NATS and gave up after {} reconnect attempts",
+                    crate::connect::MAX_RECONNECTS
+                ))),
             },
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = term.recv() => return Ok(()),
         };
         let h = msg.headers.as_ref();
-        let get = |name: &'static str| headers::get(h, name).unwrap_or("").to_owned();
-        let nkey = get(headers::NKEY);
-        if allowed.as_ref().is_some_and(|a| !a.contains(&nkey)) || !watch.matches(h) {
+        let Ok(origin) = SignalSubject::parse(&msg.subject) else {
+            dropped.malformed += 1;
+            tracing::debug!(subject = %render::sanitize(&msg.subject), dropped = dropped.malformed, "signal with a malformed subject dropped");
+            continue;
+        };
+        let nkey = origin.nkey.as_str();
+        if let Some(claimed) = headers::get(h, headers::NKEY).filter(|c| *c != nkey) {
+            dropped.impersonating += 1;
+            tracing::debug!(
+                subject = %msg.subject,
+                claimed = %render::sanitize(claimed),
+                dropped = dropped.impersonating,
+                "signal whose NKey header names another machine than its subject dropped"
+            );
             continue;
         }
+        if allowed.is_some_and(|a| !a.iter().any(|n| n == nkey)) || !watch.matches(h) {
+            continue;
+        }
+        let get = |name: &'static str| headers::get(h, name).unwrap_or("").to_owned();
         let args: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
-        let host = match get(headers::HOSTNAME) {
-            h if h.is_empty() => nkey.chars().take(8).collect(),
-            h => h,
-        };
+        let host = hosts.name(ctx, nkey).await;
         let now = cbus_protocol::presence::now_ms();
         let line = if ctx.format == Format::Json {
             json!({
                 "time_ms": now,
                 "host": host,
                 "nkey": nkey,
-                "sender": get(headers::SENDER),
+                "sender": origin.sender,
                 "sender_name": get(headers::SENDER_NAME),
-                "path": get(headers::PATH),
+                "path": origin.path,
                 "interface": get(headers::INTERFACE),
                 "member": get(headers::MEMBER),
                 "signature": get(headers::SIGNATURE),
@@ -161,14 +267,14 @@ pub async fn run(ctx: &Context, watch: Watch) -> Result<(), Failure> {
             .to_string()
         } else {
             let sender = match get(headers::SENDER_NAME) {
-                n if n.is_empty() => get(headers::SENDER),
+                n if n.is_empty() => origin.sender.clone(),
                 n => n,
             };
             let fields = [
                 render::clock_ms(now),
                 host,
                 sender,
-                get(headers::PATH),
+                origin.path.clone(),
                 format!("{}.{}", get(headers::INTERFACE), get(headers::MEMBER)),
                 args.to_string(),
             ];

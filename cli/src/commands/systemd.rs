@@ -14,12 +14,21 @@
 //!   every second (a job object disappears when the job ends), which covers a signal the agent
 //!   dropped or a NATS user without permission to subscribe to signals. A machine that stops
 //!   answering during the wait is reported, not waited for.
+//!
+//! A `JobRemoved` is a claim that any local user can make (`busctl emit`), so it is taken only
+//! when the agent saw its sender own `org.freedesktop.systemd1` (`headers::sender_owns`), and
+//! only for the machine named by the `<nkey>` token of its subject (what NATS permissions
+//! guarantee; the `NKey` header is the publisher's word). Others are ignored and counted.
+//!
+//! The whole command, job wait included, ends by its deadline (`--timeout` plus
+//! `--job-timeout`): a poll in flight is cut off by it, and a connection lost during the wait
+//! that does not come back by then ends the command with `disconnected`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use cbus_protocol::fleet::{AgentStatus, Outcome, Query, TargetOutcome};
-use cbus_protocol::subject::SignalFilter;
+use cbus_protocol::subject::{SignalFilter, SignalSubject};
 use cbus_protocol::{headers, names, ErrorCode, Op, Request};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::{json, Value};
@@ -43,6 +52,10 @@ pub const MAX_SINCE_UNITS: usize = 100;
 const CONCURRENCY: usize = 16;
 /// How often pending jobs are polled.
 const POLL_EVERY: Duration = Duration::from_secs(1);
+/// A machine silent to polls for this long during a job wait is reported, not waited for. It is
+/// longer than the client needs to notice a frozen server (three ping intervals), so that a
+/// server's silence is reported as `disconnected` rather than blamed on the machines.
+const SILENCE_LIMIT: Duration = Duration::from_secs(5);
 
 fn manager_call(method: &str, args: Value) -> Query {
     Query {
@@ -394,6 +407,8 @@ struct JobRow {
     finished: bool,
     /// Why the wait for this job stopped early (machine stopped answering).
     lost: Option<(&'static str, String)>,
+    /// Since when polls of this job got no answer.
+    silent_since: Option<tokio::time::Instant>,
     active: Option<String>,
     sub: Option<String>,
 }
@@ -445,6 +460,9 @@ pub async fn action(ctx: &Context, method: &str, action: UnitAction) -> Result<(
         .map_err(usage)?;
     let job_timeout = parse_duration(&action.job_timeout)
         .map_err(|e| Failure::Usage(format!("--job-timeout: {e}")))?;
+    if !action.no_block {
+        ctx.extend_deadline(job_timeout);
+    }
     let targets = ctx.targets().await?;
     let fleet = ctx.fleet().await?;
     let spinner = Spinner::start(targets.len());
@@ -463,7 +481,13 @@ pub async fn action(ctx: &Context, method: &str, action: UnitAction) -> Result<(
             path_prefix: Some(MANAGER_PATH.into()),
         };
         let subject = filter.exact_subject().map_err(usage)?;
-        match fleet.client().subscribe(subject).await {
+        match ctx
+            .bounded(
+                "subscribing to JobRemoved",
+                fleet.client().subscribe(subject),
+            )
+            .await?
+        {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::debug!(error = %e, "cannot watch JobRemoved; polling jobs only");
@@ -496,6 +520,7 @@ pub async fn action(ctx: &Context, method: &str, action: UnitAction) -> Result<(
                 result: None,
                 finished: false,
                 lost: None,
+                silent_since: None,
                 active: None,
                 sub: None,
             });
@@ -503,6 +528,10 @@ pub async fn action(ctx: &Context, method: &str, action: UnitAction) -> Result<(
     }
 
     if !action.no_block {
+        tracing::debug!(
+            jobs = rows.iter().filter(|r| r.pending()).count(),
+            "waiting for jobs"
+        );
         wait_for_jobs(ctx, &mut rows, signals.as_mut(), job_timeout).await?;
         final_states(ctx, &mut rows).await?;
     }
@@ -606,17 +635,34 @@ fn job_error_code(status: &str) -> ErrorCode {
     }
 }
 
+/// What became of the `JobRemoved` signals seen during a wait.
+#[derive(Debug, Default, PartialEq)]
+struct JobSignals {
+    /// Results taken.
+    accepted: u64,
+    /// Not from systemd, or the `NKey` header disagreeing with the subject: forged by someone
+    /// (a local user on that machine, or a compromised agent).
+    refused: u64,
+}
+
 /// Waits until every queued job is gone (signal or poll), a machine stops answering, or
-/// `job_timeout` passes.
+/// `job_timeout` passes; never past the command's deadline.
 async fn wait_for_jobs(
     ctx: &Context,
     rows: &mut [JobRow],
     mut signals: Option<&mut async_nats::Subscriber>,
     job_timeout: Duration,
 ) -> Result<(), Failure> {
-    let deadline = tokio::time::Instant::now() + job_timeout;
+    let deadline = ctx
+        .deadline()
+        .min(tokio::time::Instant::now() + job_timeout);
     let mut poll =
         tokio::time::interval_at(tokio::time::Instant::now() + POLL_EVERY / 2, POLL_EVERY);
+    let mut seen = JobSignals::default();
+    // The last poll found the connection gone: kept until a poll gets through again, and
+    // returned if none does before the deadline (the client keeps reconnecting meanwhile).
+    let mut lost: Option<Failure> = None;
+    let health = ctx.health().await?;
     while rows.iter().any(JobRow::pending) {
         tokio::select! {
             msg = async {
@@ -625,37 +671,90 @@ async fn wait_for_jobs(
                     None => std::future::pending().await,
                 }
             } => match msg {
-                Some(msg) => job_removed(rows, &msg),
+                Some(msg) => job_removed(rows, &msg, &mut seen),
                 None => signals = None,
             },
-            _ = poll.tick() => poll_jobs(ctx, rows).await?,
+            _ = poll.tick() => {
+                // The deadline holds while a poll waits, too.
+                match tokio::time::timeout_at(deadline, poll_jobs(ctx, rows)).await {
+                    Err(_) => break,
+                    Ok(Ok(())) => lost = None,
+                    Ok(Err(e @ Failure::Disconnected(_))) if !health.gave_up() => {
+                        tracing::debug!(error = %e, "poll lost the connection; still waiting");
+                        lost = Some(e);
+                    }
+                    Ok(Err(e)) => return Err(e),
+                }
+            },
             _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    if let Some(e) = lost {
+        if rows.iter().any(JobRow::pending) {
+            return Err(e);
         }
     }
     // Jobs seen gone by a poll may still have their JobRemoved (with the result) in flight.
     if let Some(s) = signals {
-        let grace = tokio::time::Instant::now() + Duration::from_millis(300);
+        let grace = ctx
+            .deadline()
+            .min(tokio::time::Instant::now() + Duration::from_millis(300));
         while rows.iter().any(|r| r.finished && r.result.is_none()) {
             match tokio::time::timeout_at(grace, s.next()).await {
-                Ok(Some(msg)) => job_removed(rows, &msg),
+                Ok(Some(msg)) => job_removed(rows, &msg, &mut seen),
                 _ => break,
             }
         }
     }
+    if seen.refused > 0 {
+        tracing::warn!(
+            refused = seen.refused,
+            accepted = seen.accepted,
+            "ignored {} JobRemoved signal(s) that systemd did not send (or that named another \
+             machine than their subject)",
+            seen.refused
+        );
+    }
     Ok(())
 }
 
-/// Records a `JobRemoved(u id, o job, s unit, s result)` signal for the job it names.
-fn job_removed(rows: &mut [JobRow], msg: &async_nats::Message) {
+/// Records a `JobRemoved(u id, o job, s unit, s result)` signal for the job it names, if
+/// systemd sent it on the machine its subject names.
+fn job_removed(rows: &mut [JobRow], msg: &async_nats::Message, seen: &mut JobSignals) {
     let h = msg.headers.as_ref();
     if headers::get(h, headers::MEMBER) != Some("JobRemoved")
         || headers::get(h, headers::INTERFACE) != Some(MANAGER)
     {
         return;
     }
-    let Some(nkey) = headers::get(h, headers::NKEY) else {
+    let Ok(origin) = SignalSubject::parse(&msg.subject) else {
+        seen.refused += 1;
+        tracing::debug!(
+            refused = seen.refused,
+            "JobRemoved with a malformed subject ignored"
+        );
         return;
     };
+    let nkey = origin.nkey.as_str();
+    if headers::get(h, headers::NKEY).is_some_and(|claimed| claimed != nkey) {
+        seen.refused += 1;
+        tracing::debug!(
+            subject = %msg.subject,
+            refused = seen.refused,
+            "JobRemoved whose NKey header names another machine than its subject ignored"
+        );
+        return;
+    }
+    if !headers::sender_owns(h, SYSTEMD) {
+        seen.refused += 1;
+        tracing::debug!(
+            subject = %msg.subject,
+            sender = %origin.sender,
+            refused = seen.refused,
+            "JobRemoved not sent by systemd ignored"
+        );
+        return;
+    }
     let Ok(args) = serde_json::from_slice::<Value>(&msg.payload) else {
         return;
     };
@@ -666,15 +765,17 @@ fn job_removed(rows: &mut [JobRow], msg: &async_nats::Message) {
         return;
     };
     for r in rows.iter_mut() {
-        if r.agent.info.nkey == nkey && r.job.as_deref() == Some(job) {
+        if r.agent.info.nkey == nkey && r.job.as_deref() == Some(job) && r.result.is_none() {
             r.finished = true;
             r.result = Some(result.to_owned());
+            seen.accepted += 1;
         }
     }
 }
 
 /// Asks each machine with a pending job whether the job object still exists.
 async fn poll_jobs(ctx: &Context, rows: &mut [JobRow]) -> Result<(), Failure> {
+    let polled = tokio::time::Instant::now();
     let pending: Vec<(usize, AgentStatus, String)> = rows
         .iter()
         .enumerate()
@@ -701,12 +802,19 @@ async fn poll_jobs(ctx: &Context, rows: &mut [JobRow]) -> Result<(), Failure> {
         if row.finished {
             continue;
         }
+        if outcome != Outcome::TimedOut {
+            row.silent_since = None;
+        }
         match &outcome {
             Outcome::Replied(r) => match &r.result {
                 Ok(_) => {}
                 Err(e) if e.code == ErrorCode::NotFound => row.finished = true,
                 Err(e) => row.lost = Some(("failed", format!("cannot follow the job: {e}"))),
             },
+            // A frozen server looks like silent machines until the client's pings notice it;
+            // a machine is given up only after a silence longer than that.
+            Outcome::TimedOut
+                if row.silent_since.get_or_insert(polled).elapsed() < SILENCE_LIMIT => {}
             other => {
                 row.lost = Some((
                     render::status(other),
@@ -764,10 +872,13 @@ mod tests {
     use cbus_protocol::presence::{AgentInfo, AgentState};
     use cbus_protocol::{Reply, Success};
 
+    const NA: &str = "UBQUIKYGFC7CH5XMF52P2NN4ESI4XTXGAKT3WTG3XGU3352DMHGZQAX7";
+    const NB: &str = "UCZR2FMXVH2LW2J3GXYZWTM4U6V7RWIZ6XNWHN3PSD3OBPB4GEEEPB4B";
+
     fn agent(host: &str) -> AgentStatus {
         AgentStatus {
             info: AgentInfo {
-                nkey: format!("U{host}"),
+                nkey: if host == "a" { NA.into() } else { NB.into() },
                 hostname: host.into(),
                 version: "0".into(),
                 bus: "system".into(),
@@ -790,6 +901,7 @@ mod tests {
             result: None,
             finished: false,
             lost: None,
+            silent_since: None,
             active: None,
             sub: None,
         }
@@ -850,29 +962,55 @@ mod tests {
         assert!(r.pending());
         assert_eq!(r.judge(true, jt, t).1, "queued");
         assert_eq!(r.judge(false, jt, t).0, "unfinished");
-        // The JobRemoved signal for this job on this machine finishes it with its result.
-        let mut h = async_nats::HeaderMap::new();
-        headers::set(&mut h, headers::NKEY, "Ua");
-        headers::set(&mut h, headers::INTERFACE, MANAGER);
-        headers::set(&mut h, headers::MEMBER, "JobRemoved");
-        let msg = async_nats::Message {
-            subject: "dbus.signals.Ua._3a1_2e1.org.freedesktop.systemd1".into(),
-            reply: None,
-            payload: serde_json::to_vec(&json!([
-                7,
-                "/org/freedesktop/systemd1/job/7",
-                "x.service",
-                "failed"
-            ]))
-            .unwrap()
-            .into(),
-            headers: Some(h),
-            status: None,
-            description: None,
-            length: 0,
+        // The JobRemoved signal for this job on this machine, from systemd, finishes it with
+        // its result; forgeries do not.
+        let signal = |subject_nkey: &str, header_nkey: &str, sender_names: &str| {
+            let mut h = async_nats::HeaderMap::new();
+            headers::set(&mut h, headers::NKEY, header_nkey);
+            headers::set(&mut h, headers::INTERFACE, MANAGER);
+            headers::set(&mut h, headers::MEMBER, "JobRemoved");
+            headers::set(&mut h, headers::SENDER_NAME, sender_names);
+            async_nats::Message {
+                subject: format!("dbus.signals.{subject_nkey}._3a1_2e1.org.freedesktop.systemd1")
+                    .into(),
+                reply: None,
+                payload: serde_json::to_vec(&json!([
+                    7,
+                    "/org/freedesktop/systemd1/job/7",
+                    "x.service",
+                    "failed"
+                ]))
+                .unwrap()
+                .into(),
+                headers: Some(h),
+                status: None,
+                description: None,
+                length: 0,
+            }
         };
         let mut rows = [r];
-        job_removed(&mut rows, &msg);
+        let mut seen = JobSignals::default();
+        // Not systemd (a local user's busctl emit): ignored, counted.
+        job_removed(&mut rows, &signal(NA, NA, "org.example.Other"), &mut seen);
+        job_removed(&mut rows, &signal(NA, NA, ""), &mut seen);
+        // Another machine's header on this machine's subject: ignored, counted.
+        job_removed(&mut rows, &signal(NA, NB, SYSTEMD), &mut seen);
+        // Another machine's job: not this row's.
+        job_removed(&mut rows, &signal(NB, NB, SYSTEMD), &mut seen);
+        assert!(rows[0].pending());
+        assert_eq!(
+            seen,
+            JobSignals {
+                accepted: 0,
+                refused: 3
+            }
+        );
+        job_removed(
+            &mut rows,
+            &signal(NA, NA, "org.freedesktop.systemd1 org.x"),
+            &mut seen,
+        );
+        assert_eq!(seen.accepted, 1);
         let [mut r] = rows;
         assert!(!r.pending());
         assert_eq!(r.judge(false, jt, t).0, "failed");
