@@ -134,7 +134,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     });
 
     if !config.no_signals {
-        let (tx, rx) = tokio::sync::mpsc::channel(config.signal_queue.max(1));
+        let (queue, rx) = signals::Queue::new(config.signal_queue, config.signal_queue_bytes);
         let filter = signals::Filter {
             include_sender: config.include_sender.clone(),
             exclude_sender: config.exclude_sender.clone(),
@@ -143,16 +143,18 @@ pub async fn run(config: Config) -> Result<(), Error> {
             include_path_prefix: config.include_path_prefix.clone(),
             exclude_path_prefix: config.exclude_path_prefix.clone(),
         };
+        let queued_bytes = queue.bytes.clone();
         tokio::spawn(signals::read_loop(
             bus.clone(),
-            config.signal_queue,
-            tx,
+            queue,
+            client.clone(),
             owners.clone(),
             filter,
             metrics.clone(),
         ));
         tokio::spawn(signals::publish_loop(
             rx,
+            queued_bytes,
             client.clone(),
             nkey.clone(),
             hostname.clone(),

@@ -191,6 +191,9 @@ in
         ProtectSystem = "full";
         ProtectHome = true;
         PrivateTmp = true;
+        # Bounded by design (signal queue 16 MiB, oversized signals dropped unread); a runaway
+        # agent is killed and restarted rather than starving the host.
+        MemoryMax = "256M";
       };
     };
   };
