@@ -11,7 +11,8 @@
 //! looks a member up) are sent with NO_AUTO_START; only a set or call the policy allows may
 //! start a service. systemd loads a unit when its object is read, and a client reacting to the
 //! resulting UnitNew by reading it again loops forever, so a read of a unit object that systemd
-//! has not loaded is answered not-found after asking `GetUnit`, which never loads.
+//! has not loaded and that has no unit file is answered not-found (asking `GetUnit` and
+//! `GetUnitFileState`, which never load).
 //!
 //! Every remote set and call, allowed or denied, is logged at info on the target
 //! `cbus_agent::audit`: requester (a claim of the requester's, from `Cbus-Requester`), op,
@@ -335,9 +336,13 @@ impl RequestServer {
         }
     }
 
-    /// Answers not-found for a read of a systemd unit object whose unit is not loaded: systemd
-    /// would load it for the read (UnitNew), unload it soon after (UnitRemoved), and a client
-    /// following those signals would read it again, without end. `GetUnit` never loads.
+    /// Answers not-found for a read of a systemd unit object whose unit is not loaded and could
+    /// only load as not-found: systemd would load it for the read (UnitNew), unload it soon
+    /// after (UnitRemoved), and a client following those signals would read it again, without
+    /// end. `GetUnit` and `GetUnitFileState` never load anything. A unit that has a unit file is
+    /// read as before (systemd loads it from its file and collects it again): systemd unloads
+    /// every stopped unit within a second, so refusing those would make every stopped service
+    /// unreadable.
     async fn refuse_unloaded_unit(&self, dest: &str, path: &str) -> Result<(), ErrorBody> {
         let Some(label) = path.strip_prefix(SYSTEMD_UNIT_PREFIX) else {
             return Ok(());
@@ -351,29 +356,33 @@ impl RequestServer {
                 format!("{} is not a unit object path", codec::quote(path)),
             ));
         };
-        match self
-            .dbus_call(
+        let args = (unit.as_str(),);
+        let ask = |member: &'static str| {
+            self.dbus_call(
                 dest,
                 "/org/freedesktop/systemd1",
                 Some(SYSTEMD_MANAGER),
-                "GetUnit",
-                &(unit.as_str(),),
+                member,
+                &args,
                 Start::Never,
             )
-            .await
-        {
+        };
+        match ask("GetUnit").await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.dbus_name.as_deref() == Some("org.freedesktop.systemd1.NoSuchUnit") => {}
+            Err(e) => return Err(e),
+        }
+        match ask("GetUnitFileState").await {
             Ok(_) => Ok(()),
-            Err(e) if e.dbus_name.as_deref() == Some("org.freedesktop.systemd1.NoSuchUnit") => {
-                Err(ErrorBody {
-                    message: format!(
-                        "unit {} is not loaded; cbus does not read unit objects systemd has \
-                         not loaded (reading would load it)",
-                        codec::quote(&unit)
-                    ),
-                    ..e
-                })
-            }
-            Err(e) => Err(e),
+            Err(e) => Err(ErrorBody {
+                code: ErrorCode::NotFound,
+                message: format!(
+                    "unit {} is not loaded and has no unit file; cbus does not read it (systemd \
+                     would load it as not-found)",
+                    codec::quote(&unit)
+                ),
+                ..e
+            }),
         }
     }
 
