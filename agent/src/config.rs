@@ -19,7 +19,8 @@ use clap::Parser;
     about,
     long_about = None,
     after_help = "Logging: RUST_LOG (default info), e.g. RUST_LOG=cbus_agent=debug.\n\
-                  Reads are always allowed; set and call only as the policy allows (see policy.example.toml)."
+                  Reads are always allowed; set and call only as the policy allows (see policy.example.toml).\n\
+                  Every remote set and call is logged on target cbus_agent::audit."
 )]
 pub struct Config {
     /// NATS server URL(s), comma-separated.

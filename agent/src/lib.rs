@@ -7,6 +7,13 @@
 //! heartbeat, goodbye, ping), [`policy`] (what may be set or called), [`metrics`] (the agent's own
 //! Prometheus metrics). Every subject, header and value comes from `cbus-protocol`: the agent
 //! never spells a subject or encodes a value by hand.
+//!
+//! The agent runs as root and everything it reads is hostile: any local user may put signals of
+//! any size and content on the bus, and any NATS client allowed to send requests may send any
+//! bytes. So signals are bounded in count and bytes and what can never be published is dropped
+//! unread ([`signals`]); reads never start services or load units and sets and calls pass the
+//! policy's allow and deny rules, with an audit line each ([`requests`], [`policy`]); error
+//! replies quote bad input by a bounded prefix (`cbus_protocol::codec::quote`).
 
 pub mod body;
 pub mod bus;
