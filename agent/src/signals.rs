@@ -90,11 +90,39 @@ impl Queue {
     }
 }
 
-/// The server's `max_payload` (headers and body of one message).
-fn max_payload(client: &Client) -> usize {
-    match client.server_info().max_payload {
-        0 => DEFAULT_MAX_PAYLOAD,
-        n => n,
+/// The server's `max_payload` (headers and body of one message), read again every second:
+/// `server_info()` clones the whole server info, too much to do per signal, and the value only
+/// changes when the client reconnects to another server.
+struct PayloadLimit {
+    client: Client,
+    value: usize,
+    read_at: std::time::Instant,
+}
+
+impl PayloadLimit {
+    fn new(client: Client) -> Self {
+        let mut l = PayloadLimit {
+            client,
+            value: DEFAULT_MAX_PAYLOAD,
+            read_at: std::time::Instant::now(),
+        };
+        l.refresh();
+        l
+    }
+
+    fn refresh(&mut self) {
+        self.value = match self.client.server_info().max_payload {
+            0 => DEFAULT_MAX_PAYLOAD,
+            n => n,
+        };
+        self.read_at = std::time::Instant::now();
+    }
+
+    fn get(&mut self) -> usize {
+        if self.read_at.elapsed() > std::time::Duration::from_secs(1) {
+            self.refresh();
+        }
+        self.value
     }
 }
 
@@ -120,6 +148,7 @@ pub async fn read_loop(
     metrics: Arc<Metrics>,
 ) {
     let mut logged = [0u64; DropReason::ALL.len()];
+    let mut max_payload = PayloadLimit::new(client);
     loop {
         let conn = bus.connect_with_backoff(true).await;
         let mut stream = match monitor_stream(&conn).await {
@@ -136,7 +165,7 @@ pub async fn read_loop(
             {
                 continue;
             }
-            let result = if never_fits(msg.data().len(), max_payload(&client)) {
+            let result = if never_fits(msg.data().len(), max_payload.get()) {
                 Err(DropReason::TooLarge)
             } else {
                 queue.push(msg)
@@ -182,10 +211,11 @@ pub async fn publish_loop(
     owners: NameOwners,
     metrics: Arc<Metrics>,
 ) {
+    let mut max_payload = PayloadLimit::new(client.clone());
     while let Some(msg) = rx.recv().await {
         queued_bytes.fetch_sub(msg.data().len(), Ordering::AcqRel);
         match encode(&msg, &nkey, &hostname, &owners) {
-            Ok(Some(e)) if e.size > max_payload(&client) => {
+            Ok(Some(e)) if e.size > max_payload.get() => {
                 metrics.signal_dropped(DropReason::TooLarge);
                 tracing::debug!(size = e.size, "signal larger than NATS max_payload dropped");
             }
