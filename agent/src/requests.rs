@@ -148,7 +148,7 @@ impl RequestServer {
             .requests
             .with_label_values(&["busy", "error"])
             .inc();
-        tracing::debug!(subject = %msg.subject, "agent busy; request refused");
+        tracing::debug!(subject = %codec::quote(&msg.subject), "agent busy; request refused");
         let reply = Reply {
             nkey: self.nkey.clone(),
             hostname: self.hostname.clone(),
@@ -191,7 +191,7 @@ impl RequestServer {
 
     async fn handle(self: Arc<Self>, msg: Message) {
         let Some(reply_to) = msg.reply.clone() else {
-            tracing::debug!(subject = %msg.subject, "request without reply subject ignored");
+            tracing::debug!(subject = %codec::quote(&msg.subject), "request without reply subject ignored");
             return;
         };
         let (op, outcome) = self.answer(&msg).await;
@@ -203,9 +203,11 @@ impl RequestServer {
         match &outcome {
             // Malformed requests are the requester's bug: visible in the agent's log too.
             Err(e) if e.code == ErrorCode::InvalidArgument => {
-                tracing::info!(subject = %msg.subject, error = %e, "invalid request")
+                tracing::info!(subject = %codec::quote(&msg.subject), error = %e, "invalid request")
             }
-            Err(e) => tracing::debug!(subject = %msg.subject, error = %e, "request failed"),
+            Err(e) => {
+                tracing::debug!(subject = %codec::quote(&msg.subject), error = %e, "request failed")
+            }
             Ok(_) => {}
         }
         let reply = Reply {
@@ -259,7 +261,17 @@ impl RequestServer {
         tokio::spawn(async move {
             let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, server.calls.acquire()).await
             else {
-                return; // timed out waiting (the requester is told below) or shutting down
+                // Timed out waiting (the requester is told below) or shutting down; a set or
+                // call that never ran is still in the audit log.
+                if matches!(subject2.op, Op::Set | Op::Call) {
+                    let audit = Audit {
+                        interface: request.interface.clone(),
+                        verdict: None,
+                    };
+                    let timeout = ErrorBody::new(ErrorCode::Timeout, "no D-Bus call slot in time");
+                    audit.log(&subject2, &request, &requester, &Err(timeout));
+                }
+                return;
             };
             let outcome = server.dispatch(&subject2, &request, &requester).await;
             let _ = tx.send(outcome);
