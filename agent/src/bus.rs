@@ -2,12 +2,20 @@
 //! dbus or outlive a restart of it), and knowing which well-known name each unique name owns:
 //! signals carry only the unique sender (`:1.7`), users think in well-known names.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
 use zbus::Connection;
+
+/// Messages zbus may hold on the monitor connection before it stops reading the socket (then
+/// dbus-daemon holds them, within its own limits). zbus counts messages, not bytes, and a message
+/// may be 32 MiB on a default system bus, so this stays small (8 × 32 MiB in the worst case, a
+/// message or two in practice): the signal reader drains it at once, checking only sizes, and
+/// its own queue is bounded in bytes. (`cbus-bench signals`, debug build: 300,000 signals are
+/// forwarded at the rate the former 65,536 slots gave.)
+pub const MONITOR_QUEUE: usize = 8;
 
 /// Which bus to bridge.
 #[derive(Debug, Clone)]
@@ -26,8 +34,7 @@ impl BusKind {
         }
     }
 
-    /// A new connection; `monitor` connections get a deep queue, since a flood of signals must be
-    /// read fast (and counted as drops further on) rather than stall the bus.
+    /// A new connection; `monitor` connections get a short zbus queue ([`MONITOR_QUEUE`]).
     pub async fn connect(&self, monitor: bool) -> zbus::Result<Connection> {
         self.connect_with(monitor, None).await
     }
@@ -44,7 +51,7 @@ impl BusKind {
             BusKind::Address(a) => zbus::connection::Builder::address(a.as_str())?,
         };
         let builder = if monitor {
-            builder.max_queued(1 << 16)
+            builder.max_queued(MONITOR_QUEUE)
         } else {
             builder
         };
@@ -71,26 +78,41 @@ impl BusKind {
     }
 }
 
-/// unique name -> a well-known name it owns.
+/// unique name -> every well-known name it owns.
+///
+/// A connection may own several names (systemd owns `org.freedesktop.systemd1` and nothing else,
+/// but a service may own a name per API it offers), and consumers decide whom to trust by name
+/// (`headers::sender_owns`), so all of them are kept, not the last one seen.
 #[derive(Clone, Default)]
 pub struct NameOwners {
-    inner: Arc<RwLock<HashMap<String, String>>>,
+    inner: Arc<RwLock<HashMap<String, BTreeSet<String>>>>,
 }
 
 impl NameOwners {
-    pub fn well_known(&self, unique: &str) -> Option<String> {
-        self.inner.read().ok()?.get(unique).cloned()
+    /// The well-known names `unique` owns, sorted; empty when none (or unknown).
+    pub fn well_known(&self, unique: &str) -> Vec<String> {
+        self.inner
+            .read()
+            .ok()
+            .and_then(|m| m.get(unique).map(|names| names.iter().cloned().collect()))
+            .unwrap_or_default()
     }
 
-    fn set(&self, unique: String, name: String) {
+    fn add(&self, unique: &str, name: &str) {
         if let Ok(mut m) = self.inner.write() {
-            m.insert(unique, name);
+            m.entry(unique.to_owned())
+                .or_default()
+                .insert(name.to_owned());
         }
     }
 
+    /// Forgets `name` wherever it is (a name has one owner at a time).
     fn remove_name(&self, name: &str) {
         if let Ok(mut m) = self.inner.write() {
-            m.retain(|_, v| v != name);
+            m.retain(|_, names| {
+                names.remove(name);
+                !names.is_empty()
+            });
         }
     }
 
@@ -104,6 +126,23 @@ impl NameOwners {
         if let Ok(mut m) = self.inner.write() {
             m.clear();
         }
+    }
+
+    /// Applies one NameOwnerChanged(name, old, new); returns whether `name` is a well-known name
+    /// whose owner changed (its cached introspection is then stale).
+    fn apply(&self, name: &str, new_owner: &str) -> bool {
+        if name.starts_with(':') {
+            // A unique name is never reused: it only ever goes away.
+            if new_owner.is_empty() {
+                self.remove_unique(name);
+            }
+            return false;
+        }
+        self.remove_name(name);
+        if !new_owner.is_empty() {
+            self.add(new_owner, name);
+        }
+        true
     }
 
     /// Fills the map from ListNames, then follows NameOwnerChanged until the connection ends.
@@ -126,7 +165,7 @@ impl NameOwners {
                 continue;
             }
             if let Ok(owner) = dbus.get_name_owner(name.as_ref()).await {
-                self.set(owner.to_string(), name.to_string());
+                self.add(owner.as_str(), name.as_str());
             }
         }
         while let Some(item) = changes.next().await {
@@ -135,20 +174,35 @@ impl NameOwners {
             else {
                 continue;
             };
-            if name.starts_with(':') {
-                // A unique name is never reused: it only ever goes away.
-                if new_owner.is_empty() {
-                    on_change(&name);
-                    self.remove_unique(&name);
-                }
-                continue;
-            }
-            on_change(&name);
-            self.remove_name(&name);
-            if !new_owner.is_empty() {
-                self.set(new_owner, name);
+            let unique_gone = name.starts_with(':') && new_owner.is_empty();
+            if self.apply(&name, &new_owner) || unique_gone {
+                on_change(&name);
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_connection_owns_several_names() {
+        let o = NameOwners::default();
+        o.apply("org.b", ":1.5");
+        o.apply("org.a", ":1.5");
+        o.apply("org.c", ":1.6");
+        assert_eq!(o.well_known(":1.5"), ["org.a", "org.b"]);
+        // org.b moves to another connection: only that name leaves :1.5.
+        o.apply("org.b", ":1.6");
+        assert_eq!(o.well_known(":1.5"), ["org.a"]);
+        assert_eq!(o.well_known(":1.6"), ["org.b", "org.c"]);
+        // Released: gone, and an owner with no names left is forgotten.
+        o.apply("org.a", "");
+        assert!(o.well_known(":1.5").is_empty());
+        assert!(o.inner.read().unwrap().get(":1.5").is_none());
+        o.apply(":1.6", "");
+        assert!(o.well_known(":1.6").is_empty());
     }
 }

@@ -19,7 +19,8 @@ use clap::Parser;
     about,
     long_about = None,
     after_help = "Logging: RUST_LOG (default info), e.g. RUST_LOG=cbus_agent=debug.\n\
-                  Reads are always allowed; set and call only as the policy allows (see policy.example.toml)."
+                  Reads are always allowed; set and call only as the policy allows (see policy.example.toml).\n\
+                  Every remote set and call is logged on target cbus_agent::audit."
 )]
 pub struct Config {
     /// NATS server URL(s), comma-separated.
@@ -75,6 +76,10 @@ pub struct Config {
     /// Signals queued between D-Bus and NATS; more are dropped and counted.
     #[arg(long, env = "CBUS_SIGNAL_QUEUE", default_value_t = 8192)]
     pub signal_queue: usize,
+    /// Bytes of signals (their D-Bus wire size) queued between D-Bus and NATS; more are dropped
+    /// and counted. Bounds the agent's memory when local users flood the bus with big signals.
+    #[arg(long, env = "CBUS_SIGNAL_QUEUE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub signal_queue_bytes: usize,
     /// D-Bus calls in flight at once.
     #[arg(long, env = "CBUS_MAX_CONCURRENT_CALLS", default_value_t = 64)]
     pub max_concurrent_calls: usize,

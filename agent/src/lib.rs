@@ -7,6 +7,13 @@
 //! heartbeat, goodbye, ping), [`policy`] (what may be set or called), [`metrics`] (the agent's own
 //! Prometheus metrics). Every subject, header and value comes from `cbus-protocol`: the agent
 //! never spells a subject or encodes a value by hand.
+//!
+//! The agent runs as root and everything it reads is hostile: any local user may put signals of
+//! any size and content on the bus, and any NATS client allowed to send requests may send any
+//! bytes. So signals are bounded in count and bytes and what can never be published is dropped
+//! unread ([`signals`]); reads never start services or load units and sets and calls pass the
+//! policy's allow and deny rules, with an audit line each ([`requests`], [`policy`]); error
+//! replies quote bad input by a bounded prefix (`cbus_protocol::codec::quote`).
 
 pub mod body;
 pub mod bus;
@@ -134,7 +141,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     });
 
     if !config.no_signals {
-        let (tx, rx) = tokio::sync::mpsc::channel(config.signal_queue.max(1));
+        let (queue, rx) = signals::Queue::new(config.signal_queue, config.signal_queue_bytes);
         let filter = signals::Filter {
             include_sender: config.include_sender.clone(),
             exclude_sender: config.exclude_sender.clone(),
@@ -143,16 +150,18 @@ pub async fn run(config: Config) -> Result<(), Error> {
             include_path_prefix: config.include_path_prefix.clone(),
             exclude_path_prefix: config.exclude_path_prefix.clone(),
         };
+        let queued_bytes = queue.bytes.clone();
         tokio::spawn(signals::read_loop(
             bus.clone(),
-            config.signal_queue,
-            tx,
+            queue,
+            client.clone(),
             owners.clone(),
             filter,
             metrics.clone(),
         ));
         tokio::spawn(signals::publish_loop(
             rx,
+            queued_bytes,
             client.clone(),
             nkey.clone(),
             hostname.clone(),

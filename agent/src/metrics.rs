@@ -6,13 +6,42 @@ use prometheus::{
     TextEncoder,
 };
 
+/// Why a signal did not reach NATS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The queue held `--signal-queue` signals.
+    QueueFull = 0,
+    /// The queue held `--signal-queue-bytes` bytes.
+    QueueBytes = 1,
+    /// Larger than the NATS server's `max_payload`: it could never be published.
+    TooLarge = 2,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 3] = [
+        DropReason::QueueFull,
+        DropReason::QueueBytes,
+        DropReason::TooLarge,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::QueueBytes => "queue_bytes",
+            DropReason::TooLarge => "too_large",
+        }
+    }
+}
+
 /// Counters and gauges the other modules update.
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub call_seconds: HistogramVec,
     pub signals_forwarded: IntCounter,
+    /// Every signal dropped, whatever the reason (the sum of `signals_dropped_by_reason`).
     pub signals_dropped: IntCounter,
+    pub signals_dropped_by_reason: IntCounterVec,
     pub signals_unencodable: IntCounter,
     pub nats_connected: IntGauge,
     pub bus_connected: IntGauge,
@@ -44,8 +73,19 @@ impl Metrics {
         )?;
         let signals_dropped = IntCounter::new(
             "cbus_agent_signals_dropped_total",
-            "Signals dropped because the queue to NATS was full.",
+            "Signals dropped before reaching NATS, for any reason.",
         )?;
+        let signals_dropped_by_reason = IntCounterVec::new(
+            Opts::new(
+                "cbus_agent_signals_dropped_by_reason_total",
+                "Signals dropped before reaching NATS: queue_full (count bound), queue_bytes \
+                 (byte bound), too_large (can never fit the server's max_payload).",
+            ),
+            &["reason"],
+        )?;
+        for r in DropReason::ALL {
+            signals_dropped_by_reason.with_label_values(&[r.as_str()]);
+        }
         let signals_unencodable = IntCounter::new(
             "cbus_agent_signals_unencodable_total",
             "Signals that could not be encoded (e.g. carrying file descriptors).",
@@ -58,6 +98,7 @@ impl Metrics {
         registry.register(Box::new(call_seconds.clone()))?;
         registry.register(Box::new(signals_forwarded.clone()))?;
         registry.register(Box::new(signals_dropped.clone()))?;
+        registry.register(Box::new(signals_dropped_by_reason.clone()))?;
         registry.register(Box::new(signals_unencodable.clone()))?;
         registry.register(Box::new(nats_connected.clone()))?;
         registry.register(Box::new(bus_connected.clone()))?;
@@ -67,10 +108,21 @@ impl Metrics {
             call_seconds,
             signals_forwarded,
             signals_dropped,
+            signals_dropped_by_reason,
             signals_unencodable,
             nats_connected,
             bus_connected,
         })
+    }
+
+    /// Counts one dropped signal; returns how many were dropped for this reason so far.
+    pub fn signal_dropped(&self, reason: DropReason) -> u64 {
+        self.signals_dropped.inc();
+        let c = self
+            .signals_dropped_by_reason
+            .with_label_values(&[reason.as_str()]);
+        c.inc();
+        c.get()
     }
 
     /// Prometheus text exposition of everything.

@@ -5,6 +5,19 @@
 //! body, is a reply in the shared envelope: the requester always learns what went wrong.
 //! Missing interfaces and signatures are filled from introspection ([`crate::schema_cache`]); an
 //! ambiguous member is an error listing the candidates, never a guess (the original guessed).
+//!
+//! Reads stay reads. A method call to a name that is not running would start its service (bus
+//! activation), so reads (get, getall, introspect, read-listed calls, and the introspection that
+//! looks a member up) are sent with NO_AUTO_START; only a set or call the policy allows may
+//! start a service. systemd loads a unit when its object is read, and a client reacting to the
+//! resulting UnitNew by reading it again loops forever, so a read of a unit object that systemd
+//! has not loaded and that has no unit file is answered not-found (asking `GetUnit` and
+//! `GetUnitFileState`, which never load).
+//!
+//! Every remote set and call, allowed or denied, is logged at info on the target
+//! `cbus_agent::audit`: requester (a claim of the requester's, from `Cbus-Requester`), op,
+//! destination, path, interface, member, the arguments' size and a digest (never their text),
+//! the policy's verdict and the result.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,17 +31,30 @@ use cbus_protocol::introspect::{MethodSchema, ObjectSchema, PropertySchema, Reso
 use cbus_protocol::subject::{self, Op, RequestSubject};
 use futures::StreamExt;
 use serde_json::Value as Json;
+use sha2::Digest as _;
 use tokio::sync::{RwLock, Semaphore};
 use zbus::{Connection, DBusError};
 use zvariant::{OwnedValue, StructureBuilder};
 
 use crate::bus::BusKind;
 use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::policy::{Action, Policy, Verdict};
 use crate::schema_cache::SchemaCache;
 
 const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
 const INTROSPECTABLE: &str = "org.freedesktop.DBus.Introspectable";
+const SYSTEMD: &str = "org.freedesktop.systemd1";
+const SYSTEMD_MANAGER: &str = "org.freedesktop.systemd1.Manager";
+const SYSTEMD_UNIT_PREFIX: &str = "/org/freedesktop/systemd1/unit/";
+
+/// Whether a D-Bus call may start the destination's service if it is not running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Reads: NO_AUTO_START.
+    Never,
+    /// A set or call the policy allows.
+    Allowed,
+}
 
 type Outcome = Result<Success, ErrorBody>;
 
@@ -122,7 +148,7 @@ impl RequestServer {
             .requests
             .with_label_values(&["busy", "error"])
             .inc();
-        tracing::debug!(subject = %msg.subject, "agent busy; request refused");
+        tracing::debug!(subject = %codec::quote(&msg.subject), "agent busy; request refused");
         let reply = Reply {
             nkey: self.nkey.clone(),
             hostname: self.hostname.clone(),
@@ -165,7 +191,7 @@ impl RequestServer {
 
     async fn handle(self: Arc<Self>, msg: Message) {
         let Some(reply_to) = msg.reply.clone() else {
-            tracing::debug!(subject = %msg.subject, "request without reply subject ignored");
+            tracing::debug!(subject = %codec::quote(&msg.subject), "request without reply subject ignored");
             return;
         };
         let (op, outcome) = self.answer(&msg).await;
@@ -177,9 +203,11 @@ impl RequestServer {
         match &outcome {
             // Malformed requests are the requester's bug: visible in the agent's log too.
             Err(e) if e.code == ErrorCode::InvalidArgument => {
-                tracing::info!(subject = %msg.subject, error = %e, "invalid request")
+                tracing::info!(subject = %codec::quote(&msg.subject), error = %e, "invalid request")
             }
-            Err(e) => tracing::debug!(subject = %msg.subject, error = %e, "request failed"),
+            Err(e) => {
+                tracing::debug!(subject = %codec::quote(&msg.subject), error = %e, "request failed")
+            }
             Ok(_) => {}
         }
         let reply = Reply {
@@ -233,7 +261,17 @@ impl RequestServer {
         tokio::spawn(async move {
             let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, server.calls.acquire()).await
             else {
-                return; // timed out waiting (the requester is told below) or shutting down
+                // Timed out waiting (the requester is told below) or shutting down; a set or
+                // call that never ran is still in the audit log.
+                if matches!(subject2.op, Op::Set | Op::Call) {
+                    let audit = Audit {
+                        interface: request.interface.clone(),
+                        verdict: None,
+                    };
+                    let timeout = ErrorBody::new(ErrorCode::Timeout, "no D-Bus call slot in time");
+                    audit.log(&subject2, &request, &requester, &Err(timeout));
+                }
+                return;
             };
             let outcome = server.dispatch(&subject2, &request, &requester).await;
             let _ = tx.send(outcome);
@@ -253,19 +291,52 @@ impl RequestServer {
     }
 
     async fn dispatch(&self, s: &RequestSubject, r: &Request, requester: &str) -> Outcome {
+        match s.op {
+            Op::Set | Op::Call => {
+                let mut audit = Audit {
+                    interface: r.interface.clone(),
+                    verdict: None,
+                };
+                let outcome = self.write(s, r, &mut audit).await;
+                audit.log(s, r, requester, &outcome);
+                outcome
+            }
+            _ => self.read(s, r).await,
+        }
+    }
+
+    async fn write(&self, s: &RequestSubject, r: &Request, audit: &mut Audit) -> Outcome {
         let dest = s.destination.as_str();
         let path = s.path.as_str();
         let member = s.member.as_deref().unwrap_or_default();
         if let Some(iface) = &r.interface {
-            cbus_protocol::names::validate_interface(iface).map_err(|e| invalid(e.to_string()))?;
+            cbus_protocol::names::validate_interface(iface)
+                .map_err(|e| invalid(codec::name_error_text(&e)))?;
+        }
+        if s.op == Op::Set {
+            self.set(dest, path, r, member, audit).await
+        } else {
+            self.call(dest, path, r, member, audit).await
+        }
+    }
+
+    async fn read(&self, s: &RequestSubject, r: &Request) -> Outcome {
+        let dest = s.destination.as_str();
+        let path = s.path.as_str();
+        let member = s.member.as_deref().unwrap_or_default();
+        if let Some(iface) = &r.interface {
+            cbus_protocol::names::validate_interface(iface)
+                .map_err(|e| invalid(codec::name_error_text(&e)))?;
+        }
+        if matches!(s.op, Op::Get | Op::GetAll | Op::Introspect) {
+            self.refuse_unloaded_unit(dest, path).await?;
         }
         match s.op {
             Op::Get => self.get(dest, path, r, member).await,
-            Op::Set => self.set(dest, path, r, member, requester).await,
             Op::GetAll => self.get_all(dest, path, r).await,
-            Op::Call => self.call(dest, path, r, member, requester).await,
+            Op::Set | Op::Call => Err(internal("a write reached the read path")),
             Op::Introspect => {
-                let schema = self.schema(dest, path, true).await?;
+                let schema = self.schema(dest, path, true, Start::Never).await?;
                 let value = serde_json::to_value(&*schema)
                     .map_err(|e| ErrorBody::new(ErrorCode::InternalError, e.to_string()))?;
                 Ok(Success {
@@ -277,10 +348,80 @@ impl RequestServer {
         }
     }
 
+    /// Answers not-found for a read of a systemd unit object whose unit is not loaded and could
+    /// only load as not-found: systemd would load it for the read (UnitNew), unload it soon
+    /// after (UnitRemoved), and a client following those signals would read it again, without
+    /// end. `GetUnit` and `GetUnitFileState` never load anything. A unit that has a unit file is
+    /// read as before (systemd loads it from its file and collects it again): systemd unloads
+    /// every stopped unit within a second, so refusing those would make every stopped service
+    /// unreadable.
+    async fn refuse_unloaded_unit(&self, dest: &str, path: &str) -> Result<(), ErrorBody> {
+        let Some(label) = path.strip_prefix(SYSTEMD_UNIT_PREFIX) else {
+            return Ok(());
+        };
+        if dest != SYSTEMD && !(dest.starts_with(':') && self.is_systemd(dest).await) {
+            return Ok(());
+        }
+        let Some(unit) = unescape_bus_label(label) else {
+            return Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("{} is not a unit object path", codec::quote(path)),
+            ));
+        };
+        let args = (unit.as_str(),);
+        let ask = |member: &'static str| {
+            self.dbus_call(
+                dest,
+                "/org/freedesktop/systemd1",
+                Some(SYSTEMD_MANAGER),
+                member,
+                &args,
+                Start::Never,
+            )
+        };
+        match ask("GetUnit").await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.dbus_name.as_deref() == Some("org.freedesktop.systemd1.NoSuchUnit") => {}
+            Err(e) => return Err(e),
+        }
+        match ask("GetUnitFileState").await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(ErrorBody {
+                code: ErrorCode::NotFound,
+                message: format!(
+                    "unit {} is not loaded and has no unit file; cbus does not read it (systemd \
+                     would load it as not-found)",
+                    codec::quote(&unit)
+                ),
+                ..e
+            }),
+        }
+    }
+
+    /// Whether the unique name `dest` is the owner of `org.freedesktop.systemd1`.
+    async fn is_systemd(&self, dest: &str) -> bool {
+        let Ok(conn) = self.conn().await else {
+            return false;
+        };
+        let Ok(dbus) = zbus::fdo::DBusProxy::new(&conn).await else {
+            return false;
+        };
+        let Ok(name) = zbus::names::BusName::try_from(SYSTEMD) else {
+            return false;
+        };
+        dbus.get_name_owner(name)
+            .await
+            .is_ok_and(|owner| owner.as_str() == dest)
+    }
+
     async fn get(&self, dest: &str, path: &str, r: &Request, member: &str) -> Outcome {
         let iface = match &r.interface {
             Some(i) => i.clone(),
-            None => self.resolve_property(dest, path, None, member).await?.0,
+            None => {
+                self.resolve_property(dest, path, None, member, Start::Never)
+                    .await?
+                    .0
+            }
         };
         let reply = self
             .dbus_call(
@@ -289,6 +430,7 @@ impl RequestServer {
                 Some(PROPERTIES),
                 "Get",
                 &(iface.as_str(), member),
+                Start::Never,
             )
             .await?;
         let value: OwnedValue = reply.body().deserialize().map_err(dbus_error)?;
@@ -304,17 +446,18 @@ impl RequestServer {
         path: &str,
         r: &Request,
         member: &str,
-        requester: &str,
+        audit: &mut Audit,
     ) -> Outcome {
         let json = r
             .value
             .as_ref()
             .ok_or_else(|| invalid("set needs a \"value\""))?;
+        let start = self.lookup_start(Op::Set, dest, r.interface.as_deref(), member);
         let (iface, sig) = match (&r.interface, &r.signature) {
             (Some(i), Some(s)) => (i.clone(), s.clone()),
             _ => {
                 let (iface, prop) = self
-                    .resolve_property(dest, path, r.interface.as_deref(), member)
+                    .resolve_property(dest, path, r.interface.as_deref(), member, start)
                     .await?;
                 if !prop.access.writable() {
                     return Err(ErrorBody::new(
@@ -326,15 +469,24 @@ impl RequestServer {
                 (iface, sig)
             }
         };
-        self.check_policy(Op::Set, dest, &iface, member, requester, path)?;
+        audit.interface = Some(iface.clone());
         let sig = codec::parse_single(&sig).map_err(|e| invalid(e.to_string()))?;
         let value = codec::from_json(json, &sig).map_err(|e| invalid(format!("value: {e}")))?;
+        let start = self.check_policy(
+            Op::Set,
+            dest,
+            &iface,
+            member,
+            std::slice::from_ref(&value),
+            audit,
+        )?;
         self.dbus_call(
             dest,
             path,
             Some(PROPERTIES),
             "Set",
             &(iface.as_str(), member, value),
+            start,
         )
         .await?;
         Ok(Success {
@@ -356,7 +508,14 @@ impl RequestServer {
         };
         if let Some(iface) = &r.interface {
             let reply = self
-                .dbus_call(dest, path, Some(PROPERTIES), "GetAll", &(iface.as_str(),))
+                .dbus_call(
+                    dest,
+                    path,
+                    Some(PROPERTIES),
+                    "GetAll",
+                    &(iface.as_str(),),
+                    Start::Never,
+                )
                 .await?;
             let props: HashMap<String, OwnedValue> =
                 reply.body().deserialize().map_err(dbus_error)?;
@@ -365,7 +524,7 @@ impl RequestServer {
                 value: props_json(props)?,
             });
         }
-        let schema = self.schema(dest, path, false).await?;
+        let schema = self.schema(dest, path, false, Start::Never).await?;
         let mut all = serde_json::Map::new();
         for iface in schema
             .interfaces
@@ -379,6 +538,7 @@ impl RequestServer {
                     Some(PROPERTIES),
                     "GetAll",
                     &(iface.name.as_str(),),
+                    Start::Never,
                 )
                 .await?;
             let props: HashMap<String, OwnedValue> =
@@ -397,27 +557,29 @@ impl RequestServer {
         path: &str,
         r: &Request,
         member: &str,
-        requester: &str,
+        audit: &mut Audit,
     ) -> Outcome {
         // Resolve by introspection unless both interface and signature are given; an object
         // that cannot be introspected can still be called when the caller names both.
+        let start = self.lookup_start(Op::Call, dest, r.interface.as_deref(), member);
         let (iface, sig) = match (&r.interface, &r.signature) {
             (Some(i), Some(s)) => (i.clone(), s.clone()),
             _ => {
                 let (iface, method) = self
-                    .resolve_method(dest, path, r.interface.as_deref(), member)
+                    .resolve_method(dest, path, r.interface.as_deref(), member, start)
                     .await?;
                 let sig = r.signature.clone().unwrap_or_else(|| method.in_signature());
                 (iface, sig)
             }
         };
-        self.check_policy(Op::Call, dest, &iface, member, requester, path)?;
+        audit.interface = Some(iface.clone());
         let sigs = codec::parse_arguments(&sig).map_err(|e| invalid(e.to_string()))?;
         let empty = Json::Array(Vec::new());
         let args = codec::args_from_json(r.args.as_ref().unwrap_or(&empty), &sigs)
             .map_err(|e| invalid(e.to_string()))?;
+        let start = self.check_policy(Op::Call, dest, &iface, member, &args, audit)?;
         let reply = if args.is_empty() {
-            self.dbus_call(dest, path, Some(&iface), member, &())
+            self.dbus_call(dest, path, Some(&iface), member, &(), start)
                 .await?
         } else {
             let mut builder = StructureBuilder::new();
@@ -425,7 +587,7 @@ impl RequestServer {
                 builder = builder.append_field(a);
             }
             let body = builder.build().map_err(|e| invalid(e.to_string()))?;
-            self.dbus_call(dest, path, Some(&iface), member, &body)
+            self.dbus_call(dest, path, Some(&iface), member, &body, start)
                 .await?
         };
         let (signature, values) =
@@ -467,25 +629,54 @@ impl RequestServer {
         })
     }
 
+    /// Whether looking a member up for a set or call may start the destination's service: only
+    /// when the policy could allow the write, so a denied call never activates anything.
+    fn lookup_start(&self, op: Op, dest: &str, iface: Option<&str>, member: &str) -> Start {
+        if self.policy.may_allow(op, dest, iface, member) {
+            Start::Allowed
+        } else {
+            Start::Never
+        }
+    }
+
+    /// The policy's verdict on a set or call with its arguments (converted already, so argument
+    /// patterns see exactly what D-Bus will). Read-listed calls are sent as reads.
     fn check_policy(
         &self,
         op: Op,
         dest: &str,
         iface: &str,
         member: &str,
-        requester: &str,
-        path: &str,
-    ) -> Result<(), ErrorBody> {
-        if self.policy.allows(op, dest, iface, member) {
-            tracing::info!(%requester, %op, %dest, %path, %iface, %member, "remote {op} allowed");
-            Ok(())
-        } else {
-            tracing::warn!(%requester, %op, %dest, %path, %iface, %member, "remote {op} denied by policy");
-            Err(ErrorBody::new(
+        args: &[zvariant::Value<'_>],
+        audit: &mut Audit,
+    ) -> Result<Start, ErrorBody> {
+        let texts: Vec<Option<&str>> = args
+            .iter()
+            .map(|v| match v {
+                zvariant::Value::Str(s) => Some(s.as_str()),
+                zvariant::Value::ObjectPath(p) => Some(p.as_str()),
+                _ => None,
+            })
+            .collect();
+        let verdict = self.policy.check(&Action {
+            op,
+            destination: dest,
+            interface: iface,
+            member,
+            args: &texts,
+        });
+        let result = match &verdict {
+            Verdict::Read => Ok(Start::Never),
+            Verdict::Allowed => Ok(Start::Allowed),
+            Verdict::Denied(why) => Err(ErrorBody::new(
                 ErrorCode::AccessDenied,
-                format!("the agent's policy does not allow {op} of {iface}.{member} on {dest}"),
-            ))
-        }
+                format!(
+                    "the agent's policy does not allow {op} of {iface}.{member} on {dest} ({why})"
+                ),
+            )),
+        };
+        audit.verdict = Some(verdict);
+        result
     }
 
     /// Introspection of an object, cached unless `fresh`.
@@ -494,6 +685,7 @@ impl RequestServer {
         dest: &str,
         path: &str,
         fresh: bool,
+        start: Start,
     ) -> Result<Arc<ObjectSchema>, ErrorBody> {
         if !fresh {
             if let Some(s) = self.schemas.object(dest, path) {
@@ -501,7 +693,7 @@ impl RequestServer {
             }
         }
         let reply = self
-            .dbus_call(dest, path, Some(INTROSPECTABLE), "Introspect", &())
+            .dbus_call(dest, path, Some(INTROSPECTABLE), "Introspect", &(), start)
             .await?;
         let xml: String = reply.body().deserialize().map_err(dbus_error)?;
         let schema = Arc::new(ObjectSchema::from_xml(&xml).map_err(|e| internal(e.to_string()))?);
@@ -517,13 +709,14 @@ impl RequestServer {
         path: &str,
         iface: Option<&str>,
         member: &str,
+        start: Start,
     ) -> Result<(String, MethodSchema), ErrorBody> {
         if let Some(known) = iface.and_then(|i| self.schemas.interface(dest, i)) {
             if let Ok(found) = known.find_method(iface, member) {
                 return Ok((found.interface.to_owned(), found.item.clone()));
             }
         }
-        let schema = self.schema(dest, path, false).await?;
+        let schema = self.schema(dest, path, false, start).await?;
         let found = schema.find_method(iface, member).map_err(resolve_error)?;
         Ok((found.interface.to_owned(), found.item.clone()))
     }
@@ -535,13 +728,14 @@ impl RequestServer {
         path: &str,
         iface: Option<&str>,
         member: &str,
+        start: Start,
     ) -> Result<(String, PropertySchema), ErrorBody> {
         if let Some(known) = iface.and_then(|i| self.schemas.interface(dest, i)) {
             if let Ok(found) = known.find_property(iface, member) {
                 return Ok((found.interface.to_owned(), found.item.clone()));
             }
         }
-        let schema = self.schema(dest, path, false).await?;
+        let schema = self.schema(dest, path, false, start).await?;
         let found = schema.find_property(iface, member).map_err(resolve_error)?;
         Ok((found.interface.to_owned(), found.item.clone()))
     }
@@ -581,15 +775,23 @@ impl RequestServer {
         iface: Option<&str>,
         member: &str,
         body: &B,
+        start: Start,
     ) -> Result<zbus::Message, ErrorBody>
     where
         B: serde::Serialize + zvariant::DynamicType,
     {
         let conn = self.conn().await?;
-        match conn
-            .call_method(Some(dest), path, iface, member, body)
-            .await
-        {
+        let result = match start {
+            Start::Allowed => {
+                conn.call_method(Some(dest), path, iface, member, body)
+                    .await
+            }
+            Start::Never => {
+                self.call_no_auto_start(&conn, dest, path, iface, member, body)
+                    .await
+            }
+        };
+        match result {
             Ok(m) => Ok(m),
             Err(zbus::Error::InputOutput(e)) if e.kind() == std::io::ErrorKind::TimedOut => Err(
                 ErrorBody::new(ErrorCode::Timeout, "D-Bus peer did not reply in time"),
@@ -603,6 +805,136 @@ impl RequestServer {
             Err(e) => Err(dbus_error(e)),
         }
     }
+}
+
+impl RequestServer {
+    /// A method call with NO_AUTO_START: a destination that is not running answers
+    /// ServiceUnknown instead of being started. zbus offers flags only on typed proxy calls,
+    /// which do not hand out the reply message, so the call is built and its reply awaited here
+    /// (bounded like the connection's own method timeout).
+    async fn call_no_auto_start<B>(
+        &self,
+        conn: &Connection,
+        dest: &str,
+        path: &str,
+        iface: Option<&str>,
+        member: &str,
+        body: &B,
+    ) -> zbus::Result<zbus::Message>
+    where
+        B: serde::Serialize + zvariant::DynamicType,
+    {
+        let mut builder = zbus::Message::method_call(path, member)?
+            .destination(dest)?
+            .with_flags(zbus::message::Flags::NoAutoStart)?;
+        if let Some(i) = iface {
+            builder = builder.interface(i)?;
+        }
+        let msg = builder.build(body)?;
+        let serial = msg.primary_header().serial_num();
+        // Listening before sending, so the reply cannot slip by.
+        let mut replies = zbus::MessageStream::from(conn);
+        conn.send(&msg).await?;
+        let wait = async {
+            while let Some(m) = replies.next().await {
+                let m = m?;
+                if m.header().reply_serial() != Some(serial) {
+                    continue;
+                }
+                match m.message_type() {
+                    zbus::message::Type::MethodReturn => return Ok(m),
+                    zbus::message::Type::Error => return Err(zbus::Error::from(m)),
+                    _ => {}
+                }
+            }
+            Err(zbus::Error::InputOutput(Arc::new(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "D-Bus connection closed",
+            ))))
+        };
+        match tokio::time::timeout(self.call_timeout + Duration::from_secs(1), wait).await {
+            Ok(r) => r,
+            Err(_) => Err(zbus::Error::InputOutput(Arc::new(std::io::Error::from(
+                std::io::ErrorKind::TimedOut,
+            )))),
+        }
+    }
+}
+
+/// What the audit log says of one set or call.
+struct Audit {
+    /// The interface as resolved (or as requested, when resolving failed).
+    interface: Option<String>,
+    /// `None` when the request failed before the policy was asked (bad arguments...).
+    verdict: Option<Verdict>,
+}
+
+impl Audit {
+    /// One line per remote set or call, allowed or not. Arguments are described by size and
+    /// digest only: they may hold secrets (a password property), and they are the requester's
+    /// text, of any size.
+    fn log(&self, s: &RequestSubject, r: &Request, requester: &str, outcome: &Outcome) {
+        let args = if s.op == Op::Set { &r.value } else { &r.args };
+        let bytes = args
+            .as_ref()
+            .map(|a| serde_json::to_vec(a).unwrap_or_default())
+            .unwrap_or_default();
+        let digest = hex16(&sha2::Sha256::digest(&bytes));
+        let policy = match &self.verdict {
+            None => "not-reached",
+            Some(Verdict::Read) => "read",
+            Some(Verdict::Allowed) => "allowed",
+            Some(Verdict::Denied(_)) => "denied",
+        };
+        let result = match outcome {
+            Ok(_) => "ok",
+            Err(e) => e.code.as_str(),
+        };
+        tracing::info!(
+            target: "cbus_agent::audit",
+            requester = %codec::quote(requester),
+            op = %s.op,
+            destination = %s.destination,
+            path = %s.path,
+            interface = self.interface.as_deref().unwrap_or("-"),
+            member = s.member.as_deref().unwrap_or("-"),
+            args_bytes = bytes.len(),
+            args_sha256 = %digest,
+            policy,
+            result,
+            "remote {}",
+            s.op
+        );
+    }
+}
+
+/// The first 8 bytes of a digest as 16 hex digits.
+fn hex16(digest: &[u8]) -> String {
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reverses systemd's bus-label escaping of an object path element (`_2e` is `.`; a lone `_`
+/// is the empty string). `None` when it is not a valid label.
+fn unescape_bus_label(label: &str) -> Option<String> {
+    if label == "_" {
+        return Some(String::new());
+    }
+    let bytes = label.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'_' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else if bytes[i].is_ascii_alphanumeric() {
+            out.push(bytes[i]);
+            i += 1;
+        } else {
+            return None;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn invalid(message: impl Into<String>) -> ErrorBody {
@@ -633,5 +965,31 @@ fn dbus_error(e: zbus::Error) -> ErrorBody {
         zbus::Error::FDO(fdo) => fdo_error(*fdo),
         zbus::Error::InputOutput(_) => ErrorBody::new(ErrorCode::Disconnected, e.to_string()),
         other => ErrorBody::new(ErrorCode::InternalError, other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_labels() {
+        assert_eq!(
+            unescape_bus_label("nosuch_2eservice").as_deref(),
+            Some("nosuch.service")
+        );
+        assert_eq!(
+            unescape_bus_label("_31foo_2dbar_40x_2eservice").as_deref(),
+            Some("1foo-bar@x.service")
+        );
+        assert_eq!(unescape_bus_label("_").as_deref(), Some(""));
+        assert_eq!(unescape_bus_label("a_2"), None);
+        assert_eq!(unescape_bus_label("a-b"), None);
+        assert_eq!(unescape_bus_label("_zz"), None);
+    }
+
+    #[test]
+    fn digest_is_short() {
+        assert_eq!(hex16(&sha2::Sha256::digest(b"")), "e3b0c44298fc1c14");
     }
 }

@@ -107,13 +107,23 @@ in
             destination = "org.freedesktop.systemd1";
             interface = "org.freedesktop.systemd1.Manager";
             member = "{Start,Stop,Restart,Reload,TryRestart}Unit";
+            args = [ "*.service" "{replace,fail}" ];
+          }];
+          deny = [{
+            ops = [ "call" ];
+            destination = "org.freedesktop.systemd1";
+            member = "{Start,Restart,TryRestart,ReloadOrRestart,ReloadOrTryRestart,Enqueue}Unit*";
+            args = [ "{reboot,poweroff,halt,kexec,soft-reboot,ctrl-alt-del}.target" ];
           }];
         }
       '';
       description = ''
         Policy of what may be set or called remotely, written as TOML (see
-        `share/cbus/policy.example.toml` of the package). Reads are always allowed;
-        with neither this nor {option}`policyFile`, the agent is read-only.
+        `share/cbus/policy.example.toml` of the package): `allow` and `deny` rules of ops and
+        globs over destination, interface, member and (optionally) `args`, one glob per
+        positional string argument; `deny` wins. Reads are always allowed; with neither this
+        nor {option}`policyFile`, the agent is read-only. Every remote set and call is logged
+        (target `cbus_agent::audit`).
       '';
     };
     policyFile = mkOption {
@@ -130,6 +140,15 @@ in
       type = types.str;
       default = "5s";
       description = "Presence heartbeat interval (`--heartbeat`).";
+    };
+    signalQueueBytes = mkOption {
+      type = types.ints.positive;
+      default = 16 * 1024 * 1024;
+      description = ''
+        Bytes of signals queued between D-Bus and NATS (`--signal-queue-bytes`); more are
+        dropped and counted (`cbus_agent_signals_dropped_by_reason_total`). Keep it well under
+        the unit's MemoryMax (256M).
+      '';
     };
     metricsListen = mkOption {
       type = types.nullOr types.str;
@@ -179,6 +198,7 @@ in
           (optionals (cfg.hostname != null) [ "--hostname" cfg.hostname ])
           (optionals (policyFile != null) [ "--policy" (toString policyFile) ])
           (optional cfg.allowAll "--allow-all")
+          [ "--signal-queue-bytes" (toString cfg.signalQueueBytes) ]
           (optionals (cfg.metricsListen != null) [ "--metrics-listen" cfg.metricsListen ])
           (concatLists (mapAttrsToList (k: v: [ "--label" "${k}=${v}" ]) cfg.labels))
           cfg.extraArgs
@@ -191,6 +211,9 @@ in
         ProtectSystem = "full";
         ProtectHome = true;
         PrivateTmp = true;
+        # Bounded by design (signal queue 16 MiB, oversized signals dropped unread); a runaway
+        # agent is killed and restarted rather than starving the host.
+        MemoryMax = "256M";
       };
     };
   };

@@ -54,12 +54,48 @@ pub fn parse_arguments(signature: &str) -> Result<Vec<Signature>, CodecError> {
             Ok(fields.iter().cloned().collect())
         }
         Ok(_) | Err(_) => Err(CodecError::new(format!(
-            "invalid D-Bus signature {signature:?}"
+            "invalid D-Bus signature {}",
+            quote(signature)
         ))),
     }
 }
 
 /// zvariant accepts any dict key type; the D-Bus specification allows only basic types.
+/// The most characters of outside input an error message quotes.
+pub const QUOTE_MAX_CHARS: usize = 100;
+
+/// `text` quoted for an error message or a log: whole when short, else its first
+/// [`QUOTE_MAX_CHARS`] characters, `…` and its length (`"((((…" (122880 bytes)`). Bad input can
+/// be as large as a request; an error that echoed it whole would be as large again, in every
+/// reply and log line.
+pub fn quote(text: &str) -> String {
+    match text.char_indices().nth(QUOTE_MAX_CHARS) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
+/// A [`names::NameError`] as text, quoting the bad name with [`quote`] (its `Display` quotes the
+/// name whole).
+pub fn name_error_text(e: &crate::error::NameError) -> String {
+    use crate::error::NameError;
+    match e {
+        NameError::BusName { name, reason } => {
+            format!("invalid bus name {}: {reason}", quote(name))
+        }
+        NameError::Interface { name, reason } => {
+            format!("invalid interface name {}: {reason}", quote(name))
+        }
+        NameError::Member { name } => format!(
+            "invalid member name {}: must match [A-Za-z_][A-Za-z0-9_]* (at most 255 bytes)",
+            quote(name)
+        ),
+        NameError::ObjectPath { path, reason } => {
+            format!("invalid object path {}: {reason}", quote(path))
+        }
+    }
+}
+
 fn check_dict_keys(sig: &Signature) -> Result<(), CodecError> {
     match sig {
         Signature::Array(child) => check_dict_keys(child.signature()),
@@ -100,7 +136,8 @@ pub fn parse_single(signature: &str) -> Result<Signature, CodecError> {
     let mut args = parse_arguments(signature)?;
     if args.len() != 1 {
         return Err(CodecError::new(format!(
-            "expected exactly one complete type, got signature {signature:?}"
+            "expected exactly one complete type, got signature {}",
+            quote(signature)
         )));
     }
     Ok(args.remove(0))
@@ -129,9 +166,9 @@ pub fn args_from_json(
     };
     if items.len() != signature.len() {
         return Err(CodecError::new(format!(
-            "expected {} argument(s) for signature {:?}, got {}",
+            "expected {} argument(s) for signature {}, got {}",
             signature.len(),
-            arguments_signature(signature),
+            quote(&arguments_signature(signature)),
             items.len()
         )));
     }
@@ -218,8 +255,8 @@ fn to_json_depth(value: &Value<'_>, depth: usize) -> Result<Json, CodecError> {
             let mut obj = Map::new();
             for (k, v) in dict.iter() {
                 let key = key_to_text(k)?;
-                let json =
-                    to_json_depth(v, depth + 1).map_err(|e| e.within(format!("key {key:?}")))?;
+                let json = to_json_depth(v, depth + 1)
+                    .map_err(|e| e.within(format!("key {}", quote(&key))))?;
                 obj.insert(key, json);
             }
             Json::Object(obj)
@@ -302,7 +339,7 @@ fn from_json_depth(
         }
         Signature::ObjectPath => {
             let s = json.as_str().ok_or_else(mismatch)?;
-            names::validate_object_path(s).map_err(|e| CodecError::new(e.to_string()))?;
+            names::validate_object_path(s).map_err(|e| CodecError::new(name_error_text(&e)))?;
             Value::ObjectPath(
                 ObjectPath::try_from(s.to_owned()).map_err(|e| CodecError::new(e.to_string()))?,
             )
@@ -354,9 +391,9 @@ fn from_json_depth(
             let mut dict = Dict::new(key.signature(), value.signature());
             for (k, v) in obj {
                 let kv = key_from_text(k, key.signature())
-                    .map_err(|e| e.within(format!("key {k:?}")))?;
+                    .map_err(|e| e.within(format!("key {}", quote(k))))?;
                 let vv = from_json_depth(v, value.signature(), depth + 1)
-                    .map_err(|e| e.within(format!("key {k:?}")))?;
+                    .map_err(|e| e.within(format!("key {}", quote(k))))?;
                 dict.append(kv, vv)
                     .map_err(|e| CodecError::new(e.to_string()))?;
             }
@@ -404,9 +441,9 @@ fn push(array: &mut Array<'static>, v: Value<'static>) -> Result<(), CodecError>
 fn signature_value(text: &str) -> Result<Signature, CodecError> {
     // A 'g' value is a list of complete types ("" and "ss" are valid signatures too).
     parse_arguments(text)
-        .map_err(|_| CodecError::new(format!("invalid D-Bus signature {text:?}")))?;
+        .map_err(|_| CodecError::new(format!("invalid D-Bus signature {}", quote(text))))?;
     Signature::from_str(text)
-        .map_err(|e| CodecError::new(format!("invalid D-Bus signature {text:?}: {e}")))
+        .map_err(|e| CodecError::new(format!("invalid D-Bus signature {}: {e}", quote(text))))
 }
 
 fn small_int<T>(json: &Json, sig: &Signature) -> Result<T, CodecError>
@@ -526,26 +563,34 @@ fn key_from_text(text: &str, sig: &Signature) -> Result<Value<'static>, CodecErr
             "NaN" | "Infinity" | "-Infinity" => Json::String(text.to_owned()),
             _ => serde_json::from_str::<Number>(text)
                 .map(Json::Number)
-                .map_err(|_| CodecError::new(format!("expected a double key, got {text:?}")))?,
+                .map_err(|_| {
+                    CodecError::new(format!("expected a double key, got {}", quote(text)))
+                })?,
         },
         Signature::Bool => match text {
             "true" => Json::Bool(true),
             "false" => Json::Bool(false),
             _ => {
                 return Err(CodecError::new(format!(
-                    "expected a boolean key, got {text:?}"
+                    "expected a boolean key, got {}",
+                    quote(text)
                 )))
             }
         },
         Signature::U8 | Signature::I16 | Signature::U16 | Signature::I32 | Signature::U32 => {
             // Canonical decimal only, so the key text maps back to itself.
             let n: i64 = text.parse().map_err(|_| {
-                CodecError::new(format!("expected {} key, got {text:?}", type_name(sig)))
+                CodecError::new(format!(
+                    "expected {} key, got {}",
+                    type_name(sig),
+                    quote(text)
+                ))
             })?;
             if n.to_string() != text {
                 return Err(CodecError::new(format!(
-                    "expected {} key, got {text:?}",
-                    type_name(sig)
+                    "expected {} key, got {}",
+                    type_name(sig),
+                    quote(text)
                 )));
             }
             Json::from(n)
@@ -602,6 +647,29 @@ fn describe(json: &Json) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn bad_input_is_quoted_in_bounded_form() {
+        assert_eq!(quote("ab\"c"), r#""ab\"c""#);
+        let long = "(".repeat(120_000);
+        let q = quote(&long);
+        assert!(q.len() < 200, "{q}");
+        assert!(q.ends_with("… (120000 bytes)"), "{q}");
+        let e = parse_arguments(&long).unwrap_err().to_string();
+        assert!(
+            e.len() < 300 && e.starts_with("invalid D-Bus signature"),
+            "{e}"
+        );
+        let e = from_json(
+            &json!(format!("/{}", "a-".repeat(60_000))),
+            &Signature::ObjectPath,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.len() < 300 && e.starts_with("invalid object path"), "{e}");
+        // Multi-byte characters are never cut in half.
+        assert!(quote(&"é".repeat(500)).ends_with("… (1000 bytes)"));
+    }
 
     fn round(sig: &str, j: Json) -> Json {
         let s = parse_single(sig).unwrap();

@@ -139,12 +139,29 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+/// The longest error message a reply carries; longer ones (a D-Bus peer's, or one quoting bad
+/// input) are cut, saying how long they were. Messages quote input through `codec::quote`
+/// already; this is the backstop for text cbus does not control.
+pub const MAX_ERROR_MESSAGE: usize = 1024;
+
+fn bounded(message: String) -> String {
+    if message.len() <= MAX_ERROR_MESSAGE {
+        return message;
+    }
+    let mut cut = MAX_ERROR_MESSAGE - 40;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} bytes)", &message[..cut], message.len())
+}
+
 impl ErrorBody {
+    /// An error; a message over [`MAX_ERROR_MESSAGE`] bytes is cut.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ErrorBody {
             code,
             dbus_name: None,
-            message: message.into(),
+            message: bounded(message.into()),
         }
     }
 
@@ -154,7 +171,7 @@ impl ErrorBody {
         ErrorBody {
             code: ErrorCode::from_dbus_name(&dbus_name),
             dbus_name: Some(dbus_name),
-            message: message.into(),
+            message: bounded(message.into()),
         }
     }
 }
@@ -306,6 +323,16 @@ mod tests {
             r.check_for(crate::Op::Get).unwrap_err(),
             "get does not take \"args\""
         );
+    }
+
+    #[test]
+    fn long_messages_are_cut() {
+        let e = ErrorBody::new(ErrorCode::InvalidArgument, "é".repeat(100_000));
+        assert!(e.message.len() <= MAX_ERROR_MESSAGE, "{}", e.message.len());
+        assert!(e.message.ends_with("… (200000 bytes)"));
+        let e = ErrorBody::from_dbus("x.y.Failed", "z".repeat(5000));
+        assert!(e.message.len() <= MAX_ERROR_MESSAGE);
+        assert_eq!(ErrorBody::new(ErrorCode::Timeout, "short").message, "short");
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub struct Agent {
     child: Option<Child>,
     pub nkey: String,
     _dir: Option<tempfile::TempDir>,
+    /// Where stderr goes, for agents started with [`Agent::start_logged`].
+    log: Option<PathBuf>,
 }
 
 /// Generates an ed25519 host key in `dir`; returns its path.
@@ -36,8 +38,41 @@ impl Agent {
         agent
     }
 
+    /// Starts an agent with a fresh host key, its log (filtered by `rust_log`, e.g.
+    /// `warn,cbus_agent::audit=info`) written to a file that [`Agent::log`] reads.
+    pub fn start_logged(nats_url: &str, bus: &str, extra: &[&str], rust_log: &str) -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir for host key");
+        let key = generate_host_key(dir.path());
+        let log = dir.path().join("agent.log");
+        let file = std::fs::File::create(&log).expect("create agent log");
+        let mut agent = Self::spawn(nats_url, bus, &key, extra, rust_log, Stdio::from(file));
+        agent._dir = Some(dir);
+        agent.log = Some(log);
+        agent
+    }
+
+    /// What the agent logged so far (agents from [`Agent::start_logged`]; empty otherwise).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
     /// Starts an agent with a given host key.
     pub fn start_with_key(nats_url: &str, bus: &str, key: &Path, extra: &[&str]) -> Agent {
+        let rust_log = std::env::var("CBUS_AGENT_LOG").unwrap_or_else(|_| "warn".into());
+        Self::spawn(nats_url, bus, key, extra, &rust_log, Stdio::inherit())
+    }
+
+    fn spawn(
+        nats_url: &str,
+        bus: &str,
+        key: &Path,
+        extra: &[&str],
+        rust_log: &str,
+        stderr: Stdio,
+    ) -> Agent {
         let nkey = cbus_protocol::nkey::from_ssh_host_key(key)
             .expect("host key")
             .public_key();
@@ -46,17 +81,17 @@ impl Agent {
             .arg("--host-key")
             .arg(key)
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("CBUS_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", rust_log)
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start cbus-agent");
         Agent {
             child: Some(child),
             nkey,
             _dir: None,
+            log: None,
         }
     }
 

@@ -16,6 +16,12 @@ pub struct PrivateBus {
 
 impl PrivateBus {
     pub fn start() -> PrivateBus {
+        Self::start_with("")
+    }
+
+    /// Starts a bus with more configuration: `extra` is inserted into `<busconfig>`, e.g.
+    /// `<limit name="max_message_size">...</limit>` or a `<servicedir>` for bus activation.
+    pub fn start_with(extra: &str) -> PrivateBus {
         let dir = tempfile::tempdir().expect("tempdir for dbus-daemon");
         let config = dir.path().join("bus.conf");
         std::fs::write(
@@ -34,9 +40,11 @@ impl PrivateBus {
     <allow user="*"/>
   </policy>
   <limit name="max_match_rules_per_connection">100000</limit>
+  {}
 </busconfig>
 "#,
-                dir.path().display()
+                dir.path().display(),
+                extra
             ),
         )
         .expect("write bus config");
@@ -63,6 +71,11 @@ impl PrivateBus {
 
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// A directory of the bus's own, for files a test puts next to it (service files…).
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
     }
 
     /// A zbus connection to this bus.

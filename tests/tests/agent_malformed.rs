@@ -233,3 +233,65 @@ async fn request_flood_is_bounded_and_answered() {
     .await;
     assert!(served, "agent did not serve after the flood");
 }
+
+/// Bad input of 120 KB (a signature, an interface name, an object path, a dict key) gets an
+/// error reply that names the problem and quotes only a bounded prefix of the input: the reply
+/// stays under 1 KB instead of echoing the input whole.
+#[tokio::test]
+async fn errors_quote_bad_input_in_bounded_form() {
+    let nats = NatsServer::start();
+    let bus = PrivateBus::start();
+    let _svc = TestService::start(bus.address());
+    let agent = Agent::start(&nats.url(), bus.address(), &["--allow-all"]);
+    let client = nats.connect().await;
+    let fleet = Fleet::new(client.clone(), "test@quote");
+    wait_registered(&fleet, &agent.nkey).await;
+    let base = format!("dbus.agent.{}.org_2ecbus_2eTest.org.cbus.Test", agent.nkey);
+    const BIG: usize = 120 * 1024;
+    let cases = [
+        (
+            "call.Add",
+            json!({"signature": "(".repeat(BIG), "args": []}),
+            "invalid D-Bus signature",
+        ),
+        (
+            "get.Int32",
+            json!({"interface": "x".repeat(BIG)}),
+            "invalid interface name",
+        ),
+        (
+            "call.Echo",
+            json!({"signature": "v", "args": [{"t": "o", "v": format!("/{}", "a-".repeat(BIG / 2))}]}),
+            "invalid object path",
+        ),
+        (
+            "call.Echo",
+            json!({"signature": "v", "args": [{"t": "a{ub}", "v": {"x".repeat(BIG): true}}]}),
+            "key",
+        ),
+    ];
+    for (tail, body, names) in cases {
+        let payload = serde_json::to_vec(&body).unwrap();
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.request(format!("{base}.{tail}"), payload.clone().into()),
+        )
+        .await
+        .expect("reply in time")
+        .expect("request");
+        let parsed = Reply::from_payload(&reply.payload).expect("envelope");
+        let e = err(&parsed);
+        println!(
+            "{tail}: request {} bytes -> reply {} bytes: {e}",
+            payload.len(),
+            reply.payload.len()
+        );
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+        assert!(e.message.contains(names), "{e}");
+        assert!(
+            reply.payload.len() < 1024,
+            "reply of {} bytes",
+            reply.payload.len()
+        );
+    }
+}

@@ -375,3 +375,228 @@ async fn excluded_floods_do_not_fill_the_queue() {
         "{last}"
     );
 }
+
+/// One connection that owns two well-known names: `Sender-Name` lists both (sorted), and after
+/// it releases one, only the other. (Consumers trust unit state by name: a name left out, or a
+/// stale one kept, would be a wrong verdict.)
+#[tokio::test]
+async fn sender_name_lists_every_name_the_sender_owns() {
+    let nats = NatsServer::start();
+    let bus = PrivateBus::start();
+    let peer = zbus::connection::Builder::address(bus.address())
+        .unwrap()
+        .name("org.cbus.PeerTwo")
+        .unwrap()
+        .name("org.cbus.Peer")
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let client = nats.connect().await;
+    let agent = Agent::start(&nats.url(), bus.address(), &[]);
+    let fleet = Fleet::new(client.clone(), "test@names");
+    wait_registered(&fleet, &agent.nkey).await;
+    let mut sigs = client
+        .subscribe(format!("dbus.signals.{}.>", agent.nkey))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let sender_names = |member: &'static str| {
+        let peer = peer.clone();
+        async move {
+            peer.emit_signal(
+                None::<&str>,
+                "/org/cbus/Names",
+                "org.cbus.Names1",
+                member,
+                &(),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    sender_names("Both").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let both = loop {
+        let Ok(Some(m)) = tokio::time::timeout_at(deadline.into(), sigs.next()).await else {
+            panic!("signal Both never arrived");
+        };
+        if header(&m, "Member") == Some("Both") {
+            break m;
+        }
+    };
+    println!("Sender-Name: {:?}", header(&both, "Sender-Name"));
+    assert_eq!(
+        header(&both, "Sender-Name"),
+        Some("org.cbus.Peer org.cbus.PeerTwo")
+    );
+    assert!(cbus_protocol::headers::sender_owns(
+        both.headers.as_ref(),
+        "org.cbus.Peer"
+    ));
+
+    assert!(peer.release_name("org.cbus.Peer").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sender_names("One").await;
+    let one = loop {
+        let Ok(Some(m)) = tokio::time::timeout_at(deadline.into(), sigs.next()).await else {
+            panic!("signal One never arrived");
+        };
+        if header(&m, "Member") == Some("One") {
+            break m;
+        }
+    };
+    assert_eq!(header(&one, "Sender-Name"), Some("org.cbus.PeerTwo"));
+}
+
+/// Resident memory of a process, from /proc (kB -> bytes).
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Any local user may send huge signals on the system bus. 24 signals of 20 MiB (NATS
+/// max_payload is 1 MiB, so none could ever be published) are dropped before they are queued,
+/// counted as too_large in the agent's metrics (local endpoint and the ones it publishes), the
+/// agent's memory stays under 100 MB throughout, and a normal signal afterwards still arrives.
+/// (Before, the agent queued and decoded them: 2.9 GB.)
+#[tokio::test]
+async fn huge_signal_flood_is_dropped_before_queueing_and_memory_stays_bounded() {
+    const BIG: usize = 20 * 1024 * 1024;
+    const COUNT: u64 = 24;
+    let nats = NatsServer::start();
+    // dbus-daemon's own limits would refuse or drop some of the flood; the agent must cope
+    // with all of it.
+    let bus = PrivateBus::start_with(
+        r#"<limit name="max_message_size">67108864</limit>
+  <limit name="max_incoming_bytes">1073741824</limit>
+  <limit name="max_outgoing_bytes">1073741824</limit>"#,
+    );
+    let client = nats.connect().await;
+    let port = cbus_tests::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let agent = Agent::start(
+        &nats.url(),
+        bus.address(),
+        &["--metrics-listen", &listen, "--metrics-interval", "200ms"],
+    );
+    let pid = agent.pid().unwrap();
+    let fleet = Fleet::new(client.clone(), "test@flood");
+    wait_registered(&fleet, &agent.nkey).await;
+    let mut sigs = client
+        .subscribe(format!("dbus.signals.{}.>", agent.nkey))
+        .await
+        .unwrap();
+    let mut published = client
+        .subscribe(format!("dbus.metrics.{}", agent.nkey))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let before = rss_bytes(pid).unwrap();
+
+    // Sample the agent's RSS every 10 ms while the flood runs.
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = std::thread::spawn({
+        let sampling = sampling.clone();
+        move || {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_bytes(pid).unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        }
+    });
+    let flooder = bus.connect().await;
+    let big = "x".repeat(BIG);
+    let started = Instant::now();
+    for _ in 0..COUNT {
+        flooder
+            .emit_signal(
+                None::<&str>,
+                "/org/cbus/Flood",
+                "org.cbus.Flood1",
+                "Big",
+                &(&big,),
+            )
+            .await
+            .unwrap();
+    }
+    drop(big);
+    let metrics_text = || async {
+        let body = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            Some(text)
+        })
+        .await
+        .unwrap();
+        body.unwrap_or_default()
+    };
+    let too_large = "cbus_agent_signals_dropped_by_reason_total{reason=\"too_large\"}";
+    let counted = cbus_tests::wait_for(Duration::from_secs(60), || async {
+        sample(&metrics_text().await, too_large) == Some(COUNT as f64)
+    })
+    .await;
+    let flood_secs = started.elapsed().as_secs_f64();
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    let text = metrics_text().await;
+    println!(
+        "flood of {COUNT} x {} MiB: agent RSS before {:.1} MB, peak {:.1} MB; {too_large} = {:?}, \
+         cbus_agent_signals_dropped_total = {:?}, forwarded {:?}; {flood_secs:.1} s",
+        BIG >> 20,
+        before as f64 / 1e6,
+        peak as f64 / 1e6,
+        sample(&text, too_large),
+        sample(&text, "cbus_agent_signals_dropped_total"),
+        sample(&text, "cbus_agent_signals_forwarded_total"),
+    );
+    assert!(counted, "drops not counted as too_large:\n{text}");
+    assert!(
+        peak < 100_000_000,
+        "agent RSS peaked at {:.1} MB",
+        peak as f64 / 1e6
+    );
+
+    // The metrics the agent publishes say the same.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let Ok(Some(m)) = tokio::time::timeout_at(deadline.into(), published.next()).await else {
+            panic!("published metrics never counted the drops");
+        };
+        if sample(&String::from_utf8_lossy(&m.payload), too_large) == Some(COUNT as f64) {
+            break;
+        }
+    }
+
+    // And a normal signal after the flood still arrives.
+    flooder
+        .emit_signal(
+            None::<&str>,
+            "/org/cbus/Flood",
+            "org.cbus.Flood1",
+            "Small",
+            &("ok",),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let Ok(Some(m)) = tokio::time::timeout_at(deadline.into(), sigs.next()).await else {
+            panic!("no normal signal after the flood");
+        };
+        assert_ne!(header(&m, "Member"), Some("Big"));
+        if header(&m, "Member") == Some("Small") {
+            break;
+        }
+    }
+}
