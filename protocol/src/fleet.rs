@@ -273,7 +273,7 @@ impl Fleet {
                         Rejected::count(&self.rejected.registry);
                         tracing::warn!(
                             key,
-                            claims = short(&event.agent.nkey),
+                            claims = %crate::codec::quote(&event.agent.nkey),
                             "ignoring a registry entry that names another machine"
                         );
                     }
@@ -419,7 +419,7 @@ impl Fleet {
                     // an envelope naming another machine is a forgery, never that machine's word.
                     Ok(reply) if reply.nkey != targets[i].info.nkey => {
                         Rejected::count(&self.rejected.replies);
-                        tracing::warn!(agent = %targets[i].info.hostname, claims = short(&reply.nkey), "reply names another machine");
+                        tracing::warn!(agent = %targets[i].info.hostname, claims = %crate::codec::quote(&reply.nkey), "reply names another machine");
                         Outcome::Replied(Reply {
                             nkey: targets[i].info.nkey.clone(),
                             hostname: targets[i].info.hostname.clone(),
@@ -575,15 +575,6 @@ pub async fn ensure_registry(js: &jetstream::Context) -> Result<jetstream::kv::S
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// At most 64 bytes of a claimed identity, for a log line: claims are attacker-sized.
-fn short(claim: &str) -> &str {
-    let mut end = claim.len().min(64);
-    while !claim.is_char_boundary(end) {
-        end -= 1;
-    }
-    &claim[..end]
 }
 
 /// An agent's status from its last presence event, seen `now_ms - seen_ms` ago.
