@@ -19,7 +19,8 @@
       nixosModules = {
         cbus-agent = import ./nix/modules/agent.nix;
         cbus-gateway = import ./nix/modules/gateway.nix;
-        default = { imports = [ ./nix/modules/agent.nix ./nix/modules/gateway.nix ]; };
+        cbus-nats = import ./nix/modules/nats.nix;
+        default = { imports = [ ./nix/modules/agent.nix ./nix/modules/gateway.nix ./nix/modules/nats.nix ]; };
       };
 
       # Three NixOS test machines running the agent, like the original CBus dev setup:

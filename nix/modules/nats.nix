@@ -1,0 +1,111 @@
+# services.cbus-nats: a nats-server for a cbus fleet, with one nkey user per machine plus the
+# gateway and operator users, each with the permission sets cbus itself defines
+# (protocol/src/permissions.rs, printed by `cbus permissions`). The configuration is rendered by
+# that command when the service starts, so it cannot drift from what the code relies on: an
+# agent may publish only under its own nkey, read only its own requests, inbox and broadcast
+# queue group, and never change the registry bucket (docs/security.md).
+#
+# Passwords come in through LoadCredential and never enter the Nix store. Cluster routes, leaf
+# nodes and TLS go in `extraConfig` (nats-server syntax), appended as is.
+{ config, lib, pkgs, ... }:
+let
+  cfg = config.services.cbus-nats;
+  inherit (lib) mkEnableOption mkOption mkIf types concatMapStringsSep literalExpression;
+  agentUser = nkey:
+    ''echo "  { nkey: ${nkey}, permissions: $("$cbus" permissions agent ${nkey}) }"'';
+  render = pkgs.writeShellScript "cbus-nats-config" ''
+    set -euo pipefail
+    cbus=${cfg.cbusPackage}/bin/cbus
+    pw() { tr -d '\n"\\' < "$CREDENTIALS_DIRECTORY/$1"; }
+    umask 077
+    {
+      echo 'listen: "${cfg.listen}"'
+      echo 'jetstream { store_dir: "/var/lib/cbus-nats/jetstream" }'
+      echo 'authorization { users = ['
+      echo "  { user: operator, password: \"$(pw operator)\", permissions: $("$cbus" permissions operator) }"
+      echo "  { user: gateway, password: \"$(pw gateway)\", permissions: $("$cbus" permissions gateway) }"
+      ${concatMapStringsSep "\n      " agentUser cfg.agents}
+      echo '] }'
+      cat ${pkgs.writeText "cbus-nats-extra.conf" cfg.extraConfig}
+    } > /run/cbus-nats/nats.conf.new
+    mv /run/cbus-nats/nats.conf.new /run/cbus-nats/nats.conf
+  '';
+in
+{
+  options.services.cbus-nats = {
+    enable = mkEnableOption "a nats-server with the users and permissions of a cbus fleet";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.nats-server;
+      defaultText = literalExpression "pkgs.nats-server";
+      description = "Package providing bin/nats-server.";
+    };
+
+    cbusPackage = mkOption {
+      type = types.package;
+      default = pkgs.cbus or (pkgs.callPackage ../package.nix { });
+      defaultText = literalExpression "pkgs.cbus";
+      description = "Package providing bin/cbus, whose `cbus permissions` renders the sets.";
+    };
+
+    listen = mkOption {
+      type = types.str;
+      default = "0.0.0.0:4222";
+      description = "Client listen address (host:port).";
+    };
+
+    agents = mkOption {
+      type = types.listOf (types.strMatching "U[A-Z2-7]{55}");
+      default = [ ];
+      example = [ "UAXB..." ];
+      description = ''
+        The agents' nkeys (`cbus keyscan HOST...` or `cbus nkey /etc/ssh/ssh_host_ed25519_key.pub`).
+        Each becomes a NATS user that may speak only for itself.
+      '';
+    };
+
+    gatewayPasswordFile = mkOption {
+      type = types.either types.path types.str;
+      description = "File with the password of the `gateway` user (no double quote or backslash).";
+    };
+
+    operatorPasswordFile = mkOption {
+      type = types.either types.path types.str;
+      description = "File with the password of the `operator` user, for the `cbus` CLI.";
+    };
+
+    extraConfig = mkOption {
+      type = types.lines;
+      default = "";
+      example = ''
+        cluster { name: cbus, listen: 0.0.0.0:6222, routes: [ nats-route://nats-2:6222 ] }
+      '';
+      description = "nats-server configuration appended as is (cluster, leafnodes, tls).";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    systemd.services.cbus-nats = {
+      description = "NATS for the cbus fleet";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network.target" ];
+      serviceConfig = {
+        DynamicUser = true;
+        StateDirectory = "cbus-nats";
+        RuntimeDirectory = "cbus-nats";
+        LoadCredential = [
+          "gateway:${toString cfg.gatewayPasswordFile}"
+          "operator:${toString cfg.operatorPasswordFile}"
+        ];
+        ExecStartPre = render;
+        ExecStart = "${cfg.package}/bin/nats-server -c /run/cbus-nats/nats.conf";
+        # New agents are added by a rebuild; the server rereads its users without dropping anyone.
+        ExecReload = [ render "${pkgs.coreutils}/bin/kill -HUP $MAINPID" ];
+        # One connection per machine: a fleet of 50,000 needs far more than 1,024 descriptors.
+        LimitNOFILE = 1048576;
+        Restart = "on-failure";
+      };
+    };
+  };
+}
