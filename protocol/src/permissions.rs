@@ -186,6 +186,29 @@ mod tests {
         assert!(!p.publish.allow.iter().any(|s| s.contains("STREAM.CREATE")));
     }
 
+    /// docs/protocol.md shows each set; it must be the code's, not a copy that drifted.
+    #[test]
+    fn docs_show_the_sets_the_code_holds() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md");
+        let docs = std::fs::read_to_string(path).unwrap();
+        for (role, set) in [
+            ("agent", agent("<nkey>")),
+            ("gateway", gateway()),
+            ("operator", operator()),
+        ] {
+            let expected = serde_json::to_string_pretty(&set).unwrap();
+            let block = docs
+                .split(&format!("<!-- permissions:{role} -->\n```json\n"))
+                .nth(1)
+                .and_then(|rest| rest.split("\n```").next())
+                .unwrap_or_else(|| panic!("docs/protocol.md has no {role} block"));
+            assert_eq!(
+                block, expected,
+                "docs/protocol.md's {role} permissions differ"
+            );
+        }
+    }
+
     #[test]
     fn config_is_json_in_server_shape() {
         let v: serde_json::Value = serde_json::from_str(&gateway().to_config()).unwrap();
