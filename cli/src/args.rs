@@ -233,6 +233,9 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
     /// Man pages: write cbus.1 and one page per command into DIR, or cbus.1 to stdout
     Man { dir: Option<PathBuf> },
+    /// The agent registry: `cbus registry init` creates it (the gateway also does at start)
+    #[command(subcommand)]
+    Registry(RegistryCommand),
     /// The NATS permissions of a cbus role, as a nats-server `permissions` value (JSON)
     #[command(after_help = "Example: a users entry for one machine's agent:\n  \
         { nkey: U..., permissions: $(cbus permissions agent U...) }")]
@@ -241,6 +244,13 @@ pub enum Command {
         /// The agent's nkey (agents only)
         nkey: Option<String>,
     },
+}
+
+/// What to do with the agent registry (a JetStream KV bucket).
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum RegistryCommand {
+    /// Create the bucket, or close an existing one to rollups and purges (operator rights)
+    Init,
 }
 
 /// The roles whose NATS permissions cbus defines (docs/security.md).

@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use args::{Cli, Command};
-use commands::{agents, dbus, docs, keys, monitor, permissions, subject, systemd};
+use commands::{agents, dbus, docs, keys, monitor, server, subject, systemd};
 use error::Failure;
 use render::Format;
 
@@ -74,7 +74,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Subject(s) => return subject::run(s),
         Command::Completions { shell } => return docs::completions(shell),
         Command::Man { dir } => return docs::man(dir.as_deref()),
-        Command::Permissions { role, nkey } => return permissions::run(role, nkey.as_deref()),
+        Command::Permissions { role, nkey } => return server::permissions(role, nkey.as_deref()),
         other => other,
     };
     let file = config::load().map_err(error::usage)?;
@@ -112,6 +112,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Names { all } => dbus::names(&ctx, all).await,
         Command::Agents => agents::run(&ctx).await,
+        Command::Registry(args::RegistryCommand::Init) => server::registry_init(&ctx).await,
         Command::Monitor {
             sender,
             interface,

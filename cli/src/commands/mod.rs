@@ -7,6 +7,6 @@ pub mod dbus;
 pub mod docs;
 pub mod keys;
 pub mod monitor;
-pub mod permissions;
+pub mod server;
 pub mod subject;
 pub mod systemd;
