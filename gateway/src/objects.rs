@@ -176,9 +176,11 @@ impl Objects {
             {
                 continue;
             }
+            // Anyone on the bus may emit a PropertiesChanged on any path: only the object's
+            // owner (its unique name, or a sender that owns the well-known name) counts.
             let from_dest = headers::get(h, headers::SENDER) == Some(key.dest.as_str())
-                || headers::get(h, headers::SENDER_NAME) == Some(key.dest.as_str());
-            if !from_dest {
+                || headers::sender_owns(h, &key.dest);
+            if !from_dest || crate::follow::signal_machine(&msg.subject, h).is_none() {
                 continue;
             }
             let Ok(args) = serde_json::from_slice::<Value>(&msg.payload) else {
