@@ -104,20 +104,20 @@ pub struct Config {
     pub ws_queue: usize,
     /// Bytes queued per WebSocket client (one frame larger than this still goes out, alone);
     /// a client further behind gets a fresh snapshot.
-    #[arg(long, default_value_t = 16 << 20)]
+    #[arg(long, env = "CBUS_GATEWAY_WS_QUEUE_BYTES", default_value_t = 16 << 20)]
     pub ws_queue_bytes: usize,
     /// Time a client has to send a request's headers (also between requests on a kept-alive
     /// connection); slower connections are closed.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "CBUS_GATEWAY_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
     /// Client connections open at once at most; more are closed at once.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, env = "CBUS_GATEWAY_MAX_CONNECTIONS", default_value_t = 8192)]
     pub max_connections: usize,
     /// WebSockets that have not authenticated yet, at most; more are refused (503).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, env = "CBUS_GATEWAY_MAX_UNAUTHENTICATED", default_value_t = 256)]
     pub max_unauthenticated: usize,
     /// Time a WebSocket client has to authenticate.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "CBUS_GATEWAY_AUTH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub auth_timeout: Duration,
     /// Default timeout of requests sent to machines.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]

@@ -49,6 +49,7 @@ impl GatewayProcess {
             cmd.args(["--token", token]);
         }
         cmd.args(opts.extra)
+            .envs(opts.env.iter().copied())
             .env(
                 "RUST_LOG",
                 opts.log_level.map(str::to_owned).unwrap_or_else(|| {
@@ -129,6 +130,9 @@ pub struct GatewayStart<'a> {
     pub stderr: Option<std::path::PathBuf>,
     /// Soft RLIMIT_NOFILE of the process, as a unit without LimitNOFILE= would give it (1024).
     pub nofile_soft: Option<u64>,
+    /// Environment (settings given this way are ignored by a build that lacks them, where a
+    /// flag would stop it from starting: for running a test against an older build).
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 impl Drop for GatewayProcess {
