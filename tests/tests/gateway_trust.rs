@@ -376,3 +376,117 @@ async fn a_signal_belongs_to_the_machine_of_its_subject() {
     assert_eq!(marker["data"]["host"], "gt-attacker", "host from presence");
     assert!(dropped(&text, "nkey_mismatch") >= 2.0, "{text}");
 }
+
+/// A WebSocket client that never reads, with a small receive buffer so the gateway's queue for
+/// it fills instead of the kernel's buffers. Subscribes to the units table `subs` times, then
+/// resubscribes as long as the gateway takes its frames.
+async fn non_reading_client(
+    port: u16,
+    subs: usize,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .expect("connect");
+    let mut req = format!("ws://127.0.0.1:{port}/ws")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream)
+        .await
+        .expect("upgrade");
+    let send = |i: usize, kind: &str| {
+        let v = match kind {
+            "sub" => json!({"type": "subscribe", "id": format!("u{i}"), "resource": "units"}),
+            _ => json!({"type": "unsubscribe", "id": format!("u{i}")}),
+        };
+        Message::Text(v.to_string().into())
+    };
+    for i in 0..subs {
+        if tokio::time::timeout(Duration::from_secs(1), ws.send(send(i, "sub")))
+            .await
+            .is_err()
+        {
+            return ws;
+        }
+    }
+    for round in 0..400 {
+        let i = round % subs;
+        for kind in ["unsub", "sub"] {
+            if tokio::time::timeout(Duration::from_secs(1), ws.send(send(i, kind)))
+                .await
+                .is_err()
+            {
+                return ws;
+            }
+        }
+    }
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_do_not_read_cost_a_bounded_number_of_bytes() {
+    cbus_tests::init_tracing();
+    let nats = NatsServer::start();
+    let fleet = boot("gt-bytes").await;
+    let m = &fleet.machines[0];
+    let _agent = Agent::start_with_key(
+        &nats.url(),
+        &m.bus_address(),
+        &m.host_key_path(),
+        &["--hostname", "gt-bytes"],
+    );
+    let budget = 256 * 1024;
+    let budget_text = budget.to_string();
+    let gw = GatewayProcess::start_with(cbus_tests::GatewayStart {
+        nats_url: &nats.url(),
+        token: Some(TOKEN),
+        env: &[("CBUS_GATEWAY_WS_QUEUE_BYTES", &budget_text)],
+        ..Default::default()
+    });
+    wait_active(gw.port, "gt-bytes").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut probe = WsClient::connect(&gw.ws_url(), Some(TOKEN)).await.unwrap();
+    probe
+        .send(json!({"type": "subscribe", "id": "u", "resource": "units"}))
+        .await;
+    let snapshot = probe
+        .until(Duration::from_secs(5), |v| v["type"] == "snapshot")
+        .await
+        .expect("snapshot");
+    let frame = snapshot.to_string().len();
+    drop(probe);
+
+    let pid = gw.pid().unwrap();
+    let before = rss_kib(pid);
+    let clients = 16;
+    let mut held = Vec::new();
+    for _ in 0..clients {
+        held.push(non_reading_client(gw.port, 64).await);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid);
+    let growth = after.saturating_sub(before);
+    eprintln!(
+        "units snapshot {frame} bytes; {clients} clients that never read: gateway RSS {before} -> {after} KiB \
+         (+{growth} KiB; per-client budget {} KiB, 256 frames would be {} KiB each)",
+        budget / 1024,
+        frame * 256 / 1024
+    );
+    // Each client may hold its byte budget, plus what the kernel and the session have in hand;
+    // queues bounded by frame count alone hold 256 snapshots each.
+    let bound = (clients * (budget + 2 * frame) / 1024) as u64 + 8 * 1024;
+    assert!(
+        growth < bound,
+        "gateway RSS grew {growth} KiB for {clients} clients that never read (bound {bound} KiB)"
+    );
+    // The gateway still serves everyone else.
+    assert!(http_get(gw.port, "/metrics").is_some());
+    drop(held);
+}
