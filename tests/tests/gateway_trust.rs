@@ -114,10 +114,28 @@ async fn a_read_of_a_missing_unit_starts_no_signal_storm() {
     let again = count_signals(&mut sub, Duration::from_secs(3)).await;
     let text2 = metrics(gw.port);
     let checks2 = sample(&text2, "cbus_gateway_unit_checks_total").unwrap_or(0.0);
+    // A remote read of another missing unit, through the agent.
+    let get = std::process::Command::new(cbus_tests::bin_path("cbus"))
+        .args(["--server", &nats.url(), "get", "org.freedesktop.systemd1"])
+        .args([
+            "/org/freedesktop/systemd1/unit/nosuch2_2eservice",
+            "org.freedesktop.systemd1.Unit.ActiveState",
+        ])
+        .output()
+        .expect("run cbus get");
+    let remote = count_signals(&mut sub, Duration::from_secs(5)).await;
+    let rss_end = rss_kib(pid);
     eprintln!(
         "signals: {quiet} in 2 s before, {storm} in 5 s after `systemctl status nosuch.service`, \
-         {again} in 3 s after the second; gateway RSS {rss_before} -> {rss_after} KiB; \
-         unit checks {checks} then {checks2}"
+         {again} in 3 s after the second, {remote} in 5 s after `cbus get` of nosuch2.service \
+         ({}); gateway RSS {rss_before} -> {rss_after} -> {rss_end} KiB; unit checks {checks} \
+         then {checks2}",
+        String::from_utf8_lossy(&get.stdout).trim()
+    );
+    assert!(remote <= 20, "a remote read made {remote} signals in 5 s");
+    assert!(
+        rss_end.saturating_sub(rss_before) < 4 * 1024,
+        "gateway RSS grew {rss_before} -> {rss_end} KiB"
     );
     assert!(
         storm <= 20,
