@@ -1309,6 +1309,37 @@ mod tests {
         }
     }
 
+    fn text(n: usize) -> Frame {
+        Frame::Text {
+            text: "x".repeat(n),
+            tag: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_outbox_is_bounded_in_bytes() {
+        let (out, mut rx) = Outbox::new(100, 100);
+        assert!(out.try_send(text(60)).is_ok());
+        assert!(matches!(
+            out.try_send(text(60)),
+            Err(mpsc::error::TrySendError::Full(()))
+        ));
+        assert!(out.try_send(text(40)).is_ok(), "what still fits goes in");
+        assert!(out.try_send(Frame::Ping).is_ok(), "pings cost nothing");
+        drop(rx.recv().await); // the writer wrote the first frame: its bytes are back
+        assert!(out.try_send(text(60)).is_ok());
+        // A frame larger than the budget takes all of it: it goes out alone.
+        while rx.try_recv().is_ok() {}
+        assert!(out.try_send(text(500)).is_ok());
+        assert!(out.try_send(text(1)).is_err());
+        drop(rx);
+        assert!(matches!(
+            out.try_send(text(1)),
+            Err(mpsc::error::TrySendError::Closed(()))
+        ));
+        assert!(out.send(text(1)).await.is_err());
+    }
+
     #[test]
     fn requests_become_queries() {
         let d = Duration::from_secs(10);
