@@ -58,6 +58,63 @@ const NOT_FOUND_TTL: Duration = Duration::from_secs(60);
 /// Active states in which systemd never unloads a unit, so reading its object loads nothing.
 const PINNED_STATES: [&str; 4] = ["active", "reloading", "activating", "deactivating"];
 
+/// Machines to (re)load. A set, not a queue: an agent that claims to restart a thousand times a
+/// second (a hello with a new start time each) costs one pending entry, and one load of it at a
+/// time; a reload asked for while it loads runs once after.
+#[derive(Default)]
+struct Joins {
+    state: Mutex<JoinState>,
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct JoinState {
+    pending: HashSet<String>,
+    loading: HashSet<String>,
+}
+
+impl Joins {
+    fn lock(&self) -> MutexGuard<'_, JoinState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn request(&self, nkey: String) {
+        let mut s = self.lock();
+        let wake = !s.loading.contains(&nkey);
+        s.pending.insert(nkey);
+        drop(s);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The pending machines that are not loading now; they are loading from here on.
+    fn take_ready(&self) -> Vec<String> {
+        let mut s = self.lock();
+        let JoinState { pending, loading } = &mut *s;
+        let ready: Vec<String> = pending
+            .iter()
+            .filter(|n| !loading.contains(*n))
+            .cloned()
+            .collect();
+        for n in &ready {
+            pending.remove(n);
+            loading.insert(n.clone());
+        }
+        ready
+    }
+
+    fn done(&self, nkey: &str) {
+        let mut s = self.lock();
+        s.loading.remove(nkey);
+        let again = s.pending.contains(nkey);
+        drop(s);
+        if again {
+            self.wake.notify_one();
+        }
+    }
+}
+
 /// What the worker does.
 enum Work {
     /// A UnitNew: ask systemd, without loading the unit, whether it is loaded and found.
@@ -187,7 +244,7 @@ pub enum FollowError {
 pub struct Follower {
     pub fleet: Fleet,
     pub cache: Cache,
-    joins: mpsc::UnboundedSender<String>,
+    joins: Arc<Joins>,
     gets: Arc<Semaphore>,
     timeout: Duration,
     work: mpsc::Sender<Work>,
@@ -218,12 +275,11 @@ pub async fn start(
     mut reconnected: mpsc::UnboundedReceiver<()>,
 ) -> Result<Follower, FollowError> {
     let client = fleet.client().clone();
-    let (joins, join_rx) = mpsc::unbounded_channel::<String>();
     let (work, work_rx) = mpsc::channel::<Work>(WORK_QUEUE);
     let follower = Follower {
         fleet,
         cache,
-        joins,
+        joins: Arc::default(),
         gets: Arc::new(Semaphore::new(GET_CONCURRENCY)),
         timeout,
         work,
@@ -250,14 +306,14 @@ pub async fn start(
                 let nkey = ev.agent.nkey.clone();
                 let alive = a.state == AgentState::Running;
                 if follower.cache.presence(ev, a.last_seen_ms) == Join::New && alive {
-                    let _ = follower.joins.send(nkey);
+                    follower.joins.request(nkey);
                 }
             }
         }
         Err(e) => tracing::warn!(error = %e, "no registry; learning agents from heartbeats"),
     }
 
-    tokio::spawn(follower.clone().load_loop(join_rx));
+    tokio::spawn(follower.clone().load_loop());
     tokio::spawn(follower.clone().work_loop(work_rx));
     tokio::spawn({
         let f = follower.clone();
@@ -269,7 +325,7 @@ pub async fn start(
                     "NATS reconnected; reloading machines"
                 );
                 for n in nkeys {
-                    let _ = f.joins.send(n);
+                    f.joins.request(n);
                 }
             }
         }
@@ -306,7 +362,7 @@ impl Follower {
             let goodbye = ev.event == PresenceKind::Goodbye;
             let join = self.cache.presence(ev, presence::now_ms());
             if !goodbye && matches!(join, Join::New | Join::Restarted) {
-                let _ = self.joins.send(nkey);
+                self.joins.request(nkey);
             }
         }
     }
@@ -577,15 +633,12 @@ impl Follower {
     }
 
     /// Loads machines that joined or restarted; coalesces bursts and bounds concurrency.
-    async fn load_loop(self, mut joins: mpsc::UnboundedReceiver<String>) {
+    async fn load_loop(self) {
         let machines = Arc::new(Semaphore::new(MACHINE_CONCURRENCY));
-        while let Some(first) = joins.recv().await {
+        loop {
+            self.joins.wake.notified().await;
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let mut nkeys: HashSet<String> = HashSet::from([first]);
-            while let Ok(n) = joins.try_recv() {
-                nkeys.insert(n);
-            }
-            for nkey in nkeys {
+            for nkey in self.joins.take_ready() {
                 let Ok(permit) = machines.clone().acquire_owned().await else {
                     return;
                 };
@@ -593,6 +646,7 @@ impl Follower {
                 tokio::spawn(async move {
                     this.load_machine(&nkey).await;
                     drop(permit);
+                    this.joins.done(&nkey);
                 });
             }
         }
@@ -704,5 +758,33 @@ mod tests {
         assert!(p.known_not_found(&("U".into(), format!("u{}.service", NOT_FOUND_MAX + 9))));
         p.forget_machine("U");
         assert!(p.not_found.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod join_tests {
+    use super::*;
+
+    #[test]
+    fn a_machine_loads_once_at_a_time_however_often_it_is_asked() {
+        let j = Joins::default();
+        for _ in 0..1000 {
+            j.request("A".into());
+        }
+        j.request("B".into());
+        let mut first = j.take_ready();
+        first.sort();
+        assert_eq!(first, ["A", "B"]);
+        j.request("A".into());
+        assert!(j.take_ready().is_empty(), "A is loading");
+        j.done("A");
+        assert_eq!(
+            j.take_ready(),
+            ["A"],
+            "asked again while loading: once more"
+        );
+        j.done("A");
+        j.done("B");
+        assert!(j.take_ready().is_empty());
     }
 }
