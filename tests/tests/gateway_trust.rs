@@ -4,7 +4,8 @@
 //!
 //! - one read of a missing unit on a host makes a handful of signals, not an endless storm;
 //! - unit signals `busctl emit`ted by `nobody` change no unit state and add no series;
-//! - a signal's machine is its subject's, whatever its `NKey` header claims.
+//! - a signal's machine is its subject's, whatever its `NKey` header claims;
+//! - WebSocket clients that never read cost their byte budget, not 256 snapshots each.
 //!
 //! Each test prints its figures; `CBUS_TEST_GATEWAY_BIN=<old build>` runs them against another
 //! gateway build to see them fail there.
