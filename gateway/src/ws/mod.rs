@@ -73,6 +73,8 @@ const SIGNAL_QUEUE: usize = 256;
 const CHANGE_QUEUE: usize = 4096;
 /// Client frames read ahead of the session.
 const INCOMING_QUEUE: usize = 8;
+/// How long a signals subscription waits for NATS to confirm it before its snapshot goes out.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Changes handled in one wake before the session looks at its other inputs.
 const CHANGE_BATCH: usize = 256;
 
@@ -671,7 +673,8 @@ impl Session {
                 .await;
         }
         let internal = self.next_internal;
-        let kind = match self.compile(internal, &resource) {
+        let mut ready = None;
+        let kind = match self.compile(internal, &resource, &mut ready) {
             Ok(k) => k,
             Err(message) => {
                 return self
@@ -695,10 +698,20 @@ impl Session {
             },
         );
         self.update_interest();
+        if let Some(ready) = ready {
+            let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, ready).await;
+        }
         self.send_snapshot(internal, false);
     }
 
-    fn compile(&self, internal: u64, resource: &Resource) -> Result<Kind, String> {
+    /// `ready` is set for a signals subscription: it resolves once the NATS subscription is in
+    /// place on the server, so no signal sent after the snapshot is missed.
+    fn compile(
+        &self,
+        internal: u64,
+        resource: &Resource,
+        ready: &mut Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> Result<Kind, String> {
         Ok(match resource {
             Resource::Machines {} => Kind::Machines,
             Resource::Units { machines, unit } => Kind::Units {
@@ -758,14 +771,19 @@ impl Session {
                     interface: interface.clone(),
                     member: member.clone(),
                 };
+                let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+                *ready = Some(ready_rx);
                 let task = tokio::spawn(forward_signals(
                     self.ctx.fleet.client().clone(),
                     self.ctx.cache.clone(),
                     subjects,
                     m,
-                    internal,
-                    self.sig_tx.clone(),
-                    self.out.bytes.clone(),
+                    SignalSink {
+                        sub: internal,
+                        tx: self.sig_tx.clone(),
+                        bytes: self.out.bytes.clone(),
+                    },
+                    ready_tx,
                 ));
                 Kind::Signals {
                     task: task.abort_handle(),
@@ -1212,6 +1230,13 @@ async fn run_request(
         .await;
 }
 
+/// Where a signal subscription's events go: the session's queue, under the client's byte budget.
+struct SignalSink {
+    sub: u64,
+    tx: mpsc::Sender<SignalEvent>,
+    bytes: Arc<Semaphore>,
+}
+
 /// Header filters a signal subscription applies after the subject's.
 struct SignalMatch {
     sender: Option<String>,
@@ -1224,10 +1249,14 @@ async fn forward_signals(
     cache: Cache,
     subjects: Vec<String>,
     m: SignalMatch,
-    internal: u64,
-    tx: mpsc::Sender<SignalEvent>,
-    bytes: Arc<Semaphore>,
+    sink: SignalSink,
+    ready: tokio::sync::oneshot::Sender<()>,
 ) {
+    let SignalSink {
+        sub: internal,
+        tx,
+        bytes,
+    } = sink;
     let mut all: SelectAll<async_nats::Subscriber> = SelectAll::new();
     for s in subjects {
         match client.subscribe(s.clone()).await {
@@ -1235,6 +1264,9 @@ async fn forward_signals(
             Err(e) => tracing::warn!(subject = %s, error = %e, "cannot subscribe to signals"),
         }
     }
+    // A flush is a round trip: the server has the subscriptions when it returns.
+    let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, client.flush()).await;
+    let _ = ready.send(());
     let mut dropped = 0u64;
     while let Some(msg) = all.next().await {
         let h = msg.headers.as_ref();
