@@ -23,6 +23,12 @@ pub enum AuthError {
     Empty(String),
     #[error("cannot read random bytes for a token: {0}")]
     Random(std::io::Error),
+    #[error("cannot write the generated token to {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The token clients must present.
@@ -122,6 +128,94 @@ impl OriginPolicy {
     }
 }
 
+/// Decides whether a request's Host header names this gateway.
+///
+/// A DNS-rebinding page (evil.example resolving first to the attacker, then to the gateway's
+/// address) talks to the gateway as same-origin under the attacker's name: the Origin check
+/// passes and the browser sends the request. The Host header still says `evil.example`, so
+/// only names the operator knows are served: IP literals (rebinding needs a name), `localhost`,
+/// this machine's hostname, the hosts of `--allow-origin` and `--allow-host`.
+#[derive(Debug, Clone, Default)]
+pub struct HostPolicy {
+    names: Vec<String>,
+    any: bool,
+}
+
+impl HostPolicy {
+    /// `allowed` from `--allow-host`, `origins` from `--allow-origin`, `own` this machine's names.
+    pub fn new(allowed: &[String], origins: &[String], own: &[String]) -> HostPolicy {
+        let mut names: Vec<String> = vec!["localhost".into()];
+        names.extend(own.iter().map(|n| n.to_ascii_lowercase()));
+        for a in allowed {
+            names.push(host_only(a).to_ascii_lowercase());
+        }
+        for o in origins {
+            let rest = o
+                .trim_end_matches('/')
+                .split_once("://")
+                .map(|(_, r)| r)
+                .unwrap_or(o);
+            names.push(host_only(rest).to_ascii_lowercase());
+        }
+        names.retain(|n| !n.is_empty());
+        HostPolicy {
+            any: allowed.iter().chain(origins).any(|a| a == "*"),
+            names,
+        }
+    }
+
+    /// `host` is the Host header; absent (HTTP/1.0 programs) is let through: browsers send one.
+    pub fn allows(&self, host: Option<&str>) -> bool {
+        let Some(host) = host else {
+            return true;
+        };
+        if self.any {
+            return true;
+        }
+        let name = host_only(host.trim());
+        if name.parse::<std::net::IpAddr>().is_ok() {
+            return true;
+        }
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.names.contains(&name)
+    }
+}
+
+/// `example:8080` -> `example`, `[::1]:8080` -> `::1`.
+fn host_only(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split_once(']').map(|(h, _)| h).unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// Writes a generated token to `path`, readable by its owner only. An existing file (or a
+/// symlink planted there) is removed first and the new one created exclusively, so the token
+/// never lands in a file someone else made.
+pub fn write_token_file(path: &Path, token: &str) -> Result<(), AuthError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let err = |source| AuthError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    writeln!(f, "{token}").map_err(err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +241,51 @@ mod tests {
         assert_eq!(bearer("Basic abc"), None);
         assert_eq!(bearer("Bearer "), None);
         assert_eq!(bearer("abc"), None);
+    }
+
+    #[test]
+    fn hosts() {
+        let p = HostPolicy::new(
+            &["gw.example".into()],
+            &["https://ops.example:8443/".into()],
+            &["gwhost".into()],
+        );
+        for ok in [
+            None,
+            Some("127.0.0.1:8080"),
+            Some("[::1]:8080"),
+            Some("10.0.0.7"),
+            Some("localhost:8080"),
+            Some("GW.example:8080"),
+            Some("gw.example."),
+            Some("ops.example"),
+            Some("gwhost:1"),
+        ] {
+            assert!(p.allows(ok), "{ok:?}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8080",
+            "gw.example.evil",
+            "127.0.0.1.nip.io",
+        ] {
+            assert!(!p.allows(Some(bad)), "{bad}");
+        }
+        assert!(HostPolicy::new(&["*".into()], &[], &[]).allows(Some("evil.example")));
+    }
+
+    #[test]
+    fn token_file_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("cbus-gw-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t");
+        std::fs::write(&path, "old").unwrap();
+        write_token_file(&path, "abc").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "abc\n");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -399,7 +399,8 @@ impl Cache {
         for u in list.as_array().into_iter().flatten() {
             let field = |i: usize| u.get(i).and_then(Value::as_str).unwrap_or("").to_owned();
             let name = field(0);
-            if name.is_empty() || !self.filter.allows(&name) {
+            // A not-found unit is one that something merely asked about: nothing to follow.
+            if name.is_empty() || !self.filter.allows(&name) || field(2) == "not-found" {
                 continue;
             }
             let old = machine.units.get(&name);
@@ -465,23 +466,28 @@ impl Cache {
     }
 
     /// Applies a PropertiesChanged signal (`[iface, {prop: {t, v}}, [invalidated]]`) on a unit
-    /// path. Returns the followed properties that were only invalidated, to fetch.
-    pub fn properties_changed(&self, nkey: &str, path: &str, args: &Value) -> Vec<Fetch> {
+    /// path. Returns the followed properties that were only invalidated, to fetch; `None` when
+    /// the path is no unit the cache holds (on a machine whose units are loaded).
+    pub fn properties_changed(&self, nkey: &str, path: &str, args: &Value) -> Option<Vec<Fetch>> {
         let iface = args.get(0).and_then(Value::as_str).unwrap_or("");
         let followed: &[&'static str] = match iface {
             UNIT_IFACE => &UNIT_PROPS,
             SERVICE_IFACE => &["NRestarts"],
-            _ => return Vec::new(),
+            _ => return Some(Vec::new()),
         };
         let mut m = self.write();
         let Some(machine) = m.get_mut(nkey) else {
-            return Vec::new();
+            return Some(Vec::new());
         };
         let Some(name) = machine.paths.get(path).cloned() else {
-            return Vec::new();
+            return if machine.units_loaded {
+                None
+            } else {
+                Some(Vec::new())
+            };
         };
         let Some(unit) = machine.units_mut().get_mut(&name) else {
-            return Vec::new();
+            return Some(Vec::new());
         };
         let mut props = BTreeMap::new();
         if let Some(changed) = args.get(1).and_then(Value::as_object) {
@@ -518,30 +524,53 @@ impl Cache {
                 replace: false,
             });
         }
-        fetch
+        Some(fetch)
     }
 
-    /// A `UnitNew(id, path)` signal. Returns whether the unit is new and followed, so its
-    /// properties should be fetched; until then it shows with empty states.
-    pub fn unit_new(&self, nkey: &str, name: &str, path: &str) -> bool {
+    /// A `UnitNew(id, path)` signal: whether the unit is worth asking systemd about (followed,
+    /// not known yet, on a machine whose units are loaded). Nothing is added until systemd
+    /// says the unit is loaded ([`Cache::add_unit`]): a UnitNew for a unit that does not exist
+    /// comes and goes with every read of it.
+    pub fn wants_unit(&self, nkey: &str, name: &str) -> bool {
         if !self.filter.allows(name) {
+            return false;
+        }
+        let m = self.read();
+        m.get(nkey)
+            .is_some_and(|machine| machine.units_loaded && !machine.units.contains_key(name))
+    }
+
+    /// Adds (or refreshes) one unit from a ListUnits-style row (`(ssssssouso)` as JSON).
+    /// Returns whether it is followed.
+    pub fn add_unit(&self, nkey: &str, row: &Value) -> bool {
+        let field = |i: usize| row.get(i).and_then(Value::as_str).unwrap_or("").to_owned();
+        let name = field(0);
+        if name.is_empty() || !self.filter.allows(&name) || field(2) == "not-found" {
             return false;
         }
         let mut m = self.write();
         let Some(machine) = m.get_mut(nkey) else {
             return false;
         };
-        if !machine.units_loaded || machine.units.contains_key(name) {
-            return false;
-        }
-        machine.paths.insert(path.to_owned(), name.to_owned());
-        machine.units_mut().insert(
-            name.to_owned(),
-            Unit {
-                path: path.to_owned(),
-                ..Default::default()
-            },
-        );
+        let path = field(6);
+        let old = machine.units.get(&name).cloned().unwrap_or_default();
+        let unit = Unit {
+            description: field(1),
+            load: field(2),
+            active: field(3),
+            sub: field(4),
+            path: path.clone(),
+            ..old
+        };
+        machine.paths.insert(path, name.clone());
+        machine.units_mut().insert(name.clone(), unit.clone());
+        let row = machine.unit_row(&name, &unit);
+        self.emit(Change::Units {
+            machine: nkey.to_owned(),
+            rows: vec![row],
+            removed: Vec::new(),
+            replace: false,
+        });
         true
     }
 
@@ -804,12 +833,14 @@ mod tests {
         c.load_units("A", &list);
         let m = c.snapshot();
         assert_eq!(m[0].units().len(), 1, "mounts are excluded by default");
-        let fetch = c.properties_changed(
-            "A",
-            "/u/a",
-            &json!([UNIT_IFACE, {"ActiveState": {"t":"s","v":"inactive"},
+        let fetch = c
+            .properties_changed(
+                "A",
+                "/u/a",
+                &json!([UNIT_IFACE, {"ActiveState": {"t":"s","v":"inactive"},
                 "StateChangeTimestamp": {"t":"t","v":"1700000000000000"}}, ["SubState", "Foo"]]),
-        );
+            )
+            .unwrap();
         assert_eq!(fetch.len(), 1);
         assert_eq!(fetch[0].property, "SubState");
         let machines = c.snapshot();
@@ -824,9 +855,24 @@ mod tests {
             )],
         );
         assert_eq!(c.snapshot()[0].units()["a.service"].restarts, Some(3));
-        assert!(c.unit_new("A", "c.service", "/u/c"));
-        assert!(!c.unit_new("A", "c.service", "/u/c"));
-        assert!(!c.unit_new("A", "d.scope", "/u/d"));
+        assert!(c.wants_unit("A", "c.service"));
+        assert!(c.add_unit(
+            "A",
+            &json!([
+                "c.service",
+                "C",
+                "loaded",
+                "active",
+                "running",
+                "",
+                "/u/c",
+                0,
+                "",
+                "/"
+            ])
+        ));
+        assert!(!c.wants_unit("A", "c.service"));
+        assert!(!c.wants_unit("A", "d.scope"));
         c.unit_removed("A", "c.service");
         assert!(!c.snapshot()[0].units().contains_key("c.service"));
 
@@ -842,7 +888,7 @@ mod tests {
         }
         assert_eq!(
             kinds,
-            ["machine", "replace", "machine", "units", "units", "removed"]
+            ["machine", "replace", "machine", "units", "units", "units", "removed"]
         );
     }
 

@@ -47,12 +47,17 @@ pub struct Config {
     #[arg(long, env = "CBUS_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Token WebSocket clients must present. Without --token and --token-file the gateway
-    /// generates one at start and logs it.
+    /// generates one at start and writes it to --generated-token-file (never to the log).
     #[arg(long, env = "CBUS_GATEWAY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// File holding the client token (first line).
     #[arg(long, env = "CBUS_GATEWAY_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
+    /// Where a generated token is written (mode 0600; replaced at each start). Default:
+    /// `$RUNTIME_DIRECTORY/client-token` (systemd's RuntimeDirectory=), else
+    /// `$XDG_RUNTIME_DIR/cbus-gateway-<port>.token`, else the same in the temp directory.
+    #[arg(long, env = "CBUS_GATEWAY_GENERATED_TOKEN_FILE")]
+    pub generated_token_file: Option<PathBuf>,
     /// Also accept the token as `?token=` in the WebSocket URL (off: URLs end up in logs).
     #[arg(long)]
     pub allow_token_in_url: bool,
@@ -64,6 +69,16 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub allow_origins: Vec<String>,
+    /// Host names clients may reach the gateway as (the Host header), besides IP addresses,
+    /// `localhost`, this machine's hostname and the hosts of --allow-origin; `*` allows any.
+    /// Others get 421: a DNS-rebinding page would reach the gateway under its own name.
+    /// Repeatable.
+    #[arg(
+        long = "allow-host",
+        env = "CBUS_GATEWAY_ALLOW_HOST",
+        value_delimiter = ','
+    )]
+    pub allow_hosts: Vec<String>,
     /// TLS certificate chain (PEM).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -87,6 +102,23 @@ pub struct Config {
     /// Frames queued per WebSocket client; a client further behind gets a fresh snapshot.
     #[arg(long, default_value_t = 256)]
     pub ws_queue: usize,
+    /// Bytes queued per WebSocket client (one frame larger than this still goes out, alone);
+    /// a client further behind gets a fresh snapshot.
+    #[arg(long, env = "CBUS_GATEWAY_WS_QUEUE_BYTES", default_value_t = 16 << 20)]
+    pub ws_queue_bytes: usize,
+    /// Time a client has to send a request's headers (also between requests on a kept-alive
+    /// connection); slower connections are closed.
+    #[arg(long, env = "CBUS_GATEWAY_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// Client connections open at once at most; more are closed at once.
+    #[arg(long, env = "CBUS_GATEWAY_MAX_CONNECTIONS", default_value_t = 8192)]
+    pub max_connections: usize,
+    /// WebSockets that have not authenticated yet, at most; more are refused (503).
+    #[arg(long, env = "CBUS_GATEWAY_MAX_UNAUTHENTICATED", default_value_t = 256)]
+    pub max_unauthenticated: usize,
+    /// Time a WebSocket client has to authenticate.
+    #[arg(long, env = "CBUS_GATEWAY_AUTH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub auth_timeout: Duration,
     /// Default timeout of requests sent to machines.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,

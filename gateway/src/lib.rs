@@ -7,7 +7,8 @@
 //! - [`ws`] is the WebSocket API (auth, subscriptions with snapshots and deltas, requests);
 //! - [`metrics`] renders `/metrics` from the cache alone;
 //! - [`dashboard`] serves the embedded browser UI; [`tls`] the optional rustls listener;
-//! - [`auth`] the token and Origin checks; [`requests`] the queries sent to machines.
+//! - [`auth`] the token, Origin and Host checks; [`requests`] the queries sent to machines;
+//! - [`server`] the accept loops and connection limits; [`stats`] the gateway's own counters.
 //!
 //! `main.rs` only parses flags and calls [`run`]; tests may call [`start`] in-process.
 
@@ -20,6 +21,8 @@ pub mod follow;
 pub mod metrics;
 pub mod objects;
 pub mod requests;
+pub mod server;
+pub mod stats;
 pub mod tls;
 pub mod ws;
 
@@ -28,17 +31,17 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use cbus_protocol::fleet::Fleet;
 use cbus_protocol::presence;
 
 pub use config::Config;
 
-use auth::{OriginPolicy, Token};
+use auth::{HostPolicy, OriginPolicy, Token};
 use cache::{Cache, UnitFilter};
 
 /// Why the gateway could not start.
@@ -107,15 +110,32 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Gateway, StartError> {
     let filter = UnitFilter::new(&config.unit_include, &config.unit_exclude)?;
+    match server::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(
+            open_files = n,
+            "soft RLIMIT_NOFILE raised to the hard limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
     let token = match (&config.token, &config.token_file) {
         (Some(t), _) if !t.is_empty() => Token::new(t),
         (_, Some(path)) => Token::from_file(path)?,
         _ => {
+            // Never into the log: journald keeps it, and whoever reads the journal would
+            // drive the fleet.
             let (token, text) = Token::generate()?;
+            let path = config
+                .generated_token_file
+                .clone()
+                .unwrap_or_else(|| default_token_path(config.listen.port()));
+            auth::write_token_file(&path, &text)?;
             tracing::warn!(
-                token = %text,
+                file = %path.display(),
                 "no --token or --token-file given: generated a client token for this run"
             );
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                eprintln!("cbus-gateway: client token for this run: {text}");
+            }
             token
         }
     };
@@ -150,8 +170,18 @@ pub async fn start(
         allow_token_in_url: config.allow_token_in_url,
         heartbeat: config.ws_heartbeat,
         queue: config.ws_queue,
+        queue_bytes: config.ws_queue_bytes,
         request_timeout: config.request_timeout,
+        auth_timeout: config.auth_timeout,
+        unauthenticated: Arc::new(tokio::sync::Semaphore::new(
+            config.max_unauthenticated.max(1),
+        )),
     });
+    let hosts = Arc::new(HostPolicy::new(
+        &config.allow_hosts,
+        &config.allow_origins,
+        &[host()],
+    ));
     let app = axum::Router::new()
         .route("/ws", get(ws::handler))
         .with_state(ctx)
@@ -160,8 +190,10 @@ pub async fn start(
                 .route("/metrics", get(serve_metrics))
                 .with_state(cache.clone()),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .merge(dashboard::routes());
+        .merge(dashboard::routes())
+        .layer(axum::middleware::from_fn_with_state(hosts, check_host))
+        // Health checks by IP or any name: nothing to read there.
+        .route("/healthz", get(|| async { "ok\n" }));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -176,26 +208,25 @@ pub async fn start(
         tls = is_tls,
         "serving the dashboard at /, the WebSocket API at /ws and Prometheus at /metrics"
     );
+    let limit = server::ConnLimit::new(config.max_connections);
+    let header_timeout = config.header_timeout;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
     let server = match tls_config {
-        Some(cfg) => {
-            let listener = tls::TlsListener::new(listener, cfg).map_err(StartError::Serve)?;
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(shutdown)
-                    .await
-            })
-        }
+        Some(cfg) => tokio::spawn(async move {
+            tls::serve(listener, cfg, limit, app, header_timeout, stop_rx).await;
+            Ok(())
+        }),
         None => tokio::spawn(async move {
-            // Deltas are small frames: without TCP_NODELAY, Nagle holds one back while an
-            // earlier one is unacknowledged, and the client's delayed ACK makes that up to 40 ms.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "TCP_NODELAY not set");
-                }
-            });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
+            let conn_stop = stop_rx.clone();
+            server::accept_loop(listener, limit, stop_rx, move |io| {
+                server::spawn_connection(io, app.clone(), header_timeout, conn_stop.clone())
+            })
+            .await;
+            Ok(())
         }),
     };
     Ok(Gateway {
@@ -204,6 +235,43 @@ pub async fn start(
         tls: is_tls,
         server,
     })
+}
+
+/// Refuses requests whose Host header is not a name of this gateway (DNS rebinding).
+async fn check_host(State(hosts): State<Arc<HostPolicy>>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    if !hosts.allows(host) {
+        tracing::info!(host = ?host.map(|h| h.chars().take(80).collect::<String>()), "request for a foreign Host refused");
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            "unknown Host (start the gateway with --allow-host NAME)\n",
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// Where a generated token goes without --generated-token-file.
+fn default_token_path(port: u16) -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
+        // systemd may list several directories, separated by colons: the first one.
+        let first = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        if !first.is_empty() {
+            return std::path::Path::new(&first).join("client-token");
+        }
+    }
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    dir.join(format!("cbus-gateway-{port}.token"))
 }
 
 async fn serve_metrics(State(cache): State<Cache>) -> Response {

@@ -107,6 +107,7 @@ pub fn render<M: Borrow<Machine>>(machines: &[M], now_ms: u64) -> String {
     for s in &series {
         out.push_str(&s.start_time);
     }
+    crate::stats::render(&mut out);
     append_agent_metrics(&mut out, machines);
     out
 }
@@ -248,7 +249,8 @@ fn relabel_into(
         families: &'f mut HashMap<String, Family>,
         name: &str,
     ) -> Option<&'f mut Family> {
-        if OWN_FAMILIES.contains(&name) {
+        // `cbus_gateway_*` are the gateway's own counters (crate::stats).
+        if OWN_FAMILIES.contains(&name) || name.starts_with("cbus_gateway_") {
             return None;
         }
         if !families.contains_key(name) {

@@ -7,7 +7,8 @@
 //! signal only invalidates are read back one by one with `get`, never with a GetAll (the loop
 //! that drove systemd to 100% CPU in Cockpit #22393). The entry goes when its last client leaves.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +22,29 @@ use serde_json::{Map, Value};
 
 use crate::cache::{Cache, Change};
 use crate::requests::{ask, get_query, MachineResult};
+
+/// Invalidated properties of one object waiting to be read back, at most.
+const MAX_INVALIDATED: usize = 256;
+
+/// Invalidated (interface, property) pairs of one object and whether a reader is at work.
+#[derive(Default)]
+struct Invalidated {
+    props: Mutex<BTreeSet<(String, String)>>,
+    reading: AtomicBool,
+}
+
+impl Invalidated {
+    fn take(&self) -> BTreeSet<(String, String)> {
+        std::mem::take(&mut *self.props.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.props
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+}
 
 /// What clients follow.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -169,6 +193,9 @@ impl Objects {
         let Some(mut sub) = sub else {
             return;
         };
+        // One reader per object drains what signals invalidate: a chatty object costs one read
+        // per property, never a task per signal.
+        let invalid = Arc::new(Invalidated::default());
         while let Some(msg) = sub.next().await {
             let h = msg.headers.as_ref();
             if headers::get(h, headers::MEMBER) != Some("PropertiesChanged")
@@ -176,9 +203,11 @@ impl Objects {
             {
                 continue;
             }
+            // Anyone on the bus may emit a PropertiesChanged on any path: only the object's
+            // owner (its unique name, or a sender that owns the well-known name) counts.
             let from_dest = headers::get(h, headers::SENDER) == Some(key.dest.as_str())
-                || headers::get(h, headers::SENDER_NAME) == Some(key.dest.as_str());
-            if !from_dest {
+                || headers::sender_owns(h, &key.dest);
+            if !from_dest || crate::follow::signal_machine(&msg.subject, h).is_none() {
                 continue;
             }
             let Ok(args) = serde_json::from_slice::<Value>(&msg.payload) else {
@@ -204,11 +233,23 @@ impl Objects {
                 .filter_map(Value::as_str)
                 .map(str::to_owned)
                 .collect();
-            if !invalidated.is_empty() {
+            if invalidated.is_empty() {
+                continue;
+            }
+            {
+                let mut set = invalid.props.lock().unwrap_or_else(|e| e.into_inner());
+                for p in invalidated {
+                    if set.len() >= MAX_INVALIDATED {
+                        break;
+                    }
+                    set.insert((iface.to_owned(), p));
+                }
+            }
+            if !invalid.reading.swap(true, Ordering::AcqRel) {
                 let this = self.clone();
                 let key = key.clone();
-                let iface = iface.to_owned();
-                tokio::spawn(async move { this.refetch(&key, &iface, invalidated).await });
+                let invalid = invalid.clone();
+                tokio::spawn(async move { this.drain_invalidated(&key, &invalid).await });
             }
         }
     }
@@ -234,6 +275,29 @@ impl Objects {
                 changed,
             },
         }));
+    }
+
+    /// Reads back invalidated properties until none are left.
+    async fn drain_invalidated(&self, key: &ObjectKey, invalid: &Invalidated) {
+        loop {
+            let batch = invalid.take();
+            if batch.is_empty() {
+                invalid.reading.store(false, Ordering::Release);
+                // More may have come between the take and the store; then go on, unless
+                // another reader took over.
+                if invalid.is_empty() || invalid.reading.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                continue;
+            }
+            let mut by_iface: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (iface, prop) in batch {
+                by_iface.entry(iface).or_default().push(prop);
+            }
+            for (iface, props) in by_iface {
+                self.refetch(key, &iface, props).await;
+            }
+        }
     }
 
     /// Reads back properties a signal invalidated, one `get` each.

@@ -1,21 +1,21 @@
 //! Optional TLS for the dashboard, `/ws` and `/metrics` (rustls with ring, the provider the NATS
 //! client already links, so no second crypto library).
 //!
-//! [`TlsListener`] plugs into `axum::serve`: a background task accepts TCP connections and runs
-//! each handshake in its own task with a deadline, so one slow or malicious client cannot hold
-//! up the accept loop; finished connections are handed over through a bounded channel.
+//! [`serve`] runs each handshake in its own task with a deadline, so one slow or malicious
+//! client cannot hold up the accept loop; connections in a handshake count against
+//! `--max-connections` like any other ([`crate::server`]).
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+
+use crate::server::{accept_loop, spawn_connection, ConnLimit};
 
 /// A handshake that takes longer is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,63 +78,30 @@ fn config(
     Ok(cfg)
 }
 
-/// A TCP listener that yields TLS streams.
-pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl TlsListener {
-    pub fn new(tcp: TcpListener, config: rustls::ServerConfig) -> std::io::Result<TlsListener> {
-        let local = tcp.local_addr()?;
-        let acceptor = TlsAcceptor::from(Arc::new(config));
-        let (tx, rx) = mpsc::channel(64);
+/// Accepts connections (up to the cap), runs their handshakes, and serves HTTP on them.
+pub async fn serve(
+    tcp: TcpListener,
+    config: rustls::ServerConfig,
+    limit: ConnLimit,
+    app: axum::Router,
+    header_timeout: Duration,
+    shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let conn_shutdown = shutdown.clone();
+    accept_loop(tcp, limit, shutdown, move |stream| {
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let shutdown = conn_shutdown.clone();
         tokio::spawn(async move {
-            loop {
-                let (stream, addr) = match tcp.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                // Deltas are small frames that must go out at once (see lib.rs).
-                if let Err(e) = stream.set_nodelay(true) {
-                    tracing::debug!(error = %e, "TCP_NODELAY not set");
-                }
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, addr)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
-                    }
-                });
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => spawn_connection(tls, app, header_timeout, shutdown),
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
             }
         });
-        Ok(TlsListener { rx, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(x) => x,
-            // The accept task never ends while the listener lives.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -73,7 +73,8 @@ in
       example = "/run/keys/cbus-gateway.token";
       description = ''
         File whose first line is the token dashboard and WebSocket clients must present
-        (`--token-file`). Without it the gateway makes one up at start and logs it.
+        (`--token-file`). Without it the gateway makes one up at start and writes it to
+        /run/cbus-gateway/client-token (mode 0600, readable by root), never to the journal.
       '';
     };
     tls = {
@@ -98,6 +99,21 @@ in
       default = [ ];
       example = [ "https://ops.example" ];
       description = "Origins besides the gateway's own allowed to open a WebSocket (`--allow-origin`).";
+    };
+    allowHosts = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "cbus.example" ];
+      description = ''
+        Names clients reach the gateway as (the Host header, `--allow-host`), besides IP addresses,
+        localhost, the machine's hostname and the hosts of {option}`allowOrigins`. Requests under
+        other names get 421 (DNS rebinding).
+      '';
+    };
+    maxConnections = mkOption {
+      type = types.ints.positive;
+      default = 8192;
+      description = "Client connections open at once at most (`--max-connections`); keep it below LimitNOFILE.";
     };
 
     # --- what it follows ---
@@ -156,6 +172,8 @@ in
             (optionals (cfg.tlsCaFile != null) [ "--tls-ca" (toString cfg.tlsCaFile) ])
             (optional cfg.tls.selfSigned "--self-signed")
             (concatLists (map (o: [ "--allow-origin" o ]) cfg.allowOrigins))
+            (concatLists (map (h: [ "--allow-host" h ]) cfg.allowHosts))
+            [ "--max-connections" (toString cfg.maxConnections) ]
             (optionals (cfg.unitInclude != null) [ "--unit-include" cfg.unitInclude ])
             (optionals (cfg.unitExclude != null) [ "--unit-exclude" cfg.unitExclude ])
             cfg.extraArgs
@@ -174,6 +192,12 @@ in
         ];
         EnvironmentFile = optional (cfg.environmentFile != null) (toString cfg.environmentFile);
         DynamicUser = true;
+        # A generated client token goes to $RUNTIME_DIRECTORY/client-token (0600), not the journal.
+        RuntimeDirectory = "cbus-gateway";
+        RuntimeDirectoryMode = "0700";
+        # Each client is a descriptor: the default 1,024 let 1,100 idle sockets lock it out. The
+        # gateway raises its soft limit to this at start.
+        LimitNOFILE = 65536;
         Restart = "always";
         RestartSec = 2;
         NoNewPrivileges = true;

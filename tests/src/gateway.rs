@@ -25,22 +25,66 @@ impl GatewayProcess {
     /// Like [`GatewayProcess::start`] on a given port (to restart a gateway where clients
     /// expect it).
     pub fn start_on(nats_url: &str, token: &str, port: u16, extra: &[&str]) -> GatewayProcess {
-        let child = Command::new(bin_path("cbus-gateway"))
-            .args(["--nats-url", nats_url, "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .args(["--token", token])
-            .args(extra)
+        Self::start_with(GatewayStart {
+            nats_url,
+            token: Some(token),
+            port: Some(port),
+            extra,
+            ..Default::default()
+        })
+    }
+
+    /// Starts a gateway as `opts` says and waits until it answers `/healthz`.
+    pub fn start_with(opts: GatewayStart<'_>) -> GatewayProcess {
+        let port = opts.port.unwrap_or_else(free_port);
+        // CBUS_TEST_GATEWAY_BIN runs another build (e.g. the previous commit's, to see a test
+        // fail on the code it fixes).
+        let bin = std::env::var_os("CBUS_TEST_GATEWAY_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| bin_path("cbus-gateway"));
+        let mut cmd = Command::new(bin);
+        cmd.args(["--nats-url", opts.nats_url, "--listen"])
+            .arg(format!("127.0.0.1:{port}"));
+        if let Some(token) = opts.token {
+            cmd.args(["--token", token]);
+        }
+        cmd.args(opts.extra)
+            .envs(opts.env.iter().copied())
             .env(
                 "RUST_LOG",
-                std::env::var("CBUS_GATEWAY_LOG").unwrap_or_else(|_| "warn".into()),
+                opts.log_level.map(str::to_owned).unwrap_or_else(|| {
+                    std::env::var("CBUS_GATEWAY_LOG").unwrap_or_else(|_| "warn".into())
+                }),
             )
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start cbus-gateway");
+            .stdin(Stdio::null());
+        if let Some(path) = &opts.stderr {
+            cmd.stderr(std::fs::File::create(path).expect("gateway log file"));
+        }
+        if let Some(soft) = opts.nofile_soft {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    lim.rlim_cur = soft.min(lim.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("start cbus-gateway");
         let gw = GatewayProcess {
             child: Some(child),
             port,
-            token: token.to_owned(),
+            token: opts.token.unwrap_or_default().to_owned(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while http_get(port, "/healthz").is_none() {
@@ -69,6 +113,26 @@ impl GatewayProcess {
             terminate(&mut c, Duration::from_secs(5));
         }
     }
+}
+
+/// How to start a gateway ([`GatewayProcess::start_with`]).
+#[derive(Debug, Default, Clone)]
+pub struct GatewayStart<'a> {
+    pub nats_url: &'a str,
+    /// `--token`; `None` lets the gateway generate one.
+    pub token: Option<&'a str>,
+    /// Listen port (default: a free one).
+    pub port: Option<u16>,
+    pub extra: &'a [&'a str],
+    /// RUST_LOG (default: $CBUS_GATEWAY_LOG or `warn`).
+    pub log_level: Option<&'a str>,
+    /// Where stderr (the log) goes (default: inherited).
+    pub stderr: Option<std::path::PathBuf>,
+    /// Soft RLIMIT_NOFILE of the process, as a unit without LimitNOFILE= would give it (1024).
+    pub nofile_soft: Option<u64>,
+    /// Environment (settings given this way are ignored by a build that lacks them, where a
+    /// flag would stop it from starting: for running a test against an older build).
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 impl Drop for GatewayProcess {
@@ -135,4 +199,144 @@ pub fn promtool_errors(text: &str) -> Option<String> {
         || report.contains("error while linting")
         || report.contains("parse");
     failed.then_some(report)
+}
+
+/// `GET path` with a given Host header; the status code and body (not decoded), or `None` when
+/// the gateway closed the connection without an answer.
+pub fn http_status(port: u16, path: &str, host: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+    Some((status, body.unwrap_or_default()))
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The value of a sample in a /metrics text (`name{labels}` exactly as rendered).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit (tests that open many sockets).
+pub fn raise_own_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only touch the struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
+/// A small WebSocket client of the gateway's API.
+pub struct WsClient {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl WsClient {
+    /// Connects to `url`, with `Authorization: Bearer <token>` when given; the error is the
+    /// refused handshake's (e.g. HTTP 503).
+    pub async fn connect(
+        url: &str,
+        bearer: Option<&str>,
+    ) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let mut req = url.into_client_request()?;
+        if let Some(t) = bearer {
+            req.headers_mut().insert(
+                "Authorization",
+                format!("Bearer {t}").parse().expect("header value"),
+            );
+        }
+        let (ws, _) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(req),
+        )
+        .await
+        .map_err(|_| tokio_tungstenite::tungstenite::Error::ConnectionClosed)??;
+        Ok(WsClient { ws })
+    }
+
+    pub async fn send(&mut self, v: serde_json::Value) {
+        use futures::SinkExt as _;
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::Text(
+                v.to_string().into(),
+            ))
+            .await
+            .expect("send");
+    }
+
+    /// The next JSON message (server pings skipped); `Err` with the close code and reason when
+    /// the server closed; `None` on timeout.
+    pub async fn next(
+        &mut self,
+        timeout: Duration,
+    ) -> Option<Result<serde_json::Value, (u16, String)>> {
+        use futures::StreamExt as _;
+        use tokio_tungstenite::tungstenite::Message;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: serde_json::Value =
+                        serde_json::from_str(t.as_str()).expect("server sends JSON");
+                    if v["type"] == "ping" {
+                        continue;
+                    }
+                    return Some(Ok(v));
+                }
+                Ok(Some(Ok(Message::Close(f)))) => {
+                    return Some(Err(f
+                        .map(|f| (u16::from(f.code), f.reason.as_str().to_owned()))
+                        .unwrap_or((1005, String::new()))))
+                }
+                Ok(None) | Ok(Some(Err(_))) => return Some(Err((1006, String::new()))),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Reads until a message satisfies `pred` (returned) or `timeout` passes (`None`).
+    pub async fn until(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(Ok(v)) if pred(&v) => return Some(v),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    }
 }

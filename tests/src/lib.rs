@@ -14,7 +14,7 @@ pub mod util;
 pub use agent::Agent;
 pub use bins::bin_path;
 pub use dbus::{PrivateBus, TestService};
-pub use gateway::GatewayProcess;
+pub use gateway::{GatewayProcess, GatewayStart, WsClient};
 pub use machines::{Fleet, Machine, MachineSpec};
 pub use nats::NatsServer;
 pub use util::{free_port, init_tracing, synthetic_agent_info, wait_for};

@@ -7,8 +7,13 @@
 //! request results into frames. When the frame queue is full the session does not wait and does
 //! not grow: it drops that subscription's queued deltas (the writer skips frames of an outdated
 //! generation) and sends a fresh snapshot marked `"resync": true` once there is room. A session
-//! whose change queue overflowed resyncs every subscription the same way. Memory per client is
-//! therefore bounded by the queue lengths, whatever the client's speed.
+//! whose change queue overflowed resyncs every subscription the same way. The frame queue is
+//! bounded in bytes as well as in frames ([`Outbox`], `--ws-queue-bytes`): one units snapshot of
+//! a big fleet is one frame of megabytes, and 256 of them queued for a client that does not read
+//! were gigabytes. Memory per client is therefore bounded, whatever the client's speed.
+//!
+//! Before a client authenticates it costs a slot of `--max-unauthenticated` and has
+//! `--auth-timeout` to do so: connections that never authenticate cannot pile up.
 //!
 //! The reader is a task of its own so that a session woken for a change does not poll its socket
 //! too (with 1,000 clients, that polling was a tenth of the gateway's CPU).
@@ -33,7 +38,7 @@ use futures::stream::{self, SelectAll, StreamExt};
 use futures::SinkExt;
 use regex::Regex;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::auth::{bearer, OriginPolicy, Token};
@@ -41,6 +46,7 @@ use crate::cache::{Cache, Change, UNIT_COLUMNS};
 use crate::changes::{ChangeReceiver, Interest, InterestHandle, Lagged};
 use crate::objects::{ObjectChangeKind, ObjectKey, Objects};
 use crate::requests::{self, MachineResult};
+use crate::stats::{self, Dropped};
 use frames::{
     close_reason, ClientMsg, RequestMsg, RequestOp, Resource, Targets, CLOSE_GOING_AWAY,
     CLOSE_PROTOCOL_ERROR, CLOSE_UNAUTHORIZED, VERSION,
@@ -53,8 +59,6 @@ const MAX_FRAME: usize = 1 << 20;
 /// clients that memset took 37% of the CPU and 128 MiB of RSS (docs/benchmarks.md). Clients send
 /// small frames; larger ones are still read, in several steps.
 const READ_BUFFER: usize = 4096;
-/// Time a client has to authenticate.
-const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Subscriptions per client.
 const MAX_SUBSCRIPTIONS: usize = 64;
 /// Requests in flight per client.
@@ -69,6 +73,8 @@ const SIGNAL_QUEUE: usize = 256;
 const CHANGE_QUEUE: usize = 4096;
 /// Client frames read ahead of the session.
 const INCOMING_QUEUE: usize = 8;
+/// How long a signals subscription waits for NATS to confirm it before its snapshot goes out.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Changes handled in one wake before the session looks at its other inputs.
 const CHANGE_BATCH: usize = 256;
 
@@ -81,8 +87,15 @@ pub struct WsContext {
     pub origins: OriginPolicy,
     pub allow_token_in_url: bool,
     pub heartbeat: Duration,
+    /// Frames queued per client.
     pub queue: usize,
+    /// Bytes queued per client.
+    pub queue_bytes: usize,
     pub request_timeout: Duration,
+    /// Time a client has to authenticate.
+    pub auth_timeout: Duration,
+    /// Slots of clients that have not authenticated yet.
+    pub unauthenticated: Arc<Semaphore>,
 }
 
 /// Authentication decided before the upgrade.
@@ -122,10 +135,26 @@ pub async fn handler(
         Some(_) => PreAuth::Invalid,
         None => PreAuth::Pending,
     };
+    // A slot while the client has yet to authenticate, refused before the upgrade when all
+    // are taken: idle unauthenticated sockets must not crowd out operators.
+    let slot = match pre {
+        PreAuth::Pending => match ctx.unauthenticated.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                stats::dropped(Dropped::UnauthenticatedLimit);
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many WebSockets waiting to authenticate; try again\n",
+                )
+                    .into_response();
+            }
+        },
+        _ => None,
+    };
     ws.max_message_size(MAX_FRAME)
         .max_frame_size(MAX_FRAME)
         .read_buffer_size(READ_BUFFER)
-        .on_upgrade(move |socket| session(ctx, socket, pre))
+        .on_upgrade(move |socket| session(ctx, socket, pre, slot))
 }
 
 /// What the writer sends.
@@ -141,12 +170,102 @@ enum Frame {
 
 type Generations = Arc<Mutex<HashMap<u64, u64>>>;
 
+/// A frame in the queue, holding its bytes of the client's budget until it is written.
+struct Queued {
+    frame: Frame,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// The session's end of the frame queue: bounded in frames by the channel and in bytes by a
+/// semaphore with one permit per byte (`--ws-queue-bytes`). A frame larger than the whole
+/// budget takes all of it, so it goes out alone.
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::Sender<Queued>,
+    bytes: Arc<Semaphore>,
+    budget: usize,
+}
+
+impl Outbox {
+    fn new(frames: usize, budget: usize) -> (Outbox, mpsc::Receiver<Queued>) {
+        let budget = budget.clamp(1, u32::MAX as usize);
+        let (tx, rx) = mpsc::channel(frames.max(4));
+        let bytes = Arc::new(Semaphore::new(budget));
+        (Outbox { tx, bytes, budget }, rx)
+    }
+
+    fn cost(&self, frame: &Frame) -> u32 {
+        let n = match frame {
+            Frame::Text { text, .. } => text.len(),
+            Frame::Close(_, reason) => reason.len(),
+            Frame::Ping => 0,
+        };
+        n.min(self.budget) as u32
+    }
+
+    /// Queues without waiting; `Full` when either bound is reached.
+    fn try_send(&self, frame: Frame) -> Result<(), mpsc::error::TrySendError<()>> {
+        let cost = self.cost(&frame);
+        let permit = if cost == 0 {
+            None
+        } else {
+            match self.bytes.clone().try_acquire_many_owned(cost) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    if self.tx.is_closed() {
+                        return Err(mpsc::error::TrySendError::Closed(()));
+                    }
+                    return Err(mpsc::error::TrySendError::Full(()));
+                }
+            }
+        };
+        self.tx
+            .try_send(Queued {
+                frame,
+                _bytes: permit,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => mpsc::error::TrySendError::Full(()),
+                mpsc::error::TrySendError::Closed(_) => mpsc::error::TrySendError::Closed(()),
+            })
+    }
+
+    /// Queues, waiting for room (control frames and request results: the client asked).
+    async fn send(&self, frame: Frame) -> Result<(), ()> {
+        let cost = self.cost(&frame);
+        let permit = if cost == 0 {
+            None
+        } else {
+            tokio::select! {
+                p = self.bytes.clone().acquire_many_owned(cost) => Some(p.map_err(|_| ())?),
+                _ = self.tx.closed() => return Err(()),
+            }
+        };
+        self.tx
+            .send(Queued {
+                frame,
+                _bytes: permit,
+            })
+            .await
+            .map_err(|_| ())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
 async fn writer(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: mpsc::Receiver<Queued>,
     gens: Generations,
 ) {
-    while let Some(frame) = rx.recv().await {
+    // Each frame's bytes are given back once it is written (the permit drops with `_queued`).
+    while let Some(Queued {
+        frame,
+        _bytes: _queued,
+    }) = rx.recv().await
+    {
         let msg = match frame {
             Frame::Text { text, tag } => {
                 if let Some((sub, gen)) = tag {
@@ -203,7 +322,12 @@ async fn close_now(
     .await;
 }
 
-async fn session(ctx: Arc<WsContext>, socket: WebSocket, pre: PreAuth) {
+async fn session(
+    ctx: Arc<WsContext>,
+    socket: WebSocket,
+    pre: PreAuth,
+    unauthenticated: Option<OwnedSemaphorePermit>,
+) {
     let (mut sink, mut stream) = socket.split();
     match pre {
         PreAuth::Valid => {}
@@ -212,7 +336,7 @@ async fn session(ctx: Arc<WsContext>, socket: WebSocket, pre: PreAuth) {
             return;
         }
         PreAuth::Pending => {
-            let first = tokio::time::timeout(AUTH_TIMEOUT, stream.next()).await;
+            let first = tokio::time::timeout(ctx.auth_timeout, stream.next()).await;
             let (code, reason) = match first {
                 Err(_) => (CLOSE_UNAUTHORIZED, "authentication timed out".to_owned()),
                 Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return,
@@ -239,7 +363,8 @@ async fn session(ctx: Arc<WsContext>, socket: WebSocket, pre: PreAuth) {
             }
         }
     }
-    let (out, out_rx) = mpsc::channel::<Frame>(ctx.queue.max(4));
+    drop(unauthenticated);
+    let (out, out_rx) = Outbox::new(ctx.queue, ctx.queue_bytes);
     let gens: Generations = Arc::default();
     let writer = tokio::spawn(writer(sink, out_rx, gens.clone()));
     let hello = json!({
@@ -329,12 +454,14 @@ struct SignalEvent {
     sub: u64,
     data: Value,
     dropped: u64,
+    /// Its bytes of the client's budget while it waits for the session.
+    _bytes: Option<OwnedSemaphorePermit>,
 }
 
 struct Session {
     ctx: Arc<WsContext>,
     interest: InterestHandle,
-    out: mpsc::Sender<Frame>,
+    out: Outbox,
     gens: Generations,
     /// internal id -> subscription
     subs: HashMap<u64, Sub>,
@@ -546,7 +673,8 @@ impl Session {
                 .await;
         }
         let internal = self.next_internal;
-        let kind = match self.compile(internal, &resource) {
+        let mut ready = None;
+        let kind = match self.compile(internal, &resource, &mut ready) {
             Ok(k) => k,
             Err(message) => {
                 return self
@@ -570,10 +698,20 @@ impl Session {
             },
         );
         self.update_interest();
+        if let Some(ready) = ready {
+            let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, ready).await;
+        }
         self.send_snapshot(internal, false);
     }
 
-    fn compile(&self, internal: u64, resource: &Resource) -> Result<Kind, String> {
+    /// `ready` is set for a signals subscription: it resolves once the NATS subscription is in
+    /// place on the server, so no signal sent after the snapshot is missed.
+    fn compile(
+        &self,
+        internal: u64,
+        resource: &Resource,
+        ready: &mut Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> Result<Kind, String> {
         Ok(match resource {
             Resource::Machines {} => Kind::Machines,
             Resource::Units { machines, unit } => Kind::Units {
@@ -633,12 +771,19 @@ impl Session {
                     interface: interface.clone(),
                     member: member.clone(),
                 };
+                let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+                *ready = Some(ready_rx);
                 let task = tokio::spawn(forward_signals(
                     self.ctx.fleet.client().clone(),
+                    self.ctx.cache.clone(),
                     subjects,
                     m,
-                    internal,
-                    self.sig_tx.clone(),
+                    SignalSink {
+                        sub: internal,
+                        tx: self.sig_tx.clone(),
+                        bytes: self.out.bytes.clone(),
+                    },
+                    ready_tx,
                 ));
                 Kind::Signals {
                     task: task.abort_handle(),
@@ -767,7 +912,10 @@ impl Session {
             tag: Some((internal, sub.gen)),
         }) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.mark_pending(internal),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                stats::dropped(Dropped::ClientQueueFull);
+                self.mark_pending(internal)
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.closing = Some((CLOSE_GOING_AWAY, String::new()))
             }
@@ -1020,7 +1168,7 @@ async fn run_request(
     p: Prepared,
     targets: Vec<cbus_protocol::fleet::AgentStatus>,
     unknown: Vec<String>,
-    out: mpsc::Sender<Frame>,
+    out: Outbox,
 ) {
     let send = |v: Value| {
         let out = out.clone();
@@ -1082,6 +1230,13 @@ async fn run_request(
         .await;
 }
 
+/// Where a signal subscription's events go: the session's queue, under the client's byte budget.
+struct SignalSink {
+    sub: u64,
+    tx: mpsc::Sender<SignalEvent>,
+    bytes: Arc<Semaphore>,
+}
+
 /// Header filters a signal subscription applies after the subject's.
 struct SignalMatch {
     sender: Option<String>,
@@ -1091,11 +1246,17 @@ struct SignalMatch {
 
 async fn forward_signals(
     client: async_nats::Client,
+    cache: Cache,
     subjects: Vec<String>,
     m: SignalMatch,
-    internal: u64,
-    tx: mpsc::Sender<SignalEvent>,
+    sink: SignalSink,
+    ready: tokio::sync::oneshot::Sender<()>,
 ) {
+    let SignalSink {
+        sub: internal,
+        tx,
+        bytes,
+    } = sink;
     let mut all: SelectAll<async_nats::Subscriber> = SelectAll::new();
     for s in subjects {
         match client.subscribe(s.clone()).await {
@@ -1103,14 +1264,19 @@ async fn forward_signals(
             Err(e) => tracing::warn!(subject = %s, error = %e, "cannot subscribe to signals"),
         }
     }
+    // A flush is a round trip: the server has the subscriptions when it returns.
+    let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, client.flush()).await;
+    let _ = ready.send(());
     let mut dropped = 0u64;
     while let Some(msg) = all.next().await {
         let h = msg.headers.as_ref();
         let get = |name| nats_headers::get(h, name);
+        // The machine is the subject's, never the NKey header's (see follow::signal_machine).
+        let Some(machine) = crate::follow::signal_machine(&msg.subject, h) else {
+            continue;
+        };
         if let Some(sender) = &m.sender {
-            if get(nats_headers::SENDER) != Some(sender)
-                && get(nats_headers::SENDER_NAME) != Some(sender)
-            {
+            if get(nats_headers::SENDER) != Some(sender) && !nats_headers::sender_owns(h, sender) {
                 continue;
             }
         }
@@ -1128,8 +1294,9 @@ async fn forward_signals(
         }
         let args: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
         let data = json!({
-            "machine": get(nats_headers::NKEY),
-            "host": get(nats_headers::HOSTNAME),
+            "machine": machine,
+            // The name the machine's presence gave, not one a signal claims.
+            "host": cache.hostname(machine),
             "sender": get(nats_headers::SENDER),
             "sender_name": get(nats_headers::SENDER_NAME),
             "path": get(nats_headers::PATH),
@@ -1139,13 +1306,25 @@ async fn forward_signals(
             "args": args,
             "received_ms": now_ms(),
         });
+        // Signals queued for the session count against the client's byte budget too: a
+        // signal may be a megabyte.
+        let cost = (msg.payload.len() + 256).min(u32::MAX as usize) as u32;
+        let Ok(permit) = bytes.clone().try_acquire_many_owned(cost) else {
+            stats::dropped(Dropped::ClientSignal);
+            dropped += 1;
+            continue;
+        };
         match tx.try_send(SignalEvent {
             sub: internal,
             data,
             dropped,
+            _bytes: Some(permit),
         }) {
             Ok(()) => dropped = 0,
-            Err(mpsc::error::TrySendError::Full(_)) => dropped += 1,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                stats::dropped(Dropped::ClientSignal);
+                dropped += 1
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => break,
         }
     }
@@ -1160,6 +1339,37 @@ mod tests {
             ClientMsg::Request(r) => r,
             other => panic!("{other:?}"),
         }
+    }
+
+    fn text(n: usize) -> Frame {
+        Frame::Text {
+            text: "x".repeat(n),
+            tag: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_outbox_is_bounded_in_bytes() {
+        let (out, mut rx) = Outbox::new(100, 100);
+        assert!(out.try_send(text(60)).is_ok());
+        assert!(matches!(
+            out.try_send(text(60)),
+            Err(mpsc::error::TrySendError::Full(()))
+        ));
+        assert!(out.try_send(text(40)).is_ok(), "what still fits goes in");
+        assert!(out.try_send(Frame::Ping).is_ok(), "pings cost nothing");
+        drop(rx.recv().await); // the writer wrote the first frame: its bytes are back
+        assert!(out.try_send(text(60)).is_ok());
+        // A frame larger than the budget takes all of it: it goes out alone.
+        while rx.try_recv().is_ok() {}
+        assert!(out.try_send(text(500)).is_ok());
+        assert!(out.try_send(text(1)).is_err());
+        drop(rx);
+        assert!(matches!(
+            out.try_send(text(1)),
+            Err(mpsc::error::TrySendError::Closed(()))
+        ));
+        assert!(out.send(text(1)).await.is_err());
     }
 
     #[test]
