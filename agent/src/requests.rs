@@ -309,10 +309,7 @@ impl RequestServer {
         let dest = s.destination.as_str();
         let path = s.path.as_str();
         let member = s.member.as_deref().unwrap_or_default();
-        if let Some(iface) = &r.interface {
-            cbus_protocol::names::validate_interface(iface)
-                .map_err(|e| invalid(codec::name_error_text(&e)))?;
-        }
+        check_interface(r)?;
         if s.op == Op::Set {
             self.set(dest, path, r, member, audit).await
         } else {
@@ -324,10 +321,7 @@ impl RequestServer {
         let dest = s.destination.as_str();
         let path = s.path.as_str();
         let member = s.member.as_deref().unwrap_or_default();
-        if let Some(iface) = &r.interface {
-            cbus_protocol::names::validate_interface(iface)
-                .map_err(|e| invalid(codec::name_error_text(&e)))?;
-        }
+        check_interface(r)?;
         if matches!(s.op, Op::Get | Op::GetAll | Op::Introspect) {
             self.refuse_unloaded_unit(dest, path).await?;
         }
@@ -965,6 +959,15 @@ fn dbus_error(e: zbus::Error) -> ErrorBody {
         zbus::Error::FDO(fdo) => fdo_error(*fdo),
         zbus::Error::InputOutput(_) => ErrorBody::new(ErrorCode::Disconnected, e.to_string()),
         other => ErrorBody::new(ErrorCode::InternalError, other.to_string()),
+    }
+}
+
+/// A request's interface, when it names one, must be a valid name (quoted in bounded form if not).
+fn check_interface(r: &Request) -> Result<(), ErrorBody> {
+    match &r.interface {
+        Some(iface) => cbus_protocol::names::validate_interface(iface)
+            .map_err(|e| invalid(codec::name_error_text(&e))),
+        None => Ok(()),
     }
 }
 

@@ -74,6 +74,18 @@ async fn get_ends_disconnected_by_its_deadline_when_the_server_freezes() {
     assert!(took <= timeout + GRACE, "took {took:?}\n{}", both(&out));
 }
 
+/// `cbus monitor` once it is subscribed: a signal sent after it started shows up.
+fn monitor_following(url: &str, host: &str) -> Running {
+    let run = Running::spawn(url, &["monitor", "--member", "Message"]);
+    for i in 0..50 {
+        emit(url, host, &format!("before {i}"));
+        if run.stdout_line(Duration::from_millis(200)).is_some() {
+            return run;
+        }
+    }
+    panic!("monitor printed nothing");
+}
+
 #[tokio::test]
 async fn monitor_ends_disconnected_when_the_server_dies() {
     let mut nats = NatsServer::start();
@@ -82,18 +94,7 @@ async fn monitor_ends_disconnected_when_the_server_dies() {
     let _svc = TestService::start(bus.address());
     let _agent = Agent::start(&url, bus.address(), &["--allow-all", "--hostname", "dl-m"]);
     wait_agents(&nats, 1).await;
-
-    let run = Running::spawn(&url, &["monitor", "--member", "Message"]);
-    // Subscribed once a signal sent after it shows up.
-    let mut seen = false;
-    for i in 0..50 {
-        emit(&url, "dl-m", &format!("before {i}"));
-        if run.stdout_line(Duration::from_millis(200)).is_some() {
-            seen = true;
-            break;
-        }
-    }
-    assert!(seen, "monitor printed nothing");
+    let run = monitor_following(&url, "dl-m");
     let killed = Instant::now();
     nats.stop();
     let (out, _) = run.finish(Duration::from_secs(40));
@@ -126,17 +127,7 @@ async fn monitor_ends_disconnected_when_the_server_freezes() {
     let _svc = TestService::start(bus.address());
     let _agent = Agent::start(&url, bus.address(), &["--allow-all", "--hostname", "dl-f"]);
     wait_agents(&nats, 1).await;
-
-    let run = Running::spawn(&url, &["monitor", "--member", "Message"]);
-    let mut seen = false;
-    for i in 0..50 {
-        emit(&url, "dl-f", &format!("before {i}"));
-        if run.stdout_line(Duration::from_millis(200)).is_some() {
-            seen = true;
-            break;
-        }
-    }
-    assert!(seen, "monitor printed nothing");
+    let run = monitor_following(&url, "dl-f");
     let frozen = Instant::now();
     nats.freeze();
     let (out, _) = run.finish(Duration::from_secs(60));
