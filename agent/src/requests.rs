@@ -28,6 +28,7 @@ use cbus_protocol::codec;
 use cbus_protocol::envelope::{ErrorBody, ErrorCode, Reply, Request, Success};
 use cbus_protocol::headers;
 use cbus_protocol::introspect::{MethodSchema, ObjectSchema, PropertySchema, ResolveError};
+use cbus_protocol::label;
 use cbus_protocol::subject::{self, Op, RequestSubject};
 use futures::StreamExt;
 use serde_json::Value as Json;
@@ -45,7 +46,6 @@ const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
 const INTROSPECTABLE: &str = "org.freedesktop.DBus.Introspectable";
 const SYSTEMD: &str = "org.freedesktop.systemd1";
 const SYSTEMD_MANAGER: &str = "org.freedesktop.systemd1.Manager";
-const SYSTEMD_UNIT_PREFIX: &str = "/org/freedesktop/systemd1/unit/";
 
 /// Whether a D-Bus call may start the destination's service if it is not running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,13 +350,13 @@ impl RequestServer {
     /// every stopped unit within a second, so refusing those would make every stopped service
     /// unreadable.
     async fn refuse_unloaded_unit(&self, dest: &str, path: &str) -> Result<(), ErrorBody> {
-        let Some(label) = path.strip_prefix(SYSTEMD_UNIT_PREFIX) else {
+        if !path.starts_with(label::SYSTEMD_UNIT_PATH_PREFIX) {
             return Ok(());
-        };
+        }
         if dest != SYSTEMD && !(dest.starts_with(':') && self.is_systemd(dest).await) {
             return Ok(());
         }
-        let Some(unit) = unescape_bus_label(label) else {
+        let Some(unit) = label::systemd_unit_of_path(path) else {
             return Err(ErrorBody::new(
                 ErrorCode::NotFound,
                 format!("{} is not a unit object path", codec::quote(path)),
@@ -907,30 +907,6 @@ fn hex16(digest: &[u8]) -> String {
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Reverses systemd's bus-label escaping of an object path element (`_2e` is `.`; a lone `_`
-/// is the empty string). `None` when it is not a valid label.
-fn unescape_bus_label(label: &str) -> Option<String> {
-    if label == "_" {
-        return Some(String::new());
-    }
-    let bytes = label.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'_' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else if bytes[i].is_ascii_alphanumeric() {
-            out.push(bytes[i]);
-            i += 1;
-        } else {
-            return None;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 fn invalid(message: impl Into<String>) -> ErrorBody {
     ErrorBody::new(ErrorCode::InvalidArgument, message)
 }
@@ -974,22 +950,6 @@ fn check_interface(r: &Request) -> Result<(), ErrorBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bus_labels() {
-        assert_eq!(
-            unescape_bus_label("nosuch_2eservice").as_deref(),
-            Some("nosuch.service")
-        );
-        assert_eq!(
-            unescape_bus_label("_31foo_2dbar_40x_2eservice").as_deref(),
-            Some("1foo-bar@x.service")
-        );
-        assert_eq!(unescape_bus_label("_").as_deref(), Some(""));
-        assert_eq!(unescape_bus_label("a_2"), None);
-        assert_eq!(unescape_bus_label("a-b"), None);
-        assert_eq!(unescape_bus_label("_zz"), None);
-    }
 
     #[test]
     fn digest_is_short() {

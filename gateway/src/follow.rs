@@ -193,30 +193,6 @@ fn from_systemd(h: Option<&async_nats::HeaderMap>) -> bool {
     ok
 }
 
-/// `/org/freedesktop/systemd1/unit/nginx_2eservice` -> `nginx.service` (systemd escapes every
-/// byte outside `[A-Za-z0-9]` of a unit name as `_xx`).
-fn unit_name_of_path(path: &str) -> Option<String> {
-    let label = path.strip_prefix("/org/freedesktop/systemd1/unit/")?;
-    let b = label.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'_' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            c if c.is_ascii_alphanumeric() => {
-                out.push(c);
-                i += 1;
-            }
-            _ => return None,
-        }
-    }
-    String::from_utf8(out).ok().filter(|n| !n.is_empty())
-}
-
 /// A glob matching exactly `name` (ListUnitsByPatterns takes fnmatch patterns).
 fn glob_literal(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
@@ -304,7 +280,10 @@ pub async fn start(
         pending: Arc::default(),
     };
 
-    tokio::spawn(close_registry(client.clone()));
+    // The first attempt before the registry read below, so a new fleet's read finds the bucket;
+    // later ones in the background (NATS may come up after the gateway).
+    let mut closing = tokio::spawn(close_registry(client.clone()));
+    let _ = tokio::time::timeout(Duration::from_secs(2), &mut closing).await;
 
     // Subscribe first, then read the registry, so no event falls in between.
     let presence_sub = subscribe(&client, subject::PRESENCE_ALL).await?;
@@ -410,7 +389,7 @@ impl Follower {
                 None => {
                     // systemd reports a change of a unit the cache does not follow: it is
                     // loaded now (e.g. found since it was last checked). Checking loads nothing.
-                    if let Some(name) = unit_name_of_path(path) {
+                    if let Some(name) = cbus_protocol::label::systemd_unit_of_path(path) {
                         if self.cache.wants_unit(nkey, &name) {
                             let key = (nkey.to_owned(), name);
                             let mut p = self.pending();
@@ -755,16 +734,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unit_paths_and_globs() {
-        assert_eq!(
-            unit_name_of_path("/org/freedesktop/systemd1/unit/gt_2dsleeper_2eservice").as_deref(),
-            Some("gt-sleeper.service")
-        );
-        assert_eq!(
-            unit_name_of_path("/org/freedesktop/systemd1/unit/x_2"),
-            None
-        );
-        assert_eq!(unit_name_of_path("/org/freedesktop/systemd1"), None);
+    fn globs() {
         assert_eq!(glob_literal("a*b?[c]"), "a[*]b[?][[]c[]]");
     }
 

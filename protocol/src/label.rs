@@ -26,8 +26,25 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// Where systemd puts its unit objects; the element after it is the unit name, escaped with
+/// this scheme as systemd's `bus_label_escape` does it, which also escapes a leading digit.
+pub const SYSTEMD_UNIT_PATH_PREFIX: &str = "/org/freedesktop/systemd1/unit/";
+
+/// The unit a systemd unit object path names (`…/unit/nginx_2eservice` is `nginx.service`);
+/// `None` for another path or a label systemd could not have produced.
+pub fn systemd_unit_of_path(path: &str) -> Option<String> {
+    let label = path.strip_prefix(SYSTEMD_UNIT_PATH_PREFIX)?;
+    decode(label, true).ok().filter(|name| !name.is_empty())
+}
+
 /// Reverses [`escape`]. Rejects anything `escape` could not have produced.
 pub fn unescape(token: &str) -> Result<String, SubjectError> {
+    decode(token, false)
+}
+
+/// Decodes the canonical form; with `leading_digit_escaped`, systemd's, whose first byte is
+/// escaped when it is a digit (an object path element may not start with one).
+fn decode(token: &str, leading_digit_escaped: bool) -> Result<String, SubjectError> {
     if token == "_" {
         return Ok(String::new());
     }
@@ -57,7 +74,8 @@ pub fn unescape(token: &str) -> Result<String, SubjectError> {
                 });
             };
             let decoded = (hi << 4) | lo;
-            if decoded.is_ascii_alphanumeric() {
+            let systemd_digit = leading_digit_escaped && i == 0 && decoded.is_ascii_digit();
+            if decoded.is_ascii_alphanumeric() && !systemd_digit {
                 return Err(SubjectError::BadEscape {
                     token: token.to_owned(),
                     reason: "escapes a letter or digit (not canonical)",
@@ -114,5 +132,21 @@ mod tests {
         assert!(unescape("a_2").is_err());
         assert!(unescape("a.b").is_err());
         assert!(unescape("").is_err());
+    }
+
+    #[test]
+    fn systemd_unit_paths() {
+        let unit = |p: &str| systemd_unit_of_path(p);
+        assert_eq!(
+            unit("/org/freedesktop/systemd1/unit/nosuch_2eservice").as_deref(),
+            Some("nosuch.service")
+        );
+        assert_eq!(
+            unit("/org/freedesktop/systemd1/unit/_31foo_2dbar_40x_2eservice").as_deref(),
+            Some("1foo-bar@x.service")
+        );
+        assert_eq!(unit("/org/freedesktop/systemd1/unit/x_2"), None);
+        assert_eq!(unit("/org/freedesktop/systemd1/unit/_"), None);
+        assert_eq!(unit("/org/freedesktop/systemd1"), None);
     }
 }
