@@ -8,10 +8,14 @@ use clap::{Args, Parser, Subcommand};
 /// Read, call and watch D-Bus (and systemd) on every machine at once, over NATS.
 ///
 /// Every query goes to all machines unless --nkeys, --hosts or --labels narrow it, and returns
-/// as soon as every machine answered. Machines that do not answer within --timeout are named.
-/// Exit status: 0 all machines succeeded; 1 some failed, timed out, were not connected or none
-/// matched; 2 usage or connection error, or the connection to NATS was lost during the command
-/// (disconnected).
+/// as soon as every machine answered. Machines the registry calls unresponsive are not asked but
+/// reported at once (--ask-unresponsive asks them); machines that stop answering are named as
+/// timed out, a grace after the others answered or at --timeout.
+///
+/// Exit status: 0 every machine succeeded; 1 some machine failed (an error reply, a failed job)
+/// or none matched; 2 usage or connection error, or the connection to NATS was lost during the
+/// command (disconnected); 3 no machine failed, but some could not be reached (unresponsive,
+/// timed out, not connected, stopped).
 #[derive(Debug, Parser)]
 #[command(name = "cbus", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
@@ -83,6 +87,15 @@ pub struct TargetArgs {
     /// a job wait adds --job-timeout [default: 5s]
     #[arg(long, short = 't', global = true, value_name = "DURATION")]
     pub timeout: Option<String>,
+    /// Ask machines the registry calls unresponsive (heartbeats stopped) too, and wait for them
+    /// like the others. Without it they are not asked: reported at once as `unresponsive
+    /// (silent 17s)`
+    #[arg(long, global = true)]
+    pub ask_unresponsive: bool,
+    /// Wait for every silent machine until --timeout, instead of a grace after the latest
+    /// answer: max(250ms, 2 x how long that answer took) (docs/cli.md, "Stuck machines")
+    #[arg(long, global = true)]
+    pub no_grace: bool,
 }
 
 #[derive(Debug, Clone, Args)]

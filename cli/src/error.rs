@@ -1,8 +1,10 @@
 //! Why a command did not fully succeed, and the exit code that says so.
 //!
 //! Scripts branch on the exit code, so the outcomes are kept apart by type rather than by
-//! message: 1 means "asked, but not every machine succeeded", 2 means "could not ask, or lost
-//! NATS while asking" (then nothing can be said about the machines, so no machine is blamed).
+//! message: 1 means "asked, and some machine failed" (or none matched), 3 means "no machine
+//! failed, but some could not be reached" (unresponsive, timed out, not connected, stopped),
+//! 2 means "could not ask, or lost NATS while asking" (then nothing can be said about the
+//! machines, so no machine is blamed).
 
 use std::fmt;
 
@@ -20,9 +22,13 @@ pub enum Failure {
     /// is unknown, so this is never reported as their timeout.
     #[error("disconnected: {0}")]
     Disconnected(String),
-    /// Some machines failed, did not answer, or none matched (already reported): exit 1.
+    /// Some machines failed (an error reply, a failed job), or none matched: exit 1.
     #[error("{0}")]
     Partial(String),
+    /// No machine failed, but some could not be reached: unresponsive, timed out, not
+    /// connected or stopped: exit 3.
+    #[error("{0}")]
+    Unreachable(String),
     /// Standard output was closed (`cbus monitor | head`): stop quietly, exit 0.
     #[error("standard output closed")]
     Closed,
@@ -33,6 +39,7 @@ impl Failure {
         match self {
             Failure::Closed => 0,
             Failure::Partial(_) => 1,
+            Failure::Unreachable(_) => 3,
             Failure::Usage(_) | Failure::Connection(_) | Failure::Disconnected(_) => 2,
         }
     }
@@ -62,6 +69,7 @@ mod tests {
             "disconnected: x"
         );
         assert_eq!(Failure::Partial("x".into()).exit_code(), 1);
+        assert_eq!(Failure::Unreachable("x".into()).exit_code(), 3);
         assert_eq!(Failure::Closed.exit_code(), 0);
         assert!(!Failure::Closed.is_reported());
     }

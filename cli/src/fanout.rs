@@ -19,7 +19,7 @@ use std::time::Duration;
 
 pub use cbus_protocol::duration::parse_duration;
 use cbus_protocol::fleet::{
-    AgentStatus, Fleet, FleetError, Outcome, Query, Selector, TargetOutcome,
+    AgentStatus, FanOutOptions, Fleet, FleetError, Outcome, Query, Selector, TargetOutcome,
 };
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
@@ -46,6 +46,8 @@ pub struct Context {
     pub selector: Selector,
     pub timeout: Duration,
     pub format: Format,
+    /// `--ask-unresponsive`, `--no-grace`.
+    pub options: FanOutOptions,
     /// When the command started; its deadline is this plus the budget.
     started: Instant,
     budget: Cell<Duration>,
@@ -96,6 +98,10 @@ impl Context {
             selector,
             timeout,
             format,
+            options: FanOutOptions {
+                ask_unresponsive: targets.ask_unresponsive,
+                grace: !targets.no_grace,
+            },
             started: Instant::now(),
             budget: Cell::new(timeout),
         })
@@ -220,7 +226,10 @@ impl Context {
                 .iter()
                 .map(|agent| TargetOutcome {
                     agent: agent.clone(),
-                    outcome: Outcome::TimedOut,
+                    outcome: Outcome::TimedOut {
+                        waited: Duration::ZERO,
+                        after_grace: false,
+                    },
                 })
                 .collect()
         } else {
@@ -229,7 +238,8 @@ impl Context {
                 member = query.member.as_deref().unwrap_or(""),
                 "asking"
             );
-            let asked = fleet.fan_out(targets, query, self.timeout.min(remaining));
+            let asked =
+                fleet.fan_out_with(targets, query, self.timeout.min(remaining), self.options);
             tokio::time::timeout_at(self.deadline() + FAN_OUT_SLACK, asked)
                 .await
                 .map_err(|_| self.no_answer("sending requests"))?
@@ -240,7 +250,7 @@ impl Context {
         };
         let silent = outcomes
             .iter()
-            .filter(|o| o.outcome == Outcome::TimedOut)
+            .filter(|o| matches!(o.outcome, Outcome::TimedOut { .. }))
             .count();
         if silent > 0 && health.lost_since(mark) {
             return Err(Failure::Disconnected(format!(
@@ -256,13 +266,38 @@ impl Context {
 }
 
 /// Exit status for a list of outcomes: success, or a summary naming every machine that did not
-/// succeed, grouped by why.
+/// succeed, grouped by why (an unresponsive machine with its silence, `web-3 (silent 17s)`;
+/// timed out with how long the fan-out waited).
 pub fn verdict(outcomes: &[TargetOutcome], timeout: Duration) -> Result<(), Failure> {
+    // Timed out at the grace: say how long it waited; at the timeout, the timeout.
+    let waited = outcomes
+        .iter()
+        .filter_map(|o| match o.outcome {
+            Outcome::TimedOut {
+                waited,
+                after_grace: true,
+            } => Some(waited),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(timeout);
+    let names: Vec<String> = outcomes
+        .iter()
+        .map(|o| match o.outcome {
+            Outcome::Unresponsive { silent } => format!(
+                "{} (silent {})",
+                o.agent.info.hostname,
+                render::silence(silent)
+            ),
+            _ => o.agent.info.hostname.clone(),
+        })
+        .collect();
     verdict_of(
-        outcomes
+        names
             .iter()
-            .map(|o| (o.agent.info.hostname.as_str(), render::status(&o.outcome))),
-        timeout,
+            .zip(outcomes)
+            .map(|(name, o)| (name.as_str(), render::status(&o.outcome))),
+        waited.min(timeout),
     )
 }
 
@@ -299,17 +334,24 @@ pub fn verdict_of<'a>(
                 "timed-out" => format!("timed out after {}", render::duration(timeout)),
                 "not-connected" => "not connected".into(),
                 "stopped" => "stopped".into(),
+                "unresponsive" => "unresponsive, not asked".into(),
                 other => other.to_owned(),
             };
             format!("{why}: {}", hosts.join(", "))
         })
         .collect();
-    Err(Failure::Partial(format!(
+    let message = format!(
         "{} of {} machine(s) did not succeed; {}",
         bad.len(),
         total.len(),
         parts.join("; ")
-    )))
+    );
+    // Any failure is exit 1; only machines that could not be reached is exit 3.
+    if groups.iter().all(|(s, _)| render::is_unreachable(s)) {
+        Err(Failure::Unreachable(message))
+    } else {
+        Err(Failure::Partial(message))
+    }
 }
 
 /// A spinner line on stderr while a fan-out runs, only when stderr is a terminal; cleared when
@@ -369,11 +411,18 @@ mod tests {
             t,
         )
         .unwrap_err();
-        assert_eq!(e.exit_code(), 1);
+        assert_eq!(e.exit_code(), 3);
         assert_eq!(
             e.to_string(),
             "3 of 4 machine(s) did not succeed; timed out after 5s: b, d; not connected: c"
         );
+        // A failure among the unreachable is exit 1.
+        let e = verdict_of(
+            [("a", "failed"), ("b", "unresponsive"), ("c", "ok")].into_iter(),
+            t,
+        )
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 1);
         // Several rows of one machine count it once.
         let e = verdict_of(
             [("a", "failed"), ("a", "failed"), ("b", "ok")].into_iter(),
@@ -402,6 +451,8 @@ mod tests {
             hosts: hosts.into_iter().map(Into::into).collect(),
             labels: labels.into_iter().map(Into::into).collect(),
             timeout: None,
+            ask_unresponsive: false,
+            no_grace: false,
         };
         let new = |t: &TargetArgs| {
             Context::new(conn.clone(), t, FileConfig::default(), Format::Table).map(|c| c.timeout)

@@ -151,9 +151,38 @@ pub fn status(o: &Outcome) -> &'static str {
         Outcome::Replied(r) if r.result.is_ok() => "ok",
         Outcome::Replied(_) => "failed",
         Outcome::NoResponders => "not-connected",
-        Outcome::TimedOut => "timed-out",
+        Outcome::TimedOut { .. } => "timed-out",
         Outcome::Stopped => "stopped",
+        Outcome::Unresponsive { .. } => "unresponsive",
     }
+}
+
+/// Whether a status word means the machine could not be reached (as opposed to answering with
+/// an error): these alone make exit code 3 (docs/cli.md, exit codes).
+pub fn is_unreachable(status: &str) -> bool {
+    matches!(
+        status,
+        "timed-out" | "not-connected" | "stopped" | "unresponsive"
+    )
+}
+
+/// How long a machine has been silent, for humans: `17s`, `1.5s`, `4m`.
+pub fn silence(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs < 10 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else if secs < 600 {
+        format!("{secs}s")
+    } else if secs < 36_000 {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{}h", secs / 3600)
+    }
+}
+
+/// `unresponsive (silent 17s)`.
+pub fn unresponsive(silent: Duration) -> String {
+    format!("unresponsive (silent {})", silence(silent))
 }
 
 /// The error of an outcome that is not a value: the agent's, or one standing for silence.
@@ -164,7 +193,17 @@ pub fn outcome_error(o: &Outcome, timeout: Duration) -> Option<ErrorBody> {
             ErrorCode::Disconnected,
             "not connected: no agent is listening for this machine on NATS",
         )),
-        Outcome::TimedOut => Some(ErrorBody::new(
+        Outcome::TimedOut {
+            waited,
+            after_grace: true,
+        } => Some(ErrorBody::new(
+            ErrorCode::Timeout,
+            format!(
+                "no answer within {} (the others had answered; grace ended)",
+                duration(*waited)
+            ),
+        )),
+        Outcome::TimedOut { .. } => Some(ErrorBody::new(
             ErrorCode::Timeout,
             format!("no answer within {}", duration(timeout)),
         )),
@@ -172,6 +211,9 @@ pub fn outcome_error(o: &Outcome, timeout: Duration) -> Option<ErrorBody> {
             ErrorCode::Disconnected,
             "stopped: the agent said goodbye",
         )),
+        Outcome::Unresponsive { silent } => {
+            Some(ErrorBody::new(ErrorCode::Timeout, unresponsive(*silent)))
+        }
     }
 }
 
@@ -216,6 +258,9 @@ pub fn json_result(t: &TargetOutcome, timeout: Duration) -> Value {
         other => {
             v["ok"] = json!(false);
             v["error"] = json!(outcome_error(other, timeout));
+            if let Outcome::Unresponsive { silent } = other {
+                v["silent_ms"] = json!(silent.as_millis() as u64);
+            }
         }
     }
     v
@@ -224,7 +269,14 @@ pub fn json_result(t: &TargetOutcome, timeout: Duration) -> Value {
 /// Counts per status, the machines that did not succeed, and how long the fan-out took.
 pub fn summary(outcomes: &[TargetOutcome], elapsed: Duration, timeout: Duration) -> Value {
     let mut counts = Map::new();
-    for key in ["ok", "failed", "timed-out", "not-connected", "stopped"] {
+    for key in [
+        "ok",
+        "failed",
+        "timed-out",
+        "not-connected",
+        "stopped",
+        "unresponsive",
+    ] {
         counts.insert(key.into(), json!(0));
     }
     let mut not_ok = Vec::new();
@@ -427,14 +479,37 @@ mod tests {
     #[test]
     fn outcome_errors_name_the_silence() {
         let t = Duration::from_secs(5);
+        let full = Outcome::TimedOut {
+            waited: Duration::from_millis(4_990),
+            after_grace: false,
+        };
+        assert_eq!(outcome_error(&full, t).unwrap().code, ErrorCode::Timeout);
+        assert_eq!(problem(&full, t).unwrap(), "no answer within 5s");
+        let cut = Outcome::TimedOut {
+            waited: Duration::from_millis(300),
+            after_grace: true,
+        };
         assert_eq!(
-            outcome_error(&Outcome::TimedOut, t).unwrap().code,
-            ErrorCode::Timeout
+            problem(&cut, t).unwrap(),
+            "no answer within 300ms (the others had answered; grace ended)"
         );
+        let frozen = Outcome::Unresponsive {
+            silent: Duration::from_millis(17_400),
+        };
+        assert_eq!(status(&frozen), "unresponsive");
+        assert_eq!(problem(&frozen, t).unwrap(), "unresponsive (silent 17s)");
         assert_eq!(
-            problem(&Outcome::TimedOut, t).unwrap(),
-            "no answer within 5s"
+            problem(
+                &Outcome::Unresponsive {
+                    silent: Duration::from_millis(1_600)
+                },
+                t
+            )
+            .unwrap(),
+            "unresponsive (silent 1.6s)"
         );
+        assert!(is_unreachable("unresponsive") && is_unreachable("timed-out"));
+        assert!(!is_unreachable("failed") && !is_unreachable("unfinished"));
         assert_eq!(status(&Outcome::NoResponders), "not-connected");
     }
 }

@@ -48,7 +48,14 @@ pub async fn ask(
                 ErrorCode::Disconnected,
                 "the agent has stopped",
             )),
-            Some(Outcome::TimedOut) | None => MachineResult::TimedOut,
+            Some(Outcome::Unresponsive { silent }) => MachineResult::Failed(ErrorBody::new(
+                ErrorCode::Disconnected,
+                format!(
+                    "the agent is unresponsive (silent {} s); not asked",
+                    silent.as_secs()
+                ),
+            )),
+            Some(Outcome::TimedOut { .. }) | None => MachineResult::TimedOut,
         },
     }
 }

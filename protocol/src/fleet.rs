@@ -107,10 +107,46 @@ pub enum Outcome {
     Replied(Reply),
     /// Nobody listens on the agent's subject: it is not connected to NATS.
     NoResponders,
-    /// No answer before the deadline.
-    TimedOut,
+    /// No answer before the fan-out ended: at its timeout, or (`after_grace`) at the grace after
+    /// the others answered ([`FanOutOptions::grace`]); `waited` is how long it waited.
+    TimedOut { waited: Duration, after_grace: bool },
     /// Not asked, because the agent said goodbye.
     Stopped,
+    /// Not asked, because the registry says its heartbeats stopped
+    /// ([`AgentState::Unresponsive`]); `silent` is how long since its last one.
+    Unresponsive { silent: Duration },
+}
+
+/// The shortest grace a fan-out gives the silent after its latest answer.
+pub const GRACE_MIN: Duration = Duration::from_millis(250);
+/// The grace is this many times the latest answer's delay.
+pub const GRACE_FACTOR: u32 = 2;
+
+/// How long a fan-out waits for the rest after an answer `latest` after the requests went out:
+/// `max(GRACE_MIN, GRACE_FACTOR x latest)` (answers arrive in order, so the latest is the
+/// slowest so far).
+pub fn grace_after(latest: Duration) -> Duration {
+    (latest * GRACE_FACTOR).max(GRACE_MIN)
+}
+
+/// How a fan-out treats machines that are, or turn out to be, silent.
+#[derive(Debug, Clone, Copy)]
+pub struct FanOutOptions {
+    /// Ask agents the registry calls unresponsive too (and wait for them like the others);
+    /// by default they are reported at once as [`Outcome::Unresponsive`].
+    pub ask_unresponsive: bool,
+    /// End the wait [`grace_after`] the latest answer, when no further answer came by then;
+    /// off, silent machines are waited for until the timeout.
+    pub grace: bool,
+}
+
+impl Default for FanOutOptions {
+    fn default() -> Self {
+        FanOutOptions {
+            ask_unresponsive: false,
+            grace: true,
+        }
+    }
 }
 
 /// One target and its outcome, in the order of the target list.
@@ -335,13 +371,28 @@ impl Fleet {
         Ok(found.into_values().collect())
     }
 
-    /// Sends `query` to each of `targets` and waits until every one answered or `timeout`
-    /// passed. Stopped agents are not asked. Outcomes come back in the order of `targets`.
+    /// [`Fleet::fan_out_with`] with the default options: unresponsive agents are not asked, and
+    /// the wait ends a grace after the latest answer.
     pub async fn fan_out(
         &self,
         targets: &[AgentStatus],
         query: &Query,
         timeout: Duration,
+    ) -> Result<Vec<TargetOutcome>, FleetError> {
+        self.fan_out_with(targets, query, timeout, FanOutOptions::default())
+            .await
+    }
+
+    /// Sends `query` to each of `targets` and waits until every one answered, `timeout` passed,
+    /// or (with `options.grace`) no further answer came within [`grace_after`] the latest one.
+    /// Stopped agents are not asked, nor (unless `options.ask_unresponsive`) unresponsive ones.
+    /// Outcomes come back in the order of `targets`.
+    pub async fn fan_out_with(
+        &self,
+        targets: &[AgentStatus],
+        query: &Query,
+        timeout: Duration,
+        options: FanOutOptions,
     ) -> Result<Vec<TargetOutcome>, FleetError> {
         let payload = Bytes::from(
             serde_json::to_vec(&query.request).map_err(|e| FleetError::Nats(e.to_string()))?,
@@ -350,7 +401,9 @@ impl Fleet {
         headers::set(&mut header_map, headers::REQUESTER, &self.requester);
         // `timeout` bounds the whole call: publishing and flushing wait for a connection while
         // the client reconnects, so they count against it too.
-        let until = Instant::now() + timeout;
+        let started = Instant::now();
+        let until = started + timeout;
+        let now_ms = presence::now_ms();
 
         // One reply subject per target, so "no responders" can be told apart per agent.
         let inbox = self.client.new_inbox();
@@ -364,6 +417,12 @@ impl Fleet {
         for (i, agent) in targets.iter().enumerate() {
             if agent.state == AgentState::Stopped {
                 outcomes[i] = Some(Outcome::Stopped);
+                continue;
+            }
+            if agent.state == AgentState::Unresponsive && !options.ask_unresponsive {
+                outcomes[i] = Some(Outcome::Unresponsive {
+                    silent: Duration::from_millis(now_ms.saturating_sub(agent.last_seen_ms)),
+                });
                 continue;
             }
             let subject = RequestSubject::new(
@@ -392,7 +451,9 @@ impl Fleet {
         }
         flush_until(&self.client, until).await?;
 
-        let deadline = until;
+        // Until the first answer only the timeout ends the wait (all silent says nothing about
+        // how long answers take); after each answer, the silent get a grace.
+        let mut deadline = until;
         while waiting > 0 {
             let msg = match timeout_at(deadline, sub.next()).await {
                 Ok(Some(msg)) => msg,
@@ -445,13 +506,22 @@ impl Fleet {
             };
             outcomes[i] = Some(outcome);
             waiting -= 1;
+            if options.grace {
+                let now = Instant::now();
+                deadline = until.min(now + grace_after(now - started));
+            }
         }
+        let waited = started.elapsed().min(timeout);
+        let after_grace = deadline < until;
         Ok(targets
             .iter()
             .zip(outcomes)
             .map(|(agent, outcome)| TargetOutcome {
                 agent: agent.clone(),
-                outcome: outcome.unwrap_or(Outcome::TimedOut),
+                outcome: outcome.unwrap_or(Outcome::TimedOut {
+                    waited,
+                    after_grace,
+                }),
             })
             .collect())
     }
@@ -596,8 +666,9 @@ pub fn summarize(outcomes: &[TargetOutcome]) -> HashMap<&'static str, usize> {
             Outcome::Replied(r) if r.result.is_ok() => "ok",
             Outcome::Replied(_) => "failed",
             Outcome::NoResponders => "not-connected",
-            Outcome::TimedOut => "timed-out",
+            Outcome::TimedOut { .. } => "timed-out",
             Outcome::Stopped => "stopped",
+            Outcome::Unresponsive { .. } => "unresponsive",
         };
         *counts.entry(key).or_insert(0) += 1;
     }
@@ -611,5 +682,23 @@ impl PresenceKind {
             PresenceKind::Heartbeat => "heartbeat",
             PresenceKind::Goodbye => "goodbye",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grace_is_twice_the_latest_answer_at_least_250ms() {
+        assert_eq!(grace_after(Duration::from_millis(10)), GRACE_MIN);
+        assert_eq!(
+            grace_after(Duration::from_millis(125)),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            grace_after(Duration::from_millis(400)),
+            Duration::from_millis(800)
+        );
     }
 }

@@ -6,8 +6,10 @@
 //! in one read instead of waiting for heartbeats. Without JetStream, [`crate::subject::PING`]
 //! gives the same information.
 //!
-//! States (as in the testbed seed): `running` while heartbeats arrive, `unresponsive` after
-//! [`MISSED_HEARTBEATS`] intervals of silence, `stopped` after a goodbye, `gone` once the registry
+//! States (as in the testbed seed): `running` while heartbeats arrive, `unresponsive` once silent
+//! for more than [`MISSED_HEARTBEATS`] intervals since the last heartbeat (by the registry's
+//! published time: an agent frozen just before a heartbeat is due is unresponsive 2 intervals
+//! after the freeze, one frozen just after it, 3), `stopped` after a goodbye, `gone` once the registry
 //! entry expired ([`REGISTRY_MAX_AGE`]) or a listener forgot it.
 
 use std::collections::BTreeMap;
@@ -139,6 +141,19 @@ mod tests {
         assert_eq!(
             AgentState::derive(PresenceKind::Goodbye, hb, Duration::ZERO),
             AgentState::Stopped
+        );
+        // The rule: silent for more than 3 intervals since the last heartbeat.
+        assert_eq!(
+            AgentState::derive(PresenceKind::Heartbeat, hb, hb * 3),
+            AgentState::Running
+        );
+        assert_eq!(
+            AgentState::derive(
+                PresenceKind::Heartbeat,
+                hb,
+                hb * 3 + Duration::from_millis(1)
+            ),
+            AgentState::Unresponsive
         );
     }
 

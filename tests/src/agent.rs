@@ -76,8 +76,15 @@ impl Agent {
         let nkey = cbus_protocol::nkey::from_ssh_host_key(key)
             .expect("host key")
             .public_key();
+        // 500 ms heartbeats unless the test asks for its own interval.
+        let heartbeat: &[&str] = if extra.contains(&"--heartbeat") {
+            &[]
+        } else {
+            &["--heartbeat", "500ms"]
+        };
         let child = Command::new(bin_path("cbus-agent"))
-            .args(["--nats-url", nats_url, "--bus", bus, "--heartbeat", "500ms"])
+            .args(["--nats-url", nats_url, "--bus", bus])
+            .args(heartbeat)
             .arg("--host-key")
             .arg(key)
             .args(extra)

@@ -350,13 +350,13 @@ async fn silent_crashed_and_stopped_machines_are_named() {
     wait_agents(&nats, 3).await;
 
     // A frozen agent keeps its NATS subscription but never answers: timed out, by name, and
-    // the command returns at the timeout, not later.
+    // the command returns at the timeout, not later (--no-grace: the grace is tested below).
     signal(&b.agent, libc::SIGSTOP);
     let started = Instant::now();
-    let out = get(&url, &["--timeout", "1s", "--json"], "String");
+    let out = get(&url, &["--timeout", "1s", "--no-grace", "--json"], "String");
     let wall = started.elapsed();
     signal(&b.agent, libc::SIGCONT);
-    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
     let doc = json_of(&out);
     let r = result_of(&doc, "sil-b");
     assert_eq!(r["status"], "timed-out");
@@ -380,7 +380,7 @@ async fn silent_crashed_and_stopped_machines_are_named() {
     let started = Instant::now();
     let out = get(&url, &["--timeout", "10s"], "String");
     let wall = started.elapsed();
-    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
     assert!(wall < Duration::from_secs(5), "{wall:?}");
     let text = stdout(&out);
     assert!(
@@ -405,7 +405,7 @@ async fn silent_crashed_and_stopped_machines_are_named() {
     // A stopped agent (SIGTERM: goodbye) is reported stopped and not asked.
     a.agent.stop();
     let out = get(&url, &["--json"], "String");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
     let doc = json_of(&out);
     assert_eq!(result_of(&doc, "sil-a")["status"], "stopped");
     assert_eq!(result_of(&doc, "sil-b")["status"], "ok");
@@ -416,6 +416,196 @@ async fn silent_crashed_and_stopped_machines_are_named() {
         ok_stdout(&get(&url, &["-s", "-M", "sil-b"], "String")),
         "sil-b\thello\n"
     );
+}
+
+/// A machine frozen long enough for the registry to call it unresponsive (SIGSTOP: a hung host)
+/// is reported at once, with its silence, and not waited for; `--ask-unresponsive` asks it.
+#[tokio::test]
+async fn an_unresponsive_machine_is_reported_at_once() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let _a = machine(&url, "frz-a", "x");
+    let b = machine(&url, "frz-b", "x");
+    let _c = machine(&url, "frz-c", "x");
+    wait_agents(&nats, 3).await;
+
+    // 500 ms heartbeats: unresponsive more than 3 intervals after the last heartbeat, so 1 to
+    // 1.5 s after the freeze (plus a registry read).
+    signal(&b.agent, libc::SIGSTOP);
+    let frozen = Instant::now();
+    let ok = cbus_tests::wait_for(Duration::from_secs(10), || async {
+        let doc = json_of(&cbus(&url, &["agents", "--json"]));
+        doc["agents"][1]["state"] == "unresponsive"
+    })
+    .await;
+    let noticed = frozen.elapsed();
+    println!("frz-b unresponsive {noticed:?} after SIGSTOP (heartbeat 500ms)");
+    assert!(ok, "frz-b never became unresponsive");
+    assert!(
+        noticed >= Duration::from_millis(900) && noticed < Duration::from_millis(2500),
+        "unresponsive {noticed:?} after the freeze; 3 heartbeats are 1.5s"
+    );
+
+    // Not asked: the get returns far below its timeout, naming it with its silence; exit 3.
+    let started = Instant::now();
+    let out = get(&url, &["--timeout", "10s"], "String");
+    let wall = started.elapsed();
+    println!("get --timeout 10s with frz-b unresponsive: {wall:?}");
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+    assert!(wall < Duration::from_secs(3), "{wall:?}");
+    let text = stdout(&out);
+    let row = text.lines().find(|l| l.starts_with("frz-b")).unwrap_or("");
+    assert!(
+        row.starts_with("frz-b  unresponsive (silent ") && row.ends_with("s)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("frz-a  hello") && text.contains("frz-c  hello"),
+        "{text}"
+    );
+    assert!(
+        stderr(&out)
+            .contains("1 of 3 machine(s) did not succeed; unresponsive, not asked: frz-b (silent "),
+        "{}",
+        both(&out)
+    );
+    let out = get(&url, &["--timeout", "10s", "-s"], "String");
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+    assert!(
+        stdout(&out).contains("frz-b\tunresponsive (silent "),
+        "{}",
+        both(&out)
+    );
+    let out = get(&url, &["--timeout", "10s", "--json"], "String");
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+    let doc = json_of(&out);
+    let r = result_of(&doc, "frz-b");
+    assert_eq!(
+        (
+            r["status"].clone(),
+            r["ok"].clone(),
+            r["error"]["code"].clone()
+        ),
+        (json!("unresponsive"), json!(false), json!("timeout")),
+        "{r}"
+    );
+    assert!(r["silent_ms"].as_u64().unwrap() > 1500, "{r}");
+    assert_eq!(doc["summary"]["unresponsive"], 1);
+    assert_eq!(doc["summary"]["ok"], 2);
+    assert!(
+        doc["summary"]["elapsed_ms"].as_u64().unwrap() < 3000,
+        "{doc}"
+    );
+
+    // Asked anyway: it is timed out, after the grace (the others answered) ...
+    let started = Instant::now();
+    let out = get(
+        &url,
+        &["--timeout", "10s", "--ask-unresponsive", "--json"],
+        "String",
+    );
+    let wall = started.elapsed();
+    println!("get --ask-unresponsive --timeout 10s: {wall:?}");
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+    let r = result_of(&json_of(&out), "frz-b");
+    assert_eq!(r["status"], "timed-out", "{r}");
+    assert!(wall < Duration::from_secs(3), "{wall:?}");
+    // ... or, without the grace, at the timeout.
+    let started = Instant::now();
+    let out = get(
+        &url,
+        &["--timeout", "2s", "--ask-unresponsive", "--no-grace"],
+        "String",
+    );
+    let wall = started.elapsed();
+    println!("get --ask-unresponsive --no-grace --timeout 2s: {wall:?}");
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+    assert!(
+        stdout(&out).contains("frz-b  no answer within 2s"),
+        "{}",
+        both(&out)
+    );
+    assert!(
+        wall >= Duration::from_secs(2) && wall < Duration::from_secs(6),
+        "{wall:?}"
+    );
+
+    // Thawed, it heartbeats again and answers: exit 0.
+    signal(&b.agent, libc::SIGCONT);
+    let ok = cbus_tests::wait_for(Duration::from_secs(10), || async {
+        get(&url, &["--timeout", "2s"], "String").status.code() == Some(0)
+    })
+    .await;
+    assert!(ok, "frz-b did not come back");
+}
+
+/// A machine that freezes while the registry still says running (5 s heartbeats, frozen right
+/// after one) is asked, stays silent, and holds the others only for the grace, not --timeout.
+#[tokio::test]
+async fn a_machine_frozen_mid_query_holds_the_others_only_for_the_grace() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let slow_beat = |host: &str| {
+        let bus = PrivateBus::start();
+        let svc = TestService::start(bus.address());
+        let agent = Agent::start(
+            &url,
+            bus.address(),
+            &["--allow-all", "--hostname", host, "--heartbeat", "5s"],
+        );
+        Machine {
+            agent,
+            _svc: svc,
+            _bus: bus,
+        }
+    };
+    let _a = slow_beat("mid-a");
+    let b = slow_beat("mid-b");
+    let _c = slow_beat("mid-c");
+    wait_agents(&nats, 3).await;
+    // Each machine answers first, so all three are live when the freeze comes.
+    assert_eq!(
+        get(&url, &["--timeout", "10s"], "String").status.code(),
+        Some(0)
+    );
+
+    signal(&b.agent, libc::SIGSTOP);
+    let doc = json_of(&cbus(&url, &["agents", "--json"]));
+    assert_eq!(doc["agents"][1]["hostname"], "mid-b");
+    assert_eq!(doc["agents"][1]["state"], "running", "{doc}");
+    let started = Instant::now();
+    let out = get(&url, &["--timeout", "10s", "--json"], "String");
+    let wall = started.elapsed();
+    println!("get --timeout 10s with mid-b frozen mid-query: {wall:?}");
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+    let doc = json_of(&out);
+    let r = result_of(&doc, "mid-b");
+    assert_eq!(r["status"], "timed-out", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the others had answered; grace ended"),
+        "{r}"
+    );
+    assert_eq!(result_of(&doc, "mid-a")["value"], "hello");
+    assert_eq!(result_of(&doc, "mid-c")["value"], "hello");
+    let elapsed = doc["summary"]["elapsed_ms"].as_u64().unwrap();
+    println!("fan-out elapsed_ms {elapsed}");
+    assert!(elapsed < 2000, "{doc}");
+    assert!(wall < Duration::from_secs(3), "{wall:?}");
+    assert!(
+        stderr(&out).contains("1 of 3 machine(s) did not succeed; timed out after "),
+        "{}",
+        both(&out)
+    );
+    // The grace is what ended it: without, the same get waits its timeout.
+    let started = Instant::now();
+    let out = get(&url, &["--timeout", "2s", "--no-grace"], "String");
+    let wall = started.elapsed();
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+    assert!(wall >= Duration::from_secs(2), "{wall:?}");
+    signal(&b.agent, libc::SIGCONT);
 }
 
 /// Without JetStream, cbus learns the fleet by ping and still works.

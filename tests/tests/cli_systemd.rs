@@ -66,7 +66,7 @@ async fn systemd_shortcuts_change_real_units() {
     .await
     .unwrap();
     let (m1, m2) = (machines.get("cli-m1"), machines.get("cli-m2"));
-    let _agents: Vec<Agent> = [m1, m2]
+    let agents: Vec<Agent> = [m1, m2]
         .iter()
         .map(|m| {
             Agent::start_with_key(
@@ -294,6 +294,57 @@ async fn systemd_shortcuts_change_real_units() {
     let out = cbus(&url, &["start", "no-such.service"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("not-found"), "{}", both(&out));
+
+    // A frozen agent on a real systemd machine (SIGSTOP, as a hung host looks): unresponsive
+    // within 3 heartbeats (500 ms), then reported at once instead of waited for; exit 3.
+    let frozen_pid = agents[1].pid().expect("cli-m2's agent runs") as i32;
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(frozen_pid, libc::SIGSTOP) };
+    let frozen = Instant::now();
+    let state_of_m2 = || {
+        let doc = json_of(&cbus(&url, &["agents", "--json"]));
+        doc["agents"][1]["state"].as_str().unwrap_or("").to_owned()
+    };
+    let ok = cbus_tests::wait_for(Duration::from_secs(10), || async {
+        state_of_m2() == "unresponsive"
+    })
+    .await;
+    let noticed = frozen.elapsed();
+    println!("cli-m2 unresponsive {noticed:?} after SIGSTOP (heartbeat 500ms)");
+    assert!(ok, "cli-m2 never became unresponsive");
+    assert!(noticed < Duration::from_millis(2500), "{noticed:?}");
+    let started = Instant::now();
+    let out = cbus(&url, &["--timeout", "10s", "status", "cbus-sleeper"]);
+    let wall = started.elapsed();
+    println!(
+        "status --timeout 10s with cli-m2 frozen: {wall:?}\n{}",
+        both(&out)
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+    assert!(wall < Duration::from_secs(3), "{wall:?}");
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("cli-m2") && l.contains("unresponsive (silent ")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("cli-m1") && l.contains("active")),
+        "{text}"
+    );
+    assert!(
+        stderr(&out).contains("unresponsive, not asked: cli-m2"),
+        "{}",
+        both(&out)
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(frozen_pid, libc::SIGCONT) };
+    let ok = cbus_tests::wait_for(Duration::from_secs(10), || async {
+        state_of_m2() == "running"
+    })
+    .await;
+    assert!(ok, "cli-m2 did not come back");
 
     // Cleanup for the machines' shutdown.
     let _ = cbus(&url, &["stop", "cbus-sleeper", "cbus-slow"]);

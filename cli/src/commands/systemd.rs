@@ -631,6 +631,7 @@ fn job_error_code(status: &str) -> ErrorCode {
     match status {
         "timed-out" | "unfinished" => ErrorCode::Timeout,
         "not-connected" | "stopped" => ErrorCode::Disconnected,
+        "unresponsive" => ErrorCode::Timeout,
         _ => ErrorCode::InternalError,
     }
 }
@@ -787,11 +788,13 @@ async fn poll_jobs(ctx: &Context, rows: &mut [JobRow]) -> Result<(), Failure> {
             let asked = ctx
                 .ask_quietly(std::slice::from_ref(&agent), &property(&job, JOB, "State"))
                 .await?;
-            let outcome = asked
-                .outcomes
-                .into_iter()
-                .next()
-                .map_or(Outcome::TimedOut, |o| o.outcome);
+            let outcome = asked.outcomes.into_iter().next().map_or(
+                Outcome::TimedOut {
+                    waited: Duration::ZERO,
+                    after_grace: false,
+                },
+                |o| o.outcome,
+            );
             Ok::<_, Failure>((i, outcome))
         })
         .buffer_unordered(CONCURRENCY)
@@ -802,7 +805,7 @@ async fn poll_jobs(ctx: &Context, rows: &mut [JobRow]) -> Result<(), Failure> {
         if row.finished {
             continue;
         }
-        if outcome != Outcome::TimedOut {
+        if !matches!(outcome, Outcome::TimedOut { .. }) {
             row.silent_since = None;
         }
         match &outcome {
@@ -813,7 +816,7 @@ async fn poll_jobs(ctx: &Context, rows: &mut [JobRow]) -> Result<(), Failure> {
             },
             // A frozen server looks like silent machines until the client's pings notice it;
             // a machine is given up only after a silence longer than that.
-            Outcome::TimedOut
+            Outcome::TimedOut { .. }
                 if row.silent_since.get_or_insert(polled).elapsed() < SILENCE_LIMIT => {}
             other => {
                 row.lost = Some((
