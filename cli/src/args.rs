@@ -93,7 +93,7 @@ pub struct TargetArgs {
     #[arg(long, global = true)]
     pub ask_unresponsive: bool,
     /// Wait for every silent machine until --timeout, instead of a grace after the latest
-    /// answer: max(250ms, 2 x how long that answer took) (docs/cli.md, "Stuck machines")
+    /// answer: max(1s, 2 x how long that answer took), for reads (docs/cli.md, "Stuck machines")
     #[arg(long, global = true)]
     pub no_grace: bool,
 }

@@ -117,8 +117,10 @@ pub enum Outcome {
     Unresponsive { silent: Duration },
 }
 
-/// The shortest grace a fan-out gives the silent after its latest answer.
-pub const GRACE_MIN: Duration = Duration::from_millis(250);
+/// The shortest grace a fan-out gives the silent after its latest answer. A second: on a loaded
+/// two-core host a live agent's answer can lag the others by a few hundred milliseconds, and a
+/// live machine cut off is a wrong report.
+pub const GRACE_MIN: Duration = Duration::from_secs(1);
 /// The grace is this many times the latest answer's delay.
 pub const GRACE_FACTOR: u32 = 2;
 
@@ -135,8 +137,9 @@ pub struct FanOutOptions {
     /// Ask agents the registry calls unresponsive too (and wait for them like the others);
     /// by default they are reported at once as [`Outcome::Unresponsive`].
     pub ask_unresponsive: bool,
-    /// End the wait [`grace_after`] the latest answer, when no further answer came by then;
-    /// off, silent machines are waited for until the timeout.
+    /// End the wait [`grace_after`] the latest answer, when no further answer came by then
+    /// (reads only: get, getall, introspect, list-names); off, silent machines are waited for
+    /// until the timeout.
     pub grace: bool,
 }
 
@@ -506,7 +509,8 @@ impl Fleet {
             };
             outcomes[i] = Some(outcome);
             waiting -= 1;
-            if options.grace {
+            // Reads only: a set or call cut off may still run, so its machine is waited for.
+            if options.grace && query.op.is_read() {
                 let now = Instant::now();
                 deadline = until.min(now + grace_after(now - started));
             }
@@ -690,15 +694,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grace_is_twice_the_latest_answer_at_least_250ms() {
+    fn grace_is_twice_the_latest_answer_at_least_a_second() {
         assert_eq!(grace_after(Duration::from_millis(10)), GRACE_MIN);
         assert_eq!(
-            grace_after(Duration::from_millis(125)),
-            Duration::from_millis(250)
+            grace_after(Duration::from_millis(500)),
+            Duration::from_secs(1)
         );
         assert_eq!(
-            grace_after(Duration::from_millis(400)),
-            Duration::from_millis(800)
+            grace_after(Duration::from_millis(700)),
+            Duration::from_millis(1400)
         );
     }
 }
