@@ -26,9 +26,6 @@ use clap::Parser;
 // `--token` was the agent's NATS token flag before the settings were shared.
 #[command(mut_arg("nats_token", |a| a.alias(TOKEN_ALIAS)))]
 pub struct Config {
-    /// NATS settings, the same in every part (`cbus_protocol::connect`).
-    #[command(flatten)]
-    pub nats: NatsArgs,
     /// SSH ed25519 host key; its seed becomes the agent's NATS nkey (the agent id).
     #[arg(long, env = "CBUS_HOST_KEY", default_value = cbus_protocol::nkey::DEFAULT_HOST_KEY)]
     pub host_key: PathBuf,
@@ -100,6 +97,10 @@ pub struct Config {
     /// How often the agent publishes its own metrics on dbus.metrics.<nkey>.
     #[arg(long, env = "CBUS_METRICS_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub metrics_interval: Duration,
+    /// NATS settings, the same in every part (`cbus_protocol::connect`). Last, under their own
+    /// help heading.
+    #[command(flatten)]
+    pub nats: NatsArgs,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -16,11 +16,6 @@ use clap::Parser;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "cbus-gateway", version, about)]
 pub struct Config {
-    /// NATS settings, the same in every part (`cbus_protocol::connect`). Here `--nats-token`
-    /// has no `--token` alias: `--token` is the token of the gateway's own clients.
-    #[command(flatten)]
-    pub nats: NatsArgs,
-
     /// HTTP(S) listen address for the dashboard, /ws and /metrics.
     #[arg(long, env = "CBUS_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -100,6 +95,11 @@ pub struct Config {
     /// Default timeout of requests sent to machines.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+    /// NATS settings, the same in every part (`cbus_protocol::connect`), last, under their own
+    /// help heading. Here `--nats-token` has no `--token` alias: `--token` is the token of the
+    /// gateway's own clients.
+    #[command(flatten)]
+    pub nats: NatsArgs,
 }
 
 #[cfg(test)]
