@@ -131,14 +131,6 @@ impl NatsArgs {
         Ok(urls)
     }
 
-    /// The URLs for messages (comma-separated; the default when none is given).
-    pub fn urls_text(&self) -> String {
-        match self.urls() {
-            Ok(urls) => urls.join(","),
-            Err(_) => self.nats_url.join(","),
-        }
-    }
-
     /// Connection options carrying these credentials (the nkey seed file is read here).
     pub async fn options(&self) -> Result<ConnectOptions, NatsArgsError> {
         self.options_with_seed(None).await
