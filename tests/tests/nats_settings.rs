@@ -1,6 +1,6 @@
 //! The NATS settings every part shares (`cbus_protocol::connect::NatsArgs`), on real parts: the
 //! CLI takes a private CA from `NATS_CA` (it used to ignore it) or from its config file, and the
-//! gateway authenticates with an nkey seed file given as `--nkey` or `NATS_NKEY`.
+//! gateway (and the agent) authenticate with an nkey seed file given as `--nkey` or `NATS_NKEY`.
 
 #[path = "cli_support/mod.rs"]
 mod support;
@@ -66,39 +66,38 @@ fn cli_takes_the_private_ca_from_nats_ca_and_the_config_file() {
     assert!(stdout(&out).contains(&agent.nkey), "{}", both(&out));
 }
 
+/// Writes `key`'s seed to `dir/name`, as `nk -gen user` would.
+fn seed_file(dir: &std::path::Path, name: &str, key: &nkeys::KeyPair) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{}\n", key.seed().expect("seed"))).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
 #[test]
-fn gateway_authenticates_with_an_nkey_seed_file() {
+fn gateway_and_agent_authenticate_with_nkey_seed_files() {
     let bus = PrivateBus::start();
     let gateway_key = nkeys::KeyPair::new_user();
+    let agent_key = nkeys::KeyPair::new_user();
     let nats = NatsServer::start_with_config(&format!(
-        "authorization {{ users = [
-            {{ nkey: {} }}
-            {{ user: agent, password: pw }}
-        ] }}",
-        gateway_key.public_key()
+        "authorization {{ users = [ {{ nkey: {} }}, {{ nkey: {} }} ] }}",
+        gateway_key.public_key(),
+        agent_key.public_key()
     ));
     let dir = tempfile::tempdir().unwrap();
-    let seed_file = dir.path().join("gateway.nk");
-    std::fs::write(
-        &seed_file,
-        format!("{}\n", gateway_key.seed().expect("seed")),
-    )
-    .unwrap();
-    let seed_file = seed_file.to_str().unwrap();
-    let agent = Agent::start(
-        &nats.url(),
-        bus.address(),
-        &["--user", "agent", "--password", "pw"],
-    );
+    let gateway_seed = seed_file(dir.path(), "gateway.nk", &gateway_key);
+    let gateway_seed = gateway_seed.as_str();
+    // The agent's id stays its host key's nkey; --nkey is only how it logs in to NATS.
+    let agent_seed = seed_file(dir.path(), "agent.nk", &agent_key);
+    let agent = Agent::start(&nats.url(), bus.address(), &["--nkey", &agent_seed]);
     let up = format!("nkey=\"{}\"}} 1", agent.nkey);
 
-    // The server admits no one without credentials: only a gateway that read the seed file
-    // gets in and sees the agent.
-    let by_flag = GatewayProcess::start(&nats.url(), "client-token", &["--nkey", seed_file]);
+    // The server admits only these two nkeys: only a gateway that read its seed file gets in,
+    // and it sees the agent only if that one read its seed file too.
+    let by_flag = GatewayProcess::start(&nats.url(), "client-token", &["--nkey", gateway_seed]);
     let by_env = GatewayProcess::start_with(GatewayStart {
         nats_url: &nats.url(),
         token: Some("client-token"),
-        env: &[("NATS_NKEY", seed_file)],
+        env: &[("NATS_NKEY", gateway_seed)],
         ..Default::default()
     });
     for gw in [&by_flag, &by_env] {
