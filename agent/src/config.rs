@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cbus_protocol::connect::{NatsArgs, TOKEN_ALIAS};
 use cbus_protocol::duration::parse_duration;
 use clap::Parser;
 
@@ -22,39 +23,19 @@ use clap::Parser;
                   Reads are always allowed; set and call only as the policy allows (see policy.example.toml).\n\
                   Every remote set and call is logged on target cbus_agent::audit."
 )]
+// `--token` was the agent's NATS token flag before the settings were shared.
+#[command(mut_arg("nats_token", |a| a.alias(TOKEN_ALIAS)))]
 pub struct Config {
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        value_delimiter = ','
-    )]
-    pub nats_url: Vec<String>,
     /// SSH ed25519 host key; its seed becomes the agent's NATS nkey (the agent id).
     #[arg(long, env = "CBUS_HOST_KEY", default_value = cbus_protocol::nkey::DEFAULT_HOST_KEY)]
     pub host_key: PathBuf,
     /// Use an nkey seed file (SU...) instead of the SSH host key.
     #[arg(long, env = "CBUS_NKEY_SEED_FILE")]
     pub nkey_seed_file: Option<PathBuf>,
-    /// Authenticate to NATS with the agent's own nkey.
-    #[arg(long, env = "CBUS_NATS_NKEY_AUTH")]
+    /// Authenticate to NATS with the agent's own nkey (from the host key or --nkey-seed-file)
+    /// instead of --nkey.
+    #[arg(long, env = "CBUS_NATS_NKEY_AUTH", conflicts_with = "nkey")]
     pub nats_nkey_auth: bool,
-    /// NATS credentials file (.creds).
-    #[arg(long, env = "NATS_CREDS")]
-    pub creds: Option<PathBuf>,
-    /// NATS user (with --password).
-    #[arg(long, env = "NATS_USER")]
-    pub user: Option<String>,
-    /// NATS password.
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
-    pub password: Option<String>,
-    /// NATS token.
-    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// CA certificate for a NATS server with TLS.
-    #[arg(long, env = "NATS_CA")]
-    pub tls_ca: Option<PathBuf>,
     /// Bus to bridge: system, user, or a D-Bus address (unix:path=...).
     #[arg(long, env = "CBUS_BUS", default_value = "system")]
     pub bus: String,
@@ -116,6 +97,10 @@ pub struct Config {
     /// How often the agent publishes its own metrics on dbus.metrics.<nkey>.
     #[arg(long, env = "CBUS_METRICS_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub metrics_interval: Duration,
+    /// NATS settings, the same in every part (`cbus_protocol::connect`). Last, under their own
+    /// help heading.
+    #[command(flatten)]
+    pub nats: NatsArgs,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -129,8 +114,64 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 mod tests {
     use super::*;
 
+    /// Serialises the tests that set or read the NATS_* and CBUS_* variables.
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn nats_settings_from_flags_aliases_and_environment() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        use clap::CommandFactory;
+        cbus_protocol::connect::assert_declared(&Config::command());
+        let flags = Config::try_parse_from([
+            "cbus-agent",
+            "--nats-url",
+            "nats://a:1,nats://b:2",
+            "--tls-ca",
+            "/ca.pem",
+            "--nats-token",
+            "t",
+        ])
+        .unwrap();
+        let old = Config::try_parse_from([
+            "cbus-agent",
+            "--server",
+            "nats://a:1,nats://b:2",
+            "--tls-ca",
+            "/ca.pem",
+            "--token",
+            "t",
+        ])
+        .unwrap();
+        std::env::set_var("NATS_URL", "nats://a:1,nats://b:2");
+        std::env::set_var("NATS_CA", "/ca.pem");
+        std::env::set_var("NATS_TOKEN", "t");
+        let env = Config::try_parse_from(["cbus-agent"]);
+        for v in ["NATS_URL", "NATS_CA", "NATS_TOKEN"] {
+            std::env::remove_var(v);
+        }
+        let env = env.unwrap();
+        assert_eq!(flags.nats.urls().unwrap(), vec!["nats://a:1", "nats://b:2"]);
+        assert_eq!(
+            flags.nats.tls_ca.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert_eq!(flags.nats.nats_token.as_deref(), Some("t"));
+        assert_eq!(flags.nats, old.nats);
+        assert_eq!(flags.nats, env.nats);
+        // Unset, the URL is the default; the agent's own nkey and --nkey exclude each other.
+        let none = Config::try_parse_from(["cbus-agent"]).unwrap();
+        assert_eq!(
+            none.nats.urls().unwrap(),
+            vec![cbus_protocol::connect::DEFAULT_URL]
+        );
+        assert!(
+            Config::try_parse_from(["cbus-agent", "--nats-nkey-auth", "--nkey", "/s"]).is_err()
+        );
+    }
+
     #[test]
     fn labels_and_lists_from_flags_and_environment() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
         let c = Config::try_parse_from(["cbus-agent", "--label", "role=web", "--label", "dc=x"])
             .unwrap();
         assert_eq!(
@@ -138,7 +179,6 @@ mod tests {
             vec![("role".into(), "web".into()), ("dc".into(), "x".into())]
         );
         assert!(Config::try_parse_from(["cbus-agent", "--label", "nope"]).is_err());
-        // The only test touching the environment, so no other test races with it.
         std::env::set_var("CBUS_LABELS", "a=1,b=2");
         std::env::set_var("CBUS_EXCLUDE_INTERFACE", "x.Y,z.W");
         std::env::set_var("CBUS_SIGNAL_QUEUE", "16");

@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error(transparent)]
-    Credentials(#[from] cbus_protocol::connect::CredentialsError),
+    Settings(#[from] cbus_protocol::connect::NatsArgsError),
     #[error("cannot connect to NATS at {urls}: {message}")]
     Connect { urls: String, message: String },
 }
@@ -26,16 +26,11 @@ pub async fn connect(
     id: &Identity,
     metrics: Arc<Metrics>,
 ) -> Result<async_nats::Client, ConnectError> {
-    let opts = cbus_protocol::connect::Credentials {
-        creds: config.creds.clone(),
-        nkey_seed: config.nats_nkey_auth.then(|| id.seed.0.clone()),
-        user: config.user.clone(),
-        password: config.password.clone(),
-        token: config.token.clone(),
-        tls_ca: config.tls_ca.clone(),
-    }
-    .options()
-    .await?;
+    let urls = config.nats.urls()?;
+    let opts = config
+        .nats
+        .options_with_seed(config.nats_nkey_auth.then(|| id.seed.0.clone()))
+        .await?;
     let m = metrics.clone();
     let opts = opts
         .name(format!("cbus-agent {}", cbus_protocol::VERSION))
@@ -65,11 +60,10 @@ pub async fn connect(
                 }
             }
         });
-    let urls = config.nats_url.join(",");
-    opts.connect(config.nats_url.clone())
+    opts.connect(urls.clone())
         .await
         .map_err(|e| ConnectError::Connect {
-            urls,
+            urls: urls.join(","),
             message: e.to_string(),
         })
 }

@@ -18,6 +18,8 @@ use clap::{Args, Parser, Subcommand};
 /// timed out, not connected, stopped).
 #[derive(Debug, Parser)]
 #[command(name = "cbus", version, about, long_about, max_term_width = 100)]
+// `--token` was the CLI's NATS token flag before the settings were shared.
+#[command(mut_arg("nats_token", |a| a.alias(cbus_protocol::connect::TOKEN_ALIAS)))]
 pub struct Cli {
     #[command(flatten)]
     pub conn: ConnArgs,
@@ -29,34 +31,10 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// How to reach NATS. Unset flags fall back to the environment, then to the config file
-/// (`$CBUS_CONFIG`, else `~/.config/cbus/config.toml`).
-#[derive(Debug, Clone, Args)]
-#[command(next_help_heading = "Connection")]
-pub struct ConnArgs {
-    /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222]
-    #[arg(long, global = true, env = "NATS_URL", value_name = "URL")]
-    pub server: Option<String>,
-    /// NATS credentials file (.creds)
-    #[arg(long, global = true, env = "NATS_CREDS", value_name = "FILE")]
-    pub creds: Option<PathBuf>,
-    /// File holding an nkey seed (SU...) to authenticate with. (`cbus subject` takes --nkey as
-    /// the agent to address instead.)
-    #[arg(long, global = true, value_name = "SEEDFILE")]
-    pub nkey: Option<String>,
-    /// NATS token
-    #[arg(long, global = true, env = "NATS_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// NATS user
-    #[arg(long, global = true, env = "NATS_USER")]
-    pub user: Option<String>,
-    /// NATS password
-    #[arg(long, global = true, env = "NATS_PASSWORD", hide_env_values = true)]
-    pub password: Option<String>,
-    /// CA certificate of a NATS server with TLS (requires TLS)
-    #[arg(long, global = true, value_name = "FILE")]
-    pub tls_ca: Option<PathBuf>,
-}
+/// How to reach NATS: the settings every part shares (`cbus_protocol::connect`). Unset flags
+/// fall back to the environment, then to the config file (`$CBUS_CONFIG`, else
+/// `~/.config/cbus/config.toml`). (`cbus subject` takes --nkey as the agent to address instead.)
+pub use cbus_protocol::connect::NatsArgs as ConnArgs;
 
 /// Which machines a command addresses.
 #[derive(Debug, Clone, Args)]
@@ -359,8 +337,62 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// Serialises the tests that set or read NATS_* variables.
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn nats_settings_from_flags_aliases_and_environment() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        cbus_protocol::connect::assert_declared(&Cli::command());
+        let flags = Cli::try_parse_from([
+            "cbus",
+            "agents",
+            "--nats-url",
+            "nats://a:1,nats://b:2",
+            "--tls-ca",
+            "/ca.pem",
+            "--nkey",
+            "/seed",
+            "--nats-token",
+            "t",
+        ])
+        .unwrap();
+        let old = Cli::try_parse_from([
+            "cbus",
+            "--server",
+            "nats://a:1,nats://b:2",
+            "--tls-ca",
+            "/ca.pem",
+            "--nkey",
+            "/seed",
+            "--token",
+            "t",
+            "agents",
+        ])
+        .unwrap();
+        std::env::set_var("NATS_URL", "nats://a:1,nats://b:2");
+        std::env::set_var("NATS_CA", "/ca.pem");
+        std::env::set_var("NATS_NKEY", "/seed");
+        std::env::set_var("NATS_TOKEN", "t");
+        let env = Cli::try_parse_from(["cbus", "agents"]);
+        for v in ["NATS_URL", "NATS_CA", "NATS_NKEY", "NATS_TOKEN"] {
+            std::env::remove_var(v);
+        }
+        let env = env.unwrap();
+        assert_eq!(flags.conn.urls().unwrap(), vec!["nats://a:1", "nats://b:2"]);
+        assert_eq!(
+            flags.conn.tls_ca.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert_eq!(flags.conn.nkey.as_deref(), Some("/seed"));
+        assert_eq!(flags.conn.nats_token.as_deref(), Some("t"));
+        assert_eq!(flags.conn, old.conn);
+        assert_eq!(flags.conn, env.conn);
+    }
+
     #[test]
     fn global_flags_anywhere_and_subject_nkey() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
         let cli = Cli::try_parse_from([
             "cbus", "get", "a.b", "/x", "P", "--json", "-M", "web-*", "-t", "2s",
         ])

@@ -7,7 +7,6 @@
 //! by unanswered pings ([`PING_INTERVAL`]); [`Health`] lets a command tell "NATS went away"
 //! from "machines are silent", so that it never blames machines for a lost connection.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +18,6 @@ use crate::args::ConnArgs;
 use crate::config::FileConfig;
 use crate::error::Failure;
 
-/// Default server when neither flags, environment nor config name one.
-pub const DEFAULT_SERVER: &str = "nats://127.0.0.1:4222";
 /// How long one connection attempt may take (TCP + TLS + handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// An idle connection is pinged this often; async-nats drops it after two unanswered pings, so
@@ -69,38 +66,11 @@ pub async fn connect(
     file: &FileConfig,
     deadline: Instant,
 ) -> Result<(async_nats::Client, Health), Failure> {
-    let server = args
-        .server
-        .clone()
-        .or_else(|| file.server.clone())
-        .unwrap_or_else(|| DEFAULT_SERVER.into());
-    let nkey_seed = match args.nkey.clone().map(PathBuf::from).or(file.nkey.clone()) {
-        Some(path) => {
-            let kp = cbus_protocol::nkey::from_seed_file(&path)
-                .map_err(|e| Failure::Usage(format!("--nkey: {e}")))?;
-            Some(kp.seed().map_err(|e| Failure::Usage(e.to_string()))?)
-        }
-        None => None,
-    };
-    let opts = cbus_protocol::connect::Credentials {
-        creds: args.creds.clone().or(file.creds.clone()),
-        nkey_seed,
-        user: args.user.clone().or(file.user.clone()),
-        password: args.password.clone().or(file.password.clone()),
-        token: args.token.clone().or(file.token.clone()),
-        tls_ca: args.tls_ca.clone().or(file.tls_ca.clone()),
-    }
-    .options()
-    .await
-    .map_err(|e| Failure::Usage(e.to_string()))?;
-    let urls: Vec<String> = server
-        .split(',')
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect();
-    if urls.is_empty() {
-        return Err(Failure::Usage("--server is empty".into()));
-    }
+    let nats = args.clone().or(file.nats.clone());
+    let usage = |e: cbus_protocol::connect::NatsArgsError| Failure::Usage(e.to_string());
+    let urls = nats.urls().map_err(usage)?;
+    let opts = nats.options().await.map_err(usage)?;
+    let server = urls.join(",");
     let failed =
         |why: String| Failure::Connection(format!("cannot connect to NATS at {server}: {why}"));
     let gave_up = Arc::new(AtomicBool::new(false));

@@ -438,13 +438,8 @@ mod tests {
     #[test]
     fn selection_is_validated_before_connecting() {
         let conn = crate::args::ConnArgs {
-            server: Some("nats://127.0.0.1:1".into()),
-            creds: None,
-            nkey: None,
-            token: None,
-            user: None,
-            password: None,
-            tls_ca: None,
+            nats_url: vec!["nats://127.0.0.1:1".into()],
+            ..Default::default()
         };
         let targets = |labels: Vec<&str>, hosts: Vec<&str>, nkeys: Vec<&str>| TargetArgs {
             nkeys: nkeys.into_iter().map(Into::into).collect(),

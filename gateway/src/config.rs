@@ -1,13 +1,13 @@
 //! Command-line flags and environment of `cbus-gateway`.
 //!
-//! NATS flags mirror the agent's and the CLI's, so one set of credentials works for all three;
-//! what they mean is decided once in `cbus_protocol::connect`. Client-facing flags (token,
-//! origins, TLS) are the gateway's own.
+//! NATS flags are the agent's and the CLI's ([`NatsArgs`]), so one set of credentials works for
+//! all three. Client-facing flags (token, origins, TLS) are the gateway's own.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cbus_protocol::connect::NatsArgs;
 use cbus_protocol::duration::parse_duration;
 use clap::Parser;
 
@@ -16,33 +16,6 @@ use clap::Parser;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "cbus-gateway", version, about)]
 pub struct Config {
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// NATS credentials file (.creds).
-    #[arg(long, env = "NATS_CREDS")]
-    pub creds: Option<PathBuf>,
-    /// File holding an nkey seed (`SU...`) to authenticate to NATS with.
-    #[arg(long, env = "NATS_NKEY")]
-    pub nkey: Option<PathBuf>,
-    /// NATS user.
-    #[arg(long, env = "NATS_USER")]
-    pub user: Option<String>,
-    /// NATS password.
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
-    pub password: Option<String>,
-    /// NATS token (for the NATS server; clients of the gateway use --client-token).
-    #[arg(
-        long = "nats-token",
-        alias = "token-nats",
-        env = "NATS_TOKEN",
-        hide_env_values = true
-    )]
-    pub nats_token: Option<String>,
-    /// CA certificate for a NATS server with TLS.
-    #[arg(long, env = "NATS_CA")]
-    pub tls_ca: Option<PathBuf>,
-
     /// HTTP(S) listen address for the dashboard, /ws and /metrics.
     #[arg(long, env = "CBUS_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -122,36 +95,11 @@ pub struct Config {
     /// Default timeout of requests sent to machines.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
-}
-
-impl Config {
-    /// The NATS credentials given on the command line.
-    pub fn credentials(&self) -> Result<cbus_protocol::connect::Credentials, std::io::Error> {
-        let nkey_seed = match &self.nkey {
-            Some(path) => Some(
-                std::fs::read_to_string(path)?
-                    .lines()
-                    .map(str::trim)
-                    .find(|l| l.starts_with("SU"))
-                    .ok_or_else(|| {
-                        std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            format!("{} holds no nkey seed (SU...)", path.display()),
-                        )
-                    })?
-                    .to_owned(),
-            ),
-            None => None,
-        };
-        Ok(cbus_protocol::connect::Credentials {
-            creds: self.creds.clone(),
-            nkey_seed,
-            user: self.user.clone(),
-            password: self.password.clone(),
-            token: self.nats_token.clone(),
-            tls_ca: self.tls_ca.clone(),
-        })
-    }
+    /// NATS settings, the same in every part (`cbus_protocol::connect`), last, under their own
+    /// help heading. Here `--nats-token` has no `--token` alias: `--token` is the token of the
+    /// gateway's own clients.
+    #[command(flatten)]
+    pub nats: NatsArgs,
 }
 
 #[cfg(test)]
@@ -160,6 +108,7 @@ mod tests {
 
     #[test]
     fn flags_parse() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
         let c = Config::try_parse_from([
             "cbus-gateway",
             "--allow-origin",
@@ -171,5 +120,62 @@ mod tests {
         assert_eq!(c.allow_origins.len(), 2);
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert!(Config::try_parse_from(["cbus-gateway", "--tls-cert", "a"]).is_err());
+        assert_eq!(c.token.as_deref(), Some("x"));
+        assert_eq!(
+            c.nats.nats_token, None,
+            "--token is the clients' token here"
+        );
+    }
+
+    /// Serialises the tests that set or read NATS_* variables.
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn nats_settings_from_flags_aliases_and_environment() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        use clap::CommandFactory;
+        cbus_protocol::connect::assert_declared(&Config::command());
+        let flags = Config::try_parse_from([
+            "cbus-gateway",
+            "--nats-url",
+            "nats://a:1,nats://b:2",
+            "--tls-ca",
+            "/ca.pem",
+            "--nkey",
+            "/seed",
+            "--nats-token",
+            "t",
+        ])
+        .unwrap();
+        let old = Config::try_parse_from([
+            "cbus-gateway",
+            "--server",
+            "nats://a:1,nats://b:2",
+            "--tls-ca",
+            "/ca.pem",
+            "--nkey",
+            "/seed",
+            "--token-nats",
+            "t",
+        ])
+        .unwrap();
+        std::env::set_var("NATS_URL", "nats://a:1,nats://b:2");
+        std::env::set_var("NATS_CA", "/ca.pem");
+        std::env::set_var("NATS_NKEY", "/seed");
+        std::env::set_var("NATS_TOKEN", "t");
+        let env = Config::try_parse_from(["cbus-gateway"]);
+        for v in ["NATS_URL", "NATS_CA", "NATS_NKEY", "NATS_TOKEN"] {
+            std::env::remove_var(v);
+        }
+        let env = env.unwrap();
+        assert_eq!(flags.nats.urls().unwrap(), vec!["nats://a:1", "nats://b:2"]);
+        assert_eq!(
+            flags.nats.tls_ca.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert_eq!(flags.nats.nkey.as_deref(), Some("/seed"));
+        assert_eq!(flags.nats.nats_token.as_deref(), Some("t"));
+        assert_eq!(flags.nats, old.nats);
+        assert_eq!(flags.nats, env.nats);
     }
 }

@@ -53,8 +53,8 @@ pub enum StartError {
     Auth(#[from] auth::AuthError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error("NATS credentials: {0}")]
-    Credentials(String),
+    #[error("NATS settings: {0}")]
+    Settings(#[from] cbus_protocol::connect::NatsArgsError),
     #[error("cannot connect to NATS at {url}: {message}")]
     Nats { url: String, message: String },
     #[error(transparent)]
@@ -311,18 +311,8 @@ async fn connect(
     config: &Config,
     reconnected: tokio::sync::mpsc::UnboundedSender<()>,
 ) -> Result<async_nats::Client, StartError> {
-    let opts = config
-        .credentials()
-        .map_err(|e| StartError::Credentials(e.to_string()))?
-        .options()
-        .await
-        .map_err(|e| StartError::Credentials(e.to_string()))?;
-    let urls: Vec<String> = config
-        .nats_url
-        .split(',')
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let urls = config.nats.urls()?;
+    let opts = config.nats.options().await?;
     let was_down = Arc::new(AtomicBool::new(false));
     opts.name("cbus-gateway")
         .retry_on_initial_connect()
@@ -341,10 +331,10 @@ async fn connect(
                 }
             }
         })
-        .connect(urls)
+        .connect(urls.clone())
         .await
         .map_err(|e| StartError::Nats {
-            url: config.nats_url.clone(),
+            url: urls.join(","),
             message: e.to_string(),
         })
 }

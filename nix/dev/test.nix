@@ -24,7 +24,7 @@ pkgs.testers.runNixOSTest {
     machine2 = import ./common.nix { natsUrl = "nats://hub:4222"; role = "worker"; };
   };
   testScript = ''
-    cbus = "cbus --server nats://127.0.0.1:4222"
+    cbus = "cbus --nats-url nats://127.0.0.1:4222"
     start_all()
     hub.wait_for_unit("nats.service")
     hub.wait_for_open_port(4222)

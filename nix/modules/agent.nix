@@ -36,8 +36,9 @@ in
     # --- how the agent authenticates to NATS (at most one besides nkeyAuth) ---
     nkeyAuth = mkOption {
       type = types.bool;
-      default = cfg.credentialsFile == null;
-      defaultText = literalExpression "config.services.cbus-agent.credentialsFile == null";
+      default = cfg.credentialsFile == null && cfg.nkeyFile == null;
+      defaultText = literalExpression
+        "config.services.cbus-agent.credentialsFile == null && config.services.cbus-agent.nkeyFile == null";
       description = ''
         Authenticate to NATS with the nkey derived from {option}`hostKeyFile` (`--nats-nkey-auth`).
         The server needs a user for that nkey: `cbus keyscan HOST` or `cbus nkey KEY.pub` prints it.
@@ -50,6 +51,15 @@ in
       description = ''
         NATS `.creds` file holding a user JWT and its nkey seed (`--creds`), for servers in
         operator/JWT mode. Give a path outside the Nix store.
+      '';
+    };
+    nkeyFile = mkOption {
+      type = secretPath;
+      default = null;
+      example = "/run/keys/cbus-agent.nk";
+      description = ''
+        File holding an nkey seed (`SU...`) to authenticate to NATS with (`--nkey`), instead of
+        the host key's nkey ({option}`nkeyAuth`). Give a path outside the Nix store.
       '';
     };
     environmentFile = mkOption {
@@ -176,8 +186,9 @@ in
       assertion = lib.length (lib.filter (x: x) [
         cfg.nkeyAuth
         (cfg.credentialsFile != null)
+        (cfg.nkeyFile != null)
       ]) <= 1;
-      message = "services.cbus-agent: use either nkeyAuth or credentialsFile, not both.";
+      message = "services.cbus-agent: use one of nkeyAuth, credentialsFile and nkeyFile.";
     }];
 
     systemd.services.cbus-agent = {
@@ -193,6 +204,7 @@ in
           [ "--host-key" cfg.hostKeyFile "--bus" cfg.bus "--heartbeat" cfg.heartbeat ]
           (optional cfg.nkeyAuth "--nats-nkey-auth")
           (optionals (cfg.credentialsFile != null) [ "--creds" (toString cfg.credentialsFile) ])
+          (optionals (cfg.nkeyFile != null) [ "--nkey" (toString cfg.nkeyFile) ])
           (optionals (cfg.tlsCaFile != null) [ "--tls-ca" (toString cfg.tlsCaFile) ])
           (optionals (cfg.nkeySeedFile != null) [ "--nkey-seed-file" (toString cfg.nkeySeedFile) ])
           (optionals (cfg.hostname != null) [ "--hostname" cfg.hostname ])

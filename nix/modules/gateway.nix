@@ -40,6 +40,15 @@ in
       example = "/run/keys/cbus-gateway.creds";
       description = "NATS `.creds` file, user JWT and seed (`--creds`). Give a path outside the Nix store.";
     };
+    nkeyFile = mkOption {
+      type = secretPath;
+      default = null;
+      example = "/run/keys/cbus-gateway.nk";
+      description = ''
+        File holding an nkey seed (`SU...`) to authenticate to NATS with (`--nkey`), passed as a
+        systemd credential. Give a path outside the Nix store.
+      '';
+    };
     environmentFile = mkOption {
       type = secretPath;
       default = null;
@@ -180,12 +189,14 @@ in
           ]))
         ] ++ concatLists [
           (credFlag "--creds" "nats.creds" cfg.credentialsFile)
+          (credFlag "--nkey" "nats.nk" cfg.nkeyFile)
           (credFlag "--token-file" "token" cfg.tokenFile)
           (credFlag "--tls-cert" "tls.crt" cfg.tls.certFile)
           (credFlag "--tls-key" "tls.key" cfg.tls.keyFile)
         ]);
         LoadCredential = concatLists [
           (credential "nats.creds" cfg.credentialsFile)
+          (credential "nats.nk" cfg.nkeyFile)
           (credential "token" cfg.tokenFile)
           (credential "tls.crt" cfg.tls.certFile)
           (credential "tls.key" cfg.tls.keyFile)

@@ -7,6 +7,7 @@
 //! fanning a request out to them. The human-readable version is docs/protocol.md.
 
 pub mod codec;
+#[cfg(feature = "clap")]
 pub mod connect;
 pub mod duration;
 pub mod envelope;

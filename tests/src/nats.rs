@@ -27,8 +27,44 @@ impl NatsServer {
         Self::start_inner(Some(text))
     }
 
-    fn start_inner(config_text: Option<&str>) -> NatsServer {
+    /// Starts with TLS required, its certificate signed by a private CA made for this server
+    /// ([`NatsServer::tls_ca`]); `text` is more config, as with [`NatsServer::start_with_config`].
+    pub fn start_tls(text: &str) -> NatsServer {
         let dir = tempfile::tempdir().expect("tempdir for nats-server");
+        let path = |name: &str| dir.path().join(name);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let server_cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&server_key, &ca)
+            .unwrap();
+        std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(path("server.pem"), server_cert.pem()).unwrap();
+        std::fs::write(path("server.key"), server_key.serialize_pem()).unwrap();
+        let text = format!(
+            "tls {{ cert_file: \"{}\", key_file: \"{}\" }}\n{text}",
+            path("server.pem").display(),
+            path("server.key").display()
+        );
+        Self::start_in(dir, Some(&text))
+    }
+
+    /// The private CA of a server started with [`NatsServer::start_tls`] (PEM).
+    pub fn tls_ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn start_inner(config_text: Option<&str>) -> NatsServer {
+        Self::start_in(
+            tempfile::tempdir().expect("tempdir for nats-server"),
+            config_text,
+        )
+    }
+
+    fn start_in(dir: tempfile::TempDir, config_text: Option<&str>) -> NatsServer {
         let config = config_text.map(|text| {
             let path = dir.path().join("nats.conf");
             std::fs::write(&path, text).expect("write nats config");

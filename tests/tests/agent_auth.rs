@@ -194,26 +194,8 @@ async fn creds_file() {
 async fn tls_with_private_ca() {
     let bus = PrivateBus::start();
     let _svc = TestService::start(bus.address());
-    let dir = tempfile::tempdir().unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let server_cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &ca)
-        .unwrap();
-    let path = |name: &str| dir.path().join(name);
-    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(path("server.pem"), server_cert.pem()).unwrap();
-    std::fs::write(path("server.key"), server_key.serialize_pem()).unwrap();
-    let nats = NatsServer::start_with_config(&format!(
-        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
-        path("server.pem").display(),
-        path("server.key").display()
-    ));
-    let ca_pem = path("ca.pem");
+    let nats = NatsServer::start_tls("");
+    let ca_pem = nats.tls_ca();
     let agent = Agent::start(
         &nats.url(),
         bus.address(),

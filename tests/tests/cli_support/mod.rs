@@ -18,6 +18,8 @@ pub fn command() -> Command {
         .env_remove("NATS_CREDS")
         .env_remove("NATS_USER")
         .env_remove("NATS_PASSWORD")
+        .env_remove("NATS_NKEY")
+        .env_remove("NATS_CA")
         .stdin(Stdio::null());
     c
 }
