@@ -260,7 +260,7 @@ impl Fleet {
         // The pending count a message carries is not enough to know the replay is complete:
         // nats-server 2.9 sometimes delivers the first entry twice and counts both, so pending
         // reaches 0 one entry early (a machine silently missing from a fan-out). The replay is
-        // complete when pending is 0 and as many distinct entries arrived as the consumer had
+        // complete when as many distinct entries (stream sequences) arrived as the consumer had
         // when it was created; if entries expired meanwhile, fewer ever come, so after pending
         // was 0 a short quiet spell ends the read too.
         let expected = consumer.cached_info().num_pending;
@@ -325,10 +325,13 @@ impl Fleet {
                     }
                 }
             }
+            // As many distinct entries as were promised: the replay is complete, whatever the
+            // pending count says (agents heartbeating while it runs keep it above 0 for a while,
+            // and a read that waited for 0 could outlast the caller's deadline).
+            if sequences.len() as u64 >= expected {
+                break;
+            }
             if pending == 0 {
-                if sequences.len() as u64 >= expected {
-                    break;
-                }
                 drained = true;
             }
         }
