@@ -77,11 +77,26 @@ impl NatsServer {
             child: None,
             frozen: false,
         };
-        server.spawn();
-        server
+        // A free port can be taken between `free_port` and the server's bind (tests start
+        // servers in parallel): the server then exits, and another port is tried.
+        for _ in 0..5 {
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(log) => {
+                    tracing::warn!(
+                        port = server.port,
+                        log,
+                        "nats-server did not start; another port"
+                    );
+                    server.port = free_port();
+                }
+            }
+        }
+        panic!("nats-server did not start on five free ports");
     }
 
-    fn spawn(&mut self) {
+    /// Starts the server on `self.port`; `Err` with its log when it exited before listening.
+    fn spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("nats-server");
         cmd.args([
             "-a",
@@ -105,14 +120,30 @@ impl NatsServer {
             .spawn()
             .expect("cannot start nats-server (apt-get install nats-server, or ./dev deps)");
         self.child = Some(child);
+        let log =
+            || std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        // Ready when this server says it listens: a connect alone could reach another process
+        // that holds the port.
+        loop {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                self.child = None;
+                return Err(log());
+            }
+            if log().contains("Listening for client connections")
+                && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            {
+                return Ok(());
+            }
             assert!(
                 Instant::now() < deadline,
                 "nats-server did not listen on {}: {}",
                 self.port,
-                std::fs::read_to_string(self.dir.path().join("nats-server.log"))
-                    .unwrap_or_default()
+                log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -161,7 +192,9 @@ impl NatsServer {
     /// Stops and starts again on the same port and store, for reconnect tests.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        if let Err(log) = self.spawn() {
+            panic!("nats-server did not restart on port {}: {log}", self.port);
+        }
     }
 
     /// A client connection.
