@@ -212,10 +212,13 @@ impl Fleet {
             "systemd-nspawn is missing: apt-get install systemd-container (or ./dev deps)"
         );
         sweep_stale();
+        // Tests of one binary boot fleets in parallel, so pid and time alone may repeat.
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = PathBuf::from(STATE_ROOT).join(format!(
-            "{}-{}",
+            "{}-{}-{}",
             std::process::id(),
-            cbus_protocol::presence::now_ms()
+            cbus_protocol::presence::now_ms(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("create machine state dir");
         std::fs::write(dir.join("owner.pid"), std::process::id().to_string())
@@ -471,9 +474,17 @@ fn sweep_stale() {
         return;
     };
     for fleet in entries.flatten() {
+        // The owner is in the name as well as in owner.pid: a fleet booting in a parallel test
+        // has its directory for a moment before its owner.pid (CI once swept one in that gap).
+        let named = fleet
+            .file_name()
+            .to_str()
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
         let owner = std::fs::read_to_string(fleet.path().join("owner.pid"))
             .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok());
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .or(named);
         let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
         if alive {
             continue;
