@@ -17,6 +17,44 @@ use zbus::Connection;
 /// forwarded at the rate the former 65,536 slots gave.)
 pub const MONITOR_QUEUE: usize = 8;
 
+/// Whether the agent is connected to its bus, as the name-owner tracker sees it: its connection
+/// lives as long as the bus does and notices a restart at once (its signal stream ends), while
+/// the request server's connection is opened lazily and would report only when a request comes.
+/// One writer (the tracker), readers in presence (`bus_connected` in every heartbeat) and the
+/// `cbus_agent_bus_connected` gauge, which is set here and nowhere else.
+#[derive(Clone)]
+pub struct BusLink {
+    state: Arc<tokio::sync::watch::Sender<bool>>,
+    gauge: prometheus::IntGauge,
+}
+
+impl BusLink {
+    pub fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.set(0);
+        BusLink {
+            state: Arc::new(tokio::sync::watch::Sender::new(false)),
+            gauge,
+        }
+    }
+
+    pub fn set(&self, up: bool) {
+        self.gauge.set(i64::from(up));
+        self.state.send_replace(up);
+    }
+
+    pub fn is_up(&self) -> bool {
+        *self.state.borrow()
+    }
+
+    /// Waits until connected, at most `patience`; says whether it is.
+    pub async fn wait_up(&self, patience: Duration) -> bool {
+        let mut rx = self.state.subscribe();
+        tokio::time::timeout(patience, rx.wait_for(|up| *up))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
 /// Which bus to bridge.
 #[derive(Debug, Clone)]
 pub enum BusKind {

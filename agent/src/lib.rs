@@ -28,6 +28,7 @@ pub mod schema_cache;
 pub mod signals;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cbus_protocol::presence::{AgentInfo, PresenceKind};
 use cbus_protocol::subject;
@@ -67,8 +68,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         config.nkey_seed_file.as_deref(),
         config.hostname.as_deref(),
     )?;
-    let nkey = id.nkey.clone();
-    let hostname = id.hostname.clone();
+    let me = requests::Identity {
+        nkey: id.nkey.clone(),
+        hostname: id.hostname.clone(),
+    };
     let metrics = Arc::new(metrics::Metrics::new()?);
     let policy = match (&config.policy, config.allow_all) {
         (_, true) => policy::Policy::allow_all(),
@@ -76,32 +79,25 @@ pub async fn run(config: Config) -> Result<(), Error> {
         (None, false) => policy::Policy::read_only(),
     };
     let bus = bus::BusKind::parse(&config.bus);
-    tracing::info!(%nkey, %hostname, bus = %config.bus, "starting cbus-agent {}", cbus_protocol::VERSION);
+    let link = bus::BusLink::new(metrics.bus_connected.clone());
+    tracing::info!(nkey = %me.nkey, hostname = %me.hostname, bus = %config.bus, "starting cbus-agent {}", cbus_protocol::VERSION);
 
     if let Some(addr) = config.metrics_listen {
-        // Bound now, so a taken port is a clear start-up error rather than a silent task failure.
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Listen { addr, source })?;
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(listener, m).await {
-                tracing::error!(error = %e, %addr, "metrics endpoint stopped");
-            }
-        });
+        serve_metrics(addr, metrics.clone()).await?;
     }
     let client = nats::connect(&config, &id, metrics.clone()).await?;
 
     let requests = Arc::new(requests::RequestServer::new(
-        nkey.clone(),
-        hostname.clone(),
+        me.clone(),
         client.clone(),
         bus.clone(),
         policy,
         metrics.clone(),
-        config.call_timeout,
-        config.max_request_bytes,
-        config.max_concurrent_calls,
+        requests::Limits {
+            call_timeout: config.call_timeout,
+            max_request_bytes: config.max_request_bytes,
+            max_concurrent_calls: config.max_concurrent_calls,
+        },
     ));
     let serving = tokio::spawn({
         let r = requests.clone();
@@ -114,65 +110,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     // Name owners: for the Sender-Name header, and to drop cached introspection.
     let owners = bus::NameOwners::default();
-    tokio::spawn({
-        let owners = owners.clone();
-        let bus = bus.clone();
-        let requests = requests.clone();
-        let metrics = metrics.clone();
-        async move {
-            // Reconnect at once after a bus restart (signals need the names soon), but back off
-            // when tracking keeps failing right away.
-            let mut pause = std::time::Duration::from_millis(50);
-            loop {
-                let conn = bus.connect_with_backoff(false).await;
-                metrics.bus_connected.set(1);
-                let started = std::time::Instant::now();
-                if let Err(e) = owners.track(&conn, |name| requests.forget(name)).await {
-                    tracing::warn!(error = %e, "name owner tracking stopped; reconnecting");
-                }
-                metrics.bus_connected.set(0);
-                if started.elapsed() > std::time::Duration::from_secs(10) {
-                    pause = std::time::Duration::from_millis(50);
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(10));
-            }
-        }
-    });
-
+    tokio::spawn(track_owners(
+        bus.clone(),
+        owners.clone(),
+        requests.clone(),
+        link.clone(),
+    ));
     if !config.no_signals {
-        let (queue, rx) = signals::Queue::new(config.signal_queue, config.signal_queue_bytes);
-        let filter = signals::Filter {
-            include_sender: config.include_sender.clone(),
-            exclude_sender: config.exclude_sender.clone(),
-            include_interface: config.include_interface.clone(),
-            exclude_interface: config.exclude_interface.clone(),
-            include_path_prefix: config.include_path_prefix.clone(),
-            exclude_path_prefix: config.exclude_path_prefix.clone(),
-        };
-        let queued_bytes = queue.bytes.clone();
-        tokio::spawn(signals::read_loop(
-            bus.clone(),
-            queue,
-            client.clone(),
-            owners.clone(),
-            filter,
-            metrics.clone(),
-        ));
-        tokio::spawn(signals::publish_loop(
-            rx,
-            queued_bytes,
-            client.clone(),
-            nkey.clone(),
-            hostname.clone(),
-            owners.clone(),
-            metrics.clone(),
-        ));
+        spawn_signals(&config, &me, &bus, &client, &owners, &metrics);
     }
 
     let info = AgentInfo {
-        nkey: nkey.clone(),
-        hostname: hostname.clone(),
+        nkey: me.nkey.clone(),
+        hostname: me.hostname.clone(),
         version: cbus_protocol::VERSION.to_owned(),
         bus: config.bus.clone(),
         started_at_ms: cbus_protocol::presence::now_ms(),
@@ -180,54 +130,17 @@ pub async fn run(config: Config) -> Result<(), Error> {
         bus_connected: false,
         labels: config.labels.iter().cloned().collect(),
     };
-    let bus_up = {
-        let m = metrics.clone();
-        Arc::new(move || m.bus_connected.get() == 1)
-    };
-    let presence = Arc::new(presence::Presence::new(client.clone(), info, bus_up));
+    let presence = Arc::new(presence::Presence::new(client.clone(), info, link.clone()));
     tokio::spawn(presence.clone().answer_pings());
     // Hello, then heartbeats, on their own task: a slow registry write while NATS is away never
     // delays metrics or the reaction to SIGTERM.
-    let beating = tokio::spawn({
-        let presence = presence.clone();
-        let metrics = metrics.clone();
-        let period = config.heartbeat;
-        async move {
-            // Give the bus a moment, so the hello usually says it is connected.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-                while metrics.bus_connected.get() != 1 {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-            })
-            .await;
-            presence.announce(PresenceKind::Hello).await;
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                presence.announce(PresenceKind::Heartbeat).await;
-            }
-        }
-    });
-    let reporting = tokio::spawn({
-        let client = client.clone();
-        let metrics = metrics.clone();
-        let subject = subject::metrics(&nkey);
-        let period = config.metrics_interval;
-        async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                tracing::debug!(summary = %metrics.summary(), "health");
-                let text = metrics.render();
-                if let Err(e) = client.publish(subject.clone(), text.into()).await {
-                    tracing::debug!(error = %e, "cannot publish metrics");
-                }
-            }
-        }
-    });
+    let beating = tokio::spawn(heartbeats(presence.clone(), link, config.heartbeat));
+    let reporting = tokio::spawn(report_metrics(
+        client.clone(),
+        metrics.clone(),
+        subject::metrics(&me.nkey),
+        config.metrics_interval,
+    ));
     tokio::select! {
         _ = sigterm.recv() => {}
         _ = sigint.recv() => {}
@@ -236,15 +149,136 @@ pub async fn run(config: Config) -> Result<(), Error> {
     serving.abort();
     beating.abort();
     reporting.abort();
-    // Bounded: with NATS unreachable there is nobody to say goodbye to.
+    goodbye(&presence, &client).await;
+    Ok(())
+}
+
+/// Serves `/metrics` locally. Bound before returning, so a taken port is a clear start-up error
+/// rather than a silent task failure.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    metrics: Arc<metrics::Metrics>,
+) -> Result<(), Error> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve(listener, metrics).await {
+            tracing::error!(error = %e, %addr, "metrics endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Follows name owners for as long as the agent runs, reconnecting after a bus restart, and is
+/// the one that says whether the bus is connected ([`bus::BusLink`]).
+async fn track_owners(
+    bus: bus::BusKind,
+    owners: bus::NameOwners,
+    requests: Arc<requests::RequestServer>,
+    link: bus::BusLink,
+) {
+    // Reconnect at once after a bus restart (signals need the names soon), but back off when
+    // tracking keeps failing right away.
+    const FIRST: Duration = Duration::from_millis(50);
+    const LAST: Duration = Duration::from_secs(10);
+    let mut pause = FIRST;
+    loop {
+        let conn = bus.connect_with_backoff(false).await;
+        link.set(true);
+        let started = std::time::Instant::now();
+        if let Err(e) = owners.track(&conn, |name| requests.forget(name)).await {
+            tracing::warn!(error = %e, "name owner tracking stopped; reconnecting");
+        }
+        link.set(false);
+        if started.elapsed() > LAST {
+            pause = FIRST;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(LAST);
+    }
+}
+
+/// The monitor reading signals into the bounded queue, and the publisher draining it to NATS.
+fn spawn_signals(
+    config: &Config,
+    me: &requests::Identity,
+    bus: &bus::BusKind,
+    client: &async_nats::Client,
+    owners: &bus::NameOwners,
+    metrics: &Arc<metrics::Metrics>,
+) {
+    let (queue, rx) = signals::Queue::new(config.signal_queue, config.signal_queue_bytes);
+    let filter = signals::Filter {
+        include_sender: config.include_sender.clone(),
+        exclude_sender: config.exclude_sender.clone(),
+        include_interface: config.include_interface.clone(),
+        exclude_interface: config.exclude_interface.clone(),
+        include_path_prefix: config.include_path_prefix.clone(),
+        exclude_path_prefix: config.exclude_path_prefix.clone(),
+    };
+    let queued_bytes = queue.bytes.clone();
+    tokio::spawn(signals::read_loop(
+        bus.clone(),
+        queue,
+        client.clone(),
+        owners.clone(),
+        filter,
+        metrics.clone(),
+    ));
+    tokio::spawn(signals::publish_loop(
+        rx,
+        queued_bytes,
+        client.clone(),
+        me.nkey.clone(),
+        me.hostname.clone(),
+        owners.clone(),
+        metrics.clone(),
+    ));
+}
+
+/// Hello, then a heartbeat every `period`.
+async fn heartbeats(presence: Arc<presence::Presence>, link: bus::BusLink, period: Duration) {
+    // Give the bus a moment, so the hello usually says it is connected.
+    link.wait_up(Duration::from_secs(1)).await;
+    presence.announce(PresenceKind::Hello).await;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        presence.announce(PresenceKind::Heartbeat).await;
+    }
+}
+
+/// The agent's own metrics on `dbus.metrics.<nkey>` every `period`, for the gateway's /metrics.
+async fn report_metrics(
+    client: async_nats::Client,
+    metrics: Arc<metrics::Metrics>,
+    subject: String,
+    period: Duration,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        tracing::debug!(summary = %metrics.summary(), "health");
+        let text = metrics.render();
+        if let Err(e) = client.publish(subject.clone(), text.into()).await {
+            tracing::debug!(error = %e, "cannot publish metrics");
+        }
+    }
+}
+
+/// Bounded: with NATS unreachable there is nobody to say goodbye to.
+async fn goodbye(presence: &presence::Presence, client: &async_nats::Client) {
     let goodbye = async {
         presence.announce(PresenceKind::Goodbye).await;
         let _ = client.flush().await;
     };
     let connected = client.connection_state() == async_nats::connection::State::Connected;
-    let patience = std::time::Duration::from_millis(if connected { 3000 } else { 500 });
+    let patience = Duration::from_millis(if connected { 3000 } else { 500 });
     if tokio::time::timeout(patience, goodbye).await.is_err() {
         tracing::warn!(?patience, connected, "goodbye not confirmed by NATS");
     }
-    Ok(())
 }

@@ -16,6 +16,8 @@ use cbus_protocol::subject;
 use futures::StreamExt;
 use tokio::sync::Mutex;
 
+use crate::bus::BusLink;
+
 /// Pauses between attempts to open the registry after it was unavailable: from the first to
 /// the last, doubling. Short at first because under the generated permissions an agent may not
 /// create the bucket and waits for the gateway to (crate docs of `cbus_protocol::permissions`).
@@ -32,22 +34,17 @@ enum Registry {
 pub struct Presence {
     client: Client,
     pub info: AgentInfo,
-    /// Whether the agent is connected to its bus, as last reported by the bus side.
-    bus_connected: Arc<dyn Fn() -> bool + Send + Sync>,
+    bus: BusLink,
     registry: Mutex<Registry>,
     warned: AtomicBool,
 }
 
 impl Presence {
-    pub fn new(
-        client: Client,
-        info: AgentInfo,
-        bus_connected: Arc<dyn Fn() -> bool + Send + Sync>,
-    ) -> Self {
+    pub fn new(client: Client, info: AgentInfo, bus: BusLink) -> Self {
         Presence {
             client,
             info,
-            bus_connected,
+            bus,
             registry: Mutex::new(Registry::Unknown),
             warned: AtomicBool::new(false),
         }
@@ -56,7 +53,7 @@ impl Presence {
     /// The agent's info as of now.
     pub fn current(&self) -> AgentInfo {
         let mut agent = self.info.clone();
-        agent.bus_connected = (self.bus_connected)();
+        agent.bus_connected = self.bus.is_up();
         agent
     }
 
