@@ -45,6 +45,10 @@ pub struct Config {
     /// Label reported in presence, KEY=VALUE; repeatable (env: comma-separated).
     #[arg(long = "label", env = "CBUS_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// The JetStream domain that holds the registry, when it is not this NATS server's own: an
+    /// agent at a site (a leaf node without JetStream) names the hub's domain, e.g. `hub`.
+    #[arg(long, env = "CBUS_JS_DOMAIN")]
+    pub js_domain: Option<String>,
     /// Heartbeat interval (e.g. 5s, 500ms).
     #[arg(long, env = "CBUS_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat: Duration,

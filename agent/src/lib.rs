@@ -130,7 +130,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
         bus_connected: false,
         labels: config.labels.iter().cloned().collect(),
     };
-    let presence = Arc::new(presence::Presence::new(client.clone(), info, link.clone()));
+    let presence = Arc::new(presence::Presence::new(
+        client.clone(),
+        info,
+        link.clone(),
+        config.js_domain.clone(),
+    ));
     tokio::spawn(presence.clone().answer_pings());
     // Hello, then heartbeats, on their own task: a slow registry write while NATS is away never
     // delays metrics or the reaction to SIGTERM.

@@ -35,16 +35,19 @@ pub struct Presence {
     client: Client,
     pub info: AgentInfo,
     bus: BusLink,
+    /// Where the registry is, when not in this server's JetStream (`--js-domain`).
+    js_domain: Option<String>,
     registry: Mutex<Registry>,
     warned: AtomicBool,
 }
 
 impl Presence {
-    pub fn new(client: Client, info: AgentInfo, bus: BusLink) -> Self {
+    pub fn new(client: Client, info: AgentInfo, bus: BusLink, js_domain: Option<String>) -> Self {
         Presence {
             client,
             info,
             bus,
+            js_domain,
             registry: Mutex::new(Registry::Unknown),
             warned: AtomicBool::new(false),
         }
@@ -90,8 +93,11 @@ impl Presence {
             ),
         };
         if retry {
-            let js = jetstream::new(self.client.clone());
-            match cbus_protocol::fleet::ensure_registry(&js).await {
+            let js = match &self.js_domain {
+                Some(domain) => jetstream::with_domain(self.client.clone(), domain),
+                None => jetstream::new(self.client.clone()),
+            };
+            match cbus_protocol::fleet::ensure_registry(&js, 1).await {
                 Ok(store) => {
                     if self.warned.swap(false, Ordering::Relaxed) {
                         tracing::info!("JetStream registry available again");

@@ -234,6 +234,10 @@ pub enum Command {
         role: PermissionRole,
         /// The agent's nkey (agents only)
         nkey: Option<String>,
+        /// The JetStream domain of the registry, for an agent at a site whose leaf node has no
+        /// JetStream (the agent runs with the same --js-domain)
+        #[arg(long)]
+        js_domain: Option<String>,
     },
 }
 
@@ -241,7 +245,13 @@ pub enum Command {
 #[derive(Debug, Clone, Copy, Subcommand)]
 pub enum RegistryCommand {
     /// Create the bucket, or close an existing one to rollups and purges (operator rights)
-    Init,
+    #[command(after_help = "Example, on a 3-node cluster: cbus registry init --replicas 3")]
+    Init {
+        /// Copies JetStream keeps of the bucket: 1 on one server, 3 on a cluster (the
+        /// registry then survives a node). An existing bucket with fewer is given more.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+        replicas: u8,
+    },
 }
 
 /// The roles whose NATS permissions cbus defines (docs/security.md).

@@ -74,7 +74,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Subject(s) => return subject::run(s),
         Command::Completions { shell } => return docs::completions(shell),
         Command::Man { dir } => return docs::man(dir.as_deref()),
-        Command::Permissions { role, nkey } => return server::permissions(role, nkey.as_deref()),
+        Command::Permissions {
+            role,
+            nkey,
+            js_domain,
+        } => return server::permissions(role, nkey.as_deref(), js_domain.as_deref()),
         other => other,
     };
     let file = config::load().map_err(error::usage)?;
@@ -112,7 +116,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Names { all } => dbus::names(&ctx, all).await,
         Command::Agents => agents::run(&ctx).await,
-        Command::Registry(args::RegistryCommand::Init) => server::registry_init(&ctx).await,
+        Command::Registry(args::RegistryCommand::Init { replicas }) => {
+            server::registry_init(&ctx, usize::from(replicas)).await
+        }
         Command::Monitor {
             sender,
             interface,

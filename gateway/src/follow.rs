@@ -247,7 +247,7 @@ async fn close_registry(client: async_nats::Client) {
     let js = async_nats::jetstream::new(client);
     let mut pause = Duration::from_secs(1);
     loop {
-        match cbus_protocol::fleet::close_registry(&js).await {
+        match cbus_protocol::fleet::close_registry(&js, 1).await {
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot create or close the registry bucket; retrying")

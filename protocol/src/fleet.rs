@@ -548,9 +548,11 @@ async fn flush_until(client: &Client, deadline: Instant) -> Result<(), FleetErro
 /// A KV bucket as async-nats would make it (one message per key, direct get), but closed against
 /// a writer that may only touch its own key: no rollups (a `Nats-Rollup: all` put would wipe
 /// every machine's entry), no purge or delete through the API, and entries bounded in size.
-pub fn registry_config() -> jetstream::stream::Config {
+/// `replicas` is 1 on a single server and 3 on a cluster (a registry that survives a node).
+pub fn registry_config(replicas: usize) -> jetstream::stream::Config {
     let bucket = presence::REGISTRY_BUCKET;
     jetstream::stream::Config {
+        num_replicas: replicas.max(1),
         name: format!("KV_{bucket}"),
         subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: 1,
@@ -565,9 +567,11 @@ pub fn registry_config() -> jetstream::stream::Config {
     }
 }
 
-/// Whether an existing bucket's configuration has what [`registry_config`] guarantees.
-fn registry_is_closed(config: &jetstream::stream::Config) -> bool {
-    !config.allow_rollup
+/// Whether an existing bucket's configuration has what [`registry_config`] guarantees, with at
+/// least `replicas` copies.
+fn registry_is_closed(config: &jetstream::stream::Config, replicas: usize) -> bool {
+    config.num_replicas >= replicas
+        && !config.allow_rollup
         && config.deny_delete
         && config.deny_purge
         && config.max_message_size > 0
@@ -576,41 +580,49 @@ fn registry_is_closed(config: &jetstream::stream::Config) -> bool {
 
 /// Creates the registry bucket, or closes an existing one that an older cbus (or anyone with
 /// the rights) left open to rollups and purges. For the gateway and operators: agents have no
-/// permission to change the bucket (crate::permissions). Returns whether the bucket changed.
-pub async fn close_registry(js: &jetstream::Context) -> Result<bool, FleetError> {
+/// permission to change the bucket (crate::permissions). A bucket with fewer than `replicas`
+/// copies is given more (a fleet that grew from one server to a cluster); one with more keeps
+/// them. Returns whether the bucket changed.
+pub async fn close_registry(js: &jetstream::Context, replicas: usize) -> Result<bool, FleetError> {
     let registry_err = |message: String| FleetError::Registry {
         bucket: presence::REGISTRY_BUCKET,
         message,
     };
-    let config = registry_config();
+    let mut config = registry_config(replicas);
     match js.get_stream(&config.name).await {
         Ok(mut stream) => {
             let info = stream
                 .info()
                 .await
                 .map_err(|e| registry_err(e.to_string()))?;
-            if registry_is_closed(&info.config) {
+            if registry_is_closed(&info.config, replicas) {
                 return Ok(false);
             }
+            config.num_replicas = config.num_replicas.max(info.config.num_replicas);
             js.update_stream(config)
                 .await
                 .map_err(|e| registry_err(format!("cannot close the bucket: {e}")))?;
             tracing::info!(
-                "registry bucket closed to rollups and purges (it was created by an older cbus)"
+                replicas,
+                "registry bucket closed to rollups and purges (it was created by an older cbus \
+                 or with fewer replicas)"
             );
             Ok(true)
         }
-        Err(_) => ensure_registry(js).await.map(|_| true),
+        Err(_) => ensure_registry(js, replicas).await.map(|_| true),
     }
 }
 
 /// Opens the registry bucket, creating it when missing (where the server's permissions let this
-/// client create it: agents may not, see [`crate::permissions`]).
+/// client create it: agents may not, see [`crate::permissions`]) with `replicas` copies.
 ///
 /// async-nats 0.51's `create_key_value` first asks for account info, whose reply from
 /// nats-server 2.9 it cannot parse; so the bucket's stream is created directly
 /// ([`registry_config`]).
-pub async fn ensure_registry(js: &jetstream::Context) -> Result<jetstream::kv::Store, FleetError> {
+pub async fn ensure_registry(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<jetstream::kv::Store, FleetError> {
     let registry_err = |message: String| FleetError::Registry {
         bucket: presence::REGISTRY_BUCKET,
         message,
@@ -619,7 +631,7 @@ pub async fn ensure_registry(js: &jetstream::Context) -> Result<jetstream::kv::S
         return Ok(store);
     }
     let bucket = presence::REGISTRY_BUCKET;
-    let created = js.get_or_create_stream(registry_config()).await;
+    let created = js.get_or_create_stream(registry_config(replicas)).await;
     let Err(create_error) = created else {
         return js
             .get_key_value(bucket)

@@ -95,16 +95,32 @@ fn watched_subjects() -> Vec<String> {
 
 /// The permissions of the agent whose nkey is `nkey`.
 pub fn agent(nkey: &str) -> Permissions {
+    agent_in_domain(nkey, None)
+}
+
+/// The permissions of an agent whose registry lives in the JetStream domain `domain` (an agent
+/// at a site, whose leaf node has no JetStream: it runs `cbus-agent --js-domain DOMAIN`, and its
+/// JetStream calls go to `$JS.<domain>.API.…`, which the hub maps to its own API). The leaf
+/// enforces this set, so a site machine is held to its own key as on the hub.
+pub fn agent_in_domain(nkey: &str, domain: Option<&str>) -> Permissions {
     let stream = registry_stream();
+    let api = |rest: &str| match domain {
+        Some(d) => format!("$JS.{d}.API.{rest}"),
+        None => js_api(rest),
+    };
+    let entry = match domain {
+        Some(_) => api(&format!("$KV.{REGISTRY_BUCKET}.{nkey}")),
+        None => format!("$KV.{REGISTRY_BUCKET}.{nkey}"),
+    };
     Permissions {
         publish: Rules {
             allow: vec![
                 format!("{}.signals.{nkey}.>", subject::PREFIX),
                 subject::presence(nkey),
                 subject::metrics(nkey),
-                format!("$KV.{REGISTRY_BUCKET}.{nkey}"),
+                entry,
                 // Opening the bucket; never creating or changing it.
-                js_api(&format!("STREAM.INFO.{stream}")),
+                api(&format!("STREAM.INFO.{stream}")),
             ],
         },
         subscribe: Rules {
@@ -184,6 +200,22 @@ mod tests {
         assert!(!p.subscribe.allow.iter().any(|s| s.starts_with("_INBOX.")));
         assert!(p.subscribe.allow.contains(&format!("dbus.broadcast.> {A}")));
         assert!(!p.publish.allow.iter().any(|s| s.contains("STREAM.CREATE")));
+    }
+
+    #[test]
+    fn an_agent_at_a_site_speaks_only_for_itself_through_the_hub_domain() {
+        let p = agent_in_domain(A, Some("hub"));
+        assert!(p
+            .publish
+            .allow
+            .contains(&format!("$JS.hub.API.$KV.cbus-agents.{A}")));
+        assert!(p
+            .publish
+            .allow
+            .iter()
+            .all(|s| s.contains(A) || s.starts_with("$JS.hub.API.STREAM.INFO.")));
+        assert_eq!(p.subscribe, agent(A).subscribe);
+        assert_eq!(agent_in_domain(A, None), agent(A));
     }
 
     /// docs/protocol.md shows each set; it must be the code's, not a copy that drifted.

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod bins;
+pub mod cluster;
 pub mod dbus;
 pub mod gateway;
 pub mod machines;
@@ -13,6 +14,7 @@ pub mod util;
 
 pub use agent::Agent;
 pub use bins::bin_path;
+pub use cluster::{Link, NatsCluster};
 pub use dbus::{PrivateBus, TestService};
 pub use gateway::{GatewayProcess, GatewayStart, WsClient};
 pub use machines::{Fleet, Machine, MachineSpec};

@@ -13,6 +13,7 @@ pub struct NatsServer {
     config: Option<PathBuf>,
     child: Option<Child>,
     frozen: bool,
+    jetstream: bool,
 }
 
 impl NatsServer {
@@ -57,6 +58,13 @@ impl NatsServer {
         self.dir.path().join("ca.pem")
     }
 
+    /// Starts with `text` as config and no JetStream of its own: a leaf node whose JetStream API
+    /// requests go to its hub (a leaf with its own JetStream would answer them itself).
+    pub fn start_without_jetstream(text: &str) -> NatsServer {
+        let dir = tempfile::tempdir().expect("tempdir for nats-server");
+        Self::start_as(dir, Some(text), false)
+    }
+
     fn start_inner(config_text: Option<&str>) -> NatsServer {
         Self::start_in(
             tempfile::tempdir().expect("tempdir for nats-server"),
@@ -65,6 +73,10 @@ impl NatsServer {
     }
 
     fn start_in(dir: tempfile::TempDir, config_text: Option<&str>) -> NatsServer {
+        Self::start_as(dir, config_text, true)
+    }
+
+    fn start_as(dir: tempfile::TempDir, config_text: Option<&str>, jetstream: bool) -> NatsServer {
         let config = config_text.map(|text| {
             let path = dir.path().join("nats.conf");
             std::fs::write(&path, text).expect("write nats config");
@@ -76,6 +88,7 @@ impl NatsServer {
             config,
             child: None,
             frozen: false,
+            jetstream,
         };
         // A free port can be taken between `free_port` and the server's bind (tests start
         // servers in parallel): the server then exits, and another port is tried.
@@ -98,17 +111,11 @@ impl NatsServer {
     /// Starts the server on `self.port`; `Err` with its log when it exited before listening.
     fn spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("nats-server");
-        cmd.args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-js",
-            "-sd",
-        ])
-        .arg(self.dir.path().join("js"))
-        .stdout(Stdio::null())
-        .stderr(
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if self.jetstream {
+            cmd.arg("-js").arg("-sd").arg(self.dir.path().join("js"));
+        }
+        cmd.stdout(Stdio::null()).stderr(
             std::fs::File::create(self.dir.path().join("nats-server.log"))
                 .map(Stdio::from)
                 .unwrap_or_else(|_| Stdio::null()),
@@ -157,6 +164,16 @@ impl NatsServer {
         self.port
     }
 
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
+    }
+
+    /// Whether the server process is running (not stopped or killed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// SIGSTOPs the server: its TCP connections stay open and nothing answers, as with a hung
     /// host. [`NatsServer::thaw`] (or drop) continues it.
     pub fn freeze(&mut self) {
@@ -186,6 +203,16 @@ impl NatsServer {
         self.thaw();
         if let Some(mut child) = self.child.take() {
             terminate(&mut child, Duration::from_secs(5));
+        }
+    }
+
+    /// SIGKILLs the server, as a crashed node: no goodbye to its routes or clients.
+    /// [`NatsServer::restart`] brings it back on the same port and store.
+    pub fn kill(&mut self) {
+        self.thaw();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 

@@ -125,7 +125,7 @@ async fn a_compromised_agent_cannot_impersonate_hide_or_wipe_others() {
 
     // Agents may not create the registry; the gateway does (and closes it to rollups).
     let gateway = user(&nats, "gateway", GATEWAY_PW).await;
-    fleet::close_registry(&jetstream::new(gateway.clone()))
+    fleet::close_registry(&jetstream::new(gateway.clone()), 1)
         .await
         .expect("the gateway creates the registry");
     let _agent_a = Agent::start_with_key(&nats.url(), bus.address(), &key_a, &["--nats-nkey-auth"]);
@@ -294,13 +294,13 @@ async fn the_gateway_closes_an_open_registry() {
     let nats = NatsServer::start();
     let client = nats.connect().await;
     let js = jetstream::new(client);
-    let mut old = fleet::registry_config();
+    let mut old = fleet::registry_config(1);
     old.allow_rollup = true;
     old.deny_purge = false;
     old.max_message_size = -1;
     js.create_stream(old).await.unwrap();
     assert!(
-        fleet::close_registry(&js).await.unwrap(),
+        fleet::close_registry(&js, 1).await.unwrap(),
         "an open bucket is changed"
     );
     let mut stream = js
@@ -314,7 +314,7 @@ async fn the_gateway_closes_an_open_registry() {
         presence::REGISTRY_MAX_ENTRY_BYTES as i32
     );
     assert!(
-        !fleet::close_registry(&js).await.unwrap(),
+        !fleet::close_registry(&js, 1).await.unwrap(),
         "a closed bucket is left alone"
     );
 }

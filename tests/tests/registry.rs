@@ -30,7 +30,7 @@ async fn every_entry_is_read_while_entries_are_rewritten() {
     cbus_tests::init_tracing();
     let nats = NatsServer::start();
     let client = nats.connect().await;
-    let store = ensure_registry(&jetstream::new(client.clone()))
+    let store = ensure_registry(&jetstream::new(client.clone()), 1)
         .await
         .expect("registry bucket");
     for i in 0..AGENTS {
@@ -88,7 +88,7 @@ async fn agents_creating_the_bucket_at_once_all_get_it() {
                 let start = start.clone();
                 tokio::spawn(async move {
                     start.wait().await;
-                    ensure_registry(&jetstream::new(client))
+                    ensure_registry(&jetstream::new(client), 1)
                         .await
                         .map(|_| ())
                         .map_err(|e| e.to_string())

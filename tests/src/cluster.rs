@@ -1,0 +1,157 @@
+//! Several real nats-servers working as one: a cluster routed on loopback with clustered
+//! JetStream, and leaf nodes (sites) that dial a hub, through a [`Link`] a test can cut.
+//!
+//! Config follows what was checked on nats-server 2.9.10 (shared/design.md, section 8): every
+//! node has a `server_name` (clustered JetStream needs one) and lists every node in `routes`
+//! (its own entry is ignored); a leaf without JetStream of its own, so JetStream API requests
+//! made at a site (agents writing the registry) are answered by the hub's JetStream.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::nats::NatsServer;
+use crate::util::free_port;
+
+/// Nodes of one cluster; each is killed on drop.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` routed nodes with JetStream; `extra` is more config for every node (users,
+    /// `leafnodes { listen }`...). Returns once JetStream has a meta leader, so a stream with
+    /// `n` replicas can be created.
+    pub async fn start(n: usize, extra: &str) -> NatsCluster {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let route_list = routes
+            .iter()
+            .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let nodes: Vec<NatsServer> = routes
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                NatsServer::start_with_config(&format!(
+                    "server_name: n{i}\n\
+                     cluster {{ name: cbus-test, listen: \"127.0.0.1:{port}\", routes: [{route_list}] }}\n\
+                     {extra}\n"
+                ))
+            })
+            .collect();
+        let cluster = NatsCluster { nodes };
+        cluster.wait_for_jetstream(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    /// Every node's client URL, comma-separated, as `--nats-url` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits until JetStream answers on every running node (a meta leader is elected and the
+    /// node knows it); panics at `patience`.
+    pub async fn wait_for_jetstream(&self, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let client = node.connect().await;
+            loop {
+                // `$JS.API.INFO` answers with an error until the node has a meta leader.
+                let answered = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    client.request("$JS.API.INFO", "".into()),
+                )
+                .await;
+                let ready = matches!(&answered, Ok(Ok(m))
+                    if !String::from_utf8_lossy(&m.payload).contains("\"error\""));
+                if ready {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "JetStream did not come up on {}: {answered:?}\n{}",
+                    node.url(),
+                    node.log()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// A TCP relay standing for a site's WAN link: connections made through [`Link::addr`] reach
+/// `target` until [`Link::cut`], which closes them and refuses new ones until [`Link::restore`].
+/// A real network path that fails, not a stand-in for a NATS part: both ends are real servers.
+pub struct Link {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    pub async fn start(target: SocketAddr) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind link");
+        let addr = listener.local_addr().expect("link address");
+        let up = Arc::new(AtomicBool::new(true));
+        let generation = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let task = tokio::spawn({
+            let up = up.clone();
+            let generation = generation.clone();
+            async move {
+                while let Ok((inbound, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let mut cut = generation.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(outbound) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        let (mut a, mut b) = (inbound, outbound);
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                            _ = cut.changed() => {}
+                        }
+                    });
+                }
+            }
+        });
+        Link {
+            addr,
+            up,
+            generation,
+            task,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes every connection through the link and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}

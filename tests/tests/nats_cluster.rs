@@ -1,0 +1,417 @@
+//! cbus on NATS as it is run for large fleets: a 3-node cluster with the registry replicated
+//! three times, and a site behind a leaf node. Real nats-servers throughout; the only thing
+//! in between is [`Link`], a TCP relay that stands for a site's WAN link so the test can cut it.
+//!
+//! What is checked: the registry keeps every entry and takes writes with one node killed; the
+//! killed node's agents register again through another node; a fan-out during the failover
+//! answers each machine at most once and names every machine it missed; agents at a site are
+//! reachable from the hub, hold their own subjects only (permissions enforced at the leaf),
+//! turn unresponsive (never silently missing) when the link is cut, and come back when it
+//! returns. Times are printed, not asserted tightly: speed is cbus-bench's job.
+
+mod cli_support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use cbus_protocol::fleet::Fleet;
+use cbus_protocol::permissions;
+use cbus_protocol::presence::{AgentState, REGISTRY_BUCKET};
+use cbus_tests::{Agent, Link, NatsCluster, NatsServer, PrivateBus, TestService};
+use cli_support::{both, cbus, json_of};
+use serde_json::Value;
+
+const DEST: &str = TestService::NAME;
+const PATH: &str = TestService::PATH;
+
+struct Machine {
+    _agent: Agent,
+    _svc: TestService,
+    _bus: PrivateBus,
+}
+
+fn machine(url: &str, host: &str) -> Machine {
+    let bus = PrivateBus::start();
+    let svc = TestService::start(bus.address());
+    let agent = Agent::start(url, bus.address(), &["--hostname", host]);
+    Machine {
+        _agent: agent,
+        _svc: svc,
+        _bus: bus,
+    }
+}
+
+/// Hosts and states as `cbus agents --json` reports them through `url`.
+fn states(url: &str) -> BTreeMap<String, String> {
+    states_of(&json_of(&cbus(url, &["agents", "--json"])))
+}
+
+fn states_of(doc: &Value) -> BTreeMap<String, String> {
+    doc["agents"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|a| {
+                    (
+                        a["hostname"].as_str().unwrap_or("?").to_owned(),
+                        a["state"].as_str().unwrap_or("?").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The registry's stream, as seen through one node: (replicas, entries).
+async fn registry_stream(url: &str) -> (usize, u64) {
+    let client = async_nats::connect(url).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(format!("KV_{REGISTRY_BUCKET}"))
+        .await
+        .expect("registry stream");
+    let info = stream.info().await.expect("registry stream info");
+    (info.config.num_replicas, info.state.messages)
+}
+
+/// Checks one `cbus get --json` document over `expected` hosts: each host at most once, and
+/// every host either answered or is named with an error.
+fn each_once(doc: &Value, expected: &[&str]) -> (usize, Vec<String>) {
+    let results = doc["results"].as_array().expect("results");
+    let mut seen = BTreeMap::<String, usize>::new();
+    for r in results {
+        *seen
+            .entry(r["host"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
+    }
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "a machine answered twice: {seen:?}\n{doc}"
+    );
+    for host in expected {
+        assert!(
+            seen.contains_key(*host),
+            "{host} neither answered nor was named: {doc}"
+        );
+    }
+    let missed: Vec<String> = results
+        .iter()
+        .filter(|r| r["ok"] != true)
+        .map(|r| format!("{}: {}", r["host"], r["status"]))
+        .collect();
+    (results.len() - missed.len(), missed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_with_the_registry_at_three_replicas_survives_a_node() {
+    let mut cluster = NatsCluster::start(3, "").await;
+    let urls = cluster.urls();
+    let out = cbus(&urls, &["registry", "init", "--replicas", "3"]);
+    assert!(out.status.success(), "{}", both(&out));
+    assert_eq!(registry_stream(&cluster.nodes[1].url()).await.0, 3);
+    // A second init keeps the bucket as it is.
+    let again = cbus(&urls, &["registry", "init", "--replicas", "3"]);
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("already closed"),
+        "{}",
+        both(&again)
+    );
+
+    // Six agents, each given every URL: async-nats shuffles them, so they spread over nodes.
+    let hosts = ["c-0", "c-1", "c-2", "c-3", "c-4", "c-5"];
+    let machines: Vec<Machine> = hosts.iter().map(|h| machine(&urls, h)).collect();
+    let running = |s: &BTreeMap<String, String>| s.values().filter(|v| *v == "running").count();
+    assert!(
+        cbus_tests::wait_for(Duration::from_secs(30), || async {
+            running(&states(&urls)) == 6
+        })
+        .await,
+        "six agents never registered: {:?}",
+        states(&urls)
+    );
+    let out = cbus(&urls, &["--json", "get", DEST, PATH, "String"]);
+    assert_eq!(each_once(&json_of(&out), &hosts).0, 6, "{}", both(&out));
+
+    // Kill node 0 (SIGKILL: a crash). Presence heard at a survivor tells when each agent is
+    // connected again (they heartbeat every 500 ms); fan-outs through it during the failover.
+    let survivor = cluster.nodes[2].url();
+    let watcher = async_nats::connect(&survivor).await.unwrap();
+    let mut presence = watcher
+        .subscribe(cbus_protocol::subject::PRESENCE_ALL)
+        .await
+        .unwrap();
+    watcher.flush().await.unwrap();
+    let killed_at = Instant::now();
+    cluster.nodes[0].kill();
+    let heard = tokio::spawn(async move {
+        let mut first = BTreeMap::<String, Duration>::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while first.len() < 6 {
+            match tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut presence)).await {
+                Ok(Some(m)) => {
+                    first
+                        .entry(m.subject.to_string())
+                        .or_insert(killed_at.elapsed());
+                }
+                _ => break,
+            }
+        }
+        first
+    });
+    let mut fan_outs = 0;
+    let mut all_back = None;
+    while killed_at.elapsed() < Duration::from_secs(30) {
+        let out = cbus(
+            &survivor,
+            &["--json", "--timeout", "2s", "get", DEST, PATH, "String"],
+        );
+        fan_outs += 1;
+        if out.status.code() == Some(2) {
+            // The registry's stream elects a new leader when its leader was on the killed
+            // node; until then the read fails, and says so (exit 2), rather than guessing.
+            println!(
+                "during failover, after {:?}: {}",
+                killed_at.elapsed(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            continue;
+        }
+        let (answered, missed) = each_once(&json_of(&out), &hosts);
+        if answered == 6 {
+            all_back = Some(killed_at.elapsed());
+            break;
+        }
+        println!("during failover: {answered} answered, missed {missed:?}");
+    }
+    let all_back = all_back.expect("the killed node's agents never answered again");
+    println!("node killed: every agent answered again after {all_back:?} ({fan_outs} fan-outs)");
+    let first = heard.await.unwrap();
+    assert_eq!(
+        first.len(),
+        6,
+        "not every agent was heard after the kill: {first:?}"
+    );
+    println!(
+        "node killed: every agent heard again within {:?} (heartbeat 500ms)",
+        first.values().max().unwrap()
+    );
+
+    // Every agent is in the registry, heard since the kill: nothing was lost with the node.
+    let heard_again = cbus_tests::wait_for(Duration::from_secs(20), || async {
+        let fleet = Fleet::new(async_nats::connect(&survivor).await.unwrap(), "test");
+        fleet.registry().await.is_ok_and(|agents| {
+            agents.len() == 6
+                && agents.iter().all(|a| {
+                    a.state == AgentState::Running
+                        && a.last_seen_ms
+                            > cbus_protocol::presence::now_ms()
+                                - killed_at.elapsed().as_millis() as u64
+                })
+        })
+    })
+    .await;
+    assert!(
+        heard_again,
+        "registry after the kill: {:?}",
+        states(&survivor)
+    );
+    let (replicas, entries) = registry_stream(&survivor).await;
+    assert_eq!((replicas, entries), (3, 6));
+
+    // The node returns and rejoins: JetStream answers on it, and the fleet reads through it.
+    cluster.nodes[0].restart();
+    cluster.wait_for_jetstream(Duration::from_secs(30)).await;
+    let rejoined = cluster.nodes[0].url();
+    assert!(
+        cbus_tests::wait_for(Duration::from_secs(20), || async {
+            running(&states(&rejoined)) == 6
+        })
+        .await,
+        "the returned node does not see the fleet: {:?}",
+        states(&rejoined)
+    );
+    drop(machines);
+}
+
+const OPERATOR_PW: &str = "op-secret";
+const LEAF_PW: &str = "leaf-secret";
+/// The hub's JetStream domain: a site's leaf has no JetStream, so its agents reach the registry
+/// as `$JS.hub.API.…` (`cbus-agent --js-domain hub`).
+const HUB_DOMAIN: &str = "hub";
+
+/// A hub with an operator user and a leaf-node listener; a site whose users are its agents'
+/// nkeys with the agent permission set, dialling the hub through `link`.
+fn site_config(agents: &[String], hub_leaf: std::net::SocketAddr) -> String {
+    let users: String = agents
+        .iter()
+        .map(|nkey| {
+            format!(
+                "{{ nkey: {nkey}, permissions: {} }}\n",
+                permissions::agent_in_domain(nkey, Some(HUB_DOMAIN)).to_config()
+            )
+        })
+        .collect();
+    format!(
+        "authorization {{ users = [\n{users}] }}\n\
+         leafnodes {{ remotes: [ {{ url: \"nats-leaf://leaf:{LEAF_PW}@{hub_leaf}\" }} ] }}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_behind_a_leaf_node_is_one_fleet_with_the_hub() {
+    let leaf_port = cbus_tests::free_port();
+    let hub = NatsServer::start_with_config(&format!(
+        "authorization {{ users = [ {{ user: operator, password: {OPERATOR_PW}, permissions: {} }} ] }}\n\
+         leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", authorization {{ user: leaf, password: {LEAF_PW} }} }}\n\
+         jetstream {{ domain: {HUB_DOMAIN} }}\n",
+        permissions::operator().to_config()
+    ));
+    let operator = hub.url();
+    let cbus = |_: &str, args: &[&str]| {
+        let mut all = vec!["--user", "operator", "--password", OPERATOR_PW];
+        all.extend_from_slice(args);
+        cbus(&operator, &all)
+    };
+    let states = |_: &str| {
+        let doc = json_of(&cbus("", &["agents", "--json"]));
+        states_of(&doc)
+    };
+    let out = cbus(&operator, &["registry", "init"]);
+    assert!(out.status.success(), "{}", both(&out));
+
+    let link = Link::start(([127, 0, 0, 1], leaf_port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<std::path::PathBuf> = (0..3)
+        .map(|i| {
+            let d = dir.path().join(format!("k{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            cbus_tests::agent::generate_host_key(&d)
+        })
+        .collect();
+    let nkeys: Vec<String> = keys
+        .iter()
+        .map(|k| {
+            cbus_protocol::nkey::from_ssh_host_key(k)
+                .unwrap()
+                .public_key()
+        })
+        .collect();
+    let site = NatsServer::start_without_jetstream(&site_config(&nkeys, link.addr()));
+    let hosts = ["site-a", "site-b"];
+    let mut machines = Vec::new();
+    for (host, key) in hosts.iter().zip(&keys) {
+        let bus = PrivateBus::start();
+        let svc = TestService::start(bus.address());
+        let agent = Agent::start_with_key(
+            &site.url(),
+            bus.address(),
+            key,
+            &[
+                "--hostname",
+                host,
+                "--heartbeat",
+                "500ms",
+                "--js-domain",
+                HUB_DOMAIN,
+                "--nats-nkey-auth",
+            ],
+        );
+        machines.push(Machine {
+            _agent: agent,
+            _svc: svc,
+            _bus: bus,
+        });
+    }
+
+    // From the hub: the registry is one fleet-wide view, and requests reach site machines.
+    let running = |s: &BTreeMap<String, String>| s.values().filter(|v| *v == "running").count();
+    assert!(
+        cbus_tests::wait_for(Duration::from_secs(30), || async {
+            running(&states(&operator)) == 2
+        })
+        .await,
+        "site agents never registered at the hub: {:?}\nsite log:\n{}",
+        states(&operator),
+        site.log()
+    );
+    let out = cbus(&operator, &["--json", "get", DEST, PATH, "String"]);
+    assert_eq!(each_once(&json_of(&out), &hosts).0, 2, "{}", both(&out));
+
+    // Permissions hold at the leaf: the third key (a site machine's, no agent running) may
+    // not speak for site-a.
+    let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let seed = cbus_protocol::nkey::from_ssh_host_key(&keys[2])
+        .unwrap()
+        .seed()
+        .unwrap();
+    let intruder = async_nats::ConnectOptions::with_nkey(seed)
+        .custom_inbox_prefix(permissions::agent_inbox_prefix(&nkeys[2]))
+        .event_callback(move |e| {
+            let tx = errors_tx.clone();
+            async move {
+                let _ = tx.send(e.to_string());
+            }
+        })
+        .connect(site.url())
+        .await
+        .expect("a site machine's key is a user at the leaf");
+    let forged = cbus_protocol::subject::presence(&nkeys[0]);
+    intruder.publish(forged.clone(), "{}".into()).await.unwrap();
+    intruder.flush().await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(e) = errors.recv().await {
+            if e.to_lowercase().contains("permissions violation") && e.contains(&forged) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        refused,
+        Ok(true),
+        "the leaf let a machine publish as another"
+    );
+
+    // Cut the site's link: its machines turn unresponsive at the hub, never missing.
+    link.cut();
+    let cut_at = Instant::now();
+    let all_unresponsive = cbus_tests::wait_for(Duration::from_secs(20), || async {
+        let s = states(&operator);
+        s.len() == 2
+            && s.values()
+                .all(|v| v == "unresponsive" || v == "disconnected")
+    })
+    .await;
+    assert!(all_unresponsive, "after the cut: {:?}", states(&operator));
+    println!(
+        "link cut: site machines unresponsive at the hub after {:?}",
+        cut_at.elapsed()
+    );
+    let out = cbus(
+        &operator,
+        &["--json", "--timeout", "2s", "get", DEST, PATH, "String"],
+    );
+    let (answered, missed) = each_once(&json_of(&out), &hosts);
+    assert_eq!((answered, missed.len()), (0, 2), "{}", both(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+
+    // Restore it: back, answering, once the leaf has redialled and a heartbeat went through.
+    link.restore();
+    let restored_at = Instant::now();
+    assert!(
+        cbus_tests::wait_for(Duration::from_secs(20), || async {
+            running(&states(&operator)) == 2
+        })
+        .await,
+        "after the restore: {:?}",
+        states(&operator)
+    );
+    println!(
+        "link restored: site machines running at the hub after {:?}",
+        restored_at.elapsed()
+    );
+    let out = cbus(&operator, &["--json", "get", DEST, PATH, "String"]);
+    assert_eq!(each_once(&json_of(&out), &hosts).0, 2, "{}", both(&out));
+    drop(machines);
+}
