@@ -415,3 +415,229 @@ async fn a_site_behind_a_leaf_node_is_one_fleet_with_the_hub() {
     assert_eq!(each_once(&json_of(&out), &hosts).0, 2, "{}", both(&out));
     drop(machines);
 }
+
+const TOKEN: &str = "ha-test-token";
+const SLEEPER: &str = "[Unit]\nDescription=ha sleeper\n[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n";
+
+/// The fleet's series in a /metrics text, timestamps dropped and sorted: what two gateways
+/// must agree on. The gateway's own series (`cbus_gateway_*`: its connections, drops, scrape
+/// times) are its process's, not the fleet's.
+fn fleet_series(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("cbus_gateway_") && !l.is_empty())
+        .map(|l| {
+            // `name{labels} value [timestamp]`: keep name, labels and value.
+            let (series, rest) = l.rsplit_once('}').map_or((l, ""), |(s, r)| (s, r));
+            let value = rest.split_whitespace().next().unwrap_or_default();
+            format!("{series}}} {value}")
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// A fresh units snapshot for `pattern` from the gateway at `port`, rows sorted.
+async fn units_snapshot(port: u16, pattern: &str) -> Vec<String> {
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let Ok(mut ws) = cbus_tests::WsClient::connect(&url, Some(TOKEN)).await else {
+        return Vec::new();
+    };
+    ws.send(
+        serde_json::json!({"type": "subscribe", "id": "u", "resource": "units", "unit": pattern}),
+    )
+    .await;
+    let snap = ws
+        .until(Duration::from_secs(5), |v| {
+            v["type"] == "snapshot" && v["sub"] == "u"
+        })
+        .await;
+    let mut rows: Vec<String> = snap
+        .and_then(|s| s["data"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(Value::to_string)
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// A real Prometheus server scraping `targets` every second.
+struct Prometheus {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(targets: &[u16]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let list = targets
+            .iter()
+            .map(|p| format!("'127.0.0.1:{p}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n\
+                 scrape_configs:\n  - job_name: cbus\n    static_configs:\n      - targets: [{list}]\n"
+            ),
+        )
+        .unwrap();
+        let port = cbus_tests::free_port();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run prometheus (apt-get install prometheus, or ./dev deps)");
+        Prometheus {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// The result vector of an instant query (`query` has no characters that need escaping).
+    fn query(&self, query: &str) -> Vec<Value> {
+        cbus_tests::gateway::http_get(self.port, &format!("/api/v1/query?query={query}"))
+            .and_then(|body| serde_json::from_str::<Value>(&body).ok())
+            .and_then(|v| v["data"]["result"].as_array().cloned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        cbus_tests::util::terminate(&mut self.child, Duration::from_secs(5));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_two_nodes_serve_the_same_fleet() {
+    let mut cluster = NatsCluster::start(3, "").await;
+    let urls = cluster.urls();
+    let out = cbus(&urls, &["registry", "init", "--replicas", "3"]);
+    assert!(out.status.success(), "{}", both(&out));
+    let fleet = tokio::task::spawn_blocking(|| {
+        let specs: Vec<cbus_tests::MachineSpec> = ["ha-1", "ha-2"]
+            .iter()
+            .map(|name| {
+                let mut spec =
+                    cbus_tests::MachineSpec::new(*name).with_unit("ha-sleeper.service", SLEEPER);
+                spec.enable.push("ha-sleeper.service".into());
+                spec
+            })
+            .collect();
+        cbus_tests::Fleet::boot(&specs)
+    })
+    .await
+    .unwrap();
+    let _agents: Vec<Agent> = fleet
+        .machines
+        .iter()
+        .map(|m| {
+            Agent::start_with_key(
+                &urls,
+                &m.bus_address(),
+                &m.host_key_path(),
+                &["--hostname", &m.name, "--metrics-interval", "300ms"],
+            )
+        })
+        .collect();
+    // Each gateway on its own node.
+    let gw_a = cbus_tests::GatewayProcess::start(&cluster.nodes[0].url(), TOKEN, &[]);
+    let gw_b = cbus_tests::GatewayProcess::start(&cluster.nodes[1].url(), TOKEN, &[]);
+    let metrics = |port: u16| cbus_tests::gateway::http_get(port, "/metrics").unwrap_or_default();
+    let active = |host: &str| {
+        format!("cbus_systemd_unit_state{{host=\"{host}\",name=\"ha-sleeper.service\",type=\"service\",state=\"active\"}} 1")
+    };
+    let both_active = |text: &str| text.contains(&active("ha-1")) && text.contains(&active("ha-2"));
+    assert!(
+        cbus_tests::wait_for(Duration::from_secs(30), || async {
+            both_active(&metrics(gw_a.port)) && both_active(&metrics(gw_b.port))
+        })
+        .await,
+        "the gateways never exported both machines:\nA:\n{}\nB:\n{}",
+        metrics(gw_a.port),
+        metrics(gw_b.port)
+    );
+
+    // The same fleet in /metrics and in a units snapshot (agent metrics arrive every 300 ms, so
+    // two scrapes may straddle one: retried until a pair agrees).
+    let mut last = (Vec::new(), Vec::new());
+    let same_metrics = cbus_tests::wait_for(Duration::from_secs(20), || {
+        last = (
+            fleet_series(&metrics(gw_a.port)),
+            fleet_series(&metrics(gw_b.port)),
+        );
+        let equal = last.0 == last.1;
+        async move { equal }
+    })
+    .await;
+    assert!(
+        same_metrics,
+        "the gateways' /metrics differ:\nA: {:#?}\nB: {:#?}",
+        last.0, last.1
+    );
+    let mut snaps = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        snaps = (
+            units_snapshot(gw_a.port, "ha-*.service").await,
+            units_snapshot(gw_b.port, "ha-*.service").await,
+        );
+        if snaps.0 == snaps.1 && snaps.0.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(snaps.0, snaps.1, "the gateways' units snapshots differ");
+    assert_eq!(snaps.0.len(), 2, "{:?}", snaps.0);
+
+    // A real Prometheus scrapes both as an HA pair: each unit's state from each gateway.
+    let prometheus = Prometheus::start(&[gw_a.port, gw_b.port]);
+    let series = |p: &Prometheus| {
+        p.query("cbus_systemd_unit_state{name=\"ha-sleeper.service\",state=\"active\"}")
+            .iter()
+            .filter(|r| r["value"][1] == "1")
+            .count()
+    };
+    assert!(
+        cbus_tests::wait_for(Duration::from_secs(30), || {
+            let n = series(&prometheus);
+            async move { n == 4 }
+        })
+        .await,
+        "Prometheus did not get both machines from both gateways: {:?}",
+        prometheus.query("up")
+    );
+
+    // Kill gateway A's node: B keeps serving, and a change on a machine still reaches it.
+    cluster.nodes[0].kill();
+    let out = fleet
+        .get("ha-1")
+        .exec(&["systemctl", "stop", "ha-sleeper.service"]);
+    assert!(out.status.success());
+    let inactive = "cbus_systemd_unit_state{host=\"ha-1\",name=\"ha-sleeper.service\",type=\"service\",state=\"inactive\"} 1";
+    assert!(
+        cbus_tests::wait_for(Duration::from_secs(20), || async {
+            metrics(gw_b.port).contains(inactive)
+        })
+        .await,
+        "gateway B did not follow the change with node 0 gone:\n{}",
+        metrics(gw_b.port)
+    );
+    let up = prometheus.query("up");
+    println!("Prometheus targets after the kill: {up:?}");
+    assert!(
+        up.iter().filter(|r| r["value"][1] == "1").count() == 2,
+        "both gateways still answer scrapes (A from its cache): {up:?}"
+    );
+}
