@@ -33,6 +33,16 @@ in
       description = "NATS server URL, or several (`--nats-url`, comma-separated).";
     };
 
+    jsDomain = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "hub";
+      description = ''
+        The JetStream domain that holds the registry (`--js-domain`), for a machine at a site
+        whose leaf node has no JetStream: the hub's `services.cbus-nats.jetstream.domain`.
+      '';
+    };
+
     # --- how the agent authenticates to NATS (at most one besides nkeyAuth) ---
     nkeyAuth = mkOption {
       type = types.bool;
@@ -203,6 +213,7 @@ in
           [ "--nats-url" (lib.concatStringsSep "," (lib.toList cfg.natsUrl)) ]
           [ "--host-key" cfg.hostKeyFile "--bus" cfg.bus "--heartbeat" cfg.heartbeat ]
           (optional cfg.nkeyAuth "--nats-nkey-auth")
+          (optionals (cfg.jsDomain != null) [ "--js-domain" cfg.jsDomain ])
           (optionals (cfg.credentialsFile != null) [ "--creds" (toString cfg.credentialsFile) ])
           (optionals (cfg.nkeyFile != null) [ "--nkey" (toString cfg.nkeyFile) ])
           (optionals (cfg.tlsCaFile != null) [ "--tls-ca" (toString cfg.tlsCaFile) ])

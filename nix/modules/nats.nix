@@ -5,22 +5,43 @@
 # agent may publish only under its own nkey, read only its own requests, inbox and broadcast
 # queue group, and never change the registry bucket (docs/security.md).
 #
-# Passwords come in through LoadCredential and never enter the Nix store. Cluster routes, leaf
-# nodes and TLS go in `extraConfig` (nats-server syntax), appended as is.
+# Passwords come in through LoadCredential and never enter the Nix store. A fleet that outgrows
+# one server runs a cluster (`cluster.*`, JetStream replicated; then `cbus registry init
+# --replicas 3`) and a leaf node per site (`leafnodes.remotes`, `jetstream.enable = false`,
+# `agentJsDomain` = the hub's `jetstream.domain`): docs/deployment.md. TLS and anything else go
+# in `extraConfig` (nats-server syntax), appended as is.
 { config, lib, pkgs, ... }:
 let
   cfg = config.services.cbus-nats;
   inherit (lib) mkEnableOption mkOption mkIf types concatMapStringsSep literalExpression;
+  domainFlag = lib.optionalString (cfg.agentJsDomain != null) " --js-domain ${cfg.agentJsDomain}";
   agentUser = nkey:
-    ''echo "  { nkey: ${nkey}, permissions: $("$cbus" permissions agent ${nkey}) }"'';
+    ''echo "  { nkey: ${nkey}, permissions: $("$cbus" permissions agent ${nkey}${domainFlag}) }"'';
+  # A JSON string or list is valid nats-server syntax, so values need no quoting by hand.
+  json = builtins.toJSON;
+  leaf = cfg.leafnodes;
+  baseConfig = pkgs.writeText "cbus-nats-base.conf" (lib.concatStringsSep "\n" (lib.filter (l: l != "") [
+    "listen: ${json cfg.listen}"
+    (lib.optionalString (cfg.serverName != null) "server_name: ${json cfg.serverName}")
+    (lib.optionalString cfg.jetstream.enable (
+      "jetstream { store_dir: \"/var/lib/cbus-nats/jetstream\""
+      + lib.optionalString (cfg.jetstream.domain != null) ", domain: ${json cfg.jetstream.domain}"
+      + " }"))
+    (lib.optionalString (cfg.cluster.routes != [ ])
+      "cluster { name: ${json cfg.cluster.name}, listen: ${json cfg.cluster.listen}, routes: ${json cfg.cluster.routes} }")
+    (lib.optionalString (leaf.listen != null || leaf.remotes != [ ]) (
+      "leafnodes { "
+      + lib.optionalString (leaf.listen != null) "listen: ${json leaf.listen} "
+      + lib.optionalString (leaf.remotes != [ ]) "remotes: ${json (map (url: { inherit url; }) leaf.remotes)} "
+      + "}"))
+  ]) + "\n");
   render = pkgs.writeShellScript "cbus-nats-config" ''
     set -euo pipefail
     cbus=${cfg.cbusPackage}/bin/cbus
     pw() { tr -d '\n"\\' < "$CREDENTIALS_DIRECTORY/$1"; }
     umask 077
     {
-      echo 'listen: "${cfg.listen}"'
-      echo 'jetstream { store_dir: "/var/lib/cbus-nats/jetstream" }'
+      cat ${baseConfig}
       echo 'authorization { users = ['
       echo "  { user: operator, password: \"$(pw operator)\", permissions: $("$cbus" permissions operator) }"
       echo "  { user: gateway, password: \"$(pw gateway)\", permissions: $("$cbus" permissions gateway) }"
@@ -73,6 +94,75 @@ in
     operatorPasswordFile = mkOption {
       type = types.either types.path types.str;
       description = "File with the password of the `operator` user, for the `cbus` CLI.";
+    };
+
+    serverName = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "nats-1";
+      description = "`server_name`; every node of a cluster with JetStream needs its own.";
+    };
+
+    jetstream = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Run JetStream (the agent registry lives there). A site's leaf node runs without it:
+          its agents reach the hub's JetStream through {option}`agentJsDomain`.
+        '';
+      };
+      domain = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "hub";
+        description = "JetStream domain of the hub, so agents at sites can address it.";
+      };
+    };
+
+    cluster = {
+      name = mkOption {
+        type = types.str;
+        default = "cbus";
+        description = "Cluster name, the same on every node.";
+      };
+      listen = mkOption {
+        type = types.str;
+        default = "0.0.0.0:6222";
+        description = "Route listen address (host:port).";
+      };
+      routes = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "nats-route://nats-1:6222" "nats-route://nats-2:6222" "nats-route://nats-3:6222" ];
+        description = "Every node's route URL (this node's own entry is ignored); empty: no cluster.";
+      };
+    };
+
+    leafnodes = {
+      listen = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "0.0.0.0:7422";
+        description = "On the hub: where sites' leaf nodes connect.";
+      };
+      remotes = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "nats-leaf://hub-1:7422" "nats-leaf://hub-2:7422" ];
+        description = "On a site's leaf node: the hub's leaf URLs it dials.";
+      };
+    };
+
+    agentJsDomain = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "hub";
+      description = ''
+        On a site's leaf node: the hub's JetStream domain, so each agent's permissions allow its
+        registry entry there (`cbus permissions agent NKEY --js-domain`); the agents run with
+        the same `jsDomain`.
+      '';
     };
 
     extraConfig = mkOption {
