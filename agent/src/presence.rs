@@ -114,9 +114,16 @@ impl Presence {
             }
         }
         if let Registry::Open(store) = &*registry {
-            if let Err(e) = store.put(&self.info.nkey, payload).await {
-                tracing::debug!(error = %e, "cannot write registry entry");
-                *registry = Registry::Unknown;
+            // A failed write keeps the bucket open and is tried again at the next heartbeat: on
+            // a cluster the bucket's stream is leaderless for a few seconds after its leader's
+            // node died, and reopening it (or backing off) only adds to that. Bounded by the
+            // heartbeat, so a write that waits for a leader does not hold the next heartbeat.
+            let patience =
+                Duration::from_millis(self.info.heartbeat_ms).max(Duration::from_millis(500));
+            match tokio::time::timeout(patience, store.put(&self.info.nkey, payload)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "cannot write registry entry"),
+                Err(_) => tracing::debug!(?patience, "registry write not acknowledged in time"),
             }
         }
     }

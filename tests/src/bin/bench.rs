@@ -15,6 +15,8 @@ use cbus_protocol::presence::PresenceKind;
 use cbus_tests::{bin_path, Agent, NatsServer, PrivateBus, TestService};
 use futures::StreamExt;
 
+#[path = "bench/cluster.rs"]
+mod cluster;
 #[path = "bench/gateway.rs"]
 mod gateway;
 #[path = "bench/machines.rs"]
@@ -53,6 +55,10 @@ const SECTIONS: &[(&str, &str)] = &[
         "WebSocket clients: delivery latency and gateway RSS",
     ),
     ("idle", "agent CPU and RSS over 60 s on an idle machine bus"),
+    (
+        "cluster",
+        "cbus get via one server, a 3-node cluster and a leaf; node failover time",
+    ),
 ];
 
 #[tokio::main]
@@ -124,6 +130,9 @@ async fn main() {
     }
     if want("idle") {
         machines::idle(idle_secs).await;
+    }
+    if want("cluster") {
+        cluster::cluster().await;
     }
 }
 
