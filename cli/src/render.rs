@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use base64::Engine as _;
+use cbus_client::fleet::{Outcome, TargetOutcome};
 use cbus_protocol::codec;
-use cbus_protocol::fleet::{Outcome, TargetOutcome};
 use cbus_protocol::{ErrorBody, ErrorCode};
 use serde_json::{json, Map, Value};
 use zvariant::Signature;

@@ -8,7 +8,7 @@
 //! dbus.ping                                                      every agent replies with its AgentInfo
 //! dbus.metrics.<nkey>                                            the agent's own Prometheus text
 //! ```
-//! Bus names are one token each, escaped with [`crate::label`]. Object path elements are
+//! Bus names are one token each, escaped with [`crate::token`]. Object path elements are
 //! already valid tokens and stay readable; the root path `/` is the token `-`, which no path
 //! element can be. A request without a member (getall, introspect, list-names) uses `-` too.
 
@@ -16,8 +16,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::SubjectError;
-use crate::label;
 use crate::names;
+use crate::token;
 
 /// First token of every cbus subject.
 pub const PREFIX: &str = "dbus";
@@ -172,7 +172,7 @@ impl RequestSubject {
             Target::Broadcast => s.push_str(".broadcast"),
         }
         s.push('.');
-        s.push_str(&label::escape(&self.destination));
+        s.push_str(&token::escape(&self.destination));
         push_path(&mut s, &self.path);
         s.push('.');
         s.push_str(self.op.as_str());
@@ -202,7 +202,7 @@ impl RequestSubject {
         };
         RequestSubject::new(
             target,
-            label::unescape(dest)?,
+            token::unescape(dest)?,
             parse_path(path)?,
             op.parse()?,
             member,
@@ -241,7 +241,7 @@ impl SignalSubject {
         let mut s = format!(
             "{PREFIX}.signals.{}.{}",
             self.nkey,
-            label::escape(&self.sender)
+            token::escape(&self.sender)
         );
         push_path(&mut s, &self.path);
         check_len(s)
@@ -255,7 +255,7 @@ impl SignalSubject {
         if path.is_empty() {
             return Err(SubjectError::TooFewTokens(subject.to_owned()));
         }
-        SignalSubject::new(*nkey, label::unescape(sender)?, parse_path(path)?)
+        SignalSubject::new(*nkey, token::unescape(sender)?, parse_path(path)?)
     }
 }
 
@@ -283,7 +283,7 @@ impl SignalFilter {
         let sender = match &self.sender {
             Some(s) => {
                 names::validate_bus_name(s)?;
-                label::escape(s)
+                token::escape(s)
             }
             None => "*".to_owned(),
         };
@@ -316,7 +316,7 @@ impl SignalFilter {
         let sender = match &self.sender {
             Some(s) => {
                 names::validate_bus_name(s)?;
-                label::escape(s)
+                token::escape(s)
             }
             None => "*".to_owned(),
         };

@@ -27,9 +27,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use cbus_protocol::fleet::{AgentStatus, Outcome, Query, TargetOutcome};
+use cbus_client::fleet::{AgentStatus, Outcome, Query, TargetOutcome};
+use cbus_client::headers;
 use cbus_protocol::subject::{SignalFilter, SignalSubject};
-use cbus_protocol::{headers, names, ErrorCode, Op, Request};
+use cbus_protocol::{names, ErrorCode, Op, Request};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::{json, Value};
 
