@@ -29,6 +29,33 @@ pub fn sender_owns(headers: Option<&HeaderMap>, name: &str) -> bool {
     sender_names_of(headers).any(|n| n == name)
 }
 
+/// Why a signal is not taken as its machine's word.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignalRefused {
+    #[error("not a cbus signal subject")]
+    Subject,
+    #[error("the NKey header names {claimed}, another machine than the subject")]
+    NkeyMismatch { claimed: String },
+    #[error("not sent by the owner of {0}")]
+    NotFromOwner(&'static str),
+}
+
+/// The machine a signal is from: the `<nkey>` token of its subject
+/// (`dbus.signals.<nkey>.<sender>.<path>`), which NATS permissions tie to the agent that
+/// published it. A `NKey` header naming another machine makes it a forgery.
+pub fn signal_machine<'a>(
+    subject: &'a str,
+    headers: Option<&HeaderMap>,
+) -> Result<&'a str, SignalRefused> {
+    let nkey = cbus_protocol::subject::signal_nkey(subject).ok_or(SignalRefused::Subject)?;
+    match get(headers, NKEY) {
+        Some(claimed) if claimed != nkey => Err(SignalRefused::NkeyMismatch {
+            claimed: claimed.to_owned(),
+        }),
+        _ => Ok(nkey),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,6 +72,26 @@ mod tests {
         assert!(sender_owns(Some(&h), "org.freedesktop.systemd1"));
         assert!(!sender_owns(Some(&h), "org.freedesktop"));
         assert!(!sender_owns(None, "org.b"));
+    }
+
+    #[test]
+    fn signal_machine_is_the_subjects() {
+        let a = "UBQUIKYGFC7CH5XMF52P2NN4ESI4XTXGAKT3WTG3XGU3352DMHGZQAX7";
+        let b = "UCZR2FMXVH2LW2J3GXYZWTM4U6V7RWIZ6XNWHN3PSD3OBPB4GEEEPB4B";
+        let subject = format!("dbus.signals.{a}._3a1_2e1.-");
+        assert_eq!(signal_machine(&subject, None), Ok(a));
+        let mut h = HeaderMap::new();
+        set(&mut h, NKEY, a);
+        assert_eq!(signal_machine(&subject, Some(&h)), Ok(a));
+        set(&mut h, NKEY, b);
+        assert!(matches!(
+            signal_machine(&subject, Some(&h)),
+            Err(SignalRefused::NkeyMismatch { .. })
+        ));
+        assert_eq!(
+            signal_machine("dbus.presence.x", None),
+            Err(SignalRefused::Subject)
+        );
     }
 
     #[test]

@@ -349,6 +349,15 @@ pub fn nkey_of(subject: &str) -> Option<&str> {
     validate_nkey(nkey).ok().map(|_| nkey)
 }
 
+/// The `<nkey>` token of a signal subject (`dbus.signals.<nkey>.<sender>.<path>`), which NATS
+/// permissions tie to the agent that published it; `None` for another subject or a malformed
+/// nkey. Cheaper than [`SignalSubject::parse`] for a consumer that needs only the machine.
+pub fn signal_nkey(subject: &str) -> Option<&str> {
+    let rest = subject.strip_prefix(PREFIX)?.strip_prefix(".signals.")?;
+    let nkey = rest.split('.').next()?;
+    validate_nkey(nkey).ok().map(|_| nkey)
+}
+
 /// An agent id: a NATS user public key, `U` followed by 55 base32 characters.
 pub fn validate_nkey(nkey: &str) -> Result<(), SubjectError> {
     let ok = nkey.len() == 56
@@ -490,6 +499,15 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.exact_subject().is_err());
+    }
+
+    #[test]
+    fn signal_nkeys() {
+        let nkey = "UBQUIKYGFC7CH5XMF52P2NN4ESI4XTXGAKT3WTG3XGU3352DMHGZQAX7";
+        let s = format!("dbus.signals.{nkey}._3a1_2e1.org.freedesktop.systemd1");
+        assert_eq!(signal_nkey(&s), Some(nkey));
+        assert_eq!(signal_nkey(&format!("dbus.presence.{nkey}")), None);
+        assert_eq!(signal_nkey("dbus.signals.Ubad._3a1_2e1.-"), None);
     }
 
     #[test]
