@@ -97,7 +97,7 @@ impl Presence {
                 Some(domain) => jetstream::with_domain(self.client.clone(), domain),
                 None => jetstream::new(self.client.clone()),
             };
-            match cbus_protocol::fleet::ensure_registry(&js, 1).await {
+            match cbus_client::fleet::ensure_registry(&js, 1).await {
                 Ok(store) => {
                     if self.warned.swap(false, Ordering::Relaxed) {
                         tracing::info!("JetStream registry available again");

@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::changes::{ChangeReceiver, Interest, Router};
 use crate::metrics::UnitSeries;
 use crate::objects::ObjectChange;
-use cbus_protocol::fleet::AgentStatus;
+use cbus_client::fleet::AgentStatus;
 use cbus_protocol::presence::{AgentInfo, AgentState, PresenceEvent, PresenceKind};
 use regex::Regex;
 use serde::Serialize;

@@ -31,9 +31,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use cbus_protocol::fleet::{AgentStatus, Fleet, Query};
+use cbus_client::fleet::{AgentStatus, Fleet, Query};
+use cbus_client::headers;
 use cbus_protocol::presence::{self, AgentState, PresenceEvent, PresenceKind};
-use cbus_protocol::{headers, subject};
+use cbus_protocol::subject;
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
@@ -247,7 +248,7 @@ async fn close_registry(client: async_nats::Client) {
     let js = async_nats::jetstream::new(client);
     let mut pause = Duration::from_secs(1);
     loop {
-        match cbus_protocol::fleet::close_registry(&js, 1).await {
+        match cbus_client::fleet::close_registry(&js, 1).await {
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot create or close the registry bucket; retrying")
@@ -389,7 +390,7 @@ impl Follower {
                 None => {
                     // systemd reports a change of a unit the cache does not follow: it is
                     // loaded now (e.g. found since it was last checked). Checking loads nothing.
-                    if let Some(name) = cbus_protocol::label::systemd_unit_of_path(path) {
+                    if let Some(name) = cbus_protocol::token::systemd_unit_of_path(path) {
                         if self.cache.wants_unit(nkey, &name) {
                             let key = (nkey.to_owned(), name);
                             let mut p = self.pending();

@@ -1,5 +1,5 @@
 //! Asking machines: the gateway's own queries (ListUnits, targeted gets) and clients' requests
-//! (get, set, call, start, stop, restart), all through `protocol::fleet`.
+//! (get, set, call, start, stop, restart), all through `cbus_client::fleet`.
 //!
 //! Client requests go to each target separately and concurrently, so a client sees each
 //! machine's result as soon as it arrives and one silent machine delays nobody else's result; it
@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use cbus_protocol::fleet::{AgentStatus, Fleet, Outcome, Query};
+use cbus_client::fleet::{AgentStatus, Fleet, Outcome, Query};
 use cbus_protocol::{ErrorBody, ErrorCode, Op, Request, Success};
 use serde_json::{json, Value};
 

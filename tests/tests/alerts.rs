@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn deploy(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(rel)
 }
 
 fn promtool(args: &[&str], dir: &Path) -> String {
@@ -88,7 +90,10 @@ fn dashboard_queries_are_promql_over_served_metrics() {
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            assert!(served.contains(&name), "the dashboard queries {name}, which cbus does not serve");
+            assert!(
+                served.contains(&name),
+                "the dashboard queries {name}, which cbus does not serve"
+            );
             rest = &rest[i + name.len()..];
         }
         rules.push_str(&format!(
@@ -99,5 +104,8 @@ fn dashboard_queries_are_promql_over_served_metrics() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("dashboard.rules.yml"), rules).unwrap();
     let checked = promtool(&["check", "rules", "dashboard.rules.yml"], dir.path());
-    assert!(checked.contains(&format!("{} rules found", exprs.len())), "{checked}");
+    assert!(
+        checked.contains(&format!("{} rules found", exprs.len())),
+        "{checked}"
+    );
 }

@@ -14,7 +14,7 @@ mod cli_support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use cbus_protocol::fleet::Fleet;
+use cbus_client::fleet::Fleet;
 use cbus_protocol::permissions;
 use cbus_protocol::presence::{AgentState, REGISTRY_BUCKET};
 use cbus_tests::{Agent, Link, NatsCluster, NatsServer, PrivateBus, TestService};
@@ -260,11 +260,15 @@ fn site_config(agents: &[String], hub_leaf: std::net::SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_behind_a_leaf_node_is_one_fleet_with_the_hub() {
     let leaf_port = cbus_tests::free_port();
+    // The hub tells every leaf its leaf address and a leaf redials any address it was told, so
+    // the hub advertises the link's end: otherwise a cut leaf reconnects around the link.
+    let link = Link::start(([127, 0, 0, 1], leaf_port).into()).await;
     let hub = NatsServer::start_with_config(&format!(
         "authorization {{ users = [ {{ user: operator, password: {OPERATOR_PW}, permissions: {} }} ] }}\n\
-         leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", authorization {{ user: leaf, password: {LEAF_PW} }} }}\n\
+         leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", advertise: \"{}\", authorization {{ user: leaf, password: {LEAF_PW} }} }}\n\
          jetstream {{ domain: {HUB_DOMAIN} }}\n",
-        permissions::operator().to_config()
+        permissions::operator().to_config(),
+        link.addr()
     ));
     let operator = hub.url();
     let cbus = |_: &str, args: &[&str]| {
@@ -279,7 +283,6 @@ async fn a_site_behind_a_leaf_node_is_one_fleet_with_the_hub() {
     let out = cbus(&operator, &["registry", "init"]);
     assert!(out.status.success(), "{}", both(&out));
 
-    let link = Link::start(([127, 0, 0, 1], leaf_port).into()).await;
     let dir = tempfile::tempdir().unwrap();
     let keys: Vec<std::path::PathBuf> = (0..3)
         .map(|i| {
@@ -383,10 +386,23 @@ async fn a_site_behind_a_leaf_node_is_one_fleet_with_the_hub() {
                 .all(|v| v == "unresponsive" || v == "disconnected")
     })
     .await;
-    assert!(all_unresponsive, "after the cut: {:?}", states(&operator));
+    assert!(
+        all_unresponsive,
+        "after the cut (link {}, hub leaf port {leaf_port}): {}\nsite log:\n{}",
+        link.addr(),
+        String::from_utf8_lossy(&cbus(&operator, &["agents", "--json"]).stdout),
+        site.log()
+    );
     println!(
         "link cut: site machines unresponsive at the hub after {:?}",
         cut_at.elapsed()
+    );
+    // And they stay so while the link is down (the leaf has no way around it).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = states(&operator);
+    assert!(
+        later.values().all(|v| v != "running"),
+        "back without the link: {later:?}"
     );
     let out = cbus(
         &operator,

@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::Message;
+use cbus_client::headers;
 use cbus_protocol::codec;
 use cbus_protocol::envelope::{ErrorBody, ErrorCode, Reply, Request};
-use cbus_protocol::headers;
 use cbus_protocol::subject::{self, Op, RequestSubject};
 use futures::StreamExt;
 

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 
 use cbus_protocol::codec;
 use cbus_protocol::envelope::{ErrorBody, ErrorCode, Request, Success};
-use cbus_protocol::label;
 use cbus_protocol::subject::{Op, RequestSubject};
+use cbus_protocol::token;
 use serde_json::Value as Json;
 use zvariant::{OwnedValue, StructureBuilder};
 
@@ -72,13 +72,13 @@ impl RequestServer {
         dest: &str,
         path: &str,
     ) -> Result<(), ErrorBody> {
-        if !path.starts_with(label::SYSTEMD_UNIT_PATH_PREFIX) {
+        if !path.starts_with(token::SYSTEMD_UNIT_PATH_PREFIX) {
             return Ok(());
         }
         if dest != SYSTEMD && !(dest.starts_with(':') && self.is_systemd(dest).await) {
             return Ok(());
         }
-        let Some(unit) = label::systemd_unit_of_path(path) else {
+        let Some(unit) = token::systemd_unit_of_path(path) else {
             return Err(ErrorBody::new(
                 ErrorCode::NotFound,
                 format!("{} is not a unit object path", codec::quote(path)),

@@ -59,7 +59,7 @@ pub async fn registry_init(ctx: &crate::fanout::Context, replicas: usize) -> Res
     let changed = ctx
         .bounded(
             "creating the registry",
-            cbus_protocol::fleet::close_registry(&js, replicas),
+            cbus_client::fleet::close_registry(&js, replicas),
         )
         .await?
         .map_err(|e| Failure::Connection(e.to_string()))?;

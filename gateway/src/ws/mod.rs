@@ -30,10 +30,11 @@ use axum::extract::{Query as UrlQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use cbus_protocol::fleet::{Fleet, Query};
+use cbus_client::fleet::{Fleet, Query};
+use cbus_client::headers as nats_headers;
 use cbus_protocol::presence::now_ms;
 use cbus_protocol::subject::{RequestSubject, SignalFilter, Target};
-use cbus_protocol::{headers as nats_headers, names, ErrorBody, ErrorCode, Op, Request};
+use cbus_protocol::{names, ErrorBody, ErrorCode, Op, Request};
 use futures::stream::{self, SelectAll, StreamExt};
 use futures::SinkExt;
 use regex::Regex;
@@ -1166,7 +1167,7 @@ async fn run_request(
     fleet: Fleet,
     id: Value,
     p: Prepared,
-    targets: Vec<cbus_protocol::fleet::AgentStatus>,
+    targets: Vec<cbus_client::fleet::AgentStatus>,
     unknown: Vec<String>,
     out: Outbox,
 ) {

@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cbus_protocol::fleet::Fleet;
+use cbus_client::fleet::Fleet;
 use cbus_protocol::presence::AgentState;
 use cbus_tests::{bin_path, Agent, NatsCluster, NatsServer, PrivateBus, TestService};
 
