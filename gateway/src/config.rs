@@ -66,7 +66,7 @@ pub struct Config {
     #[arg(long, default_value = ".+")]
     pub unit_include: String,
     /// Units not to follow (regex, anchored); node_exporter's default.
-    #[arg(long, default_value = crate::cache::DEFAULT_EXCLUDE)]
+    #[arg(long, default_value = crate::model::DEFAULT_EXCLUDE)]
     pub unit_exclude: String,
 
     /// Interval of server heartbeats on WebSockets.

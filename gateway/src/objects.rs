@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cbus_protocol::fleet::{AgentStatus, Fleet, Query};
+use cbus_protocol::fleet::{Fleet, Query};
 use cbus_protocol::introspect::ObjectSchema;
 use cbus_protocol::subject::SignalFilter;
 use cbus_protocol::{headers, ErrorBody, ErrorCode, Op, Request};
@@ -20,8 +20,10 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::cache::{Cache, Change};
+use crate::changes::{Change, ObjectChange, ObjectChangeKind, ObjectKey, Router};
+use crate::nats::{sent_by, signal_machine};
 use crate::requests::{ask, get_query, MachineResult};
+use crate::store::Store;
 
 /// Invalidated properties of one object waiting to be read back, at most.
 const MAX_INVALIDATED: usize = 256;
@@ -46,37 +48,9 @@ impl Invalidated {
     }
 }
 
-/// What clients follow.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-pub struct ObjectKey {
-    pub machine: String,
-    pub dest: String,
-    pub path: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub interface: Option<String>,
-}
-
-/// A change of a followed object.
-#[derive(Debug, Clone)]
-pub struct ObjectChange {
-    pub key: ObjectKey,
-    pub kind: ObjectChangeKind,
-}
-
-#[derive(Debug, Clone)]
-pub enum ObjectChangeKind {
-    /// Loaded (or failed to load): clients send a fresh snapshot.
-    Reset,
-    /// Property values changed (`{"t","v"}` each).
-    Props {
-        interface: String,
-        changed: Map<String, Value>,
-    },
-}
-
 /// What a snapshot of an object holds.
 #[derive(Debug, Clone, Serialize)]
-pub struct ObjectState {
+pub(crate) struct ObjectState {
     /// The introspection schema (raw XML left out).
     pub schema: ObjectSchema,
     /// interface -> property -> `{"t": signature, "v": value}`
@@ -97,19 +71,21 @@ struct Entry {
 
 /// The followed objects; cheap to clone.
 #[derive(Clone)]
-pub struct Objects {
+pub(crate) struct Objects {
     inner: Arc<Mutex<HashMap<ObjectKey, Entry>>>,
     fleet: Fleet,
-    cache: Cache,
+    store: Store,
+    changes: Router,
     timeout: Duration,
 }
 
 impl Objects {
-    pub fn new(fleet: Fleet, cache: Cache, timeout: Duration) -> Objects {
+    pub(crate) fn new(fleet: Fleet, store: Store, changes: Router, timeout: Duration) -> Objects {
         Objects {
             inner: Arc::new(Mutex::new(HashMap::new())),
             fleet,
-            cache,
+            store,
+            changes,
             timeout,
         }
     }
@@ -120,7 +96,7 @@ impl Objects {
 
     /// Starts following `key` (or counts one more client). A [`ObjectChangeKind::Reset`] change
     /// follows once the object is loaded.
-    pub fn acquire(&self, key: &ObjectKey) {
+    pub(crate) fn acquire(&self, key: &ObjectKey) {
         let mut map = self.lock();
         if let Some(e) = map.get_mut(key) {
             e.refs += 1;
@@ -140,7 +116,7 @@ impl Objects {
     }
 
     /// One client less; the last one stops following.
-    pub fn release(&self, key: &ObjectKey) {
+    pub(crate) fn release(&self, key: &ObjectKey) {
         let mut map = self.lock();
         if let Some(e) = map.get_mut(key) {
             e.refs = e.refs.saturating_sub(1);
@@ -152,17 +128,12 @@ impl Objects {
     }
 
     /// The current state: `None` while loading.
-    pub fn state(&self, key: &ObjectKey) -> Option<Result<ObjectState, ErrorBody>> {
+    pub(crate) fn state(&self, key: &ObjectKey) -> Option<Result<ObjectState, ErrorBody>> {
         match &self.lock().get(key)?.loaded {
             Loaded::Loading => None,
             Loaded::Ready(s) => Some(Ok(s.clone())),
             Loaded::Failed(e) => Some(Err(e.clone())),
         }
-    }
-
-    fn target(&self, machine: &str) -> Option<AgentStatus> {
-        let (mut t, _) = self.cache.targets(Some(&[machine.to_owned()]));
-        t.pop()
     }
 
     /// Subscribes to the object's signals, then loads it, then applies signals until aborted.
@@ -186,7 +157,7 @@ impl Objects {
                 Err(err) => Loaded::Failed(err),
             };
         }
-        self.cache.emit(Change::Object(ObjectChange {
+        self.changes.publish(Change::Object(ObjectChange {
             key: key.clone(),
             kind: ObjectChangeKind::Reset,
         }));
@@ -205,9 +176,7 @@ impl Objects {
             }
             // Anyone on the bus may emit a PropertiesChanged on any path: only the object's
             // owner (its unique name, or a sender that owns the well-known name) counts.
-            let from_dest = headers::get(h, headers::SENDER) == Some(key.dest.as_str())
-                || headers::sender_owns(h, &key.dest);
-            if !from_dest || crate::follow::signal_machine(&msg.subject, h).is_none() {
+            if !sent_by(h, &key.dest) || signal_machine(&msg.subject, h).is_none() {
                 continue;
             }
             let Ok(args) = serde_json::from_slice::<Value>(&msg.payload) else {
@@ -268,7 +237,7 @@ impl Objects {
                 props.insert(k.clone(), v.clone());
             }
         }
-        self.cache.emit(Change::Object(ObjectChange {
+        self.changes.publish(Change::Object(ObjectChange {
             key: key.clone(),
             kind: ObjectChangeKind::Props {
                 interface: iface.to_owned(),
@@ -302,7 +271,7 @@ impl Objects {
 
     /// Reads back properties a signal invalidated, one `get` each.
     async fn refetch(&self, key: &ObjectKey, iface: &str, props: Vec<String>) {
-        let Some(target) = self.target(&key.machine) else {
+        let Some(target) = self.store.target(&key.machine) else {
             return;
         };
         let mut changed = Map::new();
@@ -320,7 +289,7 @@ impl Objects {
 
     /// Introspects the object and reads its properties (one getall).
     async fn load(&self, key: &ObjectKey) -> Result<ObjectState, ErrorBody> {
-        let target = self.target(&key.machine).ok_or_else(|| {
+        let target = self.store.target(&key.machine).ok_or_else(|| {
             ErrorBody::new(
                 ErrorCode::NotFound,
                 format!("no machine {} is known", key.machine),

@@ -1,5 +1,6 @@
-//! Asking machines: the gateway's own queries (ListUnits, targeted gets) and clients' requests
-//! (get, set, call, start, stop, restart), all through `protocol::fleet`.
+//! Asking one machine: the gateway's own queries (ListUnits, targeted gets) and clients' requests
+//! (get, set, call, start, stop, restart), all through `protocol::fleet`, with every outcome
+//! mapped to a [`MachineResult`].
 //!
 //! Client requests go to each target separately and concurrently, so a client sees each
 //! machine's result as soon as it arrives and one silent machine delays nobody else's result; it
@@ -9,22 +10,17 @@ use std::time::Duration;
 
 use cbus_protocol::fleet::{AgentStatus, Fleet, Outcome, Query};
 use cbus_protocol::{ErrorBody, ErrorCode, Op, Request, Success};
-use serde_json::{json, Value};
-
-pub const SYSTEMD: &str = "org.freedesktop.systemd1";
-pub const SYSTEMD_PATH: &str = "/org/freedesktop/systemd1";
-pub const MANAGER_IFACE: &str = "org.freedesktop.systemd1.Manager";
 
 /// How one machine fared.
 #[derive(Debug, Clone, PartialEq)]
-pub enum MachineResult {
+pub(crate) enum MachineResult {
     Ok(Success),
     Failed(ErrorBody),
     TimedOut,
 }
 
 /// Asks one machine; maps every outcome to a result.
-pub async fn ask(
+pub(crate) async fn ask(
     fleet: &Fleet,
     target: &AgentStatus,
     query: &Query,
@@ -61,7 +57,7 @@ pub async fn ask(
 }
 
 /// A property read.
-pub fn get_query(dest: &str, path: &str, interface: Option<&str>, property: &str) -> Query {
+pub(crate) fn get_query(dest: &str, path: &str, interface: Option<&str>, property: &str) -> Query {
     Query {
         destination: dest.into(),
         path: path.into(),
@@ -71,40 +67,5 @@ pub fn get_query(dest: &str, path: &str, interface: Option<&str>, property: &str
             interface: interface.map(str::to_owned),
             ..Default::default()
         },
-    }
-}
-
-/// A systemd Manager method call with a known signature.
-pub fn manager_call(method: &str, args: Value, signature: &str) -> Query {
-    Query {
-        destination: SYSTEMD.into(),
-        path: SYSTEMD_PATH.into(),
-        op: Op::Call,
-        member: Some(method.into()),
-        request: Request {
-            interface: Some(MANAGER_IFACE.into()),
-            args: Some(args),
-            signature: Some(signature.into()),
-            ..Default::default()
-        },
-    }
-}
-
-/// `StartUnit`/`StopUnit`/`RestartUnit` with mode "replace".
-pub fn unit_job(method: &str, unit: &str) -> Query {
-    manager_call(method, json!([unit, "replace"]), "ss")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unit_jobs_replace() {
-        let q = unit_job("RestartUnit", "nginx.service");
-        assert_eq!(q.member.as_deref(), Some("RestartUnit"));
-        assert_eq!(q.request.args, Some(json!(["nginx.service", "replace"])));
-        assert_eq!(q.request.signature.as_deref(), Some("ss"));
-        assert!(q.request.check_for(Op::Call).is_ok());
     }
 }

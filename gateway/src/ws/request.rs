@@ -1,0 +1,257 @@
+//! Requests: a client's request checked and turned into a query, then sent to each target
+//! concurrently, with one `result` per machine as it arrives and a `done` at the end.
+
+use std::time::Duration;
+
+use cbus_protocol::fleet::{AgentStatus, Fleet, Query};
+use cbus_protocol::subject::{RequestSubject, Target};
+use cbus_protocol::{ErrorBody, ErrorCode, Op, Request};
+use futures::stream::{self, StreamExt};
+use serde_json::{json, Value};
+
+use super::frames::{RequestMsg, RequestOp};
+use super::outgoing::ServerFrame;
+use super::writer::{Frame, Outbox};
+use crate::requests::{ask, MachineResult};
+use crate::systemd::unit_job;
+
+/// Longest timeout a request may ask for.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Machines asked at once by one request.
+const FAN_OUT: usize = 64;
+
+/// A request ready to send.
+#[derive(Debug)]
+pub(super) struct Prepared {
+    query: Query,
+    timeout: Duration,
+}
+
+/// Builds the query of a request, or says what is wrong with it.
+pub(super) fn prepare(r: &RequestMsg, default_timeout: Duration) -> Result<Prepared, String> {
+    let need = |v: &Option<String>, what: &str| {
+        v.clone()
+            .ok_or_else(|| format!("{} needs \"{what}\"", op_name(r.op)))
+    };
+    let timeout = r
+        .timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(default_timeout)
+        .min(MAX_REQUEST_TIMEOUT);
+    // Every field the client gave goes in, so check_for refuses those the op does not take.
+    let request = |default_args: Option<Value>| Request {
+        interface: r.interface.clone(),
+        args: r.args.clone().or(default_args),
+        signature: r.signature.clone(),
+        value: r.value.clone(),
+        timeout_ms: r.timeout_ms,
+    };
+    let query = match r.op {
+        RequestOp::Start | RequestOp::Stop | RequestOp::Restart => {
+            let unit = need(&r.unit, "unit")?;
+            if unit.is_empty() || unit.len() > 256 || unit.contains(['/', '\0']) {
+                return Err(format!("invalid unit name {unit:?}"));
+            }
+            let method = match r.op {
+                RequestOp::Start => "StartUnit",
+                RequestOp::Stop => "StopUnit",
+                _ => "RestartUnit",
+            };
+            let mut q = unit_job(method, &unit);
+            q.request.timeout_ms = r.timeout_ms;
+            q
+        }
+        RequestOp::Get => Query {
+            destination: need(&r.dest, "dest")?,
+            path: need(&r.path, "path")?,
+            op: Op::Get,
+            member: Some(need(&r.member, "member")?),
+            request: request(None),
+        },
+        RequestOp::Set => Query {
+            destination: need(&r.dest, "dest")?,
+            path: need(&r.path, "path")?,
+            op: Op::Set,
+            member: Some(need(&r.member, "member")?),
+            request: {
+                if r.value.is_none() {
+                    return Err("set needs \"value\"".into());
+                }
+                request(None)
+            },
+        },
+        RequestOp::Call => Query {
+            destination: need(&r.dest, "dest")?,
+            path: need(&r.path, "path")?,
+            op: Op::Call,
+            member: Some(need(&r.member, "member")?),
+            request: request(Some(json!([]))),
+        },
+        RequestOp::Introspect => Query {
+            destination: need(&r.dest, "dest")?,
+            path: r.path.clone().unwrap_or_else(|| "/".into()),
+            op: Op::Introspect,
+            member: None,
+            request: Request {
+                timeout_ms: r.timeout_ms,
+                ..Default::default()
+            },
+        },
+        RequestOp::ListNames => Query {
+            destination: "org.freedesktop.DBus".into(),
+            path: "/".into(),
+            op: Op::ListNames,
+            member: None,
+            request: Request {
+                timeout_ms: r.timeout_ms,
+                ..Default::default()
+            },
+        },
+    };
+    // Fails early, with the protocol's message, on names a subject cannot carry.
+    RequestSubject::new(
+        Target::Broadcast,
+        query.destination.clone(),
+        query.path.clone(),
+        query.op,
+        query.member.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    query.request.check_for(query.op)?;
+    Ok(Prepared { query, timeout })
+}
+
+fn op_name(op: RequestOp) -> &'static str {
+    match op {
+        RequestOp::Get => "get",
+        RequestOp::Set => "set",
+        RequestOp::Call => "call",
+        RequestOp::Start => "start",
+        RequestOp::Stop => "stop",
+        RequestOp::Restart => "restart",
+        RequestOp::Introspect => "introspect",
+        RequestOp::ListNames => "list-names",
+    }
+}
+
+/// Asks every target and sends each machine's result, then the `done`.
+pub(super) async fn run(
+    fleet: Fleet,
+    id: Value,
+    p: Prepared,
+    targets: Vec<AgentStatus>,
+    unknown: Vec<String>,
+    out: Outbox,
+) {
+    let send = |f: ServerFrame<'_>| {
+        let (out, text) = (out.clone(), f.to_text());
+        async move {
+            let _ = out.send(Frame::control(text)).await;
+        }
+    };
+    let (mut ok, mut failed, mut timed_out) = (0usize, 0usize, 0usize);
+    let no_such_machine = ErrorBody::new(ErrorCode::NotFound, "no such machine");
+    for nkey in &unknown {
+        failed += 1;
+        send(ServerFrame::Result {
+            id: &id,
+            machine: nkey,
+            host: None,
+            ok: false,
+            signature: None,
+            value: None,
+            timed_out: false,
+            error: Some(&no_such_machine),
+        })
+        .await;
+    }
+    let (fleet_ref, query, timeout) = (&fleet, &p.query, p.timeout);
+    let mut results = stream::iter(targets)
+        .map(|t| async move {
+            let r = ask(fleet_ref, &t, query, timeout).await;
+            (t, r)
+        })
+        .buffer_unordered(FAN_OUT);
+    let too_late = ErrorBody::new(
+        ErrorCode::Timeout,
+        format!("no reply within {:.1}s", timeout.as_secs_f64()),
+    );
+    while let Some((t, r)) = results.next().await {
+        let (success, error) = match &r {
+            MachineResult::Ok(s) => {
+                ok += 1;
+                (Some(s), None)
+            }
+            MachineResult::Failed(e) => {
+                failed += 1;
+                (None, Some(e))
+            }
+            MachineResult::TimedOut => {
+                timed_out += 1;
+                (None, Some(&too_late))
+            }
+        };
+        let frame = ServerFrame::Result {
+            id: &id,
+            machine: &t.info.nkey,
+            host: Some(&t.info.hostname),
+            ok: success.is_some(),
+            signature: success.and_then(|s| s.signature.as_deref()),
+            value: success.map(|s| &s.value),
+            timed_out: matches!(r, MachineResult::TimedOut),
+            error,
+        };
+        send(frame).await;
+    }
+    send(ServerFrame::Done {
+        id: &id,
+        ok,
+        failed,
+        timed_out,
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::frames::{self, ClientMsg};
+
+    fn req(text: &str) -> RequestMsg {
+        match frames::parse(text).unwrap() {
+            ClientMsg::Request(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_become_queries() {
+        let d = Duration::from_secs(10);
+        let p = prepare(
+            &req(r#"{"type":"request","id":1,"op":"stop","targets":"all","unit":"a.service"}"#),
+            d,
+        )
+        .unwrap();
+        assert_eq!(p.query.member.as_deref(), Some("StopUnit"));
+        assert_eq!(p.query.request.args, Some(json!(["a.service", "replace"])));
+        let p = prepare(&req(r#"{"type":"request","id":1,"op":"set","targets":"all","dest":"org.x.Y","path":"/o","member":"Count","value":3,"timeout_ms":999999}"#), d).unwrap();
+        assert_eq!(p.query.op, Op::Set);
+        assert_eq!(p.timeout, MAX_REQUEST_TIMEOUT);
+        assert!(prepare(
+            &req(r#"{"type":"request","id":1,"op":"stop","targets":"all"}"#),
+            d
+        )
+        .unwrap_err()
+        .contains("needs \"unit\""));
+        assert!(prepare(&req(r#"{"type":"request","id":1,"op":"get","targets":"all","dest":"bad","path":"/","member":"X"}"#), d).is_err());
+        assert!(prepare(&req(r#"{"type":"request","id":1,"op":"get","targets":"all","dest":"a.b","path":"/","member":"X","args":[]}"#), d)
+            .unwrap_err()
+            .contains("does not take"));
+        let p = prepare(
+            &req(r#"{"type":"request","id":1,"op":"list-names","targets":"all"}"#),
+            d,
+        )
+        .unwrap();
+        assert_eq!(p.query.op, Op::ListNames);
+    }
+}
