@@ -3,35 +3,39 @@
 //!
 //! # Modules, by concern
 //!
-//! - fleet state: [`model`] (a machine and its units, no locking, no I/O) and [`store`] (the
+//! - fleet state: `model` (a machine and its units, no locking, no I/O) and `store` (the
 //!   shared machines, changed only through typed updates);
-//! - the change hub: [`changes`] (what changed, routed to the sessions that follow it, with
+//! - the change hub: `changes` (what changed, routed to the sessions that follow it, with
 //!   bounded queues);
-//! - ingestion: [`follow`] (presence, the registry, agents' metrics, the tick) and [`systemd`]
-//!   (unit signals, ListUnits, unit checks); [`objects`] follows the D-Bus objects clients
+//! - ingestion: `follow` (presence, the registry, agents' metrics, the tick) and `systemd`
+//!   (unit signals, ListUnits, unit checks); `objects` follows the D-Bus objects clients
 //!   look at;
-//! - serving: [`metrics`] renders `/metrics` from the store alone, memoised by each machine's
-//!   units generation; [`ws`] is the WebSocket API; [`dashboard`] the embedded browser UI;
-//!   [`server`] the accept loops and connection limits; [`tls`] the optional rustls listener;
-//!   [`auth`] the token, Origin and Host checks;
-//! - plumbing: [`requests`] (asking one machine), [`nats`] (subscribing, and the trust rules
-//!   for signals), [`stats`] (the gateway's own counters), [`config`] (flags).
+//! - serving: `metrics` renders `/metrics` from the store alone, memoised by each machine's
+//!   units generation; `ws` is the WebSocket API; `dashboard` the embedded browser UI;
+//!   `server` the accept loops and connection limits; `tls` the optional rustls listener;
+//!   `auth` the token, Origin and Host checks;
+//! - plumbing: `requests` (asking one machine), `nats` (subscribing, and the trust rules
+//!   for signals), `stats` (the gateway's own counters), `config` (flags).
 //!
 //! # Which module may use which
 //!
-//! Lower layers never use higher ones, so there are no import cycles (`scripts/gateway-deps`
-//! checks this):
+//! A module uses only modules of lower layers, so there is no import cycle
+//! (`gateway/tests/module_graph.rs` checks that, and that no module has more than 500 lines of
+//! code):
 //!
-//! 1. leaves, using no other module of the crate: `config`, `auth`, `stats`, `model`,
-//!    `requests`, `dashboard`;
-//! 2. `changes` (uses `model`); `nats`, `server` and `tls` (use `stats`, and `tls` `server`);
-//!    `metrics` (uses `model`, `stats`);
-//! 3. `store` (uses `model`, `changes`);
-//! 4. `systemd` (uses `store`, `model`, `requests`, `nats`, `stats`); `objects` (uses `store`,
-//!    `changes`, `requests`, `nats`);
-//! 5. `follow` (uses `store`, `systemd`, `nats`); `ws` (uses `store`, `changes`, `objects`,
-//!    `systemd`, `requests`, `nats`, `auth`, `model`, `stats`);
+//! 1. leaves, using no other module of the crate: `auth`, `stats`, `model`, `requests`,
+//!    `dashboard`;
+//! 2. `config` and `changes` (use `model`); `metrics` (`model`, `stats`); `nats` and `server`
+//!    (`stats`);
+//! 3. `tls` (`server`); `store` (`model`, `changes`);
+//! 4. `systemd` (`store`, `model`, `requests`, `nats`, `stats`); `objects` (`store`, `changes`,
+//!    `requests`, `nats`);
+//! 5. `follow` (`store`, `systemd`, `nats`); `ws` (`store`, `changes`, `objects`, `systemd`,
+//!    `requests`, `nats`, `auth`, `model`, `stats`);
 //! 6. the crate root, which wires them together.
+//!
+//! So the fleet state never names metrics, WebSocket or NATS types, and nothing below `ws`
+//! knows the wire format of the WebSocket API.
 //!
 //! The public surface is [`run`], [`start`] and [`Config`] for the binary, plus what the bench
 //! needs to measure `/metrics` without a fleet: [`Machine`], [`Unit`] and [`Metrics`].

@@ -9,11 +9,12 @@
 //!   and deltas;
 //! - [`request`]: requests checked, sent to each machine, answered per machine;
 //! - [`signals`]: the tasks that forward signals to signal subscriptions;
-//! - [`frames`] parses what clients send, [`outgoing`] is what the gateway sends.
+//! - [`frames`] parses what clients send, [`outgoing`] is what the gateway sends;
+//! - [`context`] holds what all sessions share.
 //!
-//! Within `ws`, `upgrade` uses `session`, which uses every other module; `subscription` uses
-//! `signals`; `request`, `signals` and `subscription` use `outgoing`; nothing uses `upgrade` or
-//! `session` but this module.
+//! Within `ws`: `upgrade` uses `session`, which uses every other module but `upgrade`;
+//! `subscription` uses `signals`; `request`, `signals` and `subscription` use `outgoing`;
+//! `writer` uses only `frames`, `outgoing` and `frames` no other.
 
 mod context;
 mod frames;
