@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cbus_protocol::connect::{NatsArgs, TOKEN_ALIAS};
-use cbus_protocol::duration::parse_duration;
+use cbus_client::connect::{NatsArgs, TOKEN_ALIAS};
+use cbus_client::duration::parse_duration;
 use clap::Parser;
 
 /// Bridges this host's D-Bus to NATS: forwards signals and answers get/set/getall/call/
@@ -97,7 +97,7 @@ pub struct Config {
     /// How often the agent publishes its own metrics on dbus.metrics.<nkey>.
     #[arg(long, env = "CBUS_METRICS_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub metrics_interval: Duration,
-    /// NATS settings, the same in every part (`cbus_protocol::connect`). Last, under their own
+    /// NATS settings, the same in every part (`cbus_client::connect`). Last, under their own
     /// help heading.
     #[command(flatten)]
     pub nats: NatsArgs,
@@ -121,7 +121,7 @@ mod tests {
     fn nats_settings_from_flags_aliases_and_environment() {
         let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
         use clap::CommandFactory;
-        cbus_protocol::connect::assert_declared(&Config::command());
+        cbus_client::connect::assert_declared(&Config::command());
         let flags = Config::try_parse_from([
             "cbus-agent",
             "--nats-url",
@@ -162,7 +162,7 @@ mod tests {
         let none = Config::try_parse_from(["cbus-agent"]).unwrap();
         assert_eq!(
             none.nats.urls().unwrap(),
-            vec![cbus_protocol::connect::DEFAULT_URL]
+            vec![cbus_client::connect::DEFAULT_URL]
         );
         assert!(
             Config::try_parse_from(["cbus-agent", "--nats-nkey-auth", "--nkey", "/s"]).is_err()

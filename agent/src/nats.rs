@@ -1,5 +1,5 @@
 //! Connecting to NATS with whichever credentials the operator gave (the meaning of each is
-//! decided once, in `protocol::connect`). An agent must come up before its NATS server and
+//! decided once, in `cbus_client::connect`). An agent must come up before its NATS server and
 //! outlive server restarts, so it retries the first connection and reconnects forever with a
 //! capped backoff; connection events are logged and mirrored in the `nats_connected` gauge.
 
@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error(transparent)]
-    Settings(#[from] cbus_protocol::connect::NatsArgsError),
+    Settings(#[from] cbus_client::connect::NatsArgsError),
     #[error("cannot connect to NATS at {urls}: {message}")]
     Connect { urls: String, message: String },
 }

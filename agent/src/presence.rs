@@ -94,7 +94,7 @@ impl Presence {
         };
         if retry {
             let js = jetstream::new(self.client.clone());
-            match cbus_protocol::fleet::ensure_registry(&js).await {
+            match cbus_client::fleet::ensure_registry(&js).await {
                 Ok(store) => {
                     if self.warned.swap(false, Ordering::Relaxed) {
                         tracing::info!("JetStream registry available again");

@@ -24,12 +24,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::{Client, Message};
+use cbus_client::headers;
 use cbus_protocol::codec;
 use cbus_protocol::envelope::{ErrorBody, ErrorCode, Reply, Request, Success};
-use cbus_protocol::headers;
 use cbus_protocol::introspect::{MethodSchema, ObjectSchema, PropertySchema, ResolveError};
-use cbus_protocol::label;
 use cbus_protocol::subject::{self, Op, RequestSubject};
+use cbus_protocol::token;
 use futures::StreamExt;
 use serde_json::Value as Json;
 use sha2::Digest as _;
@@ -350,13 +350,13 @@ impl RequestServer {
     /// every stopped unit within a second, so refusing those would make every stopped service
     /// unreadable.
     async fn refuse_unloaded_unit(&self, dest: &str, path: &str) -> Result<(), ErrorBody> {
-        if !path.starts_with(label::SYSTEMD_UNIT_PATH_PREFIX) {
+        if !path.starts_with(token::SYSTEMD_UNIT_PATH_PREFIX) {
             return Ok(());
         }
         if dest != SYSTEMD && !(dest.starts_with(':') && self.is_systemd(dest).await) {
             return Ok(());
         }
-        let Some(unit) = label::systemd_unit_of_path(path) else {
+        let Some(unit) = token::systemd_unit_of_path(path) else {
             return Err(ErrorBody::new(
                 ErrorCode::NotFound,
                 format!("{} is not a unit object path", codec::quote(path)),

@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_nats::{Client, HeaderMap};
+use cbus_client::headers;
 use cbus_protocol::codec;
-use cbus_protocol::headers;
 use cbus_protocol::subject::SignalSubject;
 use futures::StreamExt;
 use tokio::sync::mpsc;

@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "cbus", version, about, long_about, max_term_width = 100)]
 // `--token` was the CLI's NATS token flag before the settings were shared.
-#[command(mut_arg("nats_token", |a| a.alias(cbus_protocol::connect::TOKEN_ALIAS)))]
+#[command(mut_arg("nats_token", |a| a.alias(cbus_client::connect::TOKEN_ALIAS)))]
 pub struct Cli {
     #[command(flatten)]
     pub conn: ConnArgs,
@@ -31,10 +31,10 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// How to reach NATS: the settings every part shares (`cbus_protocol::connect`). Unset flags
+/// How to reach NATS: the settings every part shares (`cbus_client::connect`). Unset flags
 /// fall back to the environment, then to the config file (`$CBUS_CONFIG`, else
 /// `~/.config/cbus/config.toml`). (`cbus subject` takes --nkey as the agent to address instead.)
-pub use cbus_protocol::connect::NatsArgs as ConnArgs;
+pub use cbus_client::connect::NatsArgs as ConnArgs;
 
 /// Which machines a command addresses.
 #[derive(Debug, Clone, Args)]
@@ -343,7 +343,7 @@ mod tests {
     #[test]
     fn nats_settings_from_flags_aliases_and_environment() {
         let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
-        cbus_protocol::connect::assert_declared(&Cli::command());
+        cbus_client::connect::assert_declared(&Cli::command());
         let flags = Cli::try_parse_from([
             "cbus",
             "agents",

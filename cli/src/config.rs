@@ -18,7 +18,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cbus_protocol::connect::NatsArgs;
+use cbus_client::connect::NatsArgs;
 use serde::Deserialize;
 
 /// The keys the config file may hold.

@@ -67,7 +67,7 @@ pub async fn connect(
     deadline: Instant,
 ) -> Result<(async_nats::Client, Health), Failure> {
     let nats = args.clone().or(file.nats.clone());
-    let usage = |e: cbus_protocol::connect::NatsArgsError| Failure::Usage(e.to_string());
+    let usage = |e: cbus_client::connect::NatsArgsError| Failure::Usage(e.to_string());
     let urls = nats.urls().map_err(usage)?;
     let opts = nats.options().await.map_err(usage)?;
     let server = urls.join(",");

@@ -2,7 +2,7 @@
 //!
 //! Arguments are validated before anything is sent, so the connection is opened only when a
 //! command first needs the fleet ([`Context::fleet`]); a typo never waits for a server. The
-//! fan-out itself is `protocol::fleet`'s: this module adds the spinner, the timing the JSON
+//! fan-out itself is `cbus_client::fleet`'s: this module adds the spinner, the timing the JSON
 //! summary reports, and the verdict that becomes the exit code.
 //!
 //! Every command has one deadline, computed once when it starts: `--timeout` after the start
@@ -17,8 +17,8 @@ use std::future::Future;
 use std::io::IsTerminal;
 use std::time::Duration;
 
-pub use cbus_protocol::duration::parse_duration;
-use cbus_protocol::fleet::{
+pub use cbus_client::duration::parse_duration;
+use cbus_client::fleet::{
     AgentStatus, FanOutOptions, Fleet, FleetError, Outcome, Query, Selector, TargetOutcome,
 };
 use tokio::sync::OnceCell;

@@ -14,10 +14,10 @@ mod error;
 mod fanout;
 mod output;
 mod render;
-mod unit;
 
 use std::process::ExitCode;
 
+use cbus_client::systemd::UnitJob;
 use clap::Parser;
 
 use args::{Cli, Command};
@@ -129,10 +129,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Units { pattern } => systemd::units(&ctx, pattern).await,
         Command::Status { units } => systemd::status(&ctx, units).await,
-        Command::Start(a) => systemd::action(&ctx, "StartUnit", a).await,
-        Command::Stop(a) => systemd::action(&ctx, "StopUnit", a).await,
-        Command::Restart(a) => systemd::action(&ctx, "RestartUnit", a).await,
-        Command::Reload(a) => systemd::action(&ctx, "ReloadUnit", a).await,
+        Command::Start(a) => systemd::action(&ctx, UnitJob::Start, a).await,
+        Command::Stop(a) => systemd::action(&ctx, UnitJob::Stop, a).await,
+        Command::Restart(a) => systemd::action(&ctx, UnitJob::Restart, a).await,
+        Command::Reload(a) => systemd::action(&ctx, UnitJob::Reload, a).await,
         Command::Nkey { .. }
         | Command::Keyscan { .. }
         | Command::Subject(_)

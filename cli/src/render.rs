@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use base64::Engine as _;
+use cbus_client::fleet::{Outcome, TargetOutcome};
 use cbus_protocol::codec;
-use cbus_protocol::fleet::{Outcome, TargetOutcome};
 use cbus_protocol::{ErrorBody, ErrorCode};
 use serde_json::{json, Map, Value};
 use zvariant::Signature;
@@ -60,9 +60,9 @@ pub fn human(value: &Value, signature: Option<&str>, shape: Shape) -> String {
 /// The value with variants unwrapped and printable byte arrays decoded, following the signature
 /// where there is one (and the variants' own signatures inside).
 pub fn clean(value: &Value, sig: Option<&Signature>) -> Value {
-    if let Some(inner) = as_variant(value) {
-        let inner_sig = inner.0.and_then(|t| codec::parse_single(t).ok());
-        return clean(inner.1, inner_sig.as_ref());
+    if let Some((t, inner)) = codec::as_variant(value) {
+        let inner_sig = codec::parse_single(t).ok();
+        return clean(inner, inner_sig.as_ref());
     }
     match (sig, value) {
         (Some(Signature::Array(child)), Value::String(b64))
@@ -96,22 +96,6 @@ pub fn clean(value: &Value, sig: Option<&Signature>) -> Value {
         ),
         (_, other) => other.clone(),
     }
-}
-
-/// `{"t": SIG, "v": VALUE}`, the codec's variant form.
-fn as_variant(value: &Value) -> Option<(Option<&str>, &Value)> {
-    let o = value.as_object()?;
-    if o.len() == 2 {
-        if let (Some(t), Some(v)) = (o.get("t"), o.get("v")) {
-            return Some((t.as_str(), v));
-        }
-    }
-    None
-}
-
-/// Unwraps a variant if `value` is one (property values in getall replies are variants).
-pub fn unvariant(value: &Value) -> &Value {
-    as_variant(value).map_or(value, |(_, v)| v)
 }
 
 /// A base64 byte array as text, when it is printable UTF-8 (one trailing NUL allowed, as in

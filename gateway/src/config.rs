@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cbus_protocol::connect::NatsArgs;
-use cbus_protocol::duration::parse_duration;
+use cbus_client::connect::NatsArgs;
+use cbus_client::duration::parse_duration;
 use clap::Parser;
 
 /// Follows a cbus fleet over NATS; serves a WebSocket API, a dashboard and Prometheus metrics
@@ -95,7 +95,7 @@ pub struct Config {
     /// Default timeout of requests sent to machines.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
-    /// NATS settings, the same in every part (`cbus_protocol::connect`), last, under their own
+    /// NATS settings, the same in every part (`cbus_client::connect`), last, under their own
     /// help heading. Here `--nats-token` has no `--token` alias: `--token` is the token of the
     /// gateway's own clients.
     #[command(flatten)]
@@ -134,7 +134,7 @@ mod tests {
     fn nats_settings_from_flags_aliases_and_environment() {
         let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
         use clap::CommandFactory;
-        cbus_protocol::connect::assert_declared(&Config::command());
+        cbus_client::connect::assert_declared(&Config::command());
         let flags = Config::try_parse_from([
             "cbus-gateway",
             "--nats-url",

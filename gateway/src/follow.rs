@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use cbus_protocol::fleet::Fleet;
+use cbus_client::fleet::Fleet;
 use cbus_protocol::presence::{self, AgentState, PresenceEvent, PresenceKind};
 use cbus_protocol::subject;
 use futures::StreamExt;
@@ -24,7 +24,7 @@ async fn close_registry(client: async_nats::Client) {
     let js = async_nats::jetstream::new(client);
     let mut pause = Duration::from_secs(1);
     loop {
-        match cbus_protocol::fleet::close_registry(&js).await {
+        match cbus_client::fleet::close_registry(&js).await {
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot create or close the registry bucket; retrying")

@@ -67,7 +67,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use cbus_protocol::fleet::Fleet;
+use cbus_client::fleet::Fleet;
 use cbus_protocol::presence;
 
 pub use auth::AuthError;
@@ -92,7 +92,7 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("NATS settings: {0}")]
-    Settings(#[from] cbus_protocol::connect::NatsArgsError),
+    Settings(#[from] cbus_client::connect::NatsArgsError),
     #[error("cannot connect to NATS at {url}: {message}")]
     Nats { url: String, message: String },
     #[error(transparent)]

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cbus_protocol::fleet::AgentStatus;
+use cbus_client::fleet::AgentStatus;
 use cbus_protocol::presence::{AgentInfo, AgentState, PresenceKind};
 use regex::Regex;
 use serde::Serialize;

@@ -8,7 +8,8 @@
 //! agent saw it own ([`sent_by`]).
 
 use async_nats::HeaderMap;
-use cbus_protocol::{headers, subject};
+use cbus_client::headers;
+use cbus_protocol::subject;
 
 use crate::stats::{self, Dropped};
 

@@ -12,10 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cbus_protocol::fleet::{Fleet, Query};
+use cbus_client::fleet::{Fleet, Query};
+use cbus_client::headers;
 use cbus_protocol::introspect::ObjectSchema;
 use cbus_protocol::subject::SignalFilter;
-use cbus_protocol::{headers, ErrorBody, ErrorCode, Op, Request};
+use cbus_protocol::{ErrorBody, ErrorCode, Op, Request};
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Map, Value};

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use cbus_protocol::fleet::{AgentStatus, Fleet, Outcome, Query};
+use cbus_client::fleet::{AgentStatus, Fleet, Outcome, Query};
 use cbus_protocol::{ErrorBody, ErrorCode, Op, Request, Success};
 
 /// How one machine fared.

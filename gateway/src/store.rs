@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use cbus_protocol::fleet::AgentStatus;
+use cbus_client::fleet::AgentStatus;
 use cbus_protocol::presence::{now_ms, AgentState, PresenceEvent, PresenceKind};
 
 use crate::changes::{Change, Router};

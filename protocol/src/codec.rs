@@ -281,6 +281,33 @@ fn to_json_depth(value: &Value<'_>, depth: usize) -> Result<Json, CodecError> {
     })
 }
 
+/// The signature and value of a variant's JSON form, `{"t": signature, "v": value}` (exactly
+/// those two keys, `t` a string); `None` for anything else. The one rule for what a variant
+/// looks like, for the codec and for readers of replies alike.
+pub fn as_variant(json: &Json) -> Option<(&str, &Json)> {
+    let obj = json.as_object()?;
+    match (obj.get("t"), obj.get("v"), obj.len()) {
+        (Some(Json::String(t)), Some(v), 2) => Some((t, v)),
+        _ => None,
+    }
+}
+
+/// A variant's value if `json` is one ([`as_variant`]), else `json` itself: property values
+/// come as variants from `GetAll` and in signals, plain from `Get`.
+pub fn unvariant(json: &Json) -> &Json {
+    as_variant(json).map_or(json, |(_, v)| v)
+}
+
+/// An unsigned integer as the codec writes `t` (a decimal string) or as JSON allows it (a
+/// number), inside a variant or not.
+pub fn as_u64(json: &Json) -> Option<u64> {
+    match unvariant(json) {
+        Json::String(s) => s.parse().ok(),
+        Json::Number(n) => n.as_u64(),
+        _ => None,
+    }
+}
+
 /// The JSON of `value` inside a variant: `{"t": signature, "v": value}`. Used where D-Bus
 /// hands out a variant's content directly (property values of `GetAll`).
 pub fn variant_to_json(value: &Value<'_>) -> Result<Json, CodecError> {
@@ -349,9 +376,7 @@ fn from_json_depth(
             Value::Signature(signature_value(s)?)
         }
         Signature::Variant => {
-            let obj = json.as_object().ok_or_else(mismatch)?;
-            let (Some(Json::String(t)), Some(v), 2) = (obj.get("t"), obj.get("v"), obj.len())
-            else {
+            let Some((t, v)) = as_variant(json) else {
                 return Err(CodecError::new(format!(
                     "expected a variant {{\"t\": signature, \"v\": value}}, got {}",
                     describe(json)
@@ -720,6 +745,22 @@ mod tests {
         assert!(from_json(&json!("007"), &Signature::U64).is_err());
         assert!(from_json(&json!("/a/"), &Signature::ObjectPath).is_err());
         assert!(from_json(&json!({"t": "u"}), &Signature::Variant).is_err());
+        // One rule for what a variant is: exactly `t` (a string) and `v`.
+        assert_eq!(unvariant(&json!({"t": "u", "v": 3})), &json!(3));
+        assert_eq!(
+            unvariant(&json!({"t": "u", "v": 3, "x": 1})),
+            &json!({"t": "u", "v": 3, "x": 1})
+        );
+        assert_eq!(
+            unvariant(&json!({"t": 1, "v": 3})),
+            &json!({"t": 1, "v": 3})
+        );
+        assert_eq!(
+            as_u64(&json!({"t": "t", "v": "18446744073709551615"})),
+            Some(u64::MAX)
+        );
+        assert_eq!(as_u64(&json!(7)), Some(7));
+        assert_eq!(as_u64(&json!("x")), None);
         assert!(from_json(&json!(1.5), &Signature::I32).is_err());
     }
 

@@ -1,9 +1,10 @@
-//! NATS header names used on signals and requests, and a safe way to fill them.
+//! NATS header names used on signals and requests, and the rules for their values.
 //!
-//! async-nats panics when a header value holds CR or LF; values here often come from D-Bus peers
-//! (error messages, names), so every value goes through [`set`].
+//! Values here often come from D-Bus peers (error messages, names), and a NATS client may refuse
+//! (async-nats panics on) a value with CR or LF, so every value goes through [`sanitize`] first.
+//! Putting values into a header map is the client crate's (`cbus_client::headers`).
 
-use async_nats::HeaderMap;
+use std::borrow::Cow;
 
 /// The agent's nkey.
 pub const NKEY: &str = "NKey";
@@ -12,8 +13,8 @@ pub const SENDER: &str = "Sender";
 /// The well-known names the sender owns, as the agent's owner table says when the signal is read:
 /// space-separated (a bus name never holds a space), sorted, at most [`MAX_SENDER_NAMES`]; absent
 /// when it owns none. The sender's unique name comes from the bus and cannot be forged by a local
-/// user, and no local user can own `org.freedesktop.systemd1`, so [`sender_owns`] is how a
-/// consumer tells systemd's own signals from forgeries (`busctl emit` by any user).
+/// user, and no local user can own `org.freedesktop.systemd1`, so [`sender_names`] owning it is
+/// how a consumer tells systemd's own signals from forgeries (`busctl emit` by any user).
 pub const SENDER_NAME: &str = "Sender-Name";
 /// The most well-known names listed in [`SENDER_NAME`].
 pub const MAX_SENDER_NAMES: usize = 16;
@@ -30,36 +31,22 @@ pub const HOSTNAME: &str = "Hostname";
 /// Who sent a request (`user@host` of the CLI, or the gateway's client), for the agent's audit log.
 pub const REQUESTER: &str = "Cbus-Requester";
 
-/// Inserts `value` with CR and LF replaced by spaces.
-pub fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    let clean: String = if value.contains(['\r', '\n']) {
-        value.replace(['\r', '\n'], " ")
+/// `value` with CR and LF replaced by spaces.
+pub fn sanitize(value: &str) -> Cow<'_, str> {
+    if value.contains(['\r', '\n']) {
+        Cow::Owned(value.replace(['\r', '\n'], " "))
     } else {
-        value.to_owned()
-    };
-    match clean.parse::<async_nats::HeaderValue>() {
-        Ok(v) => headers.insert(name, v),
-        Err(_) => tracing::debug!(name, "header value refused after sanitizing; left out"),
+        Cow::Borrowed(value)
     }
 }
 
-/// Reads a header as text.
-pub fn get<'a>(headers: Option<&'a HeaderMap>, name: &'static str) -> Option<&'a str> {
-    headers?.get(name).map(|v| v.as_str())
-}
-
-/// The well-known names listed in a signal's [`SENDER_NAME`] header.
-pub fn sender_names(headers: Option<&HeaderMap>) -> impl Iterator<Item = &str> {
-    get(headers, SENDER_NAME)
+/// The well-known names a [`SENDER_NAME`] value lists.
+pub fn sender_names(value: Option<&str>) -> impl Iterator<Item = &str> {
+    value
         .unwrap_or_default()
         .split(' ')
         .filter(|n| !n.is_empty())
         .take(MAX_SENDER_NAMES)
-}
-
-/// Whether the agent saw the signal's sender own the well-known `name` (see [`SENDER_NAME`]).
-pub fn sender_owns(headers: Option<&HeaderMap>, name: &str) -> bool {
-    sender_names(headers).any(|n| n == name)
 }
 
 /// The [`SENDER_NAME`] value for a sender that owns `names`.
@@ -77,22 +64,17 @@ mod tests {
 
     #[test]
     fn sender_names_round_trip() {
-        let mut h = HeaderMap::new();
         let value = sender_names_value(["org.b", "org.freedesktop.systemd1", "org.b", "bad name"]);
-        set(&mut h, SENDER_NAME, &value);
         assert_eq!(
-            sender_names(Some(&h)).collect::<Vec<_>>(),
+            sender_names(Some(&value)).collect::<Vec<_>>(),
             ["org.b", "org.freedesktop.systemd1"]
         );
-        assert!(sender_owns(Some(&h), "org.freedesktop.systemd1"));
-        assert!(!sender_owns(Some(&h), "org.freedesktop"));
-        assert!(!sender_owns(None, "org.b"));
+        assert_eq!(sender_names(None).count(), 0);
     }
 
     #[test]
     fn crlf_is_sanitized() {
-        let mut h = HeaderMap::new();
-        set(&mut h, MEMBER, "a\r\nb");
-        assert_eq!(get(Some(&h), MEMBER), Some("a  b"));
+        assert_eq!(sanitize("a\r\nb"), "a  b");
+        assert!(matches!(sanitize("ab"), Cow::Borrowed("ab")));
     }
 }

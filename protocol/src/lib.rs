@@ -3,24 +3,25 @@
 //! Everything that crosses NATS is defined here and nowhere else: subjects ([`subject`]), header
 //! names ([`headers`]), request bodies and the reply envelope ([`envelope`]), presence
 //! ([`presence`]), introspection schemas ([`introspect`]) and the lossless JSON form of D-Bus
-//! values ([`codec`]). [`fleet`] is the client side of the contract: discovering agents and
-//! fanning a request out to them. The human-readable version is docs/protocol.md.
+//! values ([`codec`]), subject-token escaping ([`token`]), names ([`names`]), agent identities
+//! ([`nkey`]) and the NATS permission sets ([`permissions`]). The human-readable version is
+//! docs/protocol.md.
+//!
+//! The crate is sans-IO, as quinn-proto is to quinn and zvariant to zbus: it holds no NATS
+//! client and no runtime, so the contract can be read, tested and reused without either. Talking
+//! to NATS as a requester is `cbus-client`'s; the agent is the responder.
 
 pub mod codec;
-#[cfg(feature = "clap")]
-pub mod connect;
-pub mod duration;
 pub mod envelope;
 pub mod error;
-pub mod fleet;
 pub mod headers;
 pub mod introspect;
-pub mod label;
 pub mod names;
 pub mod nkey;
 pub mod permissions;
 pub mod presence;
 pub mod subject;
+pub mod token;
 
 pub use envelope::{ErrorBody, ErrorCode, Reply, Request, Success};
 pub use error::{CodecError, NameError, NkeyError, SubjectError};

@@ -130,7 +130,7 @@ pub fn split_member(spec: &str) -> Result<(Option<String>, String), NameError> {
 }
 
 /// The object path systemd gives a unit: `nginx.service` -> `/org/freedesktop/systemd1/unit/nginx_2eservice`.
-/// systemd escapes a leading digit too, unlike [`crate::label::escape`].
+/// systemd escapes a leading digit too, unlike [`crate::token::escape`].
 pub fn systemd_unit_path(unit: &str) -> String {
     let mut out = String::from("/org/freedesktop/systemd1/unit/");
     if unit.is_empty() {

@@ -14,7 +14,7 @@
 //!   own queue group (so it cannot answer for another machine), pings, and its own inbox prefix
 //!   ([`agent_inbox_prefix`]), so it never reads anyone else's replies.
 //! - **gateway**: send requests, read signals, presence, metrics and the registry, and keep the
-//!   registry bucket's configuration ([`crate::fleet::ensure_registry`]).
+//!   registry bucket's configuration ([`crate::presence::registry_spec`]).
 //! - **operator** (the `cbus` CLI's user): the gateway's rights plus the rest of the JetStream
 //!   API, for an administrator.
 

@@ -11,6 +11,9 @@
 //! published time: an agent frozen just before a heartbeat is due is unresponsive 2 intervals
 //! after the freeze, one frozen just after it, 3), `stopped` after a goodbye, `gone` once the registry
 //! entry expired ([`REGISTRY_MAX_AGE`]) or a listener forgot it.
+//!
+//! The registry bucket itself is specified here as data ([`registry_spec`]); creating, closing
+//! and reading it is the client crate's.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,6 +36,60 @@ pub fn registry_key_of(subject: &str) -> Option<&str> {
 pub const REGISTRY_MAX_ENTRY_BYTES: usize = 64 * 1024;
 /// Entries older than this disappear from the registry: the agent is `gone`.
 pub const REGISTRY_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// What the registry bucket's stream must be: a KV bucket as NATS clients make it (one message
+/// per key, direct get), but closed against a writer that may only touch its own key: no rollups
+/// (a `Nats-Rollup: all` put would wipe every machine's entry), no purge or delete through the
+/// API, entries bounded in size, and a full bucket refusing new entries rather than dropping old
+/// ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrySpec {
+    /// The stream's name (`KV_<bucket>`).
+    pub stream: String,
+    /// The subjects it stores (`$KV.<bucket>.>`).
+    pub subjects: Vec<String>,
+    pub max_messages_per_subject: i64,
+    pub max_age: Duration,
+    pub max_message_size: i32,
+    /// Discard policy "new": a full stream refuses writes.
+    pub discard_new: bool,
+    pub allow_rollup: bool,
+    pub deny_delete: bool,
+    pub deny_purge: bool,
+    pub allow_direct: bool,
+}
+
+/// The registry bucket's specification (see [`RegistrySpec`]).
+pub fn registry_spec() -> RegistrySpec {
+    RegistrySpec {
+        stream: format!("KV_{REGISTRY_BUCKET}"),
+        subjects: vec![format!("$KV.{REGISTRY_BUCKET}.>")],
+        max_messages_per_subject: 1,
+        max_age: REGISTRY_MAX_AGE,
+        max_message_size: REGISTRY_MAX_ENTRY_BYTES as i32,
+        discard_new: true,
+        allow_rollup: false,
+        deny_delete: true,
+        deny_purge: true,
+        allow_direct: true,
+    }
+}
+
+/// Whether a bucket with these settings has what [`registry_spec`] guarantees against writers
+/// (no rollup, delete or purge, entries bounded); the other settings may differ.
+pub fn registry_is_closed(
+    allow_rollup: bool,
+    deny_delete: bool,
+    deny_purge: bool,
+    max_message_size: i32,
+) -> bool {
+    !allow_rollup
+        && deny_delete
+        && deny_purge
+        && max_message_size > 0
+        && max_message_size <= REGISTRY_MAX_ENTRY_BYTES as i32
+}
+
 /// Default heartbeat interval.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Silent intervals after which an agent is `unresponsive`.
@@ -66,6 +123,16 @@ pub enum PresenceKind {
     Hello,
     Heartbeat,
     Goodbye,
+}
+
+impl PresenceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceKind::Hello => "hello",
+            PresenceKind::Heartbeat => "heartbeat",
+            PresenceKind::Goodbye => "goodbye",
+        }
+    }
 }
 
 /// A message on `dbus.presence.<nkey>`, also the value stored in the registry.
@@ -112,6 +179,27 @@ impl AgentState {
 impl fmt::Display for AgentState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// An agent as the registry or a ping sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentStatus {
+    #[serde(flatten)]
+    pub info: AgentInfo,
+    pub state: AgentState,
+    /// Unix ms of the last presence message, by the NATS server's clock (or ours for pings).
+    pub last_seen_ms: u64,
+}
+
+/// An agent's status from its last presence event, seen `now_ms - seen_ms` ago.
+pub fn status_from(event: PresenceEvent, seen_ms: u64, now_ms: u64) -> AgentStatus {
+    let heartbeat = Duration::from_millis(event.agent.heartbeat_ms.max(1));
+    let silent_for = Duration::from_millis(now_ms.saturating_sub(seen_ms));
+    AgentStatus {
+        state: AgentState::derive(event.event, heartbeat, silent_for),
+        info: event.agent,
+        last_seen_ms: seen_ms,
     }
 }
 

@@ -8,7 +8,7 @@
 //! dbus.ping                                                      every agent replies with its AgentInfo
 //! dbus.metrics.<nkey>                                            the agent's own Prometheus text
 //! ```
-//! Bus names are one token each, escaped with [`crate::label`]. Object path elements are
+//! Bus names are one token each, escaped with [`crate::token`]. Object path elements are
 //! already valid tokens and stay readable; the root path `/` is the token `-`, which no path
 //! element can be. A request without a member (getall, introspect, list-names) uses `-` too.
 
@@ -16,8 +16,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::SubjectError;
-use crate::label;
 use crate::names;
+use crate::token;
 
 /// First token of every cbus subject.
 pub const PREFIX: &str = "dbus";
@@ -172,7 +172,7 @@ impl RequestSubject {
             Target::Broadcast => s.push_str(".broadcast"),
         }
         s.push('.');
-        s.push_str(&label::escape(&self.destination));
+        s.push_str(&token::escape(&self.destination));
         push_path(&mut s, &self.path);
         s.push('.');
         s.push_str(self.op.as_str());
@@ -202,7 +202,7 @@ impl RequestSubject {
         };
         RequestSubject::new(
             target,
-            label::unescape(dest)?,
+            token::unescape(dest)?,
             parse_path(path)?,
             op.parse()?,
             member,
@@ -241,7 +241,7 @@ impl SignalSubject {
         let mut s = format!(
             "{PREFIX}.signals.{}.{}",
             self.nkey,
-            label::escape(&self.sender)
+            token::escape(&self.sender)
         );
         push_path(&mut s, &self.path);
         check_len(s)
@@ -255,7 +255,7 @@ impl SignalSubject {
         if path.is_empty() {
             return Err(SubjectError::TooFewTokens(subject.to_owned()));
         }
-        SignalSubject::new(*nkey, label::unescape(sender)?, parse_path(path)?)
+        SignalSubject::new(*nkey, token::unescape(sender)?, parse_path(path)?)
     }
 }
 
@@ -283,7 +283,7 @@ impl SignalFilter {
         let sender = match &self.sender {
             Some(s) => {
                 names::validate_bus_name(s)?;
-                label::escape(s)
+                token::escape(s)
             }
             None => "*".to_owned(),
         };
@@ -316,7 +316,7 @@ impl SignalFilter {
         let sender = match &self.sender {
             Some(s) => {
                 names::validate_bus_name(s)?;
-                label::escape(s)
+                token::escape(s)
             }
             None => "*".to_owned(),
         };
@@ -346,6 +346,15 @@ pub fn agent_requests(nkey: &str) -> String {
 /// The nkey in the last token of a presence or metrics subject.
 pub fn nkey_of(subject: &str) -> Option<&str> {
     let nkey = subject.rsplit('.').next()?;
+    validate_nkey(nkey).ok().map(|_| nkey)
+}
+
+/// The `<nkey>` token of a signal subject (`dbus.signals.<nkey>.<sender>.<path>`), which NATS
+/// permissions tie to the agent that published it; `None` for another subject or a malformed
+/// nkey. Cheaper than [`SignalSubject::parse`] for a consumer that needs only the machine.
+pub fn signal_nkey(subject: &str) -> Option<&str> {
+    let rest = subject.strip_prefix(PREFIX)?.strip_prefix(".signals.")?;
+    let nkey = rest.split('.').next()?;
     validate_nkey(nkey).ok().map(|_| nkey)
 }
 
@@ -490,6 +499,15 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.exact_subject().is_err());
+    }
+
+    #[test]
+    fn signal_nkeys() {
+        let nkey = "UBQUIKYGFC7CH5XMF52P2NN4ESI4XTXGAKT3WTG3XGU3352DMHGZQAX7";
+        let s = format!("dbus.signals.{nkey}._3a1_2e1.org.freedesktop.systemd1");
+        assert_eq!(signal_nkey(&s), Some(nkey));
+        assert_eq!(signal_nkey(&format!("dbus.presence.{nkey}")), None);
+        assert_eq!(signal_nkey("dbus.signals.Ubad._3a1_2e1.-"), None);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use cbus_protocol::codec::{from_json, parse_arguments, to_json};
 use cbus_protocol::subject::{Op, RequestSubject, SignalSubject, Target};
-use cbus_protocol::{label, names};
+use cbus_protocol::{names, token};
 use proptest::prelude::*;
 use zvariant::{Array, Dict, ObjectPath, Signature, StructureBuilder, Value};
 
@@ -244,10 +244,10 @@ proptest! {
     }
 
     #[test]
-    fn label_escape_is_reversible(s in any::<String>()) {
-        let token = label::escape(&s);
+    fn token_escape_is_reversible(s in any::<String>()) {
+        let token = token::escape(&s);
         prop_assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
-        prop_assert_eq!(label::unescape(&token).unwrap(), s);
+        prop_assert_eq!(token::unescape(&token).unwrap(), s);
     }
 
     #[test]
@@ -278,7 +278,7 @@ proptest! {
     fn garbage_subjects_never_panic(s in "[a-z0-9_.:>*-]{0,80}|dbus\\.(agent|broadcast|signals)\\.[A-Za-z0-9_.:-]{0,80}") {
         let _ = RequestSubject::parse(&s);
         let _ = SignalSubject::parse(&s);
-        let _ = label::unescape(&s);
+        let _ = token::unescape(&s);
         let _ = names::validate_bus_name(&s);
         let _ = names::split_member(&s);
     }

@@ -7,7 +7,7 @@ mod agent_common;
 use std::time::Duration;
 
 use agent_common::*;
-use cbus_protocol::fleet::{Fleet, Outcome, Query};
+use cbus_client::fleet::{Fleet, Outcome, Query};
 use cbus_protocol::{Op, Reply, Request};
 use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
 use serde_json::json;

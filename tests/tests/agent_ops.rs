@@ -8,7 +8,7 @@ mod agent_common;
 use agent_common::*;
 use std::time::{Duration, Instant};
 
-use cbus_protocol::fleet::Fleet;
+use cbus_client::fleet::Fleet;
 use cbus_protocol::{ErrorCode, Op, Reply};
 use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
 use futures::StreamExt;

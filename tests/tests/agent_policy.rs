@@ -4,7 +4,7 @@ mod agent_common;
 
 use agent_common::*;
 
-use cbus_protocol::fleet::Fleet;
+use cbus_client::fleet::Fleet;
 use cbus_protocol::{ErrorCode, Op};
 use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
 use serde_json::json;

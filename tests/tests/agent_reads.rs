@@ -6,7 +6,7 @@ mod agent_common;
 use std::time::Duration;
 
 use agent_common::*;
-use cbus_protocol::fleet::Fleet;
+use cbus_client::fleet::Fleet;
 use cbus_protocol::{ErrorCode, Op};
 use cbus_tests::{Agent, NatsServer, PrivateBus};
 use serde_json::json;

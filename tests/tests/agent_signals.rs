@@ -6,7 +6,7 @@ mod agent_common;
 use agent_common::*;
 use std::time::{Duration, Instant};
 
-use cbus_protocol::fleet::Fleet;
+use cbus_client::fleet::Fleet;
 use cbus_protocol::Op;
 use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
 use futures::StreamExt;
@@ -432,7 +432,7 @@ async fn sender_name_lists_every_name_the_sender_owns() {
         header(&both, "Sender-Name"),
         Some("org.cbus.Peer org.cbus.PeerTwo")
     );
-    assert!(cbus_protocol::headers::sender_owns(
+    assert!(cbus_client::headers::sender_owns(
         both.headers.as_ref(),
         "org.cbus.Peer"
     ));

@@ -93,10 +93,10 @@ async fn job_results_come_from_systemd_and_job_waits_end_by_their_deadline() {
     {
         let h = msg.headers.as_ref();
         let args: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
-        if cbus_protocol::headers::get(h, "Member") == Some("JobRemoved")
+        if cbus_client::headers::get(h, "Member") == Some("JobRemoved")
             && args[1] == job.as_str()
             && args[3] == "failed"
-            && !cbus_protocol::headers::sender_owns(h, "org.freedesktop.systemd1")
+            && !cbus_client::headers::sender_owns(h, "org.freedesktop.systemd1")
         {
             forgery_published = true;
         }

@@ -21,7 +21,7 @@ async fn nats_round_trip_restart_and_jetstream() {
     assert_eq!(&msg.payload[..], b"one");
 
     let js = async_nats::jetstream::new(client.clone());
-    let kv = cbus_protocol::fleet::ensure_registry(&js)
+    let kv = cbus_client::fleet::ensure_registry(&js)
         .await
         .expect("JetStream is enabled");
     kv.put("k", "v".into()).await.unwrap();

@@ -1,4 +1,4 @@
-//! The NATS settings every part shares (`cbus_protocol::connect::NatsArgs`), on real parts: the
+//! The NATS settings every part shares (`cbus_client::connect::NatsArgs`), on real parts: the
 //! CLI takes a private CA from `NATS_CA` (it used to ignore it) or from its config file, and the
 //! gateway (and the agent) authenticate with an nkey seed file given as `--nkey` or `NATS_NKEY`.
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use agent_common::*;
 use async_nats::jetstream;
-use cbus_protocol::fleet::{self, Fleet, Outcome, Query};
+use cbus_client::fleet::{self, Fleet, Outcome, Query};
 use cbus_protocol::permissions;
 use cbus_protocol::presence::{self, AgentState, PresenceEvent, PresenceKind};
 use cbus_protocol::{Op, Request};

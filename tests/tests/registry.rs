@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_nats::jetstream;
-use cbus_protocol::fleet::{ensure_registry, Fleet};
+use cbus_client::fleet::{ensure_registry, Fleet};
 use cbus_protocol::presence::{now_ms, PresenceEvent, PresenceKind};
 use cbus_tests::NatsServer;
 

@@ -2,10 +2,10 @@
 //!
 //! Each validates its arguments with `protocol::names` and `protocol::codec` before connecting
 //! (a typo is exit 2 without touching the network), sends one query to every target through
-//! `protocol::fleet`, and renders one row per machine, or per machine and property.
+//! `cbus_client::fleet`, and renders one row per machine, or per machine and property.
 
+use cbus_client::fleet::{Outcome, Query};
 use cbus_protocol::codec;
-use cbus_protocol::fleet::{Outcome, Query};
 use cbus_protocol::introspect::{Access, ArgSchema, ObjectSchema};
 use cbus_protocol::names;
 use cbus_protocol::{Op, Request};

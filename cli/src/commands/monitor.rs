@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cbus_protocol::headers;
+use cbus_client::headers;
 use cbus_protocol::names;
 use cbus_protocol::subject::{SignalFilter, SignalSubject};
 use futures::StreamExt;
@@ -117,7 +117,7 @@ struct Hosts {
 }
 
 impl Hosts {
-    fn new(agents: &[cbus_protocol::fleet::AgentStatus]) -> Hosts {
+    fn new(agents: &[cbus_client::fleet::AgentStatus]) -> Hosts {
         Hosts {
             by_nkey: agents
                 .iter()

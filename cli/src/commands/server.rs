@@ -38,7 +38,7 @@ pub async fn registry_init(ctx: &crate::fanout::Context) -> Result<(), Failure> 
     let changed = ctx
         .bounded(
             "creating the registry",
-            cbus_protocol::fleet::close_registry(&js),
+            cbus_client::fleet::close_registry(&js),
         )
         .await?
         .map_err(|e| Failure::Connection(e.to_string()))?;

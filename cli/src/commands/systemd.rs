@@ -27,9 +27,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use cbus_protocol::fleet::{AgentStatus, Outcome, Query, TargetOutcome};
-use cbus_protocol::subject::{SignalFilter, SignalSubject};
-use cbus_protocol::{headers, names, ErrorCode, Op, Request};
+use cbus_client::fleet::{AgentStatus, Outcome, TargetOutcome};
+use cbus_client::headers::SignalRefused;
+use cbus_client::systemd::{
+    self, as_u64, get_property, prop, prop_str, unvariant, JobRemoved, JobResult, ManagerSignal,
+    Unit, UnitJob, JOB, SERVICE, UNIT,
+};
+use cbus_protocol::{names, ErrorCode};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::{json, Value};
 
@@ -38,14 +42,6 @@ use crate::error::{usage, Failure};
 use crate::fanout::{parse_duration, verdict, verdict_of, Context, Spinner};
 use crate::output;
 use crate::render::{self, Format};
-use crate::unit;
-
-const SYSTEMD: &str = "org.freedesktop.systemd1";
-const MANAGER_PATH: &str = "/org/freedesktop/systemd1";
-const MANAGER: &str = "org.freedesktop.systemd1.Manager";
-const UNIT: &str = "org.freedesktop.systemd1.Unit";
-const SERVICE: &str = "org.freedesktop.systemd1.Service";
-const JOB: &str = "org.freedesktop.systemd1.Job";
 /// Above this many distinct units, `units PATTERN` leaves SINCE out.
 pub const MAX_SINCE_UNITS: usize = 100;
 /// Concurrent fan-outs when one command needs one per unit or per job.
@@ -57,57 +53,9 @@ const POLL_EVERY: Duration = Duration::from_secs(1);
 /// server's silence is reported as `disconnected` rather than blamed on the machines.
 const SILENCE_LIMIT: Duration = Duration::from_secs(5);
 
-fn manager_call(method: &str, args: Value) -> Query {
-    Query {
-        destination: SYSTEMD.into(),
-        path: MANAGER_PATH.into(),
-        op: Op::Call,
-        member: Some(method.into()),
-        request: Request {
-            interface: Some(MANAGER.into()),
-            args: Some(args),
-            ..Default::default()
-        },
-    }
-}
-
-fn property(path: &str, interface: &str, name: &str) -> Query {
-    Query {
-        destination: SYSTEMD.into(),
-        path: path.into(),
-        op: Op::Get,
-        member: Some(name.into()),
-        request: Request {
-            interface: Some(interface.into()),
-            ..Default::default()
-        },
-    }
-}
-
 fn ok_value(o: &Outcome) -> Option<&Value> {
     match o {
         Outcome::Replied(r) => r.result.as_ref().ok().map(|s| &s.value),
-        _ => None,
-    }
-}
-
-/// A property from a getall reply (values are variants).
-fn prop<'a>(props: &'a Value, name: &str) -> Option<&'a Value> {
-    props.get(name).map(render::unvariant)
-}
-
-fn prop_str(props: &Value, name: &str) -> String {
-    prop(props, name)
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned()
-}
-
-/// A `t` value (decimal string in the codec, or a number).
-fn as_u64(v: Option<&Value>) -> Option<u64> {
-    match v? {
-        Value::String(s) => s.parse().ok(),
-        Value::Number(n) => n.as_u64(),
         _ => None,
     }
 }
@@ -123,59 +71,29 @@ fn since_cells(us: Option<u64>) -> (String, String, Value) {
     }
 }
 
-/// One unit from a ListUnits reply.
-#[derive(Debug, Clone, PartialEq)]
-struct ListedUnit {
-    name: String,
-    description: String,
-    load: String,
-    active: String,
-    sub: String,
-    path: String,
-}
-
-/// The units of a `ListUnits`/`ListUnitsByPatterns` result (`[a(ssssssouso)]`), sorted.
-fn listed_units(value: &Value) -> Vec<ListedUnit> {
-    let field = |u: &Value, i: usize| u.get(i).and_then(Value::as_str).unwrap_or("").to_owned();
-    let mut units: Vec<ListedUnit> = value
-        .get(0)
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .map(|u| ListedUnit {
-            name: field(u, 0),
-            description: field(u, 1),
-            load: field(u, 2),
-            active: field(u, 3),
-            sub: field(u, 4),
-            path: field(u, 6),
-        })
-        .collect();
-    units.sort_by(|a, b| a.name.cmp(&b.name));
-    units
-}
-
 /// `cbus units [PATTERN]`.
 pub async fn units(ctx: &Context, pattern: Option<String>) -> Result<(), Failure> {
     let pattern = pattern
-        .map(|p| unit::pattern(&p))
+        .map(|p| systemd::pattern(&p))
         .transpose()
         .map_err(usage)?;
     let targets = ctx.targets().await?;
     let spinner = Spinner::start(targets.len());
     let started = Instant::now();
     let q = match &pattern {
-        Some(p) => manager_call("ListUnitsByPatterns", json!([[], [p]])),
-        None => manager_call("ListUnits", json!([])),
+        Some(p) => systemd::list_units_by_patterns(&[], &[p]),
+        None => systemd::list_units(),
     };
     let asked = ctx.ask_quietly(&targets, &q).await?;
-    let listed: Vec<(&TargetOutcome, Vec<ListedUnit>)> = asked
+    let listed: Vec<(&TargetOutcome, Vec<Unit>)> = asked
         .outcomes
         .iter()
         .map(|o| {
             (
                 o,
-                ok_value(&o.outcome).map(listed_units).unwrap_or_default(),
+                ok_value(&o.outcome)
+                    .map(systemd::units_of_reply)
+                    .unwrap_or_default(),
             )
         })
         .collect();
@@ -199,7 +117,7 @@ pub async fn units(ctx: &Context, pattern: Option<String>) -> Result<(), Failure
                     futures::future::ready(names::validate_object_path(path).is_ok())
                 })
                 .map(|(name, (path, hosts))| async move {
-                    let q = property(path, UNIT, "StateChangeTimestamp");
+                    let q = get_property(path, UNIT, "StateChangeTimestamp");
                     ctx.ask_quietly(&hosts, &q)
                         .await
                         .map(|a| (name.to_owned(), a.outcomes))
@@ -209,7 +127,7 @@ pub async fn units(ctx: &Context, pattern: Option<String>) -> Result<(), Failure
                 .await?;
             for (name, outcomes) in results {
                 for o in outcomes {
-                    if let Some(us) = as_u64(ok_value(&o.outcome)) {
+                    if let Some(us) = ok_value(&o.outcome).and_then(as_u64) {
                         since.insert((o.agent.info.nkey.clone(), name.clone()), us);
                     }
                 }
@@ -286,7 +204,7 @@ pub async fn units(ctx: &Context, pattern: Option<String>) -> Result<(), Failure
 pub async fn status(ctx: &Context, units: Vec<String>) -> Result<(), Failure> {
     let units: Vec<String> = units
         .iter()
-        .map(|u| unit::mangle(u))
+        .map(|u| systemd::mangle(u))
         .collect::<Result<_, _>>()
         .map_err(usage)?;
     let targets = ctx.targets().await?;
@@ -295,18 +213,9 @@ pub async fn status(ctx: &Context, units: Vec<String>) -> Result<(), Failure> {
     let per_unit = futures::future::try_join_all(units.iter().map(|u| {
         let targets = &targets;
         async move {
-            let path = names::systemd_unit_path(u);
-            let getall = Query {
-                destination: SYSTEMD.into(),
-                path: path.clone(),
-                op: Op::GetAll,
-                member: None,
-                request: Request {
-                    interface: Some(UNIT.into()),
-                    ..Default::default()
-                },
-            };
-            let pid = property(&path, SERVICE, "MainPID");
+            let path = systemd::unit_path(u);
+            let getall = systemd::unit_properties(&path);
+            let pid = get_property(&path, SERVICE, "MainPID");
             let (all, pid) = if u.ends_with(".service") {
                 let (a, p) = futures::future::try_join(
                     ctx.ask_quietly(targets, &getall),
@@ -341,9 +250,9 @@ pub async fn status(ctx: &Context, units: Vec<String>) -> Result<(), Failure> {
                         .as_ref()
                         .and_then(|p| p.outcomes.get(ti))
                         .and_then(|p| ok_value(&p.outcome))
-                        .and_then(|v| render::unvariant(v).as_u64())
+                        .and_then(|v| unvariant(v).as_u64())
                         .filter(|p| *p > 0);
-                    let us = as_u64(prop(props, "StateChangeTimestamp"));
+                    let us = prop(props, "StateChangeTimestamp").and_then(as_u64);
                     let (ago, stamp, js) = since_cells(us);
                     doc["ok"] = json!(true);
                     doc["load_state"] = json!(prop_str(props, "LoadState"));
@@ -403,7 +312,7 @@ struct JobRow {
     queued: Outcome,
     job: Option<String>,
     /// JobRemoved's result, when the signal was seen.
-    result: Option<String>,
+    result: Option<JobResult>,
     finished: bool,
     /// Why the wait for this job stopped early (machine stopped answering).
     lost: Option<(&'static str, String)>,
@@ -439,9 +348,9 @@ impl JobRow {
             let why = format!("job still running after {}", render::duration(job_timeout));
             return ("unfinished", why.clone(), Some(why));
         }
-        match self.result.as_deref() {
-            Some("done") | Some("skipped") => ("ok", self.result.clone().unwrap_or_default(), None),
-            Some(other) => ("failed", other.to_owned(), Some(format!("job {other}"))),
+        match &self.result {
+            Some(r) if r.succeeded() => ("ok", r.to_string(), None),
+            Some(other) => ("failed", other.to_string(), Some(format!("job {other}"))),
             None if self.active.as_deref() == Some("failed") => {
                 ("failed", "finished".into(), Some("unit failed".into()))
             }
@@ -451,11 +360,11 @@ impl JobRow {
 }
 
 /// `cbus start|stop|restart|reload UNIT...`.
-pub async fn action(ctx: &Context, method: &str, action: UnitAction) -> Result<(), Failure> {
+pub async fn action(ctx: &Context, job: UnitJob, action: UnitAction) -> Result<(), Failure> {
     let units: Vec<String> = action
         .units
         .iter()
-        .map(|u| unit::mangle(u))
+        .map(|u| systemd::mangle(u))
         .collect::<Result<_, _>>()
         .map_err(usage)?;
     let job_timeout = parse_duration(&action.job_timeout)
@@ -472,15 +381,11 @@ pub async fn action(ctx: &Context, method: &str, action: UnitAction) -> Result<(
     let mut signals = if action.no_block {
         None
     } else {
-        let filter = SignalFilter {
-            nkey: match targets.as_slice() {
-                [one] => Some(one.info.nkey.clone()),
-                _ => None,
-            },
-            sender: None,
-            path_prefix: Some(MANAGER_PATH.into()),
-        };
-        let subject = filter.exact_subject().map_err(usage)?;
+        let subject = systemd::manager_signals(match targets.as_slice() {
+            [one] => Some(one.info.nkey.as_str()),
+            _ => None,
+        })
+        .map_err(usage)?;
         match ctx
             .bounded(
                 "subscribing to JobRemoved",
@@ -499,7 +404,7 @@ pub async fn action(ctx: &Context, method: &str, action: UnitAction) -> Result<(
     let queued = futures::future::try_join_all(units.iter().map(|u| {
         let targets = &targets;
         async move {
-            ctx.ask_quietly(targets, &manager_call(method, json!([u, "replace"])))
+            ctx.ask_quietly(targets, &systemd::unit_job(job, u))
                 .await
                 .map(|a| (u.clone(), a.outcomes))
         }
@@ -566,7 +471,7 @@ pub async fn action(ctx: &Context, method: &str, action: UnitAction) -> Result<(
                         "status": status,
                         "ok": *status == "ok",
                         "job": r.job,
-                        "job_result": r.result,
+                        "job_result": r.result.as_ref().map(JobResult::as_str),
                         "active_state": r.active,
                         "sub_state": r.sub,
                     });
@@ -719,56 +624,39 @@ async fn wait_for_jobs(
     Ok(())
 }
 
-/// Records a `JobRemoved(u id, o job, s unit, s result)` signal for the job it names, if
-/// systemd sent it on the machine its subject names.
+/// Records a `JobRemoved` signal for the job it names, if systemd sent it on the machine its
+/// subject names.
 fn job_removed(rows: &mut [JobRow], msg: &async_nats::Message, seen: &mut JobSignals) {
     let h = msg.headers.as_ref();
-    if headers::get(h, headers::MEMBER) != Some("JobRemoved")
-        || headers::get(h, headers::INTERFACE) != Some(MANAGER)
-    {
-        return;
-    }
-    let Ok(origin) = SignalSubject::parse(&msg.subject) else {
-        seen.refused += 1;
-        tracing::debug!(
-            refused = seen.refused,
-            "JobRemoved with a malformed subject ignored"
-        );
+    let Some(ManagerSignal::JobRemoved(JobRemoved { job, result, .. })) =
+        ManagerSignal::decode(h, &msg.payload)
+    else {
         return;
     };
-    let nkey = origin.nkey.as_str();
-    if headers::get(h, headers::NKEY).is_some_and(|claimed| claimed != nkey) {
-        seen.refused += 1;
-        tracing::debug!(
-            subject = %msg.subject,
-            refused = seen.refused,
-            "JobRemoved whose NKey header names another machine than its subject ignored"
-        );
-        return;
-    }
-    if !headers::sender_owns(h, SYSTEMD) {
-        seen.refused += 1;
-        tracing::debug!(
-            subject = %msg.subject,
-            sender = %origin.sender,
-            refused = seen.refused,
-            "JobRemoved not sent by systemd ignored"
-        );
-        return;
-    }
-    let Ok(args) = serde_json::from_slice::<Value>(&msg.payload) else {
-        return;
-    };
-    let (Some(job), Some(result)) = (
-        args.get(1).and_then(Value::as_str),
-        args.get(3).and_then(Value::as_str),
-    ) else {
-        return;
+    let nkey = match systemd::systemd_signal(&msg.subject, h) {
+        Ok(nkey) => nkey,
+        Err(why) => {
+            seen.refused += 1;
+            match why {
+                SignalRefused::Subject => tracing::debug!(
+                    refused = seen.refused,
+                    "JobRemoved with a malformed subject ignored"
+                ),
+                why => tracing::debug!(
+                    subject = %msg.subject,
+                    refused = seen.refused,
+                    %why,
+                    "JobRemoved ignored"
+                ),
+            }
+            return;
+        }
     };
     for r in rows.iter_mut() {
-        if r.agent.info.nkey == nkey && r.job.as_deref() == Some(job) && r.result.is_none() {
+        if r.agent.info.nkey == nkey && r.job.as_deref() == Some(job.as_str()) && r.result.is_none()
+        {
             r.finished = true;
-            r.result = Some(result.to_owned());
+            r.result = Some(result.clone());
             seen.accepted += 1;
         }
     }
@@ -786,7 +674,10 @@ async fn poll_jobs(ctx: &Context, rows: &mut [JobRow]) -> Result<(), Failure> {
     let answers: Vec<(usize, Outcome)> = futures::stream::iter(pending)
         .map(|(i, agent, job)| async move {
             let asked = ctx
-                .ask_quietly(std::slice::from_ref(&agent), &property(&job, JOB, "State"))
+                .ask_quietly(
+                    std::slice::from_ref(&agent),
+                    &get_property(&job, JOB, "State"),
+                )
                 .await?;
             let outcome = asked.outcomes.into_iter().next().map_or(
                 Outcome::TimedOut {
@@ -844,10 +735,10 @@ async fn final_states(ctx: &Context, rows: &mut [JobRow]) -> Result<(), Failure>
     }
     let states: Vec<(String, Vec<TargetOutcome>, Vec<TargetOutcome>)> =
         futures::future::try_join_all(by_unit.into_iter().map(|(u, agents)| async move {
-            let path = names::systemd_unit_path(&u);
+            let path = systemd::unit_path(&u);
             let (a, s) = futures::future::try_join(
-                ctx.ask_quietly(&agents, &property(&path, UNIT, "ActiveState")),
-                ctx.ask_quietly(&agents, &property(&path, UNIT, "SubState")),
+                ctx.ask_quietly(&agents, &get_property(&path, UNIT, "ActiveState")),
+                ctx.ask_quietly(&agents, &get_property(&path, UNIT, "SubState")),
             )
             .await?;
             Ok::<_, Failure>((u, a.outcomes, s.outcomes))
@@ -872,6 +763,8 @@ async fn final_states(ctx: &Context, rows: &mut [JobRow]) -> Result<(), Failure>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cbus_client::headers;
+    use cbus_client::systemd::DESTINATION as SYSTEMD;
     use cbus_protocol::presence::{AgentInfo, AgentState};
     use cbus_protocol::{Reply, Success};
 
@@ -922,42 +815,6 @@ mod tests {
     }
 
     #[test]
-    fn list_units_reply_is_parsed_and_sorted() {
-        let v = json!([[
-            [
-                "b.service",
-                "B",
-                "loaded",
-                "active",
-                "running",
-                "",
-                "/org/freedesktop/systemd1/unit/b_2eservice",
-                0,
-                "",
-                "/"
-            ],
-            [
-                "a.service",
-                "A",
-                "loaded",
-                "inactive",
-                "dead",
-                "",
-                "/org/freedesktop/systemd1/unit/a_2eservice",
-                0,
-                "",
-                "/"
-            ]
-        ]]);
-        let units = listed_units(&v);
-        assert_eq!(units.len(), 2);
-        assert_eq!(units[0].name, "a.service");
-        assert_eq!(units[0].sub, "dead");
-        assert_eq!(units[1].path, "/org/freedesktop/systemd1/unit/b_2eservice");
-        assert!(listed_units(&json!(null)).is_empty());
-    }
-
-    #[test]
     fn job_rows_are_judged() {
         let t = Duration::from_secs(5);
         let jt = Duration::from_secs(90);
@@ -970,7 +827,7 @@ mod tests {
         let signal = |subject_nkey: &str, header_nkey: &str, sender_names: &str| {
             let mut h = async_nats::HeaderMap::new();
             headers::set(&mut h, headers::NKEY, header_nkey);
-            headers::set(&mut h, headers::INTERFACE, MANAGER);
+            headers::set(&mut h, headers::INTERFACE, systemd::MANAGER);
             headers::set(&mut h, headers::MEMBER, "JobRemoved");
             headers::set(&mut h, headers::SENDER_NAME, sender_names);
             async_nats::Message {
@@ -1017,7 +874,7 @@ mod tests {
         let [mut r] = rows;
         assert!(!r.pending());
         assert_eq!(r.judge(false, jt, t).0, "failed");
-        r.result = Some("done".into());
+        r.result = Some(JobResult::Done);
         assert_eq!(r.judge(false, jt, t), ("ok", "done".into(), None));
         // Seen gone by polling: judged by the final state.
         r.result = None;

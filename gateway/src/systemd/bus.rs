@@ -2,7 +2,7 @@
 //! turned into the fleet model's types (ListUnits rows, unit property values, PropertiesChanged
 //! payloads).
 
-use cbus_protocol::fleet::Query;
+use cbus_client::fleet::Query;
 use cbus_protocol::{Op, Request};
 use serde_json::{json, Value};
 

@@ -32,7 +32,7 @@ pub(crate) use bus::unit_job;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use cbus_protocol::fleet::{AgentStatus, Fleet, Query};
+use cbus_client::fleet::{AgentStatus, Fleet, Query};
 use cbus_protocol::subject::SignalFilter;
 use serde_json::Value;
 use tokio::sync::{mpsc, Semaphore};

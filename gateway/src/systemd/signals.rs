@@ -2,7 +2,7 @@
 //! Reloading.
 
 use async_nats::HeaderMap;
-use cbus_protocol::headers;
+use cbus_client::headers;
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -67,7 +67,7 @@ impl Units {
     /// systemd reports a change of a unit the store does not follow: it is loaded now (e.g.
     /// found since it was last checked). Checking loads nothing.
     fn unfollowed(&self, nkey: &str, path: &str) {
-        let Some(name) = cbus_protocol::label::systemd_unit_of_path(path) else {
+        let Some(name) = cbus_protocol::token::systemd_unit_of_path(path) else {
             return;
         };
         if self.store.wants_unit(nkey, &name) {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cbus_protocol::fleet::Fleet;
+use cbus_client::fleet::Fleet;
 use tokio::sync::Semaphore;
 
 use crate::auth::{OriginPolicy, Token};

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cbus_protocol::fleet::{AgentStatus, Fleet, Query};
+use cbus_client::fleet::{AgentStatus, Fleet, Query};
 use cbus_protocol::subject::{RequestSubject, Target};
 use cbus_protocol::{ErrorBody, ErrorCode, Op, Request};
 use futures::stream::{self, StreamExt};

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cbus_protocol::headers;
+use cbus_client::headers;
 use cbus_protocol::presence::now_ms;
 use futures::stream::{SelectAll, StreamExt};
 use serde_json::Value;

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use cbus_client::fleet::Fleet;
 use cbus_gateway::{Machine, Metrics, Unit};
-use cbus_protocol::fleet::Fleet;
 use cbus_protocol::presence::PresenceKind;
 use cbus_tests::{bin_path, Agent, NatsServer, PrivateBus, TestService};
 use futures::StreamExt;
@@ -264,7 +264,7 @@ async fn signals() {
         let mut n = 0u32;
         let mut last = Instant::now();
         while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(3), sub.next()).await {
-            if cbus_protocol::headers::get(m.headers.as_ref(), cbus_protocol::headers::MEMBER)
+            if cbus_client::headers::get(m.headers.as_ref(), cbus_client::headers::MEMBER)
                 == Some("Tick")
             {
                 n += 1;

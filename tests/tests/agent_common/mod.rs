@@ -1,4 +1,4 @@
-//! Helpers shared by the `agent_*` tests: asking one agent through `protocol::fleet` (the same
+//! Helpers shared by the `agent_*` tests: asking one agent through `cbus_client::fleet` (the same
 //! client the CLI uses) and reading its replies.
 
 #![allow(dead_code)]
@@ -6,7 +6,7 @@
 use std::io::BufRead as _;
 use std::time::Duration;
 
-use cbus_protocol::fleet::{Fleet, Outcome, Query};
+use cbus_client::fleet::{Fleet, Outcome, Query};
 use cbus_protocol::presence::AgentState;
 use cbus_protocol::{ErrorBody, Op, Reply, Request};
 use serde_json::Value;
@@ -105,7 +105,7 @@ pub fn err(reply: &Reply) -> &ErrorBody {
 
 /// A header of a NATS message as text.
 pub fn header<'a>(msg: &'a async_nats::Message, name: &'static str) -> Option<&'a str> {
-    cbus_protocol::headers::get(msg.headers.as_ref(), name)
+    cbus_client::headers::get(msg.headers.as_ref(), name)
 }
 
 /// The value of a sample in Prometheus text, e.g. `cbus_agent_signals_dropped_total`.

@@ -4,7 +4,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use cbus_protocol::fleet::Fleet;
+use cbus_client::fleet::Fleet;
 use cbus_protocol::presence::AgentState;
 use cbus_tests::{bin_path, NatsServer};
 use serde_json::Value;

@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cbus_client::headers;
 use cbus_protocol::envelope::{Reply, Success};
 use cbus_protocol::presence::{now_ms, AgentInfo, PresenceEvent, PresenceKind};
 use cbus_protocol::subject::{RequestSubject, SignalSubject};
-use cbus_protocol::{headers, Op};
+use cbus_protocol::Op;
 use cbus_tests::gateway::http_get;
 use cbus_tests::{GatewayProcess, NatsServer};
 use futures::{SinkExt, StreamExt};

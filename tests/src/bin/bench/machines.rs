@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cbus_protocol::fleet::Fleet as CbusFleet;
+use cbus_client::fleet::Fleet as CbusFleet;
 use cbus_tests::gateway::http_get;
 use cbus_tests::{bin_path, free_port, Agent, Fleet, GatewayProcess, MachineSpec, NatsServer};
 

@@ -31,10 +31,10 @@ pub fn escape(text: &str) -> String {
 pub const SYSTEMD_UNIT_PATH_PREFIX: &str = "/org/freedesktop/systemd1/unit/";
 
 /// The unit a systemd unit object path names (`…/unit/nginx_2eservice` is `nginx.service`);
-/// `None` for another path or a label systemd could not have produced.
+/// `None` for another path or an element systemd could not have produced.
 pub fn systemd_unit_of_path(path: &str) -> Option<String> {
-    let label = path.strip_prefix(SYSTEMD_UNIT_PATH_PREFIX)?;
-    decode(label, true).ok().filter(|name| !name.is_empty())
+    let element = path.strip_prefix(SYSTEMD_UNIT_PATH_PREFIX)?;
+    decode(element, true).ok().filter(|name| !name.is_empty())
 }
 
 /// Reverses [`escape`]. Rejects anything `escape` could not have produced.

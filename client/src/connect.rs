@@ -9,7 +9,6 @@
 //! and, in the agent and the CLI, `--token` (see [`TOKEN_ALIAS`]; the gateway's `--token` is the
 //! token its own clients present).
 //!
-//! Built with the `clap` feature; the module moves as is to the client crate (issue #19).
 
 use std::path::PathBuf;
 
@@ -82,7 +81,7 @@ pub enum NatsArgsError {
         source: std::io::Error,
     },
     #[error("--nkey: {0}")]
-    Nkey(#[source] crate::NkeyError),
+    Nkey(#[source] cbus_protocol::NkeyError),
     #[error("--nkey and the agent's own nkey (--nats-nkey-auth) exclude each other")]
     TwoNkeys,
     #[error("TLS CA {0} does not exist")]
@@ -146,10 +145,10 @@ impl NatsArgs {
             (Some(_), Some(_)) => return Err(NatsArgsError::TwoNkeys),
             (Some(seed), None) => Some(seed),
             (None, Some(path)) => Some(
-                crate::nkey::from_seed_file(std::path::Path::new(path))
+                cbus_protocol::nkey::from_seed_file(std::path::Path::new(path))
                     .and_then(|kp| {
                         kp.seed()
-                            .map_err(|e| crate::NkeyError::BadSeed(e.to_string()))
+                            .map_err(|e| cbus_protocol::NkeyError::BadSeed(e.to_string()))
                     })
                     .map_err(NatsArgsError::Nkey)?,
             ),

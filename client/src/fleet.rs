@@ -7,26 +7,29 @@
 //! returns as soon as every target answered. A target whose subscription is gone yields NATS's
 //! "no responders" at once instead of a timeout, and one that stays silent is reported by name.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::context::CreateStreamErrorKind;
 use async_nats::jetstream::{
-    self, consumer::push::OrderedConfig, consumer::DeliverPolicy, ErrorCode,
+    self, consumer::push::OrderedConfig, consumer::DeliverPolicy, ErrorCode as JsErrorCode,
 };
 use async_nats::{Client, HeaderMap, StatusCode};
 use bytes::Bytes;
 use futures::StreamExt;
-use serde::Serialize;
 use tokio::time::{timeout_at, Instant};
 
-use crate::envelope::{Reply, Request};
-use crate::error::SubjectError;
+use cbus_protocol::envelope::{Reply, Request};
+use cbus_protocol::error::SubjectError;
+use cbus_protocol::presence::{self, AgentInfo, AgentState, PresenceEvent};
+use cbus_protocol::subject::{self, Op, RequestSubject, Target};
+use cbus_protocol::{codec, ErrorBody, ErrorCode};
+
 use crate::headers;
-use crate::presence::{self, AgentInfo, AgentState, PresenceEvent, PresenceKind};
-use crate::subject::{self, Op, RequestSubject, Target};
+
+pub use cbus_protocol::presence::{status_from, AgentStatus};
 
 /// How long a failed bucket create waits for another client's create of the same bucket.
 const BUCKET_RACE_WAIT: Duration = Duration::from_secs(2);
@@ -49,16 +52,6 @@ pub enum FleetError {
     Subject(#[from] SubjectError),
     #[error("invalid selector: {0}")]
     Selector(String),
-}
-
-/// An agent as the registry or a ping sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AgentStatus {
-    #[serde(flatten)]
-    pub info: AgentInfo,
-    pub state: AgentState,
-    /// Unix ms of the last presence message, by the NATS server's clock (or ours for pings).
-    pub last_seen_ms: u64,
 }
 
 /// Which agents a request goes to; empty fields select everything.
@@ -312,7 +305,7 @@ impl Fleet {
                         Rejected::count(&self.rejected.registry);
                         tracing::warn!(
                             key,
-                            claims = %crate::codec::quote(&event.agent.nkey),
+                            claims = %codec::quote(&event.agent.nkey),
                             "ignoring a registry entry that names another machine"
                         );
                     }
@@ -486,12 +479,12 @@ impl Fleet {
                     // an envelope naming another machine is a forgery, never that machine's word.
                     Ok(reply) if reply.nkey != targets[i].info.nkey => {
                         Rejected::count(&self.rejected.replies);
-                        tracing::warn!(agent = %targets[i].info.hostname, claims = %crate::codec::quote(&reply.nkey), "reply names another machine");
+                        tracing::warn!(agent = %targets[i].info.hostname, claims = %codec::quote(&reply.nkey), "reply names another machine");
                         Outcome::Replied(Reply {
                             nkey: targets[i].info.nkey.clone(),
                             hostname: targets[i].info.hostname.clone(),
-                            result: Err(crate::ErrorBody::new(
-                                crate::ErrorCode::InternalError,
+                            result: Err(ErrorBody::new(
+                                ErrorCode::InternalError,
                                 "the agent's reply names another machine; ignored",
                             )),
                         })
@@ -502,8 +495,8 @@ impl Fleet {
                         Outcome::Replied(Reply {
                             nkey: targets[i].info.nkey.clone(),
                             hostname: targets[i].info.hostname.clone(),
-                            result: Err(crate::ErrorBody::new(
-                                crate::ErrorCode::InternalError,
+                            result: Err(ErrorBody::new(
+                                ErrorCode::InternalError,
                                 format!("malformed reply from agent: {e}"),
                             )),
                         })
@@ -543,40 +536,41 @@ async fn flush_until(client: &Client, deadline: Instant) -> Result<(), FleetErro
         .map_err(|e| FleetError::Nats(e.to_string()))
 }
 
-/// The registry bucket's stream configuration.
-///
-/// A KV bucket as async-nats would make it (one message per key, direct get), but closed against
-/// a writer that may only touch its own key: no rollups (a `Nats-Rollup: all` put would wipe
-/// every machine's entry), no purge or delete through the API, and entries bounded in size.
+/// The registry bucket's stream configuration, as [`presence::registry_spec`] specifies it.
 pub fn registry_config() -> jetstream::stream::Config {
-    let bucket = presence::REGISTRY_BUCKET;
+    let spec = presence::registry_spec();
     jetstream::stream::Config {
-        name: format!("KV_{bucket}"),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        max_age: presence::REGISTRY_MAX_AGE,
-        max_message_size: presence::REGISTRY_MAX_ENTRY_BYTES as i32,
-        discard: jetstream::stream::DiscardPolicy::New,
-        allow_rollup: false,
-        deny_delete: true,
-        deny_purge: true,
-        allow_direct: true,
+        name: spec.stream,
+        subjects: spec.subjects,
+        max_messages_per_subject: spec.max_messages_per_subject,
+        max_age: spec.max_age,
+        max_message_size: spec.max_message_size,
+        discard: if spec.discard_new {
+            jetstream::stream::DiscardPolicy::New
+        } else {
+            jetstream::stream::DiscardPolicy::Old
+        },
+        allow_rollup: spec.allow_rollup,
+        deny_delete: spec.deny_delete,
+        deny_purge: spec.deny_purge,
+        allow_direct: spec.allow_direct,
         ..Default::default()
     }
 }
 
 /// Whether an existing bucket's configuration has what [`registry_config`] guarantees.
 fn registry_is_closed(config: &jetstream::stream::Config) -> bool {
-    !config.allow_rollup
-        && config.deny_delete
-        && config.deny_purge
-        && config.max_message_size > 0
-        && config.max_message_size <= presence::REGISTRY_MAX_ENTRY_BYTES as i32
+    presence::registry_is_closed(
+        config.allow_rollup,
+        config.deny_delete,
+        config.deny_purge,
+        config.max_message_size,
+    )
 }
 
 /// Creates the registry bucket, or closes an existing one that an older cbus (or anyone with
 /// the rights) left open to rollups and purges. For the gateway and operators: agents have no
-/// permission to change the bucket (crate::permissions). Returns whether the bucket changed.
+/// permission to change the bucket (`cbus_protocol::permissions`). Returns whether the bucket changed.
 pub async fn close_registry(js: &jetstream::Context) -> Result<bool, FleetError> {
     let registry_err = |message: String| FleetError::Registry {
         bucket: presence::REGISTRY_BUCKET,
@@ -605,7 +599,7 @@ pub async fn close_registry(js: &jetstream::Context) -> Result<bool, FleetError>
 }
 
 /// Opens the registry bucket, creating it when missing (where the server's permissions let this
-/// client create it: agents may not, see [`crate::permissions`]).
+/// client create it: agents may not, see [`cbus_protocol::permissions`]).
 ///
 /// async-nats 0.51's `create_key_value` first asks for account info, whose reply from
 /// nats-server 2.9 it cannot parse; so the bucket's stream is created directly
@@ -633,7 +627,7 @@ pub async fn ensure_registry(js: &jetstream::Context) -> Result<jetstream::kv::S
     let lost_race = matches!(
         create_error.kind(),
         CreateStreamErrorKind::JetStream(e)
-            if matches!(e.error_code(), ErrorCode::STREAM_SUBJECT_OVERLAP | ErrorCode::STREAM_NAME_EXIST)
+            if matches!(e.error_code(), JsErrorCode::STREAM_SUBJECT_OVERLAP | JsErrorCode::STREAM_NAME_EXIST)
     );
     if !lost_race {
         return Err(registry_err(format!(
@@ -651,44 +645,6 @@ pub async fn ensure_registry(js: &jetstream::Context) -> Result<jetstream::kv::S
             )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// An agent's status from its last presence event, seen `now_ms - seen_ms` ago.
-pub fn status_from(event: PresenceEvent, seen_ms: u64, now_ms: u64) -> AgentStatus {
-    let heartbeat = Duration::from_millis(event.agent.heartbeat_ms.max(1));
-    let silent_for = Duration::from_millis(now_ms.saturating_sub(seen_ms));
-    AgentStatus {
-        state: AgentState::derive(event.event, heartbeat, silent_for),
-        info: event.agent,
-        last_seen_ms: seen_ms,
-    }
-}
-
-/// Counts outcomes by kind, for summaries ("3 ok, 1 failed, 1 timed out").
-pub fn summarize(outcomes: &[TargetOutcome]) -> HashMap<&'static str, usize> {
-    let mut counts = HashMap::new();
-    for o in outcomes {
-        let key = match &o.outcome {
-            Outcome::Replied(r) if r.result.is_ok() => "ok",
-            Outcome::Replied(_) => "failed",
-            Outcome::NoResponders => "not-connected",
-            Outcome::TimedOut { .. } => "timed-out",
-            Outcome::Stopped => "stopped",
-            Outcome::Unresponsive { .. } => "unresponsive",
-        };
-        *counts.entry(key).or_insert(0) += 1;
-    }
-    counts
-}
-
-impl PresenceKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PresenceKind::Hello => "hello",
-            PresenceKind::Heartbeat => "heartbeat",
-            PresenceKind::Goodbye => "goodbye",
-        }
     }
 }
 
