@@ -64,17 +64,6 @@ impl Unit {
     }
 }
 
-/// What the store keeps of one ListUnits row.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct UnitListing {
-    pub name: String,
-    pub description: String,
-    pub load: String,
-    pub active: String,
-    pub sub: String,
-    pub path: String,
-}
-
 /// Generations are unique across machines: two machines' units never share one, so a renderer
 /// keyed by machine cannot mistake a new machine for an old one.
 static GENERATION: AtomicU64 = AtomicU64::new(1);

@@ -5,11 +5,11 @@
 //! (`busctl emit`), and an agent can put anything in its headers. So a signal's machine is the
 //! `<nkey>` token of its subject, which the server's permissions tie to the publishing agent
 //! ([`signal_machine`]), and its sender is the unique name the bus set, or a well-known name the
-//! agent saw it own ([`sent_by`]).
+//! agent saw it own ([`sent_by`]). The rules are `cbus_client`'s; here they are counted
+//! (`cbus_gateway_dropped_total`).
 
 use async_nats::HeaderMap;
-use cbus_client::headers;
-use cbus_protocol::subject;
+use cbus_client::headers::{self, SignalRefused};
 
 use crate::stats::{self, Dropped};
 
@@ -44,20 +44,23 @@ pub(crate) async fn subscribe(
         })
 }
 
-/// The machine a signal is from: the `<nkey>` token of its subject
-/// (`dbus.signals.<nkey>.<sender>.<path>`). A `NKey` header naming another machine is a
-/// forgery: the message is dropped and counted (`None`).
+/// The machine a signal is from (`cbus_client::headers::signal_machine`: the subject's
+/// `<nkey>`, not contradicted by the `NKey` header); `None`, counted, for a forgery.
 pub(crate) fn signal_machine<'a>(subject: &'a str, h: Option<&HeaderMap>) -> Option<&'a str> {
-    let nkey = subject.split('.').nth(2)?;
-    subject::validate_nkey(nkey).ok()?;
-    match headers::get(h, headers::NKEY) {
-        Some(claimed) if claimed != nkey => {
-            stats::dropped(Dropped::NkeyMismatch);
-            tracing::debug!(%subject, claimed, "signal whose NKey header disagrees with its subject dropped");
-            None
-        }
-        _ => Some(nkey),
+    headers::signal_machine(subject, h)
+        .map_err(|e| refused(subject, &e))
+        .ok()
+}
+
+/// Counts a signal that is not taken as its machine's word.
+pub(crate) fn refused(subject: &str, e: &SignalRefused) {
+    match e {
+        SignalRefused::NkeyMismatch { .. } => stats::dropped(Dropped::NkeyMismatch),
+        // Only systemd's signals are checked for their owner (`systemd_signal`).
+        SignalRefused::NotFromOwner(_) => stats::dropped(Dropped::NotFromSystemd),
+        SignalRefused::Subject => {}
     }
+    tracing::debug!(%subject, reason = %e, "signal dropped");
 }
 
 /// Whether a signal was sent by `name`: its unique name, or a well-known name the agent saw

@@ -14,10 +14,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use cbus_client::fleet::AgentStatus;
+use cbus_client::systemd::Unit as Listed;
 use cbus_protocol::presence::{now_ms, AgentState, PresenceEvent, PresenceKind};
 
 use crate::changes::{Change, Router};
-use crate::model::{Machine, MachineRow, Unit, UnitFilter, UnitListing, UnitProp, UnitRow};
+use crate::model::{Machine, MachineRow, Unit, UnitFilter, UnitProp, UnitRow};
 
 /// What a presence event means for the caller: whether the machine's units must be (re)loaded.
 #[derive(Debug, PartialEq, Eq)]
@@ -78,8 +79,8 @@ impl Store {
 
     /// Whether a unit is followed at all: the filter, and not one that something merely asked
     /// about (`not-found`: nothing to follow).
-    fn follows(&self, unit: &UnitListing) -> bool {
-        !unit.name.is_empty() && self.filter.allows(&unit.name) && unit.load != "not-found"
+    fn follows(&self, unit: &Listed) -> bool {
+        !unit.name.is_empty() && self.filter.allows(&unit.name) && !unit.is_not_found()
     }
 
     /// Records a presence event seen at `seen_ms` (the listener's or the server's clock).
@@ -147,7 +148,7 @@ impl Store {
 
     /// Replaces a machine's units with a ListUnits result, keeping what signals already told
     /// about units that are still there.
-    pub(crate) fn replace_units(&self, nkey: &str, list: Vec<UnitListing>) {
+    pub(crate) fn replace_units(&self, nkey: &str, list: Vec<Listed>) {
         let now = now_ms();
         let mut m = self.write();
         let Some(machine) = m.get_mut(nkey) else {
@@ -160,14 +161,20 @@ impl Store {
                 continue;
             }
             let old = machine.units().get(&u.name);
-            paths.insert(u.path.clone(), u.name.clone());
+            let (since_us, active_enter_us, restarts) = (
+                old.and_then(|o| o.since_us),
+                old.and_then(|o| o.active_enter_us),
+                old.and_then(|o| o.restarts),
+            );
+            let name = u.name.clone();
+            paths.insert(u.path.clone(), name.clone());
             let unit = Unit {
-                since_us: old.and_then(|o| o.since_us),
-                active_enter_us: old.and_then(|o| o.active_enter_us),
-                restarts: old.and_then(|o| o.restarts),
-                ..listed(u.clone())
+                since_us,
+                active_enter_us,
+                restarts,
+                ..listed(u)
             };
-            units.insert(u.name, unit);
+            units.insert(name, unit);
         }
         *machine.units_mut() = units;
         machine.paths = paths;
@@ -256,7 +263,7 @@ impl Store {
     }
 
     /// Adds (or refreshes) one unit from a ListUnits-style row. Returns whether it is followed.
-    pub(crate) fn add_unit(&self, nkey: &str, u: UnitListing) -> bool {
+    pub(crate) fn add_unit(&self, nkey: &str, u: Listed) -> bool {
         if !self.follows(&u) {
             return false;
         }
@@ -401,7 +408,7 @@ impl Store {
 }
 
 /// A unit as ListUnits describes it (what signals add comes on top).
-fn listed(u: UnitListing) -> Unit {
+fn listed(u: Listed) -> Unit {
     Unit {
         description: u.description,
         load: u.load,
@@ -449,14 +456,15 @@ mod tests {
         (s, router)
     }
 
-    fn listing(name: &str, active: &str, path: &str) -> UnitListing {
-        UnitListing {
+    fn listing(name: &str, active: &str, path: &str) -> Listed {
+        Listed {
             name: name.into(),
             description: name.to_uppercase(),
             load: "loaded".into(),
             active: active.into(),
             sub: "running".into(),
             path: path.into(),
+            ..Default::default()
         }
     }
 

@@ -5,18 +5,18 @@
 //! second (a hello with a new start time each) costs one pending entry, and one load of it at a
 //! time; a reload asked for while it loads runs once after.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use cbus_client::systemd::{self, get_property, SERVICE, UNIT};
 use futures::stream::{self, StreamExt};
-use serde_json::json;
 use tokio::sync::Semaphore;
 
-use super::bus::{self, manager_call, SERVICE_IFACE, SYSTEMD, UNIT_IFACE};
+use super::props::unit_prop;
 use super::Units;
 use crate::model::UnitProp;
-use crate::requests::{ask, get_query, MachineResult};
+use crate::requests::{ask, MachineResult};
 
 /// Machines loaded at once.
 const MACHINE_CONCURRENCY: usize = 8;
@@ -106,14 +106,7 @@ impl Units {
         let host = target.info.hostname.clone();
         // Without a subscriber systemd sends no unit signals on the system bus. The agent's
         // policy must allow this call (it only makes systemd emit signals).
-        match ask(
-            &self.fleet,
-            &target,
-            &manager_call("Subscribe", json!([]), ""),
-            self.timeout,
-        )
-        .await
-        {
+        match ask(&self.fleet, &target, &systemd::subscribe(), self.timeout).await {
             MachineResult::Ok(_) => {}
             // Subscriptions belong to the agent's bus connection, which outlives our requests.
             MachineResult::Failed(e)
@@ -123,38 +116,34 @@ impl Units {
                 tracing::warn!(%host, outcome = ?other, "systemd Subscribe failed: unit changes made outside systemctl may arrive late (allow Manager.Subscribe in the agent policy)")
             }
         }
-        let list = match ask(
-            &self.fleet,
-            &target,
-            &manager_call("ListUnits", json!([]), ""),
-            self.timeout,
-        )
-        .await
-        {
+        let list = match ask(&self.fleet, &target, &systemd::list_units(), self.timeout).await {
             MachineResult::Ok(s) => s.value,
             other => {
                 tracing::info!(%host, outcome = ?other, "could not list units");
                 return;
             }
         };
-        let Some(units) = bus::list_units(&list) else {
+        // A reply without its list changes nothing (an empty list would empty the machine).
+        let Some(rows) = list.get(0) else {
             return;
         };
-        let active: HashSet<String> = units
+        let units = systemd::unit_rows(rows);
+        // name -> (active, a service)
+        let kinds: HashMap<String, (bool, bool)> = units
             .iter()
-            .filter(|u| u.active == "active")
-            .map(|u| u.name.clone())
+            .map(|u| (u.name.clone(), (u.is_active(), u.is_service())))
             .collect();
         self.store.replace_units(nkey, units);
         let mut queries = Vec::new();
         for (name, path) in self.store.unit_paths(nkey) {
-            let q = |iface, prop| (name.clone(), get_query(SYSTEMD, &path, Some(iface), prop));
-            queries.push(q(UNIT_IFACE, "StateChangeTimestamp"));
-            if active.contains(&name) {
-                queries.push(q(UNIT_IFACE, "ActiveEnterTimestamp"));
+            let q = |iface, prop| (name.clone(), get_property(&path, iface, prop));
+            let (active, service) = kinds.get(&name).copied().unwrap_or_default();
+            queries.push(q(UNIT, "StateChangeTimestamp"));
+            if active {
+                queries.push(q(UNIT, "ActiveEnterTimestamp"));
             }
-            if name.ends_with(".service") {
-                queries.push(q(SERVICE_IFACE, "NRestarts"));
+            if service {
+                queries.push(q(SERVICE, "NRestarts"));
             }
         }
         let mut by_unit: BTreeMap<String, Vec<UnitProp>> = BTreeMap::new();
@@ -163,7 +152,7 @@ impl Units {
             .map(|(unit, q)| async move { (unit, self.get(target, q).await) })
             .buffer_unordered(super::GET_CONCURRENCY);
         while let Some((unit, r)) = results.next().await {
-            if let Some(prop) = r.and_then(|(k, v)| bus::unit_prop(&k, &v)) {
+            if let Some(prop) = r.and_then(|(k, v)| unit_prop(&k, &v)) {
                 by_unit.entry(unit).or_default().push(prop);
             }
         }

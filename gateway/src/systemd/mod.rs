@@ -9,9 +9,12 @@
 //!   ListUnits does not carry with targeted `get`s at bounded concurrency. Never per scrape or
 //!   per client.
 //!
-//! Unit state is taken only from signals whose sender owns `org.freedesktop.systemd1`
-//! (`headers::sender_owns`), on the machine of the signal's subject ([`crate::nats`]); what is
-//! dropped is counted (`cbus_gateway_dropped_total`).
+//! What systemd's D-Bus API is (Manager calls, ListUnits rows, unit names, variants, signal
+//! subjects, which signals are systemd's) is `cbus_client::systemd`, shared with the CLI; this
+//! module decides what the gateway follows and when it asks. Unit state is taken only from
+//! signals whose sender owns `org.freedesktop.systemd1`, on the machine of the signal's subject
+//! (`cbus_client::systemd::systemd_signal`); what is dropped is counted
+//! (`cbus_gateway_dropped_total`).
 //!
 //! Reading a unit's object loads it (systemd loads units on access). A gateway that answered
 //! UnitNew by reading the unit loaded it again after systemd unloaded it, for ever: one
@@ -22,18 +25,16 @@
 //! through one bounded queue served by one worker ([`work`]): a full queue drops and counts, it
 //! never spawns a task per signal.
 
-mod bus;
 mod load;
+mod props;
 mod signals;
 mod work;
-
-pub(crate) use bus::unit_job;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cbus_client::fleet::{AgentStatus, Fleet, Query};
-use cbus_protocol::subject::SignalFilter;
+use cbus_client::systemd::{manager_signals, unit_signals};
 use serde_json::Value;
 use tokio::sync::{mpsc, Semaphore};
 
@@ -58,35 +59,6 @@ pub(crate) struct Units {
     pending: Arc<Mutex<Pending>>,
 }
 
-/// Signals of every unit object: `dbus.signals.*.*.org.freedesktop.systemd1.unit.>`.
-fn unit_signals() -> Result<String, SubscribeError> {
-    let subjects = SignalFilter {
-        path_prefix: Some(format!("{}/unit", bus::SYSTEMD_PATH)),
-        ..Default::default()
-    }
-    .subjects();
-    // The second subject is the one below the prefix: no object lives at the prefix itself.
-    subjects
-        .map(|mut s| s.pop().unwrap_or_default())
-        .map_err(|source| SubscribeError::Subject {
-            what: "unit signals",
-            source,
-        })
-}
-
-/// Signals of the manager object only: `dbus.signals.*.*.org.freedesktop.systemd1`.
-fn manager_signals() -> Result<String, SubscribeError> {
-    SignalFilter {
-        path_prefix: Some(bus::SYSTEMD_PATH.into()),
-        ..Default::default()
-    }
-    .exact_subject()
-    .map_err(|source| SubscribeError::Subject {
-        what: "systemd manager signals",
-        source,
-    })
-}
-
 impl Units {
     /// Subscribes to systemd's signals and spawns the loader, the worker and the signal loops.
     pub(crate) async fn start(
@@ -95,8 +67,13 @@ impl Units {
         timeout: Duration,
     ) -> Result<Units, SubscribeError> {
         let client = fleet.client().clone();
-        let unit_signals = subscribe(&client, &unit_signals()?).await?;
-        let manager_signals = subscribe(&client, &manager_signals()?).await?;
+        let subject = |what, s: Result<String, _>| {
+            s.map_err(|source| SubscribeError::Subject { what, source })
+        };
+        let unit_signals =
+            subscribe(&client, &subject("unit signals", unit_signals(None))?).await?;
+        let manager_signals =
+            subscribe(&client, &subject("manager signals", manager_signals(None))?).await?;
         let (work, work_rx) = mpsc::channel::<Work>(WORK_QUEUE);
         let units = Units {
             fleet,
@@ -135,22 +112,5 @@ impl Units {
                 None
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn subjects_are_systemds() {
-        assert_eq!(
-            unit_signals().unwrap(),
-            "dbus.signals.*.*.org.freedesktop.systemd1.unit.>"
-        );
-        assert_eq!(
-            manager_signals().unwrap(),
-            "dbus.signals.*.*.org.freedesktop.systemd1"
-        );
     }
 }

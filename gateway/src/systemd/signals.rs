@@ -1,59 +1,53 @@
 //! systemd's signals: unit PropertiesChanged, and the Manager's UnitNew, UnitRemoved and
 //! Reloading.
 
-use async_nats::HeaderMap;
 use cbus_client::headers;
+use cbus_client::systemd::{systemd_signal, ManagerSignal, PropertiesChanged};
 use futures::StreamExt;
 use serde_json::Value;
 
-use super::bus::{self, SYSTEMD};
+use super::props::unit_change;
 use super::work::{Check, Fetch};
 use super::Units;
-use crate::nats::signal_machine;
-use crate::stats::{self, Dropped};
+use crate::nats::refused;
 use crate::store::UnitAt;
-
-/// Whether a signal that would change unit state comes from systemd; counts those that don't.
-fn from_systemd(h: Option<&HeaderMap>) -> bool {
-    let ok = headers::sender_owns(h, SYSTEMD);
-    if !ok {
-        stats::dropped(Dropped::NotFromSystemd);
-    }
-    ok
-}
 
 impl Units {
     pub(super) async fn unit_signal_loop(self, mut sub: async_nats::Subscriber) {
         while let Some(msg) = sub.next().await {
             let h = msg.headers.as_ref();
-            if headers::get(h, headers::MEMBER) != Some("PropertiesChanged") {
+            if headers::get(h, headers::MEMBER) != Some(PropertiesChanged::MEMBER) {
                 continue;
             }
-            let Some(nkey) = signal_machine(&msg.subject, h) else {
-                continue;
+            let nkey = match systemd_signal(&msg.subject, h) {
+                Ok(nkey) => nkey,
+                Err(e) => {
+                    refused(&msg.subject, &e);
+                    continue;
+                }
             };
-            if !from_systemd(h) {
-                continue;
-            }
             let Some(path) = headers::get(h, headers::PATH) else {
                 continue;
             };
             let Ok(args) = serde_json::from_slice::<Value>(&msg.payload) else {
                 continue;
             };
-            let Some(signal) = bus::properties_changed(&args) else {
+            let Some(change) = PropertiesChanged::from_args(&args)
+                .as_ref()
+                .and_then(unit_change)
+            else {
                 continue;
             };
-            match self.store.patch_unit_at(nkey, path, &signal.changed) {
+            match self.store.patch_unit_at(nkey, path, &change.changed) {
                 UnitAt::Unit(unit) => self.enqueue_fetch(
-                    signal
+                    change
                         .invalidated
                         .iter()
                         .map(|property| Fetch {
                             machine: nkey.to_owned(),
                             unit: unit.clone(),
                             path: path.to_owned(),
-                            interface: signal.interface,
+                            interface: change.interface,
                             property,
                         })
                         .collect(),
@@ -83,37 +77,33 @@ impl Units {
     pub(super) async fn manager_signal_loop(self, mut sub: async_nats::Subscriber) {
         while let Some(msg) = sub.next().await {
             let h = msg.headers.as_ref();
-            let Some(nkey) = signal_machine(&msg.subject, h) else {
-                continue;
+            let signal = match ManagerSignal::decode(h, &msg.payload) {
+                Some(
+                    s @ (ManagerSignal::UnitNew { .. }
+                    | ManagerSignal::UnitRemoved { .. }
+                    | ManagerSignal::Reloading { .. }),
+                ) => s,
+                Some(ManagerSignal::JobRemoved(_)) | None => continue,
             };
-            let member = headers::get(h, headers::MEMBER);
-            if !matches!(member, Some("UnitNew" | "UnitRemoved" | "Reloading")) {
-                continue;
-            }
-            if !from_systemd(h) {
-                continue;
-            }
-            if member == Some("Reloading") {
+            let nkey = match systemd_signal(&msg.subject, h) {
+                Ok(nkey) => nkey,
+                Err(e) => {
+                    refused(&msg.subject, &e);
+                    continue;
+                }
+            };
+            match signal {
                 // Unit files may have appeared: names systemd had not found may exist now.
-                self.pending().forget_machine(nkey);
-                continue;
-            }
-            let Ok(args) = serde_json::from_slice::<Value>(&msg.payload) else {
-                continue;
-            };
-            let Some(name) = args.get(0).and_then(Value::as_str) else {
-                continue;
-            };
-            match member {
-                Some("UnitNew") => self.unit_new(nkey, name),
-                Some("UnitRemoved") => {
-                    let key = (nkey.to_owned(), name.to_owned());
+                ManagerSignal::Reloading { .. } => self.pending().forget_machine(nkey),
+                ManagerSignal::UnitNew { name, .. } => self.unit_new(nkey, &name),
+                ManagerSignal::UnitRemoved { name, .. } => {
+                    let key = (nkey.to_owned(), name);
                     if let Some(c) = self.pending().checks.get_mut(&key) {
                         *c = Check::Removed;
                     }
-                    self.store.unit_removed(nkey, name);
+                    self.store.unit_removed(nkey, &key.1);
                 }
-                _ => {}
+                ManagerSignal::JobRemoved(_) => {}
             }
         }
     }

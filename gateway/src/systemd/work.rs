@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use cbus_client::systemd::{self, get_property, SERVICE, UNIT};
 use futures::stream::{self, StreamExt};
-use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::bus::{self, glob_literal, manager_call, SERVICE_IFACE, SYSTEMD, UNIT_IFACE};
+use super::props::unit_prop;
 use super::Units;
-use crate::requests::{ask, get_query, MachineResult};
+use crate::requests::{ask, MachineResult};
 use crate::stats::{self, Dropped};
 
 /// Follow-up work queued at most. A busy fleet makes a few per second; 1,024 is minutes of
@@ -155,11 +155,11 @@ impl Units {
         };
         let mut patches = Vec::new();
         for f in &fetch {
-            let q = get_query(SYSTEMD, &f.path, Some(f.interface), f.property);
+            let q = get_property(&f.path, f.interface, f.property);
             if let Some(prop) = self
                 .get(&target, q)
                 .await
-                .and_then(|(k, v)| bus::unit_prop(&k, &v))
+                .and_then(|(k, v)| unit_prop(&k, &v))
             {
                 patches.push((f.unit.clone(), vec![prop]));
             }
@@ -175,16 +175,11 @@ impl Units {
         let row = match self.store.target(&key.0) {
             None => None,
             Some(target) => {
-                let q = manager_call(
-                    "ListUnitsByPatterns",
-                    json!([[], [glob_literal(&key.1)]]),
-                    "asas",
-                );
+                let q = systemd::list_unit(&key.1);
                 let _permit = self.gets.acquire().await;
                 match ask(&self.fleet, &target, &q, self.timeout).await {
                     MachineResult::Ok(s) => Some(
-                        bus::list_units(&s.value)
-                            .unwrap_or_default()
+                        systemd::units_of_reply(&s.value)
                             .into_iter()
                             .find(|u| u.name == key.1),
                     ),
@@ -200,7 +195,7 @@ impl Units {
         let Some((target, row)) = row else {
             return; // the check failed: the next UnitNew or reload tries again
         };
-        if row.as_ref().is_some_and(|u| u.load == "not-found") {
+        if row.as_ref().is_some_and(|u| u.is_not_found()) {
             // Whatever happened since, systemd had no such unit when asked.
             self.pending().remember_not_found(key);
             return;
@@ -220,7 +215,7 @@ impl Units {
             return;
         };
         let (nkey, name) = key;
-        let (active, path) = (row.active.clone(), row.path.clone());
+        let (active, path, service) = (row.active.clone(), row.path.clone(), row.is_service());
         if !self.store.add_unit(&nkey, row) {
             return;
         }
@@ -229,18 +224,18 @@ impl Units {
             return;
         }
         let mut queries = vec![
-            get_query(SYSTEMD, &path, Some(UNIT_IFACE), "StateChangeTimestamp"),
-            get_query(SYSTEMD, &path, Some(UNIT_IFACE), "ActiveEnterTimestamp"),
+            get_property(&path, UNIT, "StateChangeTimestamp"),
+            get_property(&path, UNIT, "ActiveEnterTimestamp"),
         ];
-        if name.ends_with(".service") {
-            queries.push(get_query(SYSTEMD, &path, Some(SERVICE_IFACE), "NRestarts"));
+        if service {
+            queries.push(get_property(&path, SERVICE, "NRestarts"));
         }
         let mut props = Vec::new();
         for q in queries {
             if let Some(p) = self
                 .get(&target, q)
                 .await
-                .and_then(|(k, v)| bus::unit_prop(&k, &v))
+                .and_then(|(k, v)| unit_prop(&k, &v))
             {
                 props.push(p);
             }

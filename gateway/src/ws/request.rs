@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use cbus_client::fleet::{AgentStatus, Fleet, Query};
+use cbus_client::systemd::{self, UnitJob};
 use cbus_protocol::subject::{RequestSubject, Target};
 use cbus_protocol::{ErrorBody, ErrorCode, Op, Request};
 use futures::stream::{self, StreamExt};
@@ -13,7 +14,6 @@ use super::frames::{RequestMsg, RequestOp};
 use super::outgoing::ServerFrame;
 use super::writer::{Frame, Outbox};
 use crate::requests::{ask, MachineResult};
-use crate::systemd::unit_job;
 
 /// Longest timeout a request may ask for.
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -49,15 +49,13 @@ pub(super) fn prepare(r: &RequestMsg, default_timeout: Duration) -> Result<Prepa
     let query = match r.op {
         RequestOp::Start | RequestOp::Stop | RequestOp::Restart => {
             let unit = need(&r.unit, "unit")?;
-            if unit.is_empty() || unit.len() > 256 || unit.contains(['/', '\0']) {
-                return Err(format!("invalid unit name {unit:?}"));
-            }
-            let method = match r.op {
-                RequestOp::Start => "StartUnit",
-                RequestOp::Stop => "StopUnit",
-                _ => "RestartUnit",
+            systemd::validate(&unit).map_err(|e| e.to_string())?;
+            let job = match r.op {
+                RequestOp::Start => UnitJob::Start,
+                RequestOp::Stop => UnitJob::Stop,
+                _ => UnitJob::Restart,
             };
-            let mut q = unit_job(method, &unit);
+            let mut q = systemd::unit_job(job, &unit);
             q.request.timeout_ms = r.timeout_ms;
             q
         }
