@@ -30,11 +30,11 @@
 //! 3. `tls` (`server`); `store` (`model`, `changes`);
 //! 4. `systemd` (`store`, `model`, `requests`, `nats`, `stats`); `objects` (`store`, `changes`,
 //!    `requests`, `nats`);
-//! 5. `follow` (`store`, `systemd`, `nats`); `ws` (`store`, `changes`, `objects`, `systemd`,
-//!    `requests`, `nats`, `auth`, `model`, `stats`);
+//! 5. `follow` (`store`, `systemd`, `nats`); `ws` (`store`, `changes`, `objects`, `requests`,
+//!    `nats`, `auth`, `model`, `stats`);
 //! 6. the crate root, which wires them together.
 //!
-//! So the fleet state never names metrics, WebSocket or NATS types, and nothing below `ws`
+//! So the fleet state never names metrics or WebSocket types, and nothing below `ws`
 //! knows the wire format of the WebSocket API.
 //!
 //! The public surface is [`run`], [`start`] and [`Config`] for the binary, plus what the bench
