@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use cbus_client::fleet::{Fleet, Query};
 use cbus_client::headers;
+use cbus_client::systemd::PropertiesChanged;
 use cbus_protocol::introspect::ObjectSchema;
 use cbus_protocol::subject::SignalFilter;
 use cbus_protocol::{ErrorBody, ErrorCode, Op, Request};
@@ -170,7 +171,7 @@ impl Objects {
         let invalid = Arc::new(Invalidated::default());
         while let Some(msg) = sub.next().await {
             let h = msg.headers.as_ref();
-            if headers::get(h, headers::MEMBER) != Some("PropertiesChanged")
+            if headers::get(h, headers::MEMBER) != Some(PropertiesChanged::MEMBER)
                 || headers::get(h, headers::PATH) != Some(key.path.as_str())
             {
                 continue;
@@ -183,26 +184,18 @@ impl Objects {
             let Ok(args) = serde_json::from_slice::<Value>(&msg.payload) else {
                 continue;
             };
-            let Some(iface) = args.get(0).and_then(Value::as_str) else {
+            let Some(PropertiesChanged {
+                interface: iface,
+                changed,
+                invalidated,
+            }) = PropertiesChanged::from_args(&args)
+            else {
                 continue;
             };
             if key.interface.as_deref().is_some_and(|i| i != iface) {
                 continue;
             }
-            let changed = args
-                .get(1)
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default();
-            self.apply(&key, iface, changed);
-            let invalidated: Vec<String> = args
-                .get(2)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect();
+            self.apply(&key, &iface, changed);
             if invalidated.is_empty() {
                 continue;
             }

@@ -14,7 +14,7 @@
 //!
 //! Within `ws`: `upgrade` uses `session`, which uses every other module but `upgrade`;
 //! `subscription` uses `signals`; `request`, `signals` and `subscription` use `outgoing`;
-//! `writer` uses only `frames`, `outgoing` and `frames` no other.
+//! `writer` and `outgoing` use only `frames`, which uses no other.
 
 mod context;
 mod frames;

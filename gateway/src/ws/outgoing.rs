@@ -12,6 +12,7 @@ use cbus_protocol::ErrorBody;
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
+use super::frames::VERSION;
 use crate::model::{unit_type, MachineRow, UnitRow, UNIT_STATES};
 
 /// The column schema of unit rows: name and type of each array element.
@@ -133,7 +134,32 @@ pub(super) enum ServerFrame<'a> {
     },
 }
 
+/// What a client may subscribe to and ask for, as `hello` announces it.
+const RESOURCES: [&str; 4] = ["machines", "units", "object", "signals"];
+const OPS: [&str; 8] = [
+    "get",
+    "set",
+    "call",
+    "start",
+    "stop",
+    "restart",
+    "introspect",
+    "list-names",
+];
+
 impl ServerFrame<'_> {
+    /// The first frame of a session.
+    pub(super) fn hello(heartbeat_ms: u64) -> ServerFrame<'static> {
+        ServerFrame::Hello {
+            v: VERSION,
+            server: "cbus-gateway",
+            version: cbus_protocol::VERSION,
+            heartbeat_ms,
+            resources: RESOURCES,
+            ops: OPS,
+        }
+    }
+
     /// The frame's JSON text.
     pub(super) fn to_text(&self) -> String {
         match serde_json::to_value(self) {
@@ -313,26 +339,10 @@ mod tests {
         let err = ErrorBody::new(ErrorCode::NotFound, "no such machine");
         let cases: Vec<(ServerFrame, Value)> = vec![
             (
-                ServerFrame::Hello {
-                    v: 1,
-                    server: "cbus-gateway",
-                    version: "0.1.0",
-                    heartbeat_ms: 15000,
-                    resources: ["machines", "units", "object", "signals"],
-                    ops: [
-                        "get",
-                        "set",
-                        "call",
-                        "start",
-                        "stop",
-                        "restart",
-                        "introspect",
-                        "list-names",
-                    ],
-                },
+                ServerFrame::hello(15000),
                 json!({
-                    "type": "hello", "v": 1, "server": "cbus-gateway", "version": "0.1.0",
-                    "heartbeat_ms": 15000,
+                    "type": "hello", "v": 1, "server": "cbus-gateway",
+                    "version": cbus_protocol::VERSION, "heartbeat_ms": 15000,
                     "resources": ["machines", "units", "object", "signals"],
                     "ops": ["get", "set", "call", "start", "stop", "restart", "introspect", "list-names"],
                 }),

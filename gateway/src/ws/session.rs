@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use super::context::WsContext;
 use super::frames::{
     self, ClientMsg, RequestMsg, Resource, Targets, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR,
-    CLOSE_UNAUTHORIZED, VERSION,
+    CLOSE_UNAUTHORIZED,
 };
 use super::outgoing::{Delta, ServerFrame};
 use super::request;
@@ -59,23 +59,7 @@ pub(super) async fn serve(
     let (out, out_rx) = Outbox::new(ctx.queue, ctx.queue_bytes);
     let gens: Generations = Arc::default();
     let writer = tokio::spawn(writer(sink, out_rx, gens.clone()));
-    let hello = ServerFrame::Hello {
-        v: VERSION,
-        server: "cbus-gateway",
-        version: cbus_protocol::VERSION,
-        heartbeat_ms: ctx.heartbeat.as_millis() as u64,
-        resources: ["machines", "units", "object", "signals"],
-        ops: [
-            "get",
-            "set",
-            "call",
-            "start",
-            "stop",
-            "restart",
-            "introspect",
-            "list-names",
-        ],
-    };
+    let hello = ServerFrame::hello(ctx.heartbeat.as_millis() as u64);
     if out.send(Frame::control(hello.to_text())).await.is_err() {
         return;
     }
