@@ -284,3 +284,97 @@ impl Kind {
         matches!(self, Kind::Object { loaded: true, .. })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::UnitRow;
+
+    fn row(machine: &str, name: &str) -> UnitRow {
+        UnitRow {
+            machine: machine.into(),
+            host: "h".into(),
+            name: name.into(),
+            unit: Default::default(),
+        }
+    }
+
+    fn units(replace: bool, rows: &[(&str, &str)], removed: &[&str]) -> Change {
+        Change::Units {
+            machine: "A".into(),
+            rows: rows.iter().map(|(m, n)| row(m, n)).collect(),
+            removed: removed.iter().map(|n| n.to_string()).collect(),
+            replace,
+        }
+    }
+
+    fn text(u: Option<Update>) -> Option<String> {
+        match u? {
+            Update::Delta(d) => Some(serde_json::to_value(&d).unwrap().to_string()),
+            Update::Snapshot => Some("snapshot".into()),
+        }
+    }
+
+    #[test]
+    fn unit_changes_are_filtered_by_machine_and_glob() {
+        let ssh = Kind::Units {
+            machines: Some(HashSet::from(["A".to_owned()])),
+            unit: Some(glob_regex("ssh*").unwrap()),
+        };
+        let change = units(false, &[("A", "sshd.service"), ("A", "cron.service")], &[]);
+        let t = text(ssh.update(&change)).unwrap();
+        assert!(t.contains("sshd.service") && !t.contains("cron"), "{t}");
+        assert_eq!(
+            text(ssh.update(&units(false, &[("A", "cron.service")], &["cron.service"]))),
+            None,
+            "nothing it follows changed"
+        );
+        assert_eq!(
+            text(ssh.update(&units(false, &[], &["sshd.service"]))).unwrap(),
+            r#"{"remove":[["A","sshd.service"]]}"#
+        );
+        // A full list is sent even when none of it matches: the client drops the machine's rows.
+        assert_eq!(
+            text(ssh.update(&units(true, &[("A", "cron.service")], &[]))).unwrap(),
+            r#"{"replace":"A","upsert":[]}"#
+        );
+        let other = Kind::Units {
+            machines: Some(HashSet::from(["B".to_owned()])),
+            unit: None,
+        };
+        assert_eq!(text(other.update(&change)), None);
+        assert_eq!(text(Kind::Machines.update(&change)), None);
+    }
+
+    #[test]
+    fn objects_send_deltas_only_after_a_snapshot() {
+        let key = ObjectKey {
+            machine: "A".into(),
+            dest: "org.x".into(),
+            path: "/o".into(),
+            interface: None,
+        };
+        let props = Change::Object(crate::changes::ObjectChange {
+            key: key.clone(),
+            kind: ObjectChangeKind::Props {
+                interface: "org.x.Y".into(),
+                changed: Default::default(),
+            },
+        });
+        let reset = Change::Object(crate::changes::ObjectChange {
+            key: key.clone(),
+            kind: ObjectChangeKind::Reset,
+        });
+        let loading = Kind::Object {
+            key: key.clone(),
+            loaded: false,
+        };
+        assert_eq!(text(loading.update(&props)), None);
+        assert_eq!(text(loading.update(&reset)).unwrap(), "snapshot");
+        let loaded = Kind::Object { key, loaded: true };
+        assert_eq!(
+            text(loaded.update(&props)).unwrap(),
+            r#"{"changed":{},"interface":"org.x.Y"}"#
+        );
+    }
+}
