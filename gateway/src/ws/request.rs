@@ -252,4 +252,31 @@ mod tests {
         .unwrap();
         assert_eq!(p.query.op, Op::ListNames);
     }
+
+    #[test]
+    fn unit_names_follow_systemds_rules() {
+        let d = Duration::from_secs(10);
+        let stop = |unit: &str| {
+            prepare(
+                &req(
+                    &json!({"type":"request","id":1,"op":"stop","targets":"all","unit":unit})
+                        .to_string(),
+                ),
+                d,
+            )
+        };
+        assert!(stop("getty@tty1.service").is_ok());
+        for bad in [
+            "",
+            "a/b.service",
+            "getty@.service",
+            "nginx",
+            &format!("{}.service", "a".repeat(250)),
+        ] {
+            assert!(
+                stop(bad).unwrap_err().starts_with("invalid unit name"),
+                "{bad:?}"
+            );
+        }
+    }
 }
