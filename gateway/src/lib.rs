@@ -67,6 +67,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use cbus_client::connect::Reconnect;
 use cbus_client::fleet::Fleet;
 use cbus_protocol::presence;
 
@@ -357,9 +358,9 @@ async fn connect(
     let urls = config.nats.urls()?;
     let opts = config.nats.options().await?;
     let was_down = Arc::new(AtomicBool::new(false));
-    opts.name("cbus-gateway")
-        .retry_on_initial_connect()
-        .max_reconnects(None)
+    // A service: it comes up before NATS does and outlives NATS restarts.
+    Reconnect::Forever
+        .apply(opts.name("cbus-gateway"))
         .event_callback(move |e| {
             let reconnected = reconnected.clone();
             let was_down = was_down.clone();

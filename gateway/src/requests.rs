@@ -1,14 +1,10 @@
-//! Asking one machine: the gateway's own queries (ListUnits, targeted gets) and clients' requests
-//! (get, set, call, start, stop, restart), all through `protocol::fleet`, with every outcome
-//! mapped to a [`MachineResult`].
-//!
-//! Client requests go to each target separately and concurrently, so a client sees each
-//! machine's result as soon as it arrives and one silent machine delays nobody else's result; it
-//! is reported by name as timed out when the deadline passes.
+//! Asking machines: the gateway's own queries (ListUnits, targeted gets) one machine at a time
+//! ([`ask`]), and every outcome of a fan-out mapped to a [`MachineResult`] ([`result_of`]), also
+//! for clients' requests (`ws::request`).
 
 use std::time::Duration;
 
-use cbus_client::fleet::{AgentStatus, Fleet, Outcome, Query};
+use cbus_client::fleet::{AgentStatus, Fleet, FleetError, Outcome, Query};
 use cbus_protocol::{ErrorBody, ErrorCode, Op, Request, Success};
 
 /// How one machine fared.
@@ -30,29 +26,41 @@ pub(crate) async fn ask(
         .fan_out(std::slice::from_ref(target), query, timeout)
         .await
     {
-        Err(e) => MachineResult::Failed(ErrorBody::new(ErrorCode::InternalError, e.to_string())),
-        Ok(mut outcomes) => match outcomes.pop().map(|o| o.outcome) {
-            Some(Outcome::Replied(reply)) => match reply.result {
-                Ok(s) => MachineResult::Ok(s),
-                Err(e) => MachineResult::Failed(e),
-            },
-            Some(Outcome::NoResponders) => MachineResult::Failed(ErrorBody::new(
-                ErrorCode::Disconnected,
-                "the agent is not connected to NATS",
-            )),
-            Some(Outcome::Stopped) => MachineResult::Failed(ErrorBody::new(
-                ErrorCode::Disconnected,
-                "the agent has stopped",
-            )),
-            Some(Outcome::Unresponsive { silent }) => MachineResult::Failed(ErrorBody::new(
-                ErrorCode::Disconnected,
-                format!(
-                    "the agent is unresponsive (silent {} s); not asked",
-                    silent.as_secs()
-                ),
-            )),
-            Some(Outcome::TimedOut { .. }) | None => MachineResult::TimedOut,
+        Err(e) => failed(&e),
+        Ok(mut outcomes) => outcomes
+            .pop()
+            .map_or(MachineResult::TimedOut, |o| result_of(o.outcome)),
+    }
+}
+
+/// A fan-out that failed as a whole, as each machine's result.
+pub(crate) fn failed(e: &FleetError) -> MachineResult {
+    MachineResult::Failed(ErrorBody::new(ErrorCode::InternalError, e.to_string()))
+}
+
+/// What one machine's outcome means for who asked.
+pub(crate) fn result_of(outcome: Outcome) -> MachineResult {
+    match outcome {
+        Outcome::Replied(reply) => match reply.result {
+            Ok(s) => MachineResult::Ok(s),
+            Err(e) => MachineResult::Failed(e),
         },
+        Outcome::NoResponders => MachineResult::Failed(ErrorBody::new(
+            ErrorCode::Disconnected,
+            "the agent is not connected to NATS",
+        )),
+        Outcome::Stopped => MachineResult::Failed(ErrorBody::new(
+            ErrorCode::Disconnected,
+            "the agent has stopped",
+        )),
+        Outcome::Unresponsive { silent } => MachineResult::Failed(ErrorBody::new(
+            ErrorCode::Disconnected,
+            format!(
+                "the agent is unresponsive (silent {} s); not asked",
+                silent.as_secs()
+            ),
+        )),
+        Outcome::TimedOut { .. } => MachineResult::TimedOut,
     }
 }
 

@@ -1,24 +1,24 @@
-//! Requests: a client's request checked and turned into a query, then sent to each target
-//! concurrently, with one `result` per machine as it arrives and a `done` at the end.
+//! Requests: a client's request checked and turned into a query, then sent to every target in
+//! one fan-out, with one `result` per machine as it arrives and a `done` at the end: one silent
+//! machine delays nobody else's result, and is reported by name as timed out when the deadline
+//! passes.
 
 use std::time::Duration;
 
-use cbus_client::fleet::{AgentStatus, Fleet, Query};
+use cbus_client::fleet::{AgentStatus, FanOutOptions, Fleet, Query};
 use cbus_client::systemd::{self, UnitJob};
 use cbus_protocol::subject::{RequestSubject, Target};
 use cbus_protocol::{ErrorBody, ErrorCode, Op, Request};
-use futures::stream::{self, StreamExt};
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::frames::{RequestMsg, RequestOp};
 use super::outgoing::ServerFrame;
 use super::writer::{Frame, Outbox};
-use crate::requests::{ask, MachineResult};
+use crate::requests::{self, result_of, MachineResult};
 
 /// Longest timeout a request may ask for.
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
-/// Machines asked at once by one request.
-const FAN_OUT: usize = 64;
 
 /// A request ready to send.
 #[derive(Debug)]
@@ -163,18 +163,12 @@ pub(super) async fn run(
         })
         .await;
     }
-    let (fleet_ref, query, timeout) = (&fleet, &p.query, p.timeout);
-    let mut results = stream::iter(targets)
-        .map(|t| async move {
-            let r = ask(fleet_ref, &t, query, timeout).await;
-            (t, r)
-        })
-        .buffer_unordered(FAN_OUT);
+    let timeout = p.timeout;
     let too_late = ErrorBody::new(
         ErrorCode::Timeout,
         format!("no reply within {:.1}s", timeout.as_secs_f64()),
     );
-    while let Some((t, r)) = results.next().await {
+    let mut report = |t: &AgentStatus, r: MachineResult| {
         let (success, error) = match &r {
             MachineResult::Ok(s) => {
                 ok += 1;
@@ -189,7 +183,7 @@ pub(super) async fn run(
                 (None, Some(&too_late))
             }
         };
-        let frame = ServerFrame::Result {
+        ServerFrame::Result {
             id: &id,
             machine: &t.info.nkey,
             host: Some(&t.info.hostname),
@@ -198,8 +192,44 @@ pub(super) async fn run(
             value: success.map(|s| &s.value),
             timed_out: matches!(r, MachineResult::TimedOut),
             error,
-        };
-        send(frame).await;
+        }
+        .to_text()
+    };
+    // One fan-out, one subscription, each machine's result as it arrives. Each machine is
+    // waited for until the timeout (no grace): a client asked each machine, and a slow one is
+    // reported as timed out only when the request's deadline passed.
+    let options = FanOutOptions {
+        ask_unresponsive: false,
+        grace: false,
+    };
+    let mut reported = vec![false; targets.len()];
+    let outcomes = if targets.is_empty() {
+        // Only unknown machines: nothing to send, no subscription to make.
+        Ok(futures::stream::empty().boxed())
+    } else {
+        fleet
+            .fan_out_stream(&targets, &p.query, timeout, options)
+            .await
+    };
+    let failure = match outcomes {
+        Err(e) => Some(e),
+        Ok(mut outcomes) => loop {
+            match outcomes.next().await {
+                None => break None,
+                Some(Err(e)) => break Some(e),
+                Some(Ok((i, o))) => {
+                    reported[i] = true;
+                    let text = report(&o.agent, result_of(o.outcome));
+                    let _ = out.send(Frame::control(text)).await;
+                }
+            }
+        },
+    };
+    if let Some(e) = failure {
+        for (t, _) in targets.iter().zip(&reported).filter(|(_, r)| !**r) {
+            let text = report(t, requests::failed(&e));
+            let _ = out.send(Frame::control(text)).await;
+        }
     }
     send(ServerFrame::Done {
         id: &id,
