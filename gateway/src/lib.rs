@@ -94,8 +94,12 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("NATS settings: {0}")]
     Settings(#[from] cbus_client::connect::NatsArgsError),
-    #[error("cannot connect to NATS at {url}: {message}")]
-    Nats { url: String, message: String },
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Nats {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
     #[error(transparent)]
     Subscribe(#[from] SubscribeError),
     #[error("cannot listen on {addr}: {source}")]
@@ -377,9 +381,9 @@ async fn connect(
         })
         .connect(urls.clone())
         .await
-        .map_err(|e| StartError::Nats {
+        .map_err(|source| StartError::Nats {
             url: urls.join(","),
-            message: e.to_string(),
+            source,
         })
 }
 
