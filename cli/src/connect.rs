@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::connection::State;
+use cbus_client::connect::Reconnect;
 use tokio::time::Instant;
 
 use crate::args::ConnArgs;
@@ -24,15 +25,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// a frozen server is noticed within about three intervals.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Reconnect attempts after a connection is lost, before the client gives up (and `monitor`,
-/// which has no deadline, exits with `disconnected`).
+/// which has no deadline, exits with `disconnected`). With a frozen server each attempt also
+/// waits out [`CONNECT_TIMEOUT`].
 pub const MAX_RECONNECTS: usize = 10;
 
-/// Pause before connection attempt `n` (1-based; the first one, also the initial connect, at
-/// once): then 250 ms more each time, at most 1 s. With a server that refuses connections the
-/// reconnects take about 8 s in all; with a frozen one each also waits out [`CONNECT_TIMEOUT`].
-fn reconnect_delay(n: usize) -> Duration {
-    Duration::from_millis(250 * n.saturating_sub(1).min(4) as u64)
-}
+/// The CLI's connection policy: a command must end.
+const POLICY: Reconnect = Reconnect::Bounded {
+    max: MAX_RECONNECTS,
+    connect_timeout: CONNECT_TIMEOUT,
+    ping_interval: PING_INTERVAL,
+};
 
 /// The state of a command's connection, as the client's background task sees it.
 #[derive(Clone)]
@@ -75,12 +77,8 @@ pub async fn connect(
         |why: String| Failure::Connection(format!("cannot connect to NATS at {server}: {why}"));
     let gave_up = Arc::new(AtomicBool::new(false));
     let flag = gave_up.clone();
-    let attempt = opts
-        .name("cbus")
-        .connection_timeout(CONNECT_TIMEOUT)
-        .ping_interval(PING_INTERVAL)
-        .max_reconnects(MAX_RECONNECTS)
-        .reconnect_delay_callback(reconnect_delay)
+    let attempt = POLICY
+        .apply(opts.name("cbus"))
         .event_callback(move |event| {
             let flag = flag.clone();
             async move {

@@ -15,12 +15,15 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use cbus_client::duration::parse_duration;
 use cbus_client::fleet::{
     AgentStatus, FanOutOptions, Fleet, FleetError, Outcome, Query, Selector, TargetOutcome,
 };
+use futures::StreamExt;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
@@ -204,10 +207,11 @@ impl Context {
         Ok(selected)
     }
 
-    /// Sends one query to every target, with a spinner when stderr is a terminal.
+    /// Sends one query to every target, with a spinner (counting answers as they arrive) when
+    /// stderr is a terminal.
     pub async fn ask(&self, targets: &[AgentStatus], query: &Query) -> Result<Asked, Failure> {
-        let _spinner = Spinner::start(targets.len());
-        self.ask_quietly(targets, query).await
+        let spinner = Spinner::start(targets.len());
+        self.ask_with(targets, query, Some(&spinner)).await
     }
 
     /// Like [`Context::ask`], without a spinner (for polls inside a longer wait).
@@ -215,6 +219,15 @@ impl Context {
         &self,
         targets: &[AgentStatus],
         query: &Query,
+    ) -> Result<Asked, Failure> {
+        self.ask_with(targets, query, None).await
+    }
+
+    async fn ask_with(
+        &self,
+        targets: &[AgentStatus],
+        query: &Query,
+        spinner: Option<&Spinner>,
     ) -> Result<Asked, Failure> {
         let started = Instant::now();
         let (fleet, health) = self.link().await?;
@@ -238,8 +251,35 @@ impl Context {
                 member = query.member.as_deref().unwrap_or(""),
                 "asking"
             );
-            let asked =
-                fleet.fan_out_with(targets, query, self.timeout.min(remaining), self.options);
+            let asked = async {
+                let mut stream = fleet
+                    .fan_out_stream(targets, query, self.timeout.min(remaining), self.options)
+                    .await?;
+                let mut outcomes: Vec<Option<TargetOutcome>> = vec![None; targets.len()];
+                while let Some(item) = stream.next().await {
+                    let (i, outcome) = item?;
+                    if let Some(s) = spinner {
+                        s.answered();
+                    }
+                    outcomes[i] = Some(outcome);
+                }
+                // The stream yields every target once; the fallback is never taken.
+                Ok::<_, FleetError>(
+                    targets
+                        .iter()
+                        .zip(outcomes)
+                        .map(|(agent, o)| {
+                            o.unwrap_or_else(|| TargetOutcome {
+                                agent: agent.clone(),
+                                outcome: Outcome::TimedOut {
+                                    waited: Duration::ZERO,
+                                    after_grace: false,
+                                },
+                            })
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            };
             tokio::time::timeout_at(self.deadline() + FAN_OUT_SLACK, asked)
                 .await
                 .map_err(|_| self.no_answer("sending requests"))?
@@ -358,13 +398,20 @@ pub fn verdict_of<'a>(
 /// dropped.
 pub struct Spinner {
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Machines whose outcome is known, as a fan-out streams them in.
+    answered: Arc<AtomicUsize>,
 }
 
 impl Spinner {
     pub fn start(machines: usize) -> Spinner {
+        let answered = Arc::new(AtomicUsize::new(0));
         if !std::io::stderr().is_terminal() {
-            return Spinner { task: None };
+            return Spinner {
+                task: None,
+                answered,
+            };
         }
+        let count = answered.clone();
         let task = tokio::spawn(async move {
             let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
             let started = std::time::Instant::now();
@@ -372,14 +419,23 @@ impl Spinner {
             tokio::time::sleep(Duration::from_millis(150)).await;
             for i in 0.. {
                 eprint!(
-                    "\r\x1b[2K{} asking {machines} machine(s)… {:.1}s",
+                    "\r\x1b[2K{} asking {machines} machine(s)… {} done, {:.1}s",
                     frames[i % frames.len()],
+                    count.load(Ordering::Relaxed).min(machines),
                     started.elapsed().as_secs_f64()
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
-        Spinner { task: Some(task) }
+        Spinner {
+            task: Some(task),
+            answered,
+        }
+    }
+
+    /// One more machine's outcome is known.
+    pub fn answered(&self) {
+        self.answered.fetch_add(1, Ordering::Relaxed);
     }
 }
 

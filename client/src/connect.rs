@@ -1,9 +1,10 @@
 //! The NATS settings, declared once: flags, environment variables and config-file keys of every
 //! part (`cbus`, `cbus-agent`, `cbus-gateway`), and what they mean as connection options.
 //!
-//! Each binary flattens [`NatsArgs`] into its own flags and keeps its own retry policy (the agent
-//! and the gateway reconnect forever, the CLI gives up quickly); what the settings mean is
-//! decided here, and only here: the nkey seed file, for one, is read by [`NatsArgs::options`].
+//! Each binary flattens [`NatsArgs`] into its own flags; what the settings mean is decided here,
+//! and only here: the nkey seed file, for one, is read by [`NatsArgs::options`]. How a
+//! connection is kept is said explicitly by a [`Reconnect`] policy: a service (agent, gateway)
+//! must come up before its server and outlive its restarts, a command (the CLI) must end.
 //!
 //! Old spellings stay as hidden aliases: `--server` (the CLI's), `--token-nats` (the gateway's)
 //! and, in the agent and the CLI, `--token` (see [`TOKEN_ALIAS`]; the gateway's `--token` is the
@@ -11,6 +12,7 @@
 //!
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use async_nats::ConnectOptions;
 use serde::Deserialize;
@@ -185,6 +187,59 @@ impl NatsArgs {
     }
 }
 
+/// How a connection is kept: retried at first, reconnected after a loss, and how a frozen server
+/// is noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconnect {
+    /// A service (the agent, the gateway): the first connection is retried in the background
+    /// (`connect` returns before it is up, so a service started before its NATS server still
+    /// comes up), and a lost one is reconnected forever, [`Reconnect::service_delay`] apart.
+    Forever,
+    /// A command (the CLI): one connection attempt of at most `connect_timeout` (an unreachable
+    /// server is one clear error, never a hang), at most `max` reconnects after a loss,
+    /// [`Reconnect::command_delay`] apart, and a ping every `ping_interval` (async-nats drops a
+    /// connection after two unanswered pings, so a frozen server is noticed within about three
+    /// intervals).
+    Bounded {
+        max: usize,
+        connect_timeout: Duration,
+        ping_interval: Duration,
+    },
+}
+
+impl Reconnect {
+    /// Pause before reconnect attempt `n` of a service: 100 ms doubling, at most 10 s.
+    pub fn service_delay(n: usize) -> Duration {
+        Duration::from_millis((100 * 2u64.saturating_pow(n.min(8) as u32)).min(10_000))
+    }
+
+    /// Pause before connection attempt `n` of a command (1-based; the first at once): then
+    /// 250 ms more each time, at most 1 s. With a server that refuses connections ten
+    /// reconnects take about 8 s in all.
+    pub fn command_delay(n: usize) -> Duration {
+        Duration::from_millis(250 * n.saturating_sub(1).min(4) as u64)
+    }
+
+    /// `opts` with this policy's retry, reconnect and ping settings.
+    pub fn apply(self, opts: ConnectOptions) -> ConnectOptions {
+        match self {
+            Reconnect::Forever => opts
+                .retry_on_initial_connect()
+                .max_reconnects(None)
+                .reconnect_delay_callback(Reconnect::service_delay),
+            Reconnect::Bounded {
+                max,
+                connect_timeout,
+                ping_interval,
+            } => opts
+                .connection_timeout(connect_timeout)
+                .ping_interval(ping_interval)
+                .max_reconnects(max)
+                .reconnect_delay_callback(Reconnect::command_delay),
+        }
+    }
+}
+
 /// Secrets (token, password) show as `<hidden>`: a logged config must not leak them.
 impl std::fmt::Debug for NatsArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -215,10 +270,16 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
     })
 }
 
-/// Checks that `cmd` (a binary's whole command line) declares the NATS settings as
-/// [`NatsArgs`] does: each binary's tests call it, so a binary that drops or renames one fails.
+/// Checks that a binary's whole command line (`command`, e.g. `Cli::command`) declares the NATS
+/// settings as [`NatsArgs`] does, and that they parse the same from flags, from their old
+/// spellings and from the environment (`args` go first, e.g. a subcommand). Each binary's tests
+/// call it, so a binary that drops, renames or shadows one fails. It sets and clears the
+/// `NATS_*` variables: callers serialise it with their other tests that read the environment.
 #[doc(hidden)]
-pub fn assert_declared(cmd: &clap::Command) {
+pub fn assert_declared(command: impl Fn() -> clap::Command, args: &[&str]) {
+    use clap::FromArgMatches;
+    // clap reads an argument's environment variable when the command is built: one per parse.
+    let cmd = &command();
     let expected = [
         ("nats_url", "nats-url", "NATS_URL"),
         ("nats_token", "nats-token", "NATS_TOKEN"),
@@ -228,24 +289,108 @@ pub fn assert_declared(cmd: &clap::Command) {
         ("password", "password", "NATS_PASSWORD"),
         ("tls_ca", "tls-ca", "NATS_CA"),
     ];
+    let name = cmd.get_name().to_owned();
     for (id, long, env) in expected {
         let arg = cmd
             .get_arguments()
             .find(|a| a.get_id() == id)
-            .unwrap_or_else(|| panic!("{}: no argument {id}", cmd.get_name()));
-        assert_eq!(arg.get_long(), Some(long), "{}: {id}", cmd.get_name());
+            .unwrap_or_else(|| panic!("{name}: no argument {id}"));
+        assert_eq!(arg.get_long(), Some(long), "{name}: {id}");
         assert_eq!(
             arg.get_env().and_then(|e| e.to_str()),
             Some(env),
-            "{}: {id}",
-            cmd.get_name()
+            "{name}: {id}"
         );
     }
+    let parse = |extra: &[&str]| -> NatsArgs {
+        let argv = std::iter::once(name.as_str())
+            .chain(args.iter().copied())
+            .chain(extra.iter().copied());
+        let matches = command()
+            .try_get_matches_from(argv)
+            .unwrap_or_else(|e| panic!("{name} {extra:?}: {e}"));
+        NatsArgs::from_arg_matches(&matches).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let urls = "nats://a:1,nats://b:2";
+    let flags = parse(&[
+        "--nats-url",
+        urls,
+        "--tls-ca",
+        "/ca.pem",
+        "--nkey",
+        "/seed",
+        "--nats-token",
+        "t",
+    ]);
+    assert_eq!(
+        flags.urls().unwrap(),
+        ["nats://a:1", "nats://b:2"],
+        "{name}"
+    );
+    assert_eq!(flags.tls_ca, Some(PathBuf::from("/ca.pem")), "{name}");
+    assert_eq!(flags.nkey.as_deref(), Some("/seed"), "{name}");
+    assert_eq!(flags.nats_token.as_deref(), Some("t"), "{name}");
+    let old = ["--server", urls, "--tls-ca", "/ca.pem", "--nkey", "/seed"];
+    let token_aliases = cmd
+        .get_arguments()
+        .find(|a| a.get_id() == "nats_token")
+        .and_then(|a| a.get_all_aliases())
+        .unwrap_or_default();
+    for alias in token_aliases {
+        let alias = format!("--{alias}");
+        let spelled: Vec<&str> = old.iter().copied().chain([alias.as_str(), "t"]).collect();
+        assert_eq!(parse(&spelled), flags, "{name} {spelled:?}");
+    }
+    let vars = [
+        ("NATS_URL", urls),
+        ("NATS_CA", "/ca.pem"),
+        ("NATS_NKEY", "/seed"),
+        ("NATS_TOKEN", "t"),
+    ];
+    for (var, value) in vars {
+        std::env::set_var(var, value);
+    }
+    let from_env = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse(&[])));
+    for (var, _) in vars {
+        std::env::remove_var(var);
+    }
+    assert_eq!(
+        from_env.expect("parses from the environment"),
+        flags,
+        "{name}"
+    );
+    assert_eq!(parse(&[]).urls().unwrap(), [DEFAULT_URL], "{name}");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::{CommandFactory, Parser};
+
+    /// A binary as the three declare the settings: flattened, with the old `--token` alias.
+    #[derive(Parser)]
+    #[command(name = "cbus-any", mut_arg("nats_token", |a| a.alias(TOKEN_ALIAS)))]
+    struct Binary {
+        #[command(flatten)]
+        nats: NatsArgs,
+    }
+
+    #[test]
+    fn flags_old_spellings_and_environment() {
+        assert_declared(Binary::command, &[]);
+        let b = Binary::try_parse_from(["cbus-any", "--token", "t"]).unwrap();
+        assert_eq!(b.nats.nats_token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn reconnect_delays() {
+        assert_eq!(Reconnect::command_delay(1), Duration::ZERO);
+        assert_eq!(Reconnect::command_delay(2), Duration::from_millis(250));
+        assert_eq!(Reconnect::command_delay(99), Duration::from_secs(1));
+        assert_eq!(Reconnect::service_delay(0), Duration::from_millis(100));
+        assert_eq!(Reconnect::service_delay(3), Duration::from_millis(800));
+        assert_eq!(Reconnect::service_delay(99), Duration::from_secs(10));
+    }
 
     #[test]
     fn urls_merge_and_debug() {

@@ -7,7 +7,7 @@
 //! returns as soon as every target answered. A target whose subscription is gone yields NATS's
 //! "no responders" at once instead of a timeout, and one that stays silent is reported by name.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +18,7 @@ use async_nats::jetstream::{
 };
 use async_nats::{Client, HeaderMap, StatusCode};
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::time::{timeout_at, Instant};
 
@@ -393,6 +394,43 @@ impl Fleet {
         timeout: Duration,
         options: FanOutOptions,
     ) -> Result<Vec<TargetOutcome>, FleetError> {
+        let mut stream = self
+            .fan_out_stream(targets, query, timeout, options)
+            .await?;
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; targets.len()];
+        while let Some(item) = stream.next().await {
+            let (i, o) = item?;
+            outcomes[i] = Some(o.outcome);
+        }
+        Ok(targets
+            .iter()
+            .zip(outcomes)
+            .map(|(agent, outcome)| TargetOutcome {
+                agent: agent.clone(),
+                // The stream yields every target once; this is never taken.
+                outcome: outcome.unwrap_or(Outcome::TimedOut {
+                    waited: timeout,
+                    after_grace: false,
+                }),
+            })
+            .collect())
+    }
+
+    /// [`Fleet::fan_out_with`] as a stream: each target's outcome as soon as it is known, with
+    /// its index in `targets`. Those not asked (stopped, unresponsive) come first, answers in
+    /// the order they arrive, and the silent last, at the end of the wait (the timeout or the
+    /// grace). Every target comes exactly once; an error ends the stream.
+    ///
+    /// One subscription serves the whole fan-out, so a caller that shows each machine's result
+    /// when it arrives (the gateway's requests) needs no subscription per machine. The requests
+    /// are sent before this returns; the stream owns what it needs and may outlive `self`.
+    pub async fn fan_out_stream(
+        &self,
+        targets: &[AgentStatus],
+        query: &Query,
+        timeout: Duration,
+        options: FanOutOptions,
+    ) -> Result<OutcomeStream, FleetError> {
         let payload = Bytes::from(
             serde_json::to_vec(&query.request).map_err(|e| FleetError::Nats(e.to_string()))?,
         );
@@ -406,22 +444,28 @@ impl Fleet {
 
         // One reply subject per target, so "no responders" can be told apart per agent.
         let inbox = self.client.new_inbox();
-        let mut sub = self
+        let sub = self
             .client
             .subscribe(format!("{inbox}.*"))
             .await
             .map_err(|e| FleetError::Nats(e.to_string()))?;
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; targets.len()];
+        let mut known = VecDeque::new();
+        let mut answered = vec![false; targets.len()];
         let mut waiting = 0usize;
         for (i, agent) in targets.iter().enumerate() {
             if agent.state == AgentState::Stopped {
-                outcomes[i] = Some(Outcome::Stopped);
+                known.push_back((i, Outcome::Stopped));
+                answered[i] = true;
                 continue;
             }
             if agent.state == AgentState::Unresponsive && !options.ask_unresponsive {
-                outcomes[i] = Some(Outcome::Unresponsive {
-                    silent: Duration::from_millis(now_ms.saturating_sub(agent.last_seen_ms)),
-                });
+                known.push_back((
+                    i,
+                    Outcome::Unresponsive {
+                        silent: Duration::from_millis(now_ms.saturating_sub(agent.last_seen_ms)),
+                    },
+                ));
+                answered[i] = true;
                 continue;
             }
             let subject = RequestSubject::new(
@@ -449,81 +493,147 @@ impl Fleet {
             waiting += 1;
         }
         flush_until(&self.client, until).await?;
+        let wait = Wait {
+            sub,
+            targets: targets.to_vec(),
+            answered,
+            known,
+            waiting,
+            started,
+            until,
+            deadline: until,
+            timeout,
+            // Reads only: a set or call cut off may still run, so its machine is waited for.
+            grace: options.grace && query.op.is_read(),
+            rejected: self.rejected.clone(),
+            ended: false,
+        };
+        Ok(futures::stream::unfold(wait, Wait::next_outcome).boxed())
+    }
+}
 
-        // Until the first answer only the timeout ends the wait (all silent says nothing about
-        // how long answers take); after each answer, the silent get a grace.
-        let mut deadline = until;
-        while waiting > 0 {
-            let msg = match timeout_at(deadline, sub.next()).await {
+/// A fan-out's outcomes as they become known, each with its target's index
+/// ([`Fleet::fan_out_stream`]).
+pub type OutcomeStream = BoxStream<'static, Result<(usize, TargetOutcome), FleetError>>;
+
+/// The state of a fan-out waiting for its answers.
+struct Wait {
+    sub: async_nats::Subscriber,
+    targets: Vec<AgentStatus>,
+    /// Whose outcome is known (yielded or queued in `known`).
+    answered: Vec<bool>,
+    /// Outcomes known and not yet yielded.
+    known: VecDeque<(usize, Outcome)>,
+    /// Asked and not answered yet.
+    waiting: usize,
+    started: Instant,
+    /// When the timeout ends the wait.
+    until: Instant,
+    /// When the wait ends: `until`, or earlier once a grace applies.
+    deadline: Instant,
+    timeout: Duration,
+    grace: bool,
+    rejected: Arc<Rejected>,
+    /// Nothing more will be known.
+    ended: bool,
+}
+
+impl Wait {
+    async fn next_outcome(mut self) -> Option<(Result<(usize, TargetOutcome), FleetError>, Wait)> {
+        loop {
+            if let Some((i, outcome)) = self.known.pop_front() {
+                let agent = self.targets[i].clone();
+                return Some((Ok((i, TargetOutcome { agent, outcome })), self));
+            }
+            if self.ended {
+                return None;
+            }
+            if self.waiting == 0 {
+                self.ended = true;
+                continue;
+            }
+            // Until the first answer only the timeout ends the wait (all silent says nothing
+            // about how long answers take); after each answer, the silent get a grace.
+            let msg = match timeout_at(self.deadline, self.sub.next()).await {
                 Ok(Some(msg)) => msg,
-                Ok(None) => return Err(FleetError::Nats("reply subscription closed".into())),
-                Err(_) => break,
+                Ok(None) => {
+                    self.ended = true;
+                    return Some((
+                        Err(FleetError::Nats("reply subscription closed".into())),
+                        self,
+                    ));
+                }
+                Err(_) => {
+                    let waited = self.started.elapsed().min(self.timeout);
+                    let after_grace = self.deadline < self.until;
+                    for (i, answered) in self.answered.iter_mut().enumerate() {
+                        if !*answered {
+                            *answered = true;
+                            self.known.push_back((
+                                i,
+                                Outcome::TimedOut {
+                                    waited,
+                                    after_grace,
+                                },
+                            ));
+                        }
+                    }
+                    self.waiting = 0;
+                    self.ended = true;
+                    continue;
+                }
             };
             let Some(i) = msg
                 .subject
                 .rsplit('.')
                 .next()
                 .and_then(|t| t.parse::<usize>().ok())
-                .filter(|i| *i < targets.len())
+                .filter(|i| *i < self.targets.len())
             else {
                 continue;
             };
-            if outcomes[i].is_some() {
+            if self.answered[i] {
                 continue;
             }
-            let outcome = if msg.status == Some(StatusCode::NO_RESPONDERS) {
-                Outcome::NoResponders
-            } else {
-                match Reply::from_payload(&msg.payload) {
-                    // Only the agent asked could answer on this reply subject (allow_responses);
-                    // an envelope naming another machine is a forgery, never that machine's word.
-                    Ok(reply) if reply.nkey != targets[i].info.nkey => {
-                        Rejected::count(&self.rejected.replies);
-                        tracing::warn!(agent = %targets[i].info.hostname, claims = %codec::quote(&reply.nkey), "reply names another machine");
-                        Outcome::Replied(Reply {
-                            nkey: targets[i].info.nkey.clone(),
-                            hostname: targets[i].info.hostname.clone(),
-                            result: Err(ErrorBody::new(
-                                ErrorCode::InternalError,
-                                "the agent's reply names another machine; ignored",
-                            )),
-                        })
-                    }
-                    Ok(reply) => Outcome::Replied(reply),
-                    Err(e) => {
-                        tracing::warn!(agent = %targets[i].info.hostname, error = %e, "malformed reply");
-                        Outcome::Replied(Reply {
-                            nkey: targets[i].info.nkey.clone(),
-                            hostname: targets[i].info.hostname.clone(),
-                            result: Err(ErrorBody::new(
-                                ErrorCode::InternalError,
-                                format!("malformed reply from agent: {e}"),
-                            )),
-                        })
-                    }
-                }
-            };
-            outcomes[i] = Some(outcome);
-            waiting -= 1;
-            // Reads only: a set or call cut off may still run, so its machine is waited for.
-            if options.grace && query.op.is_read() {
+            let outcome = self.outcome_of(i, &msg);
+            self.answered[i] = true;
+            self.waiting -= 1;
+            if self.grace {
                 let now = Instant::now();
-                deadline = until.min(now + grace_after(now - started));
+                self.deadline = self.until.min(now + grace_after(now - self.started));
+            }
+            let agent = self.targets[i].clone();
+            return Some((Ok((i, TargetOutcome { agent, outcome })), self));
+        }
+    }
+
+    /// What target `i`'s reply (or NATS's "no responders" in its place) says.
+    fn outcome_of(&self, i: usize, msg: &async_nats::Message) -> Outcome {
+        let target = &self.targets[i].info;
+        if msg.status == Some(StatusCode::NO_RESPONDERS) {
+            return Outcome::NoResponders;
+        }
+        let failed = |message: String| {
+            Outcome::Replied(Reply {
+                nkey: target.nkey.clone(),
+                hostname: target.hostname.clone(),
+                result: Err(ErrorBody::new(ErrorCode::InternalError, message)),
+            })
+        };
+        match Reply::from_payload(&msg.payload) {
+            // Only the agent asked could answer on this reply subject (allow_responses); an
+            // envelope naming another machine is a forgery, never that machine's word.
+            Ok(reply) if reply.nkey != target.nkey => {
+                Rejected::count(&self.rejected.replies);
+                tracing::warn!(agent = %target.hostname, claims = %codec::quote(&reply.nkey), "reply names another machine");
+                failed("the agent's reply names another machine; ignored".into())
+            }
+            Ok(reply) => Outcome::Replied(reply),
+            Err(e) => {
+                tracing::warn!(agent = %target.hostname, error = %e, "malformed reply");
+                failed(format!("malformed reply from agent: {e}"))
             }
         }
-        let waited = started.elapsed().min(timeout);
-        let after_grace = deadline < until;
-        Ok(targets
-            .iter()
-            .zip(outcomes)
-            .map(|(agent, outcome)| TargetOutcome {
-                agent: agent.clone(),
-                outcome: outcome.unwrap_or(Outcome::TimedOut {
-                    waited,
-                    after_grace,
-                }),
-            })
-            .collect())
     }
 }
 

@@ -1,4 +1,5 @@
-//! Routes cache changes to the sessions that follow them.
+//! The change hub: what changed in the fleet state or a followed object ([`Change`]), and the
+//! router that hands each change to the sessions that follow it.
 //!
 //! A broadcast channel made every session wake for every change and filter it itself: 1,000
 //! sessions at 10k unit changes/s were 10M receives/s, most of them thrown away
@@ -14,13 +15,57 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
-use crate::cache::Change;
+use crate::model::{MachineRow, UnitRow};
+
+/// Something clients may want to hear about.
+#[derive(Debug, Clone)]
+pub(crate) enum Change {
+    /// A machine appeared or its info or state changed.
+    Machine(MachineRow),
+    /// Units of one machine changed; `replace` means `rows` is the machine's full list.
+    Units {
+        machine: String,
+        rows: Vec<UnitRow>,
+        removed: Vec<String>,
+        replace: bool,
+    },
+    /// A followed object changed ([`crate::objects`]).
+    Object(ObjectChange),
+}
+
+/// A D-Bus object clients follow.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ObjectKey {
+    pub machine: String,
+    pub dest: String,
+    pub path: String,
+    pub interface: Option<String>,
+}
+
+/// A change of a followed object.
+#[derive(Debug, Clone)]
+pub(crate) struct ObjectChange {
+    pub key: ObjectKey,
+    pub kind: ObjectChangeKind,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum ObjectChangeKind {
+    /// Loaded (or failed to load): clients send a fresh snapshot.
+    Reset,
+    /// Property values changed (`{"t","v"}` each).
+    Props {
+        interface: String,
+        changed: Map<String, Value>,
+    },
+}
 
 /// Which changes a session wants.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Interest {
+pub(crate) struct Interest {
     /// Machine rows (presence, info, state).
     pub machine_rows: bool,
     /// Unit and object changes of every machine.
@@ -31,7 +76,8 @@ pub struct Interest {
 
 impl Interest {
     /// Every change.
-    pub fn everything() -> Self {
+    #[cfg(test)]
+    pub(crate) fn everything() -> Self {
         Interest {
             machine_rows: true,
             all_machines: true,
@@ -42,7 +88,7 @@ impl Interest {
 
 /// Returned by [`ChangeReceiver::recv`] when changes were dropped for this session.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Lagged;
+pub(crate) struct Lagged;
 
 struct Route {
     tx: mpsc::Sender<Arc<Change>>,
@@ -97,7 +143,7 @@ impl Table {
 
 /// The routing table; cheap to clone.
 #[derive(Clone, Default)]
-pub struct Router {
+pub(crate) struct Router {
     table: Arc<Mutex<Table>>,
 }
 
@@ -108,7 +154,7 @@ impl Router {
     }
 
     /// A receiver of the changes `interest` selects, queueing at most `capacity` of them.
-    pub fn subscribe(&self, interest: Interest, capacity: usize) -> ChangeReceiver {
+    pub(crate) fn subscribe(&self, interest: Interest, capacity: usize) -> ChangeReceiver {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let lagged = Arc::new(AtomicBool::new(false));
         let mut t = self.table();
@@ -132,7 +178,7 @@ impl Router {
     }
 
     /// Hands a change to every session that follows it, without waiting for any.
-    pub fn publish(&self, change: Change) {
+    pub(crate) fn publish(&self, change: Change) {
         let t = self.table();
         let change = Arc::new(change);
         let machine = match &*change {
@@ -156,13 +202,14 @@ impl Router {
     }
 
     /// Sessions subscribed now.
-    pub fn sessions(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn sessions(&self) -> usize {
         self.table().routes.len()
     }
 }
 
 /// One session's end of the router; unsubscribes when dropped.
-pub struct ChangeReceiver {
+pub(crate) struct ChangeReceiver {
     id: u64,
     rx: mpsc::Receiver<Arc<Change>>,
     lagged: Arc<AtomicBool>,
@@ -172,7 +219,7 @@ pub struct ChangeReceiver {
 impl ChangeReceiver {
     /// The next change, or [`Lagged`] once after changes were dropped (what was still queued
     /// is discarded then: it is older than what was dropped).
-    pub async fn recv(&mut self) -> Result<Arc<Change>, Lagged> {
+    pub(crate) async fn recv(&mut self) -> Result<Arc<Change>, Lagged> {
         if self.take_lagged() {
             return Err(Lagged);
         }
@@ -185,7 +232,7 @@ impl ChangeReceiver {
     }
 
     /// A change already queued, without waiting.
-    pub fn try_recv(&mut self) -> Option<Result<Arc<Change>, Lagged>> {
+    pub(crate) fn try_recv(&mut self) -> Option<Result<Arc<Change>, Lagged>> {
         if self.take_lagged() {
             return Some(Err(Lagged));
         }
@@ -201,7 +248,7 @@ impl ChangeReceiver {
     }
 
     /// What changes the session to follow other changes; usable while this receiver waits.
-    pub fn interest_handle(&self) -> InterestHandle {
+    pub(crate) fn interest_handle(&self) -> InterestHandle {
         InterestHandle {
             id: self.id,
             router: self.router.clone(),
@@ -210,14 +257,14 @@ impl ChangeReceiver {
 }
 
 /// Changes what one [`ChangeReceiver`] follows.
-pub struct InterestHandle {
+pub(crate) struct InterestHandle {
     id: u64,
     router: Router,
 }
 
 impl InterestHandle {
     /// Follows other changes from now on.
-    pub fn set(&self, interest: Interest) {
+    pub(crate) fn set(&self, interest: Interest) {
         let mut t = self.router.table();
         let Some(old) = t.routes.get(&self.id).map(|r| r.interest.clone()) else {
             return;
@@ -245,7 +292,7 @@ impl Drop for ChangeReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::UnitRow;
+    use crate::model::{MachineRow, UnitRow};
 
     fn units(machine: &str, name: &str) -> Change {
         Change::Units {
@@ -332,7 +379,7 @@ mod tests {
             },
             8,
         );
-        r.publish(Change::Machine(crate::cache::MachineRow {
+        r.publish(Change::Machine(MachineRow {
             nkey: "A".into(),
             hostname: "a".into(),
             version: "0".into(),

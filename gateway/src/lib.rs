@@ -1,30 +1,61 @@
 //! `cbus-gateway`: one process that follows the fleet over NATS and serves browsers and
 //! Prometheus from what it learned, never from a round trip made on their behalf.
 //!
-//! - [`follow`] keeps the [`cache`] current from NATS traffic (presence, the registry, unit
-//!   signals, one ListUnits per joining machine, agents' metrics);
-//! - [`objects`] follows the D-Bus objects clients look at;
-//! - [`ws`] is the WebSocket API (auth, subscriptions with snapshots and deltas, requests);
-//! - [`metrics`] renders `/metrics` from the cache alone;
-//! - [`dashboard`] serves the embedded browser UI; [`tls`] the optional rustls listener;
-//! - [`auth`] the token, Origin and Host checks; [`requests`] the queries sent to machines;
-//! - [`server`] the accept loops and connection limits; [`stats`] the gateway's own counters.
+//! # Modules, by concern
 //!
-//! `main.rs` only parses flags and calls [`run`]; tests may call [`start`] in-process.
+//! - fleet state: `model` (a machine and its units, no locking, no I/O) and `store` (the
+//!   shared machines, changed only through typed updates);
+//! - the change hub: `changes` (what changed, routed to the sessions that follow it, with
+//!   bounded queues);
+//! - ingestion: `follow` (presence, the registry, agents' metrics, the tick) and `systemd`
+//!   (unit signals, ListUnits, unit checks); `objects` follows the D-Bus objects clients
+//!   look at;
+//! - serving: `metrics` renders `/metrics` from the store alone, memoised by each machine's
+//!   units generation; `ws` is the WebSocket API; `dashboard` the embedded browser UI;
+//!   `server` the accept loops and connection limits; `tls` the optional rustls listener;
+//!   `auth` the token, Origin and Host checks;
+//! - plumbing: `requests` (asking one machine), `nats` (subscribing, and the trust rules
+//!   for signals), `stats` (the gateway's own counters), `config` (flags).
+//!
+//! # Which module may use which
+//!
+//! A module uses only modules of lower layers, so there is no import cycle
+//! (`gateway/tests/module_graph.rs` checks that, and that no module has more than 500 lines of
+//! code):
+//!
+//! 1. leaves, using no other module of the crate: `auth`, `stats`, `model`, `requests`,
+//!    `dashboard`;
+//! 2. `config` and `changes` (use `model`); `metrics` (`model`, `stats`); `nats` and `server`
+//!    (`stats`);
+//! 3. `tls` (`server`); `store` (`model`, `changes`);
+//! 4. `systemd` (`store`, `model`, `requests`, `nats`, `stats`); `objects` (`store`, `changes`,
+//!    `requests`, `nats`);
+//! 5. `follow` (`store`, `systemd`, `nats`); `ws` (`store`, `changes`, `objects`, `requests`,
+//!    `nats`, `auth`, `model`, `stats`);
+//! 6. the crate root, which wires them together.
+//!
+//! So the fleet state never names metrics or WebSocket types, and nothing below `ws`
+//! knows the wire format of the WebSocket API.
+//!
+//! The public surface is [`run`], [`start`] and [`Config`] for the binary, plus what the bench
+//! needs to measure `/metrics` without a fleet: [`Machine`], [`Unit`] and [`Metrics`].
 
-pub mod auth;
-pub mod cache;
-pub mod changes;
-pub mod config;
-pub mod dashboard;
-pub mod follow;
-pub mod metrics;
-pub mod objects;
-pub mod requests;
-pub mod server;
-pub mod stats;
-pub mod tls;
-pub mod ws;
+mod auth;
+mod changes;
+mod config;
+mod dashboard;
+mod follow;
+mod metrics;
+mod model;
+mod nats;
+mod objects;
+mod requests;
+mod server;
+mod stats;
+mod store;
+mod systemd;
+mod tls;
+mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -36,13 +67,21 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use cbus_client::connect::Reconnect;
 use cbus_client::fleet::Fleet;
 use cbus_protocol::presence;
 
+pub use auth::AuthError;
 pub use config::Config;
+pub use metrics::Metrics;
+pub use model::{Machine, Unit};
+pub use nats::SubscribeError;
+pub use tls::TlsError;
 
 use auth::{HostPolicy, OriginPolicy, Token};
-use cache::{Cache, UnitFilter};
+use changes::Router;
+use model::UnitFilter;
+use store::Store;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,15 +89,19 @@ pub enum StartError {
     #[error("invalid --unit-include/--unit-exclude: {0}")]
     UnitFilter(#[from] regex::Error),
     #[error(transparent)]
-    Auth(#[from] auth::AuthError),
+    Auth(#[from] AuthError),
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] TlsError),
     #[error("NATS settings: {0}")]
     Settings(#[from] cbus_client::connect::NatsArgsError),
-    #[error("cannot connect to NATS at {url}: {message}")]
-    Nats { url: String, message: String },
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Nats {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
     #[error(transparent)]
-    Follow(#[from] follow::FollowError),
+    Subscribe(#[from] SubscribeError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -71,7 +114,6 @@ pub enum StartError {
 
 /// A started gateway.
 pub struct Gateway {
-    pub cache: Cache,
     pub local_addr: SocketAddr,
     pub tls: bool,
     server: tokio::task::JoinHandle<Result<(), std::io::Error>>,
@@ -149,20 +191,27 @@ pub async fn start(
     } else {
         None
     };
-    let cache = Cache::new(filter);
+    let changes = Router::default();
+    let store = Store::new(filter, changes.clone());
     let (reconnected_tx, reconnected) = tokio::sync::mpsc::unbounded_channel();
     let client = connect(&config, reconnected_tx).await?;
     let fleet = Fleet::new(client, format!("cbus-gateway@{}", host()));
     follow::start(
         fleet.clone(),
-        cache.clone(),
+        store.clone(),
         config.request_timeout,
         reconnected,
     )
     .await?;
-    let objects = objects::Objects::new(fleet.clone(), cache.clone(), config.request_timeout);
+    let objects = objects::Objects::new(
+        fleet.clone(),
+        store.clone(),
+        changes.clone(),
+        config.request_timeout,
+    );
     let ctx = Arc::new(ws::WsContext {
-        cache: cache.clone(),
+        store: store.clone(),
+        changes,
         objects,
         fleet,
         token,
@@ -188,7 +237,7 @@ pub async fn start(
         .merge(
             axum::Router::new()
                 .route("/metrics", get(serve_metrics))
-                .with_state(cache.clone()),
+                .with_state((store, Arc::new(Metrics::default()))),
         )
         .merge(dashboard::routes())
         .layer(axum::middleware::from_fn_with_state(hosts, check_host))
@@ -230,7 +279,6 @@ pub async fn start(
         }),
     };
     Ok(Gateway {
-        cache,
         local_addr,
         tls: is_tls,
         server,
@@ -274,15 +322,15 @@ fn default_token_path(port: u16) -> std::path::PathBuf {
     dir.join(format!("cbus-gateway-{port}.token"))
 }
 
-async fn serve_metrics(State(cache): State<Cache>) -> Response {
+async fn serve_metrics(State((store, metrics)): State<(Store, Arc<Metrics>)>) -> Response {
     // Rendering the machines whose units changed since the last scrape takes milliseconds on a
-    // big fleet: off the async workers, and one machine per hold of the cache, so WebSocket
-    // sessions and cache updates keep moving meanwhile.
+    // big fleet: off the async workers, and one machine per hold of the store, so WebSocket
+    // sessions and store updates keep moving meanwhile.
     let render = tokio::task::spawn_blocking(move || {
-        cache.each_machine(metrics::prepare);
-        cache.with_machines(|m| {
-            let machines: Vec<&cache::Machine> = m.values().collect();
-            metrics::render(&machines, presence::now_ms())
+        store.each_machine(|m| metrics.prepare(m));
+        store.with_machines(|m| {
+            let machines: Vec<&Machine> = m.values().collect();
+            metrics.render(&machines, presence::now_ms())
         })
     });
     match render.await {
@@ -314,9 +362,9 @@ async fn connect(
     let urls = config.nats.urls()?;
     let opts = config.nats.options().await?;
     let was_down = Arc::new(AtomicBool::new(false));
-    opts.name("cbus-gateway")
-        .retry_on_initial_connect()
-        .max_reconnects(None)
+    // A service: it comes up before NATS does and outlives NATS restarts.
+    Reconnect::Forever
+        .apply(opts.name("cbus-gateway"))
         .event_callback(move |e| {
             let reconnected = reconnected.clone();
             let was_down = was_down.clone();
@@ -333,9 +381,9 @@ async fn connect(
         })
         .connect(urls.clone())
         .await
-        .map_err(|e| StartError::Nats {
+        .map_err(|source| StartError::Nats {
             url: urls.join(","),
-            message: e.to_string(),
+            source,
         })
 }
 

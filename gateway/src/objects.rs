@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cbus_client::fleet::{AgentStatus, Fleet, Query};
+use cbus_client::fleet::{Fleet, Query};
 use cbus_client::headers;
+use cbus_client::systemd::PropertiesChanged;
 use cbus_protocol::introspect::ObjectSchema;
 use cbus_protocol::subject::SignalFilter;
 use cbus_protocol::{ErrorBody, ErrorCode, Op, Request};
@@ -21,8 +22,10 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::cache::{Cache, Change};
+use crate::changes::{Change, ObjectChange, ObjectChangeKind, ObjectKey, Router};
+use crate::nats::{sent_by, signal_machine};
 use crate::requests::{ask, get_query, MachineResult};
+use crate::store::Store;
 
 /// Invalidated properties of one object waiting to be read back, at most.
 const MAX_INVALIDATED: usize = 256;
@@ -47,37 +50,9 @@ impl Invalidated {
     }
 }
 
-/// What clients follow.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-pub struct ObjectKey {
-    pub machine: String,
-    pub dest: String,
-    pub path: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub interface: Option<String>,
-}
-
-/// A change of a followed object.
-#[derive(Debug, Clone)]
-pub struct ObjectChange {
-    pub key: ObjectKey,
-    pub kind: ObjectChangeKind,
-}
-
-#[derive(Debug, Clone)]
-pub enum ObjectChangeKind {
-    /// Loaded (or failed to load): clients send a fresh snapshot.
-    Reset,
-    /// Property values changed (`{"t","v"}` each).
-    Props {
-        interface: String,
-        changed: Map<String, Value>,
-    },
-}
-
 /// What a snapshot of an object holds.
 #[derive(Debug, Clone, Serialize)]
-pub struct ObjectState {
+pub(crate) struct ObjectState {
     /// The introspection schema (raw XML left out).
     pub schema: ObjectSchema,
     /// interface -> property -> `{"t": signature, "v": value}`
@@ -98,19 +73,21 @@ struct Entry {
 
 /// The followed objects; cheap to clone.
 #[derive(Clone)]
-pub struct Objects {
+pub(crate) struct Objects {
     inner: Arc<Mutex<HashMap<ObjectKey, Entry>>>,
     fleet: Fleet,
-    cache: Cache,
+    store: Store,
+    changes: Router,
     timeout: Duration,
 }
 
 impl Objects {
-    pub fn new(fleet: Fleet, cache: Cache, timeout: Duration) -> Objects {
+    pub(crate) fn new(fleet: Fleet, store: Store, changes: Router, timeout: Duration) -> Objects {
         Objects {
             inner: Arc::new(Mutex::new(HashMap::new())),
             fleet,
-            cache,
+            store,
+            changes,
             timeout,
         }
     }
@@ -121,7 +98,7 @@ impl Objects {
 
     /// Starts following `key` (or counts one more client). A [`ObjectChangeKind::Reset`] change
     /// follows once the object is loaded.
-    pub fn acquire(&self, key: &ObjectKey) {
+    pub(crate) fn acquire(&self, key: &ObjectKey) {
         let mut map = self.lock();
         if let Some(e) = map.get_mut(key) {
             e.refs += 1;
@@ -141,7 +118,7 @@ impl Objects {
     }
 
     /// One client less; the last one stops following.
-    pub fn release(&self, key: &ObjectKey) {
+    pub(crate) fn release(&self, key: &ObjectKey) {
         let mut map = self.lock();
         if let Some(e) = map.get_mut(key) {
             e.refs = e.refs.saturating_sub(1);
@@ -153,17 +130,12 @@ impl Objects {
     }
 
     /// The current state: `None` while loading.
-    pub fn state(&self, key: &ObjectKey) -> Option<Result<ObjectState, ErrorBody>> {
+    pub(crate) fn state(&self, key: &ObjectKey) -> Option<Result<ObjectState, ErrorBody>> {
         match &self.lock().get(key)?.loaded {
             Loaded::Loading => None,
             Loaded::Ready(s) => Some(Ok(s.clone())),
             Loaded::Failed(e) => Some(Err(e.clone())),
         }
-    }
-
-    fn target(&self, machine: &str) -> Option<AgentStatus> {
-        let (mut t, _) = self.cache.targets(Some(&[machine.to_owned()]));
-        t.pop()
     }
 
     /// Subscribes to the object's signals, then loads it, then applies signals until aborted.
@@ -187,7 +159,7 @@ impl Objects {
                 Err(err) => Loaded::Failed(err),
             };
         }
-        self.cache.emit(Change::Object(ObjectChange {
+        self.changes.publish(Change::Object(ObjectChange {
             key: key.clone(),
             kind: ObjectChangeKind::Reset,
         }));
@@ -199,41 +171,31 @@ impl Objects {
         let invalid = Arc::new(Invalidated::default());
         while let Some(msg) = sub.next().await {
             let h = msg.headers.as_ref();
-            if headers::get(h, headers::MEMBER) != Some("PropertiesChanged")
+            if headers::get(h, headers::MEMBER) != Some(PropertiesChanged::MEMBER)
                 || headers::get(h, headers::PATH) != Some(key.path.as_str())
             {
                 continue;
             }
             // Anyone on the bus may emit a PropertiesChanged on any path: only the object's
             // owner (its unique name, or a sender that owns the well-known name) counts.
-            let from_dest = headers::get(h, headers::SENDER) == Some(key.dest.as_str())
-                || headers::sender_owns(h, &key.dest);
-            if !from_dest || crate::follow::signal_machine(&msg.subject, h).is_none() {
+            if !sent_by(h, &key.dest) || signal_machine(&msg.subject, h).is_none() {
                 continue;
             }
             let Ok(args) = serde_json::from_slice::<Value>(&msg.payload) else {
                 continue;
             };
-            let Some(iface) = args.get(0).and_then(Value::as_str) else {
+            let Some(PropertiesChanged {
+                interface: iface,
+                changed,
+                invalidated,
+            }) = PropertiesChanged::from_args(&args)
+            else {
                 continue;
             };
             if key.interface.as_deref().is_some_and(|i| i != iface) {
                 continue;
             }
-            let changed = args
-                .get(1)
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default();
-            self.apply(&key, iface, changed);
-            let invalidated: Vec<String> = args
-                .get(2)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect();
+            self.apply(&key, &iface, changed);
             if invalidated.is_empty() {
                 continue;
             }
@@ -269,7 +231,7 @@ impl Objects {
                 props.insert(k.clone(), v.clone());
             }
         }
-        self.cache.emit(Change::Object(ObjectChange {
+        self.changes.publish(Change::Object(ObjectChange {
             key: key.clone(),
             kind: ObjectChangeKind::Props {
                 interface: iface.to_owned(),
@@ -303,7 +265,7 @@ impl Objects {
 
     /// Reads back properties a signal invalidated, one `get` each.
     async fn refetch(&self, key: &ObjectKey, iface: &str, props: Vec<String>) {
-        let Some(target) = self.target(&key.machine) else {
+        let Some(target) = self.store.target(&key.machine) else {
             return;
         };
         let mut changed = Map::new();
@@ -321,7 +283,7 @@ impl Objects {
 
     /// Introspects the object and reads its properties (one getall).
     async fn load(&self, key: &ObjectKey) -> Result<ObjectState, ErrorBody> {
-        let target = self.target(&key.machine).ok_or_else(|| {
+        let target = self.store.target(&key.machine).ok_or_else(|| {
             ErrorBody::new(
                 ErrorCode::NotFound,
                 format!("no machine {} is known", key.machine),

@@ -1,30 +1,22 @@
-//! Asking machines: the gateway's own queries (ListUnits, targeted gets) and clients' requests
-//! (get, set, call, start, stop, restart), all through `cbus_client::fleet`.
-//!
-//! Client requests go to each target separately and concurrently, so a client sees each
-//! machine's result as soon as it arrives and one silent machine delays nobody else's result; it
-//! is reported by name as timed out when the deadline passes.
+//! Asking machines: the gateway's own queries (ListUnits, targeted gets) one machine at a time
+//! ([`ask`]), and every outcome of a fan-out mapped to a [`MachineResult`] ([`result_of`]), also
+//! for clients' requests (`ws::request`).
 
 use std::time::Duration;
 
-use cbus_client::fleet::{AgentStatus, Fleet, Outcome, Query};
+use cbus_client::fleet::{AgentStatus, Fleet, FleetError, Outcome, Query};
 use cbus_protocol::{ErrorBody, ErrorCode, Op, Request, Success};
-use serde_json::{json, Value};
-
-pub const SYSTEMD: &str = "org.freedesktop.systemd1";
-pub const SYSTEMD_PATH: &str = "/org/freedesktop/systemd1";
-pub const MANAGER_IFACE: &str = "org.freedesktop.systemd1.Manager";
 
 /// How one machine fared.
 #[derive(Debug, Clone, PartialEq)]
-pub enum MachineResult {
+pub(crate) enum MachineResult {
     Ok(Success),
     Failed(ErrorBody),
     TimedOut,
 }
 
 /// Asks one machine; maps every outcome to a result.
-pub async fn ask(
+pub(crate) async fn ask(
     fleet: &Fleet,
     target: &AgentStatus,
     query: &Query,
@@ -34,34 +26,46 @@ pub async fn ask(
         .fan_out(std::slice::from_ref(target), query, timeout)
         .await
     {
-        Err(e) => MachineResult::Failed(ErrorBody::new(ErrorCode::InternalError, e.to_string())),
-        Ok(mut outcomes) => match outcomes.pop().map(|o| o.outcome) {
-            Some(Outcome::Replied(reply)) => match reply.result {
-                Ok(s) => MachineResult::Ok(s),
-                Err(e) => MachineResult::Failed(e),
-            },
-            Some(Outcome::NoResponders) => MachineResult::Failed(ErrorBody::new(
-                ErrorCode::Disconnected,
-                "the agent is not connected to NATS",
-            )),
-            Some(Outcome::Stopped) => MachineResult::Failed(ErrorBody::new(
-                ErrorCode::Disconnected,
-                "the agent has stopped",
-            )),
-            Some(Outcome::Unresponsive { silent }) => MachineResult::Failed(ErrorBody::new(
-                ErrorCode::Disconnected,
-                format!(
-                    "the agent is unresponsive (silent {} s); not asked",
-                    silent.as_secs()
-                ),
-            )),
-            Some(Outcome::TimedOut { .. }) | None => MachineResult::TimedOut,
+        Err(e) => failed(&e),
+        Ok(mut outcomes) => outcomes
+            .pop()
+            .map_or(MachineResult::TimedOut, |o| result_of(o.outcome)),
+    }
+}
+
+/// A fan-out that failed as a whole, as each machine's result.
+pub(crate) fn failed(e: &FleetError) -> MachineResult {
+    MachineResult::Failed(ErrorBody::new(ErrorCode::InternalError, e.to_string()))
+}
+
+/// What one machine's outcome means for who asked.
+pub(crate) fn result_of(outcome: Outcome) -> MachineResult {
+    match outcome {
+        Outcome::Replied(reply) => match reply.result {
+            Ok(s) => MachineResult::Ok(s),
+            Err(e) => MachineResult::Failed(e),
         },
+        Outcome::NoResponders => MachineResult::Failed(ErrorBody::new(
+            ErrorCode::Disconnected,
+            "the agent is not connected to NATS",
+        )),
+        Outcome::Stopped => MachineResult::Failed(ErrorBody::new(
+            ErrorCode::Disconnected,
+            "the agent has stopped",
+        )),
+        Outcome::Unresponsive { silent } => MachineResult::Failed(ErrorBody::new(
+            ErrorCode::Disconnected,
+            format!(
+                "the agent is unresponsive (silent {} s); not asked",
+                silent.as_secs()
+            ),
+        )),
+        Outcome::TimedOut { .. } => MachineResult::TimedOut,
     }
 }
 
 /// A property read.
-pub fn get_query(dest: &str, path: &str, interface: Option<&str>, property: &str) -> Query {
+pub(crate) fn get_query(dest: &str, path: &str, interface: Option<&str>, property: &str) -> Query {
     Query {
         destination: dest.into(),
         path: path.into(),
@@ -71,40 +75,5 @@ pub fn get_query(dest: &str, path: &str, interface: Option<&str>, property: &str
             interface: interface.map(str::to_owned),
             ..Default::default()
         },
-    }
-}
-
-/// A systemd Manager method call with a known signature.
-pub fn manager_call(method: &str, args: Value, signature: &str) -> Query {
-    Query {
-        destination: SYSTEMD.into(),
-        path: SYSTEMD_PATH.into(),
-        op: Op::Call,
-        member: Some(method.into()),
-        request: Request {
-            interface: Some(MANAGER_IFACE.into()),
-            args: Some(args),
-            signature: Some(signature.into()),
-            ..Default::default()
-        },
-    }
-}
-
-/// `StartUnit`/`StopUnit`/`RestartUnit` with mode "replace".
-pub fn unit_job(method: &str, unit: &str) -> Query {
-    manager_call(method, json!([unit, "replace"]), "ss")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unit_jobs_replace() {
-        let q = unit_job("RestartUnit", "nginx.service");
-        assert_eq!(q.member.as_deref(), Some("RestartUnit"));
-        assert_eq!(q.request.args, Some(json!(["nginx.service", "replace"])));
-        assert_eq!(q.request.signature.as_deref(), Some("ss"));
-        assert!(q.request.check_for(Op::Call).is_ok());
     }
 }

@@ -28,15 +28,6 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::stats::{self, Dropped};
 
-/// Limits on client connections.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Time a connection has to send a request's headers.
-    pub header_timeout: Duration,
-    /// Open connections at most.
-    pub max_connections: usize,
-}
-
 /// Raises the soft limit of open files to the hard limit; returns the new soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit {

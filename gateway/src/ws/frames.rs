@@ -10,17 +10,16 @@ use serde::Deserialize;
 use serde_json::Value;
 
 /// Protocol version announced in `hello`.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 
 /// Close codes.
-pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
-pub const CLOSE_GOING_AWAY: u16 = 1001;
-pub const CLOSE_UNAUTHORIZED: u16 = 4401;
-pub const CLOSE_POLICY: u16 = 1008;
+pub(crate) const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+pub(crate) const CLOSE_GOING_AWAY: u16 = 1001;
+pub(crate) const CLOSE_UNAUTHORIZED: u16 = 4401;
 
 /// A message from a client.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ClientMsg {
+pub(crate) enum ClientMsg {
     Auth { token: String },
     Subscribe { id: String, resource: Resource },
     Unsubscribe { id: String },
@@ -32,7 +31,7 @@ pub enum ClientMsg {
 /// What a subscription follows.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "resource", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Resource {
+pub(crate) enum Resource {
     /// Every machine and its state.
     Machines {},
     /// Units, optionally of some machines and with names matching a glob (`*`, `?`).
@@ -66,20 +65,9 @@ pub enum Resource {
     },
 }
 
-impl Resource {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Resource::Machines {} => "machines",
-            Resource::Units { .. } => "units",
-            Resource::Object { .. } => "object",
-            Resource::Signals { .. } => "signals",
-        }
-    }
-}
-
 /// Which machines a request goes to.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Targets {
+pub(crate) enum Targets {
     All,
     Some(Vec<String>),
 }
@@ -106,7 +94,7 @@ impl<'de> Deserialize<'de> for Targets {
 /// The operations a request may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum RequestOp {
+pub(crate) enum RequestOp {
     Get,
     Set,
     Call,
@@ -120,7 +108,7 @@ pub enum RequestOp {
 /// `{"type":"request", ...}`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RequestMsg {
+pub(crate) struct RequestMsg {
     /// Echoed in every `result` and the `done`; a string or a number.
     pub id: Value,
     pub op: RequestOp,
@@ -175,14 +163,14 @@ struct Bare {
 /// Why a frame is malformed (the close reason).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct Malformed(pub String);
+pub(crate) struct Malformed(pub String);
 
 fn bad(e: impl std::fmt::Display) -> Malformed {
     Malformed(e.to_string())
 }
 
 /// Parses one text frame.
-pub fn parse(text: &str) -> Result<ClientMsg, Malformed> {
+pub(crate) fn parse(text: &str) -> Result<ClientMsg, Malformed> {
     let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
     let Value::Object(mut obj) = value else {
         return Err(bad("a message must be a JSON object"));
@@ -243,7 +231,7 @@ pub fn parse(text: &str) -> Result<ClientMsg, Malformed> {
 }
 
 /// A close reason fits in 123 bytes; cut on a character boundary.
-pub fn close_reason(text: &str) -> String {
+pub(crate) fn close_reason(text: &str) -> String {
     let mut s = String::new();
     for c in text.chars() {
         if s.len() + c.len_utf8() > 123 {
@@ -255,7 +243,7 @@ pub fn close_reason(text: &str) -> String {
 }
 
 /// A glob (`*`, `?`) as an anchored regex.
-pub fn glob_regex(glob: &str) -> Result<regex::Regex, regex::Error> {
+pub(crate) fn glob_regex(glob: &str) -> Result<regex::Regex, regex::Error> {
     let mut re = String::from("^");
     for c in glob.chars() {
         match c {

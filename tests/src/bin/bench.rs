@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cbus_client::fleet::Fleet;
-use cbus_gateway::cache::{Machine, Unit};
+use cbus_gateway::{Machine, Metrics, Unit};
 use cbus_protocol::presence::PresenceKind;
 use cbus_tests::{bin_path, Agent, NatsServer, PrivateBus, TestService};
 use futures::StreamExt;
@@ -383,6 +383,7 @@ fn metrics_render() {
     println!("| units changed since the last scrape | series | bytes | median | p95 |\n|---|---|---|---|---|");
     for every_machine_changed in [false, true] {
         let mut machines = machines.clone();
+        let metrics = Metrics::default();
         let mut samples = Vec::new();
         let mut bytes = 0;
         for _ in 0..30 {
@@ -394,8 +395,9 @@ fn metrics_render() {
                 }
             }
             let t = Instant::now();
-            bytes =
-                cbus_gateway::metrics::render(&machines, cbus_protocol::presence::now_ms()).len();
+            bytes = metrics
+                .render(&machines, cbus_protocol::presence::now_ms())
+                .len();
             samples.push(t.elapsed());
         }
         let (median, p95) = summary(samples);

@@ -1,6 +1,4 @@
-//! `/metrics` rendered from the cache: no NATS round trip during a scrape, so one stuck machine
-//! can never slow Prometheus down. Names follow node_exporter's systemd collector with a `host`
-//! label, so dashboards carry over; the agents' own metrics are appended with a `host` label.
+//! The agents' own metrics, merged into the gateway's exposition.
 //!
 //! Agents' text is untrusted input merged into one exposition, so it is parsed, not pasted:
 //! samples are regrouped under one HELP/TYPE per family (the format requires a family's samples
@@ -8,196 +6,11 @@
 //! `host` label becomes `exported_host` (as Prometheus does on conflicts), and families that
 //! would clash with the gateway's own names are dropped.
 
-use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
 
-use cbus_protocol::presence::AgentState;
-
-use crate::cache::{unit_type, Machine};
-
-/// The states node_exporter exports one-hot.
-pub const STATES: [&str; 6] = [
-    "active",
-    "activating",
-    "deactivating",
-    "inactive",
-    "failed",
-    "reloading",
-];
-
-/// Families the gateway writes itself; agents may not reuse them.
-const OWN_FAMILIES: [&str; 5] = [
-    "cbus_agent_up",
-    "cbus_agent_last_seen_timestamp_seconds",
-    "cbus_systemd_unit_state",
-    "cbus_systemd_unit_restarts_total",
-    "cbus_systemd_unit_start_time_seconds",
-];
-
-/// Prometheus text exposition (format 0.0.4) of the fleet.
-pub fn render<M: Borrow<Machine>>(machines: &[M], now_ms: u64) -> String {
-    let machines: Vec<&Machine> = machines.iter().map(Borrow::borrow).collect();
-    let machines = machines.as_slice();
-    let mut out = String::new();
-    family(
-        &mut out,
-        "cbus_agent_up",
-        "gauge",
-        "1 when the agent heartbeats (running), 0 when unresponsive or stopped.",
-    );
-    for m in machines {
-        let up = u8::from(m.state(now_ms) == AgentState::Running);
-        let _ = writeln!(
-            out,
-            "cbus_agent_up{{host=\"{}\",nkey=\"{}\"}} {up}",
-            esc(&m.info.hostname),
-            esc(&m.info.nkey)
-        );
-    }
-    family(
-        &mut out,
-        "cbus_agent_last_seen_timestamp_seconds",
-        "gauge",
-        "When the agent was last heard from.",
-    );
-    for m in machines {
-        let _ = writeln!(
-            out,
-            "cbus_agent_last_seen_timestamp_seconds{{host=\"{}\",nkey=\"{}\"}} {:.3}",
-            esc(&m.info.hostname),
-            esc(&m.info.nkey),
-            m.last_seen_ms as f64 / 1000.0
-        );
-    }
-    // The bulk of a scrape is the units' series, so each machine's are rendered once per
-    // change of its units and reused by every scrape until then.
-    let series: Vec<Arc<UnitSeries>> = machines.iter().map(|m| unit_series(m)).collect();
-    out.reserve(
-        series
-            .iter()
-            .map(|s| s.state.len() + s.restarts.len() + s.start_time.len())
-            .sum(),
-    );
-    family(
-        &mut out,
-        "cbus_systemd_unit_state",
-        "gauge",
-        "systemd unit state, one-hot over the states.",
-    );
-    for s in &series {
-        out.push_str(&s.state);
-    }
-    family(
-        &mut out,
-        "cbus_systemd_unit_restarts_total",
-        "counter",
-        "Service restarts (NRestarts), where known.",
-    );
-    for s in &series {
-        out.push_str(&s.restarts);
-    }
-    family(
-        &mut out,
-        "cbus_systemd_unit_start_time_seconds",
-        "gauge",
-        "When an active unit became active (ActiveEnterTimestamp); 0 for units not active.",
-    );
-    for s in &series {
-        out.push_str(&s.start_time);
-    }
-    crate::stats::render(&mut out);
-    append_agent_metrics(&mut out, machines);
-    out
-}
-
-/// One machine's samples of the three unit families, kept in [`Machine`] until its units change.
-#[derive(Debug, Default)]
-pub struct UnitSeries {
-    /// The hostname the series were rendered with. The cache drops the series when a machine
-    /// reports a new name; this guards any other change of `Machine::info`.
-    host: String,
-    state: String,
-    restarts: String,
-    start_time: String,
-}
-
-/// Renders the machine's unit series if its units changed since the last scrape, so that a
-/// following [`render`] finds them ready. Called for one machine at a time, it keeps the bulk
-/// of a scrape's work out of the one long hold of the cache that [`render`] needs.
-pub fn prepare(m: &Machine) {
-    unit_series(m);
-}
-
-/// The machine's cached unit series, rendered now if its units changed since the last scrape.
-fn unit_series(m: &Machine) -> Arc<UnitSeries> {
-    let cached = m
-        .unit_series
-        .get_or_init(|| Arc::new(render_unit_series(m)));
-    if cached.host == m.info.hostname {
-        Arc::clone(cached)
-    } else {
-        Arc::new(render_unit_series(m))
-    }
-}
-
-fn render_unit_series(m: &Machine) -> UnitSeries {
-    let host = esc(&m.info.hostname);
-    let mut s = UnitSeries {
-        host: m.info.hostname.clone(),
-        state: String::with_capacity(m.units().len() * STATES.len() * 100),
-        ..Default::default()
-    };
-    for (name, u) in m.units() {
-        let (name, kind) = (esc(name), esc(unit_type(name)));
-        // Each unit's label prefix is built once, then plain pushes.
-        let prefix = format!(
-            "cbus_systemd_unit_state{{host=\"{host}\",name=\"{name}\",type=\"{kind}\",state=\""
-        );
-        for state in STATES {
-            s.state.push_str(&prefix);
-            s.state.push_str(state);
-            s.state.push_str(if u.active == state {
-                "\"} 1\n"
-            } else {
-                "\"} 0\n"
-            });
-        }
-        if let Some(r) = u.restarts {
-            let _ = writeln!(
-                s.restarts,
-                "cbus_systemd_unit_restarts_total{{host=\"{host}\",name=\"{name}\"}} {r}"
-            );
-        }
-        let secs = match u.active_enter_us {
-            Some(us) if u.active == "active" => us as f64 / 1e6,
-            _ if u.active != "active" => 0.0,
-            _ => continue,
-        };
-        let _ = writeln!(
-            s.start_time,
-            "cbus_systemd_unit_start_time_seconds{{host=\"{host}\",name=\"{name}\",type=\"{kind}\"}} {secs:.6}"
-        );
-    }
-    s
-}
-
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// Escapes a label value per the exposition format.
-pub fn esc(v: &str) -> std::borrow::Cow<'_, str> {
-    if !v.contains(['\\', '"', '\n']) {
-        return std::borrow::Cow::Borrowed(v);
-    }
-    std::borrow::Cow::Owned(
-        v.replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n"),
-    )
-}
+use super::{esc, OWN_FAMILIES};
+use crate::model::Machine;
 
 /// One metric family gathered from all agents.
 #[derive(Default)]
@@ -209,7 +22,7 @@ struct Family {
 
 /// Every agent's own metrics with a `host` label added; HELP and TYPE once per family, and the
 /// samples of a family kept together as the format requires.
-pub fn append_agent_metrics(out: &mut String, machines: &[&Machine]) {
+pub(super) fn append_agent_metrics(out: &mut String, machines: &[&Machine]) {
     let mut order: Vec<String> = Vec::new();
     let mut families: HashMap<String, Family> = HashMap::new();
     for m in machines {
@@ -439,28 +252,7 @@ fn valid_label_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::Unit;
-    use cbus_protocol::presence::{AgentInfo, PresenceKind};
-    use std::collections::BTreeMap;
-
-    fn machine(host: &str, metrics: &str) -> Machine {
-        let mut m = Machine::new(
-            AgentInfo {
-                nkey: format!("U{host}"),
-                hostname: host.into(),
-                version: "0.1.0".into(),
-                bus: "system".into(),
-                started_at_ms: 1,
-                heartbeat_ms: 5000,
-                bus_connected: true,
-                labels: BTreeMap::new(),
-            },
-            PresenceKind::Heartbeat,
-            cbus_protocol::presence::now_ms(),
-        );
-        m.agent_metrics = metrics.into();
-        m
-    }
+    use crate::metrics::tests::machine;
 
     #[test]
     fn samples_parse_and_relabel() {
@@ -528,72 +320,5 @@ mod tests {
         let lat_block: Vec<&str> = out[lat_start..].lines().skip(1).take(7).collect();
         assert!(lat_block.iter().all(|l| l.starts_with("lat_")), "{out}");
         assert!(out.contains("stray{host=\"a\"} 5"));
-    }
-
-    #[test]
-    fn exposition_of_units() {
-        let mut m = machine("h1", "");
-        m.units_mut().insert(
-            "x.service".into(),
-            Unit {
-                active: "failed".into(),
-                restarts: Some(2),
-                ..Default::default()
-            },
-        );
-        m.units_mut().insert(
-            "y.service".into(),
-            Unit {
-                active: "active".into(),
-                active_enter_us: Some(1_500_000),
-                ..Default::default()
-            },
-        );
-        let out = render(&[m], cbus_protocol::presence::now_ms());
-        assert!(out.contains(
-            "cbus_systemd_unit_state{host=\"h1\",name=\"x.service\",type=\"service\",state=\"failed\"} 1"
-        ));
-        assert!(out.contains(
-            "cbus_systemd_unit_state{host=\"h1\",name=\"x.service\",type=\"service\",state=\"active\"} 0"
-        ));
-        assert!(out.contains("cbus_systemd_unit_restarts_total{host=\"h1\",name=\"x.service\"} 2"));
-        assert!(out.contains("cbus_systemd_unit_start_time_seconds{host=\"h1\",name=\"y.service\",type=\"service\"} 1.500000"));
-        assert!(out.contains("cbus_systemd_unit_start_time_seconds{host=\"h1\",name=\"x.service\",type=\"service\"} 0.000000"));
-        assert!(out.contains("cbus_agent_up{host=\"h1\",nkey=\"Uh1\"} 1"));
-    }
-
-    #[test]
-    fn cached_unit_series_follow_changes() {
-        let mut m = machine("h1", "");
-        m.units_mut().insert(
-            "x.service".into(),
-            Unit {
-                active: "active".into(),
-                ..Default::default()
-            },
-        );
-        let line = |host: &str, state: &str, v: u8| {
-            format!("cbus_systemd_unit_state{{host=\"{host}\",name=\"x.service\",type=\"service\",state=\"{state}\"}} {v}")
-        };
-        let now = cbus_protocol::presence::now_ms();
-        assert!(render(&[&m], now).contains(&line("h1", "active", 1)));
-        // A second scrape reuses what the first rendered.
-        let first = unit_series(&m);
-        assert!(Arc::ptr_eq(&first, &unit_series(&m)));
-        if let Some(u) = m.units_mut().get_mut("x.service") {
-            u.active = "failed".into();
-        }
-        let out = render(&[&m], now);
-        assert!(out.contains(&line("h1", "failed", 1)), "{out}");
-        assert!(out.contains(&line("h1", "active", 0)), "{out}");
-        m.info.hostname = "h2".into();
-        let out = render(&[&m], now);
-        assert!(out.contains(&line("h2", "failed", 1)), "{out}");
-        assert!(!out.contains("host=\"h1\""), "{out}");
-    }
-
-    #[test]
-    fn escapes() {
-        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

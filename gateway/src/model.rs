@@ -1,0 +1,278 @@
+//! The fleet model: what the gateway knows of one machine and its units, with no locking, no
+//! I/O and no idea of who reads it. The [`crate::store`] holds the machines and changes them;
+//! `/metrics`, the WebSocket API and the followers only read or feed them.
+//!
+//! Units change only through [`Machine::units_mut`], which bumps the machine's
+//! [`Machine::units_generation`]: whoever renders units (`/metrics`) keeps what it rendered
+//! until that number moves, without the model knowing what was rendered.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cbus_client::fleet::AgentStatus;
+use cbus_protocol::presence::{AgentInfo, AgentState, PresenceKind};
+use regex::Regex;
+use serde::Serialize;
+
+/// One unit's state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Unit {
+    pub description: String,
+    pub load: String,
+    pub active: String,
+    pub sub: String,
+    /// The unit's object path (from ListUnits).
+    pub path: String,
+    /// StateChangeTimestamp in microseconds since the epoch: "since" in the dashboard.
+    pub since_us: Option<u64>,
+    /// ActiveEnterTimestamp in microseconds, for `cbus_systemd_unit_start_time_seconds`.
+    pub active_enter_us: Option<u64>,
+    /// NRestarts, for services.
+    pub restarts: Option<u32>,
+}
+
+/// A unit property value systemd reported, already unwrapped from its D-Bus variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum UnitProp {
+    ActiveState(String),
+    SubState(String),
+    LoadState(String),
+    Description(String),
+    /// Microseconds since the epoch; `None` for 0 (never) or an unreadable value.
+    StateChangeTimestamp(Option<u64>),
+    ActiveEnterTimestamp(Option<u64>),
+    NRestarts(Option<u32>),
+}
+
+impl Unit {
+    /// Applies property values; returns whether anything changed.
+    pub(crate) fn apply(&mut self, props: &[UnitProp]) -> bool {
+        let before = self.clone();
+        for p in props {
+            match p {
+                UnitProp::ActiveState(s) => self.active.clone_from(s),
+                UnitProp::SubState(s) => self.sub.clone_from(s),
+                UnitProp::LoadState(s) => self.load.clone_from(s),
+                UnitProp::Description(s) => self.description.clone_from(s),
+                UnitProp::StateChangeTimestamp(t) => self.since_us = *t,
+                UnitProp::ActiveEnterTimestamp(t) => self.active_enter_us = *t,
+                UnitProp::NRestarts(n) => self.restarts = *n,
+            }
+        }
+        *self != before
+    }
+}
+
+/// Generations are unique across machines: two machines' units never share one, so a renderer
+/// keyed by machine cannot mistake a new machine for an old one.
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    GENERATION.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One machine.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub info: AgentInfo,
+    pub last_event: PresenceKind,
+    pub last_seen_ms: u64,
+    /// unit name -> state; changed only through [`Machine::units_mut`].
+    units: BTreeMap<String, Unit>,
+    /// Moves whenever `units` may have changed.
+    units_generation: u64,
+    /// object path -> unit name, to map signals to units
+    pub(crate) paths: HashMap<String, String>,
+    /// Whether a ListUnits has been applied since the agent (re)started.
+    pub(crate) units_loaded: bool,
+    pub(crate) agent_metrics: String,
+    /// The state last published, to notice transitions.
+    pub(crate) reported: AgentState,
+}
+
+impl Machine {
+    pub fn new(info: AgentInfo, last_event: PresenceKind, last_seen_ms: u64) -> Machine {
+        let mut m = Machine {
+            info,
+            last_event,
+            last_seen_ms,
+            units: BTreeMap::new(),
+            units_generation: next_generation(),
+            paths: HashMap::new(),
+            units_loaded: false,
+            agent_metrics: String::new(),
+            reported: AgentState::Running,
+        };
+        m.reported = m.state(cbus_protocol::presence::now_ms());
+        m
+    }
+
+    /// unit name -> state.
+    pub fn units(&self) -> &BTreeMap<String, Unit> {
+        &self.units
+    }
+
+    /// The units, to change them; the units' generation moves on.
+    pub fn units_mut(&mut self) -> &mut BTreeMap<String, Unit> {
+        self.units_generation = next_generation();
+        &mut self.units
+    }
+
+    /// A number that changes whenever the units may have changed (and only then).
+    pub fn units_generation(&self) -> u64 {
+        self.units_generation
+    }
+
+    /// running / unresponsive / stopped from presence; `gone` once silent for longer than
+    /// the registry keeps an entry.
+    pub fn state(&self, now_ms: u64) -> AgentState {
+        let silent = now_ms.saturating_sub(self.last_seen_ms);
+        if silent > cbus_protocol::presence::REGISTRY_MAX_AGE.as_millis() as u64 {
+            return AgentState::Gone;
+        }
+        AgentState::derive(
+            self.last_event,
+            Duration::from_millis(self.info.heartbeat_ms.max(1)),
+            Duration::from_millis(silent),
+        )
+    }
+
+    /// The machine as a fan-out target.
+    pub(crate) fn status(&self, now_ms: u64) -> AgentStatus {
+        AgentStatus {
+            info: self.info.clone(),
+            state: self.state(now_ms),
+            last_seen_ms: self.last_seen_ms,
+        }
+    }
+
+    /// The row clients see.
+    pub(crate) fn row(&self, now_ms: u64) -> MachineRow {
+        MachineRow {
+            nkey: self.info.nkey.clone(),
+            hostname: self.info.hostname.clone(),
+            version: self.info.version.clone(),
+            bus: self.info.bus.clone(),
+            bus_connected: self.info.bus_connected,
+            labels: self.info.labels.clone(),
+            started_at_ms: self.info.started_at_ms,
+            heartbeat_ms: self.info.heartbeat_ms,
+            state: self.state(now_ms),
+            last_seen_ms: self.last_seen_ms,
+            units: self.units.len(),
+            units_loaded: self.units_loaded,
+        }
+    }
+
+    pub(crate) fn unit_row(&self, name: &str, u: &Unit) -> UnitRow {
+        UnitRow {
+            machine: self.info.nkey.clone(),
+            host: self.info.hostname.clone(),
+            name: name.to_owned(),
+            unit: u.clone(),
+        }
+    }
+}
+
+/// A machine as sent to WebSocket clients.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct MachineRow {
+    pub nkey: String,
+    pub hostname: String,
+    pub version: String,
+    pub bus: String,
+    pub bus_connected: bool,
+    pub labels: BTreeMap<String, String>,
+    pub started_at_ms: u64,
+    pub heartbeat_ms: u64,
+    pub state: AgentState,
+    pub last_seen_ms: u64,
+    pub units: usize,
+    pub units_loaded: bool,
+}
+
+/// A unit with the machine it runs on, as sent to WebSocket clients (a compact array, see
+/// `ws::outgoing::UNIT_COLUMNS`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct UnitRow {
+    pub machine: String,
+    pub host: String,
+    pub name: String,
+    pub unit: Unit,
+}
+
+/// The active states of a unit, as node_exporter exports them one-hot.
+pub(crate) const UNIT_STATES: [&str; 6] = [
+    "active",
+    "activating",
+    "deactivating",
+    "inactive",
+    "failed",
+    "reloading",
+];
+
+/// `nginx.service` -> `service`.
+pub(crate) fn unit_type(name: &str) -> &str {
+    name.rsplit_once('.').map(|(_, t)| t).unwrap_or("")
+}
+
+/// Which units are followed and exported.
+#[derive(Debug, Clone)]
+pub(crate) struct UnitFilter {
+    include: Regex,
+    exclude: Regex,
+}
+
+/// node_exporter's systemd collector excludes these by default.
+pub(crate) const DEFAULT_EXCLUDE: &str = r".+\.(automount|device|mount|scope|slice)";
+
+impl UnitFilter {
+    pub(crate) fn new(include: &str, exclude: &str) -> Result<Self, regex::Error> {
+        // Anchored, as node_exporter does.
+        Ok(UnitFilter {
+            include: Regex::new(&format!("^(?:{include})$"))?,
+            exclude: Regex::new(&format!("^(?:{exclude})$"))?,
+        })
+    }
+
+    pub(crate) fn allows(&self, unit: &str) -> bool {
+        self.include.is_match(unit) && !self.exclude.is_match(unit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changing_units_moves_the_generation() {
+        let info = AgentInfo {
+            nkey: "U".into(),
+            hostname: "h".into(),
+            version: "0".into(),
+            bus: "system".into(),
+            started_at_ms: 1,
+            heartbeat_ms: 1000,
+            bus_connected: true,
+            labels: BTreeMap::new(),
+        };
+        let mut m = Machine::new(info.clone(), PresenceKind::Hello, 0);
+        let other = Machine::new(info, PresenceKind::Hello, 0);
+        assert_ne!(m.units_generation(), other.units_generation());
+        let g = m.units_generation();
+        let _ = m.units();
+        assert_eq!(m.units_generation(), g);
+        m.units_mut();
+        assert_ne!(m.units_generation(), g);
+    }
+
+    #[test]
+    fn props_apply_and_say_whether_anything_changed() {
+        let mut u = Unit::default();
+        assert!(u.apply(&[UnitProp::ActiveState("active".into())]));
+        assert!(!u.apply(&[UnitProp::ActiveState("active".into())]));
+        assert!(u.apply(&[UnitProp::NRestarts(Some(3))]));
+        assert_eq!(u.restarts, Some(3));
+    }
+}

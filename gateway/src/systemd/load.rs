@@ -1,0 +1,191 @@
+//! Loading a machine's units: `Subscribe`, one `ListUnits`, then the timestamps and restart
+//! counts ListUnits does not carry, read with targeted `get`s.
+//!
+//! Machines to load are a set, not a queue: an agent that claims to restart a thousand times a
+//! second (a hello with a new start time each) costs one pending entry, and one load of it at a
+//! time; a reload asked for while it loads runs once after.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use cbus_client::systemd::{self, get_property, SERVICE, UNIT};
+use futures::stream::{self, StreamExt};
+use tokio::sync::Semaphore;
+
+use super::props::unit_prop;
+use super::Units;
+use crate::model::UnitProp;
+use crate::requests::{ask, MachineResult};
+
+/// Machines loaded at once.
+const MACHINE_CONCURRENCY: usize = 8;
+
+/// Machines to (re)load.
+#[derive(Default)]
+pub(super) struct Joins {
+    state: Mutex<JoinState>,
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct JoinState {
+    pending: HashSet<String>,
+    loading: HashSet<String>,
+}
+
+impl Joins {
+    fn lock(&self) -> MutexGuard<'_, JoinState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn request(&self, nkey: String) {
+        let mut s = self.lock();
+        let wake = !s.loading.contains(&nkey);
+        s.pending.insert(nkey);
+        drop(s);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The pending machines that are not loading now; they are loading from here on.
+    fn take_ready(&self) -> Vec<String> {
+        let mut s = self.lock();
+        let JoinState { pending, loading } = &mut *s;
+        let ready: Vec<String> = pending
+            .iter()
+            .filter(|n| !loading.contains(*n))
+            .cloned()
+            .collect();
+        for n in &ready {
+            pending.remove(n);
+            loading.insert(n.clone());
+        }
+        ready
+    }
+
+    fn done(&self, nkey: &str) {
+        let mut s = self.lock();
+        s.loading.remove(nkey);
+        let again = s.pending.contains(nkey);
+        drop(s);
+        if again {
+            self.wake.notify_one();
+        }
+    }
+}
+
+impl Units {
+    /// Loads machines that joined or restarted; coalesces bursts and bounds concurrency.
+    pub(super) async fn load_loop(self) {
+        let machines = Arc::new(Semaphore::new(MACHINE_CONCURRENCY));
+        loop {
+            self.joins.wake.notified().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for nkey in self.joins.take_ready() {
+                let Ok(permit) = machines.clone().acquire_owned().await else {
+                    return;
+                };
+                let this = self.clone();
+                tokio::spawn(async move {
+                    this.load_machine(&nkey).await;
+                    drop(permit);
+                    this.joins.done(&nkey);
+                });
+            }
+        }
+    }
+
+    /// Subscribe + one ListUnits + targeted gets for one machine.
+    async fn load_machine(&self, nkey: &str) {
+        let Some(target) = self.store.target(nkey) else {
+            return;
+        };
+        self.pending().forget_machine(nkey);
+        let host = target.info.hostname.clone();
+        // Without a subscriber systemd sends no unit signals on the system bus. The agent's
+        // policy must allow this call (it only makes systemd emit signals).
+        match ask(&self.fleet, &target, &systemd::subscribe(), self.timeout).await {
+            MachineResult::Ok(_) => {}
+            // Subscriptions belong to the agent's bus connection, which outlives our requests.
+            MachineResult::Failed(e)
+                if e.dbus_name.as_deref() == Some("org.freedesktop.systemd1.AlreadySubscribed") => {
+            }
+            other => {
+                tracing::warn!(%host, outcome = ?other, "systemd Subscribe failed: unit changes made outside systemctl may arrive late (allow Manager.Subscribe in the agent policy)")
+            }
+        }
+        let list = match ask(&self.fleet, &target, &systemd::list_units(), self.timeout).await {
+            MachineResult::Ok(s) => s.value,
+            other => {
+                tracing::info!(%host, outcome = ?other, "could not list units");
+                return;
+            }
+        };
+        // A reply without its list changes nothing (an empty list would empty the machine).
+        let Some(rows) = list.get(0) else {
+            return;
+        };
+        let units = systemd::unit_rows(rows);
+        // name -> (active, a service)
+        let kinds: HashMap<String, (bool, bool)> = units
+            .iter()
+            .map(|u| (u.name.clone(), (u.is_active(), u.is_service())))
+            .collect();
+        self.store.replace_units(nkey, units);
+        let mut queries = Vec::new();
+        for (name, path) in self.store.unit_paths(nkey) {
+            let q = |iface, prop| (name.clone(), get_property(&path, iface, prop));
+            let (active, service) = kinds.get(&name).copied().unwrap_or_default();
+            queries.push(q(UNIT, "StateChangeTimestamp"));
+            if active {
+                queries.push(q(UNIT, "ActiveEnterTimestamp"));
+            }
+            if service {
+                queries.push(q(SERVICE, "NRestarts"));
+            }
+        }
+        let mut by_unit: BTreeMap<String, Vec<UnitProp>> = BTreeMap::new();
+        let target = &target;
+        let mut results = stream::iter(queries)
+            .map(|(unit, q)| async move { (unit, self.get(target, q).await) })
+            .buffer_unordered(super::GET_CONCURRENCY);
+        while let Some((unit, r)) = results.next().await {
+            if let Some(prop) = r.and_then(|(k, v)| unit_prop(&k, &v)) {
+                by_unit.entry(unit).or_default().push(prop);
+            }
+        }
+        let patches: Vec<_> = by_unit.into_iter().collect();
+        self.store.patch_units(nkey, &patches);
+        tracing::info!(%host, units = patches.len(), "units loaded");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_machine_loads_once_at_a_time_however_often_it_is_asked() {
+        let j = Joins::default();
+        for _ in 0..1000 {
+            j.request("A".into());
+        }
+        j.request("B".into());
+        let mut first = j.take_ready();
+        first.sort();
+        assert_eq!(first, ["A", "B"]);
+        j.request("A".into());
+        assert!(j.take_ready().is_empty(), "A is loading");
+        j.done("A");
+        assert_eq!(
+            j.take_ready(),
+            ["A"],
+            "asked again while loading: once more"
+        );
+        j.done("A");
+        j.done("B");
+        assert!(j.take_ready().is_empty());
+    }
+}

@@ -1,0 +1,110 @@
+//! systemd's signals: unit PropertiesChanged, and the Manager's UnitNew, UnitRemoved and
+//! Reloading.
+
+use cbus_client::headers;
+use cbus_client::systemd::{systemd_signal, ManagerSignal, PropertiesChanged};
+use futures::StreamExt;
+use serde_json::Value;
+
+use super::props::unit_change;
+use super::work::{Check, Fetch};
+use super::Units;
+use crate::nats::refused;
+use crate::store::UnitAt;
+
+impl Units {
+    pub(super) async fn unit_signal_loop(self, mut sub: async_nats::Subscriber) {
+        while let Some(msg) = sub.next().await {
+            let h = msg.headers.as_ref();
+            if headers::get(h, headers::MEMBER) != Some(PropertiesChanged::MEMBER) {
+                continue;
+            }
+            let nkey = match systemd_signal(&msg.subject, h) {
+                Ok(nkey) => nkey,
+                Err(e) => {
+                    refused(&msg.subject, &e);
+                    continue;
+                }
+            };
+            let Some(path) = headers::get(h, headers::PATH) else {
+                continue;
+            };
+            let Ok(args) = serde_json::from_slice::<Value>(&msg.payload) else {
+                continue;
+            };
+            let Some(change) = PropertiesChanged::from_args(&args)
+                .as_ref()
+                .and_then(unit_change)
+            else {
+                continue;
+            };
+            match self.store.patch_unit_at(nkey, path, &change.changed) {
+                UnitAt::Unit(unit) => self.enqueue_fetch(
+                    change
+                        .invalidated
+                        .iter()
+                        .map(|property| Fetch {
+                            machine: nkey.to_owned(),
+                            unit: unit.clone(),
+                            path: path.to_owned(),
+                            interface: change.interface,
+                            property,
+                        })
+                        .collect(),
+                ),
+                UnitAt::Unfollowed => self.unfollowed(nkey, path),
+                UnitAt::Ignored => {}
+            }
+        }
+    }
+
+    /// systemd reports a change of a unit the store does not follow: it is loaded now (e.g.
+    /// found since it was last checked). Checking loads nothing.
+    fn unfollowed(&self, nkey: &str, path: &str) {
+        let Some(name) = cbus_protocol::token::systemd_unit_of_path(path) else {
+            return;
+        };
+        if self.store.wants_unit(nkey, &name) {
+            let key = (nkey.to_owned(), name);
+            let mut p = self.pending();
+            p.not_found.remove(&key);
+            if !p.checks.contains_key(&key) {
+                self.enqueue_check(&mut p, key);
+            }
+        }
+    }
+
+    pub(super) async fn manager_signal_loop(self, mut sub: async_nats::Subscriber) {
+        while let Some(msg) = sub.next().await {
+            let h = msg.headers.as_ref();
+            let signal = match ManagerSignal::decode(h, &msg.payload) {
+                Some(
+                    s @ (ManagerSignal::UnitNew { .. }
+                    | ManagerSignal::UnitRemoved { .. }
+                    | ManagerSignal::Reloading { .. }),
+                ) => s,
+                Some(ManagerSignal::JobRemoved(_)) | None => continue,
+            };
+            let nkey = match systemd_signal(&msg.subject, h) {
+                Ok(nkey) => nkey,
+                Err(e) => {
+                    refused(&msg.subject, &e);
+                    continue;
+                }
+            };
+            match signal {
+                // Unit files may have appeared: names systemd had not found may exist now.
+                ManagerSignal::Reloading { .. } => self.pending().forget_machine(nkey),
+                ManagerSignal::UnitNew { name, .. } => self.unit_new(nkey, &name),
+                ManagerSignal::UnitRemoved { name, .. } => {
+                    let key = (nkey.to_owned(), name);
+                    if let Some(c) = self.pending().checks.get_mut(&key) {
+                        *c = Check::Removed;
+                    }
+                    self.store.unit_removed(nkey, &key.1);
+                }
+                ManagerSignal::JobRemoved(_) => {}
+            }
+        }
+    }
+}
