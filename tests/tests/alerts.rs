@@ -29,16 +29,25 @@ fn promtool(args: &[&str], dir: &Path) -> String {
 }
 
 /// Metric names cbus serves at the gateway's /metrics: its own families and the agents'
-/// (forwarded with a `host` label), read from the code that names them.
+/// (forwarded with a `host` label), as the gateway's and the agent's code spell them.
 fn served_names() -> Vec<String> {
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    rust_files(&root.join("gateway/src"), &mut files);
+    rust_files(&root.join("agent/src"), &mut files);
     let mut names = Vec::new();
-    for file in [
-        "gateway/src/metrics.rs",
-        "gateway/src/stats.rs",
-        "agent/src/metrics.rs",
-    ] {
-        let text = std::fs::read_to_string(root.join(file)).unwrap_or_default();
+    for file in files {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
         let mut rest = text.as_str();
         while let Some(i) = rest.find("\"cbus_") {
             let name: String = rest[i + 1..]
