@@ -6,9 +6,11 @@
 pub mod agent;
 pub mod bins;
 pub mod dbus;
+pub mod devfleet;
 pub mod gateway;
 pub mod machines;
 pub mod nats;
+pub mod procs;
 pub mod util;
 
 pub use agent::Agent;
