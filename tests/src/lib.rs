@@ -4,13 +4,16 @@
 //! kills it (and cleans its files and mounts) when dropped, also when a test panics.
 
 pub mod agent;
+pub mod ask;
 pub mod bins;
+pub mod cli;
 pub mod dbus;
 pub mod devfleet;
 pub mod gateway;
 pub mod machines;
 pub mod nats;
 pub mod procs;
+pub mod unprivileged;
 pub mod util;
 
 pub use agent::Agent;
@@ -19,4 +22,5 @@ pub use dbus::{PrivateBus, TestService};
 pub use gateway::{GatewayProcess, GatewayStart, WsClient};
 pub use machines::{Fleet, Machine, MachineSpec};
 pub use nats::NatsServer;
-pub use util::{free_port, init_tracing, synthetic_agent_info, wait_for};
+pub use unprivileged::Unprivileged;
+pub use util::{free_port, init_tracing, synthetic_agent_info, wait_for, KillOnDrop};

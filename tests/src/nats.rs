@@ -13,12 +13,22 @@ pub struct NatsServer {
     config: Option<PathBuf>,
     child: Option<Child>,
     frozen: bool,
+    jetstream: bool,
 }
 
 impl NatsServer {
     /// Starts `nats-server -a 127.0.0.1 -p <free port> -js -sd <tempdir>`.
     pub fn start() -> NatsServer {
         Self::start_inner(None)
+    }
+
+    /// Starts `nats-server -a 127.0.0.1 -p <free port>` without JetStream: no registry bucket.
+    pub fn start_plain() -> NatsServer {
+        Self::start_in_with(
+            tempfile::tempdir().expect("tempdir for nats-server"),
+            None,
+            false,
+        )
     }
 
     /// Starts with an extra config file. The listen address, port and JetStream store are still
@@ -65,6 +75,14 @@ impl NatsServer {
     }
 
     fn start_in(dir: tempfile::TempDir, config_text: Option<&str>) -> NatsServer {
+        Self::start_in_with(dir, config_text, true)
+    }
+
+    fn start_in_with(
+        dir: tempfile::TempDir,
+        config_text: Option<&str>,
+        jetstream: bool,
+    ) -> NatsServer {
         let config = config_text.map(|text| {
             let path = dir.path().join("nats.conf");
             std::fs::write(&path, text).expect("write nats config");
@@ -76,6 +94,7 @@ impl NatsServer {
             config,
             child: None,
             frozen: false,
+            jetstream,
         };
         // A free port can be taken between `free_port` and the server's bind (tests start
         // servers in parallel): the server then exits, and another port is tried.
@@ -98,17 +117,11 @@ impl NatsServer {
     /// Starts the server on `self.port`; `Err` with its log when it exited before listening.
     fn spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("nats-server");
-        cmd.args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-js",
-            "-sd",
-        ])
-        .arg(self.dir.path().join("js"))
-        .stdout(Stdio::null())
-        .stderr(
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if self.jetstream {
+            cmd.arg("-js").arg("-sd").arg(self.dir.path().join("js"));
+        }
+        cmd.stdout(Stdio::null()).stderr(
             std::fs::File::create(self.dir.path().join("nats-server.log"))
                 .map(Stdio::from)
                 .unwrap_or_else(|_| Stdio::null()),
