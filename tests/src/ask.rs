@@ -30,6 +30,23 @@ pub async fn wait_registered(fleet: &Fleet, nkey: &str) {
     assert!(ok, "agent {nkey} never appeared in the registry");
 }
 
+/// Waits until the number of agents the registry lists as running satisfies `enough`; whether
+/// it did within `timeout`.
+pub async fn wait_running(
+    fleet: &Fleet,
+    timeout: Duration,
+    enough: impl Fn(usize) -> bool,
+) -> bool {
+    crate::wait_for(timeout, || async {
+        fleet
+            .registry()
+            .await
+            .map(|a| enough(a.iter().filter(|a| a.state == AgentState::Running).count()))
+            .unwrap_or(false)
+    })
+    .await
+}
+
 /// One request to one agent; panics when it does not reply.
 pub async fn ask(
     fleet: &Fleet,

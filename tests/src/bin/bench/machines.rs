@@ -48,19 +48,7 @@ async fn grow(fleets: &mut Vec<Fleet>, n: usize, spec: &(dyn Fn(usize) -> Machin
 }
 
 async fn wait_registered(fleet: &CbusFleet, n: usize) {
-    let ok = cbus_tests::wait_for(Duration::from_secs(60), || async {
-        fleet
-            .registry()
-            .await
-            .map(|a| {
-                a.iter()
-                    .filter(|s| s.state == cbus_protocol::presence::AgentState::Running)
-                    .count()
-                    >= n
-            })
-            .unwrap_or(false)
-    })
-    .await;
+    let ok = cbus_tests::ask::wait_running(fleet, Duration::from_secs(60), |c| c >= n).await;
     assert!(ok, "{n} agents did not register");
 }
 

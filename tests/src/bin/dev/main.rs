@@ -519,10 +519,17 @@ fn machine_or_die(s: &Settings, name: Option<&String>, cmd: &str) -> Result<mach
         .with_context(|| format!("no running machine '{name}' (machines: {names})"))
 }
 
+/// `nsenter` into all namespaces of a machine's init.
+fn nsenter(m: &machines::Machine) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.args(["-t", &m.leader_pid().to_string(), "-a"]);
+    cmd
+}
+
 fn shell(s: &Settings, args: &[String]) -> Result<()> {
     let m = machine_or_die(s, args.first(), "shell")?;
-    let mut cmd = Command::new("nsenter");
-    cmd.args(["-t", &m.leader_pid().to_string(), "-a", "env", "-i"])
+    let mut cmd = nsenter(&m);
+    cmd.args(["env", "-i"])
         .arg(format!(
             "TERM={}",
             std::env::var("TERM").unwrap_or_else(|_| "xterm".into())
@@ -532,27 +539,20 @@ fn shell(s: &Settings, args: &[String]) -> Result<()> {
             "LANG=C.UTF-8",
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         ]);
-    if args.len() > 1 {
-        cmd.args(&args[1..]);
-    } else {
-        cmd.args(["/bin/bash", "-l"]);
-    }
+    match args.get(1..).filter(|a| !a.is_empty()) {
+        Some(command) => cmd.args(command),
+        None => cmd.args(["/bin/bash", "-l"]),
+    };
     Err(cmd.exec()).context("exec nsenter")
 }
 
 fn logs(s: &Settings, args: &[String]) -> Result<()> {
     let m = machine_or_die(s, args.first(), "logs")?;
-    let mut cmd = Command::new("nsenter");
-    cmd.args(["-t", &m.leader_pid().to_string(), "-a"]).args([
-        "journalctl",
-        "-u",
-        "cbus-agent",
-        "--no-pager",
-    ]);
-    if args.len() > 1 {
-        cmd.args(&args[1..]);
-    } else {
-        cmd.args(["-n", "100"]);
-    }
+    let mut cmd = nsenter(&m);
+    cmd.args(["journalctl", "-u", "cbus-agent", "--no-pager"]);
+    match args.get(1..).filter(|a| !a.is_empty()) {
+        Some(journalctl) => cmd.args(journalctl),
+        None => cmd.args(["-n", "100"]),
+    };
     Err(cmd.exec()).context("exec nsenter")
 }
