@@ -2,6 +2,11 @@
 //! a private `dbus-daemon` with our test service, and real systemd machines booted with
 //! `systemd-nspawn`. Nothing here is a mock: each fixture runs the program a user would run, and
 //! kills it (and cleans its files and mounts) when dropped, also when a test panics.
+//!
+//! Each fixture is here once, for every test binary: asking an agent ([`ask`]), running the CLI
+//! ([`cli`]), running a binary as an unprivileged user ([`unprivileged`]). The machine code
+//! ([`machines`]) also boots the dev fleet (`cbus-dev`, whose state [`devfleet`] reads) and the
+//! bench's machines.
 
 pub mod agent;
 pub mod ask;

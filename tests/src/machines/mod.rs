@@ -387,8 +387,11 @@ impl Drop for Fleet {
             }
         }
         for m in &mut self.machines {
-            m.shutdown();
+            if let Some(mut child) = m.nspawn.take() {
+                terminate(&mut child, Duration::from_secs(15));
+            }
         }
+        // One teardown for the whole fleet (each scans /proc): orphans, overlays, directories.
         if teardown(&self.dir).is_ok() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
