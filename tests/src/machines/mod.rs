@@ -305,6 +305,11 @@ impl Fleet {
     /// Boots the machines of a test in parallel and waits until each is `running`; panics when
     /// one does not boot (what booted is torn down).
     pub fn boot(specs: &[MachineSpec]) -> Fleet {
+        Self::try_boot(specs).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Fleet::boot`] that returns why a machine did not boot (for callers that retry).
+    pub fn try_boot(specs: &[MachineSpec]) -> Result<Fleet, BootError> {
         preflight();
         sweep_stale();
         // Tests of one binary boot fleets in parallel, so pid and time alone may repeat.
@@ -315,18 +320,17 @@ impl Fleet {
             cbus_protocol::presence::now_ms(),
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        std::fs::create_dir_all(&dir).expect("create machine state dir");
-        std::fs::write(dir.join("owner.pid"), std::process::id().to_string())
-            .expect("write owner pid");
+        std::fs::create_dir_all(&dir).map_err(io("create machine state dir"))?;
         let mut fleet = Fleet {
             machines: Vec::new(),
             dir,
             detached: false,
         };
-        if let Err(e) = fleet.start_all(specs, Duration::from_secs(60)) {
-            panic!("{e}");
-        }
-        fleet
+        std::fs::write(fleet.dir.join("owner.pid"), std::process::id().to_string())
+            .map_err(io("write owner pid"))?;
+        // On an error the fleet is dropped here: what booted is powered off.
+        fleet.start_all(specs, Duration::from_secs(60))?;
+        Ok(fleet)
     }
 
     /// Boots machines into `dir` that outlive this process (nspawn in a session of its own) and

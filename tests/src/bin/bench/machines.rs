@@ -25,11 +25,14 @@ async fn grow(fleets: &mut Vec<Fleet>, n: usize, spec: &(dyn Fn(usize) -> Machin
         let specs: Vec<MachineSpec> = (next..end).map(spec).collect();
         let t = Instant::now();
         // On a loaded host a machine now and then comes up degraded (a unit that failed to
-        // start in time); the batch is torn down by the panic and booted once more.
+        // start in time); the batch is torn down and booted once more.
         let mut attempt = 0;
         let fleet = loop {
             let specs = specs.clone();
-            match tokio::task::spawn_blocking(move || Fleet::boot(&specs)).await {
+            match tokio::task::spawn_blocking(move || Fleet::try_boot(&specs))
+                .await
+                .expect("boot task")
+            {
                 Ok(f) => break f,
                 Err(e) if attempt < 2 => {
                     attempt += 1;
