@@ -19,12 +19,8 @@ pub struct Agent {
 /// Generates an ed25519 host key in `dir`; returns its path.
 pub fn generate_host_key(dir: &Path) -> PathBuf {
     let path = dir.join("ssh_host_ed25519_key");
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&path)
-        .status()
-        .expect("run ssh-keygen (apt-get install openssh-client)");
-    assert!(status.success(), "ssh-keygen failed");
+    crate::machines::generate_host_key(&path, "cbus-test")
+        .unwrap_or_else(|e| panic!("{e} (ssh-keygen: apt-get install openssh-client)"));
     path
 }
 

@@ -1,6 +1,7 @@
 //! A private `dbus-daemon` on a temp unix socket, and our test service on it.
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -11,7 +12,32 @@ use crate::util::terminate;
 pub struct PrivateBus {
     address: String,
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    /// The bus's own temp dir, unless it was started in a given one.
+    _temp: Option<tempfile::TempDir>,
+}
+
+/// The bus's configuration: listening on `listen`, allowing everything, with `extra` inside
+/// `<busconfig>`.
+fn bus_config(listen: &str, extra: &str) -> String {
+    format!(
+        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>{listen}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+    <allow user="*"/>
+  </policy>
+  <limit name="max_match_rules_per_connection">100000</limit>
+  {extra}
+</busconfig>
+"#
+    )
 }
 
 impl PrivateBus {
@@ -22,50 +48,29 @@ impl PrivateBus {
     /// Starts a bus with more configuration: `extra` is inserted into `<busconfig>`, e.g.
     /// `<limit name="max_message_size">...</limit>` or a `<servicedir>` for bus activation.
     pub fn start_with(extra: &str) -> PrivateBus {
-        let dir = tempfile::tempdir().expect("tempdir for dbus-daemon");
-        let config = dir.path().join("bus.conf");
-        std::fs::write(
-            &config,
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:dir={}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-    <allow user="*"/>
-  </policy>
-  <limit name="max_match_rules_per_connection">100000</limit>
-  {}
-</busconfig>
-"#,
-                dir.path().display(),
-                extra
-            ),
-        )
-        .expect("write bus config");
-        let mut child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", config.display()))
-            .args(["--nofork", "--print-address=1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start dbus-daemon (apt-get install dbus)");
-        let stdout = child.stdout.take().expect("dbus-daemon stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read dbus-daemon address");
-        let address = line.trim().to_owned();
-        assert!(!address.is_empty(), "dbus-daemon printed no address");
+        let temp = tempfile::tempdir().expect("tempdir for dbus-daemon");
+        let listen = format!("unix:dir={}", temp.path().display());
+        let (child, address) = spawn(temp.path(), &bus_config(&listen, extra));
         PrivateBus {
             address,
             child,
-            _dir: dir,
+            dir: temp.path().to_owned(),
+            _temp: Some(temp),
+        }
+    }
+
+    /// Starts a bus on the fixed socket `dir/bus.sock`, so that a bus started again in `dir`
+    /// has the same address (`unix:path=…`, without the daemon's guid).
+    pub fn start_in(dir: &Path) -> PrivateBus {
+        let socket = dir.join("bus.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listen = format!("unix:path={}", socket.display());
+        let (child, _) = spawn(dir, &bus_config(&listen, ""));
+        PrivateBus {
+            address: listen,
+            child,
+            dir: dir.to_owned(),
+            _temp: None,
         }
     }
 
@@ -74,8 +79,8 @@ impl PrivateBus {
     }
 
     /// A directory of the bus's own, for files a test puts next to it (service files…).
-    pub fn dir(&self) -> &std::path::Path {
-        self._dir.path()
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// A zbus connection to this bus.
@@ -86,6 +91,27 @@ impl PrivateBus {
             .await
             .expect("connect to private bus")
     }
+}
+
+/// Starts `dbus-daemon` with `config` (written into `dir`); its child and printed address.
+fn spawn(dir: &Path, config: &str) -> (Child, String) {
+    let path = dir.join("bus.conf");
+    std::fs::write(&path, config).expect("write bus config");
+    let mut child = Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", path.display()))
+        .args(["--nofork", "--print-address=1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start dbus-daemon (apt-get install dbus)");
+    let stdout = child.stdout.take().expect("dbus-daemon stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read dbus-daemon address");
+    let address = line.trim().to_owned();
+    assert!(!address.is_empty(), "dbus-daemon printed no address");
+    (child, address)
 }
 
 impl Drop for PrivateBus {

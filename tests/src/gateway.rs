@@ -228,12 +228,8 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// The value of a sample in a /metrics text (`name{labels}` exactly as rendered).
-pub fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
+/// The value of a sample in a /metrics text, for the gateway tests and the bench.
+pub use crate::util::sample;
 
 /// Raises this process's soft RLIMIT_NOFILE to its hard limit (tests that open many sockets).
 pub fn raise_own_nofile() -> u64 {

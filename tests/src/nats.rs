@@ -22,6 +22,15 @@ impl NatsServer {
         Self::start_inner(None)
     }
 
+    /// Starts `nats-server -a 127.0.0.1 -p <free port>` without JetStream: no registry bucket.
+    pub fn start_plain() -> NatsServer {
+        Self::start_in_with(
+            tempfile::tempdir().expect("tempdir for nats-server"),
+            None,
+            false,
+        )
+    }
+
     /// Starts with an extra config file. The listen address, port and JetStream store are still
     /// given on the command line, so `text` holds only authorization and the like.
     pub fn start_with_config(text: &str) -> NatsServer {
@@ -62,7 +71,7 @@ impl NatsServer {
     /// requests go to its hub (a leaf with its own JetStream would answer them itself).
     pub fn start_without_jetstream(text: &str) -> NatsServer {
         let dir = tempfile::tempdir().expect("tempdir for nats-server");
-        Self::start_as(dir, Some(text), false)
+        Self::start_in_with(dir, Some(text), false)
     }
 
     fn start_inner(config_text: Option<&str>) -> NatsServer {
@@ -73,10 +82,14 @@ impl NatsServer {
     }
 
     fn start_in(dir: tempfile::TempDir, config_text: Option<&str>) -> NatsServer {
-        Self::start_as(dir, config_text, true)
+        Self::start_in_with(dir, config_text, true)
     }
 
-    fn start_as(dir: tempfile::TempDir, config_text: Option<&str>, jetstream: bool) -> NatsServer {
+    fn start_in_with(
+        dir: tempfile::TempDir,
+        config_text: Option<&str>,
+        jetstream: bool,
+    ) -> NatsServer {
         let config = config_text.map(|text| {
             let path = dir.path().join("nats.conf");
             std::fs::write(&path, text).expect("write nats config");

@@ -78,3 +78,21 @@ pub fn terminate(child: &mut std::process::Child, grace: Duration) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A child process that is terminated (SIGTERM, then SIGKILL after 5 s) when this is dropped,
+/// also when the test panics.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        terminate(&mut self.0, Duration::from_secs(5));
+    }
+}
+
+/// The value of a sample in Prometheus text (`name{labels}` exactly as rendered), e.g.
+/// `cbus_agent_signals_dropped_total`.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}

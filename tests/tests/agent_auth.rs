@@ -2,13 +2,11 @@
 //! `.creds` file (JWT, server in operator mode) and TLS with a private CA; an agent the server
 //! refuses keeps retrying instead of exiting.
 
-mod agent_common;
-
 use std::time::Duration;
 
-use agent_common::*;
 use cbus_client::fleet::{Fleet, Outcome, Query};
 use cbus_protocol::{Op, Reply, Request};
+use cbus_tests::ask::*;
 use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
 use serde_json::json;
 

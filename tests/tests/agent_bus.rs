@@ -1,14 +1,12 @@
 //! The agent outlives a restart of its D-Bus daemon: requests, signals and well-known sender
 //! names work again without restarting the agent.
 
-mod agent_common;
-
 use std::time::{Duration, Instant};
 
-use agent_common::*;
 use cbus_client::fleet::Fleet;
 use cbus_protocol::Op;
-use cbus_tests::{Agent, NatsServer, TestService};
+use cbus_tests::ask::*;
+use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -16,8 +14,8 @@ use serde_json::json;
 async fn survives_a_bus_restart() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let (child, address) = start_bus(dir.path());
-    let mut daemon = Daemon(child);
+    let mut daemon = PrivateBus::start_in(dir.path());
+    let address = daemon.address().to_owned();
     let mut svc = TestService::start(&address);
     let agent = Agent::start(&nats.url(), &address, &["--allow-all"]);
     let client = nats.connect().await;
@@ -36,9 +34,9 @@ async fn survives_a_bus_restart() {
         cbus_protocol::ErrorCode::Disconnected,
         "{r:?}"
     );
-    let (child, again) = start_bus(dir.path());
-    assert_eq!(again, address);
-    daemon = Daemon(child);
+    let again = PrivateBus::start_in(dir.path());
+    assert_eq!(again.address(), address);
+    daemon = again;
     svc = TestService::start(&address);
 
     let served = cbus_tests::wait_for(Duration::from_secs(30), || {

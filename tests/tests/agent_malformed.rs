@@ -2,13 +2,11 @@
 //! members): each gets an error reply, and the agent keeps serving. Oversized replies and request
 //! floods are answered too.
 
-mod agent_common;
-
 use std::time::{Duration, Instant};
 
-use agent_common::*;
 use cbus_client::fleet::Fleet;
 use cbus_protocol::{ErrorCode, Op, Reply};
+use cbus_tests::ask::*;
 use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
 use futures::StreamExt;
 use serde_json::json;

@@ -3,9 +3,7 @@
 //! introspection, an ambiguous member is an error, one struct stays one struct, broadcasts are
 //! answered once per machine, and a slow call does not hold up the others.
 
-mod agent_common;
-
-use agent_common::*;
+use cbus_tests::ask::*;
 use std::time::{Duration, Instant};
 
 use cbus_client::fleet::Fleet;

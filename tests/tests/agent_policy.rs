@@ -1,8 +1,6 @@
 //! The policy: reads allowed, set and call denied unless a rule allows them.
 
-mod agent_common;
-
-use agent_common::*;
+use cbus_tests::ask::*;
 
 use cbus_client::fleet::Fleet;
 use cbus_protocol::{ErrorCode, Op};

@@ -1,9 +1,7 @@
 //! Presence: hello and heartbeats in the registry, ping answers, goodbye on SIGTERM; the agent
 //! reconnects by itself after a NATS restart.
 
-mod agent_common;
-
-use agent_common::*;
+use cbus_tests::ask::*;
 use std::time::Duration;
 
 use cbus_client::fleet::{Fleet, Outcome, Query};
@@ -161,27 +159,8 @@ async fn hello_heartbeat_ping_goodbye() {
 /// A NATS server without JetStream: no registry, but presence messages, pings and requests work.
 #[tokio::test]
 async fn plain_nats_without_jetstream() {
-    let port = cbus_tests::free_port();
-    let mut server = std::process::Command::new("nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start nats-server");
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            cbus_tests::util::terminate(self.0, Duration::from_secs(5));
-        }
-    }
-    let _guard = Kill(&mut server);
-    let url = format!("nats://127.0.0.1:{port}");
-    assert!(
-        cbus_tests::wait_for(Duration::from_secs(10), || async {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
-        .await
-    );
+    let server = NatsServer::start_plain();
+    let url = server.url();
     let bus = PrivateBus::start();
     let _svc = TestService::start(bus.address());
     let client = async_nats::connect(url.as_str()).await.unwrap();

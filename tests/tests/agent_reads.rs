@@ -1,13 +1,11 @@
 //! Reads stay reads: get, getall, introspect and read-listed calls never start a D-Bus service
 //! (they are sent with NO_AUTO_START), while a call the policy allows still may.
 
-mod agent_common;
-
 use std::time::Duration;
 
-use agent_common::*;
 use cbus_client::fleet::Fleet;
 use cbus_protocol::{ErrorCode, Op};
+use cbus_tests::ask::*;
 use cbus_tests::{Agent, NatsServer, PrivateBus};
 use serde_json::json;
 

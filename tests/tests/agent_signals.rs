@@ -1,9 +1,7 @@
 //! Signals reach NATS on the right subjects with the right headers and bodies; floods through a
 //! tiny queue are dropped and counted.
 
-mod agent_common;
-
-use agent_common::*;
+use cbus_tests::ask::*;
 use std::time::{Duration, Instant};
 
 use cbus_client::fleet::Fleet;
@@ -247,22 +245,21 @@ async fn signal_shapes_filters_and_unencodable_bodies() {
 /// back to one broad match rule and signals still arrive.
 #[tokio::test]
 async fn match_rule_fallback_without_monitor_privilege() {
-    use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::process::CommandExt;
-
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let (child, address) = start_bus(dir.path());
-    let _daemon = Daemon(child);
+    // nobody must reach the bus socket, the host key and the agent binary: all in a 0755 dir
+    // (the build's target/ may be in a 0700 home).
+    let nobody = cbus_tests::Unprivileged::new();
+    let bus = PrivateBus::start_in(nobody.dir());
+    let address = bus.address().to_owned();
     let _svc = TestService::start(&address);
-    let key = cbus_tests::agent::generate_host_key(dir.path());
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let key = cbus_tests::agent::generate_host_key(nobody.dir());
+    nobody.share(&key);
     let nkey = cbus_protocol::nkey::from_ssh_host_key(&key)
         .unwrap()
         .public_key();
     // nobody: BecomeMonitor is refused (dbus-daemon allows it to root and its own user only).
-    let agent = std::process::Command::new(cbus_tests::bin_path("cbus-agent"))
+    let agent = nobody
+        .command("cbus-agent")
         .args([
             "--nats-url",
             &nats.url(),
@@ -277,17 +274,9 @@ async fn match_rule_fallback_without_monitor_privilege() {
             "RUST_LOG",
             std::env::var("CBUS_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
         )
-        .uid(65534)
-        .gid(65534)
         .spawn()
         .expect("start cbus-agent as nobody");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            cbus_tests::util::terminate(&mut self.0, Duration::from_secs(5));
-        }
-    }
-    let _agent = Kill(agent);
+    let _agent = cbus_tests::KillOnDrop(agent);
     let client = nats.connect().await;
     let fleet = Fleet::new(client.clone(), "test@fallback");
     wait_registered(&fleet, &nkey).await;

@@ -1,9 +1,7 @@
 //! cbus-agent against a real systemd machine (systemd-nspawn): properties of units, StartUnit and
 //! StopUnit with the signature from introspection, PropertiesChanged on NATS.
 
-mod agent_common;
-
-use agent_common::*;
+use cbus_tests::ask::*;
 use std::time::{Duration, Instant};
 
 use cbus_client::fleet::Fleet;

@@ -4,13 +4,10 @@
 //! reconnected forever; now both end with the `disconnected` error (exit 2), the first by the
 //! command's deadline, the second once the bounded reconnects are spent.
 
-#[path = "cli_support/mod.rs"]
-mod support;
-
 use std::time::{Duration, Instant};
 
+use cbus_tests::cli::*;
 use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
-use support::*;
 
 /// How long after its deadline a command may still be running (process exit, a loaded machine).
 const GRACE: Duration = Duration::from_millis(1500);

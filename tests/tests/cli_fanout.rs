@@ -2,14 +2,11 @@
 //! test service and its own generated SSH host key: output of every generic command (text,
 //! JSON, simple), typed values, targeting, and machines that are silent, crashed or stopped.
 
-#[path = "cli_support/mod.rs"]
-mod support;
-
 use std::time::{Duration, Instant};
 
+use cbus_tests::cli::*;
 use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
 use serde_json::json;
-use support::*;
 
 const DEST: &str = "org.cbus.Test";
 const PATH: &str = "/org/cbus/Test";
@@ -611,19 +608,8 @@ async fn a_machine_frozen_mid_query_holds_the_others_only_for_the_grace() {
 /// Without JetStream, cbus learns the fleet by ping and still works.
 #[tokio::test]
 async fn plain_nats_without_jetstream() {
-    let port = cbus_tests::free_port();
-    let mut server = std::process::Command::new("nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("nats-server");
-    let url = format!("nats://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let server = NatsServer::start_plain();
+    let url = server.url();
     let _m = machine(&url, "plain-a", "x");
     let ok = cbus_tests::wait_for(Duration::from_secs(15), || async {
         cbus(&url, &["agents", "-s"]).status.success()
@@ -632,6 +618,4 @@ async fn plain_nats_without_jetstream() {
     assert!(ok, "agent never answered a ping");
     let out = get(&url, &["-s"], "String");
     assert_eq!(ok_stdout(&out), "plain-a\thello\n");
-    let _ = server.kill();
-    let _ = server.wait();
 }

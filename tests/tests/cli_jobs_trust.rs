@@ -4,15 +4,12 @@
 //! `disconnected` error by its deadline (`--timeout` + `--job-timeout`), never hang or blame the
 //! machine.
 
-#[path = "cli_support/mod.rs"]
-mod support;
-
 use std::time::Duration;
 
+use cbus_tests::cli::*;
 use cbus_tests::{Agent, Machine, MachineSpec, NatsServer};
 use futures::StreamExt;
 use serde_json::Value;
-use support::*;
 
 /// Its start job takes three seconds (ExecStartPre), long enough to forge its end meanwhile.
 const SLOW_START: &str = "[Unit]\nDescription=cbus slow start\n[Service]\nType=oneshot\n\

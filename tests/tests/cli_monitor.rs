@@ -1,17 +1,14 @@
 //! `cbus monitor` against real agents: line and NDJSON output, filters (sender by well-known
 //! name, interface, member, path, machine), and clean stops on SIGINT, SIGTERM and a closed pipe.
 
-#[path = "cli_support/mod.rs"]
-mod support;
-
 use std::io::BufRead;
 use std::process::{Child, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
+use cbus_tests::cli::*;
 use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
 use serde_json::{json, Value};
-use support::*;
 
 struct Monitor {
     child: Child,
@@ -69,23 +66,6 @@ impl Monitor {
         }
         (status, err)
     }
-}
-
-fn emit(url: &str, host: &str, text: &str) {
-    let arg = serde_json::to_string(&json!([text])).unwrap();
-    let out = cbus(
-        url,
-        &[
-            "-M",
-            host,
-            "invoke",
-            "org.cbus.Test",
-            "/org/cbus/Test",
-            "EmitOne",
-            &arg,
-        ],
-    );
-    assert!(out.status.success(), "{}", both(&out));
 }
 
 #[tokio::test]

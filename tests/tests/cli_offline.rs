@@ -2,13 +2,10 @@
 //! from SSH keys, subjects, generated docs, config file, and argument errors caught before
 //! anything is sent.
 
-#[path = "cli_support/mod.rs"]
-mod support;
-
 use std::time::{Duration, Instant};
 
+use cbus_tests::cli::*;
 use cbus_tests::NatsServer;
-use support::*;
 
 /// Nothing listens on port 1.
 const NOWHERE: &str = "nats://127.0.0.1:1";

@@ -2,14 +2,11 @@
 //! its own SSH host key and agent: units, status, start/stop/restart with job waiting, checked
 //! on each machine's own bus with zbus.
 
-#[path = "cli_support/mod.rs"]
-mod support;
-
 use std::time::{Duration, Instant};
 
+use cbus_tests::cli::*;
 use cbus_tests::{Agent, Machine, MachineSpec, NatsServer};
 use serde_json::Value;
-use support::*;
 
 const SLEEPER: &str =
     "[Unit]\nDescription=cbus cli sleeper\n[Service]\nExecStart=/bin/sleep infinity\n";

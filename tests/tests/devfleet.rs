@@ -1,70 +1,61 @@
-//! `./dev up` end to end: `scripts/fleet up 2` into its own state dir and ports (so it runs beside
+//! `./dev up` end to end: `cbus-dev up 2` into its own state dir and ports (so it runs beside
 //! a developer's fleet), then the CLI against it, the per-agent NATS permissions of the generated
-//! config, `add`, and `down` leaving no machine, mount or server behind.
+//! config, `add`, and `down` leaving no machine, mount or server behind. What the fleet started is
+//! read from its state file (`cbus_tests::devfleet`), as `cbus-dev status` reads it.
 //!
 //! Runs with the binaries the test command built already (the profile this test was built with).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use cbus_tests::devfleet::{self, DevState};
+use cbus_tests::Machine;
 use futures::StreamExt;
 
 struct DevFleet {
-    repo: PathBuf,
     dir: tempfile::TempDir,
     port: u16,
     gateway_port: u16,
-    profile: String,
 }
 
 impl DevFleet {
     fn new() -> Self {
-        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        // target/<profile>/cbus: the fleet uses the same binaries as the CLI calls below.
-        let profile = cbus_tests::bin_path("cbus")
-            .parent()
-            .and_then(Path::file_name)
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap();
         let port = cbus_tests::free_port();
         // Two calls may return the same port: the gateway's must differ from NATS's.
         let gateway_port = std::iter::repeat_with(cbus_tests::free_port)
             .find(|p| *p != port)
             .unwrap();
         DevFleet {
-            repo,
             dir: tempfile::Builder::new()
                 .prefix("cbus-devfleet-")
                 .tempdir()
                 .unwrap(),
             port,
             gateway_port,
-            profile,
         }
     }
 
+    /// `cbus-dev ARGS` (target/<profile>/cbus-dev: the fleet uses the binaries next to it, the
+    /// same as the CLI calls below).
     fn fleet(&self, args: &[&str]) -> Output {
-        Command::new(self.repo.join("scripts/fleet"))
+        Command::new(cbus_tests::bin_path("cbus-dev"))
             .args(args)
             .env("CBUS_DEV_DIR", self.dir.path())
             .env_remove("CBUS_DEV_MACHINES")
             .env("CBUS_DEV_NATS_PORT", self.port.to_string())
             .env("CBUS_DEV_GATEWAY_PORT", self.gateway_port.to_string())
             .env("CBUS_DEV_PREFIX", "devt")
-            .env("CBUS_DEV_PROFILE", &self.profile)
             .output()
-            .expect("run scripts/fleet")
+            .expect("run cbus-dev")
+    }
+
+    fn state(&self) -> DevState {
+        DevState::load(self.dir.path()).expect("the dev fleet's state")
     }
 
     fn secret(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(name))
-            .unwrap_or_else(|e| panic!("{name}: {e}"))
-            .trim()
-            .to_owned()
+        devfleet::secret(self.dir.path(), name).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn url(&self) -> String {
@@ -81,45 +72,28 @@ impl DevFleet {
             .expect("run cbus")
     }
 
-    /// Where the machine overlays are: the state dir, unless that is on overlayfs.
-    fn machines_dir(&self) -> PathBuf {
-        let in_state = self.dir.path().join("machines");
-        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-        if mounts.contains(&format!(" {}/", in_state.display())) {
-            return in_state;
-        }
-        // Otherwise /var/tmp/cbus-dev-<cksum>: find it by the upperdir of our mounts.
-        mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(1))
-            .find(|m| m.starts_with("/var/tmp/cbus-dev-") && m.ends_with("/devt-1/root"))
-            .map(|m| Path::new(m).ancestors().nth(2).unwrap().to_path_buf())
-            .unwrap_or(in_state)
+    /// A running machine of the fleet.
+    fn machine(&self, name: &str) -> Machine {
+        self.state()
+            .machine(name)
+            .and_then(|m| m.machine())
+            .unwrap_or_else(|| panic!("machine {name} is not running"))
     }
 
-    /// The machine's init (the nspawn process's child), from the script's pid file.
+    /// A machine's root file system, as seen from the host.
+    fn root(&self, name: &str) -> PathBuf {
+        self.machine(name).root_dir()
+    }
+
+    /// The machine's init.
     fn leader(&self, name: &str) -> u32 {
-        let nspawn = std::fs::read_to_string(self.dir.path().join(format!("machines/{name}/pid")))
-            .expect("machine pid file");
-        let nspawn = nspawn.trim();
-        let children =
-            std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).unwrap();
-        children
-            .split_whitespace()
-            .next()
-            .expect("nspawn has a child")
-            .parse()
-            .unwrap()
+        self.machine(name).leader_pid()
     }
 
     /// `systemctl is-active UNIT` run inside the machine with nsenter.
     fn is_active_inside(&self, name: &str, unit: &str) -> String {
-        let o = Command::new("nsenter")
-            .args(["-t", &self.leader(name).to_string(), "-a"])
-            .args(["systemctl", "is-active", unit])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+        self.machine(name)
+            .exec_stdout(&["systemctl", "is-active", unit])
     }
 }
 
@@ -156,35 +130,6 @@ fn states(o: &Output) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Processes still running (not zombies) whose command line contains `needle`.
-fn running_with(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for p in std::fs::read_dir("/proc").unwrap().flatten() {
-        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(needle) {
-            found.push(format!("{}: {cmdline}", p.file_name().to_string_lossy()));
-        }
-    }
-    found
-}
-
-/// Processes whose root is an overlay with an upperdir under `dir` (machines, also orphaned).
-fn rooted_in(dir: &Path) -> Vec<String> {
-    let needle = format!("upperdir={}/", dir.display());
-    let mut found = Vec::new();
-    for p in std::fs::read_dir("/proc").unwrap().flatten() {
-        let info = std::fs::read_to_string(p.path().join("mountinfo")).unwrap_or_default();
-        if info
-            .lines()
-            .any(|l| l.split(' ').nth(4) == Some("/") && l.contains(&needle))
-        {
-            found.push(p.file_name().to_string_lossy().into_owned());
-        }
-    }
-    found
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_up_cli_permissions_add_and_down() {
     let dev = DevFleet::new();
@@ -200,7 +145,13 @@ async fn dev_up_cli_permissions_add_and_down() {
     ] {
         assert!(out.contains(want), "`up` did not print {want}:\n{out}");
     }
-    let machines = dev.machines_dir();
+    // Where the overlays are, from the state (the machines' directories' parent).
+    let machines = dev.state().machines[0]
+        .record
+        .dir
+        .parent()
+        .unwrap()
+        .to_path_buf();
 
     // Agents listed with distinct nkeys and hostnames; each nkey is its host key's.
     let agents: serde_json::Value =
@@ -215,10 +166,8 @@ async fn dev_up_cli_permissions_add_and_down() {
     hosts.sort_unstable();
     assert_eq!(hosts, ["devt-1", "devt-2"]);
     let key = |name: &str| {
-        cbus_protocol::nkey::from_ssh_host_key(
-            &machines.join(format!("{name}/root/etc/ssh/ssh_host_ed25519_key")),
-        )
-        .unwrap()
+        cbus_protocol::nkey::from_ssh_host_key(&dev.root(name).join("etc/ssh/ssh_host_ed25519_key"))
+            .unwrap()
     };
     let (kp1, kp2) = (key("devt-1"), key("devt-2"));
     for (kp, host) in [(&kp1, "devt-1"), (&kp2, "devt-2")] {
@@ -229,7 +178,7 @@ async fn dev_up_cli_permissions_add_and_down() {
         );
     }
     // Each machine has its own machine-id too.
-    let id = |n: &str| std::fs::read_to_string(machines.join(format!("{n}/root/etc/machine-id")));
+    let id = |n: &str| std::fs::read_to_string(dev.root(n).join("etc/machine-id"));
     assert_ne!(id("devt-1").unwrap(), id("devt-2").unwrap());
 
     // `up` again: already up, nothing restarted.
@@ -371,7 +320,14 @@ async fn dev_up_cli_permissions_add_and_down() {
     assert_eq!(running, 3, "{agents}");
 
     // Down: no machine, mount or server left; a second down is fine.
-    let gateway_pid = dev.secret("gateway/pid");
+    let gateway_pid = dev.state().gateway.expect("the gateway is recorded").pid;
+    let machine_dirs: Vec<PathBuf> = dev
+        .state()
+        .machines
+        .iter()
+        .map(|m| m.record.dir.clone())
+        .collect();
+    assert_eq!(machine_dirs.len(), 3);
     let down = tokio::task::block_in_place(|| dev.fleet(&["down"]));
     ok(down);
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
@@ -380,13 +336,13 @@ async fn dev_up_cli_permissions_add_and_down() {
         "overlay left mounted:\n{mounts}"
     );
     assert_eq!(
-        rooted_in(&machines),
-        Vec::<String>::new(),
+        cbus_tests::machines::rooted_in(&machines),
+        Vec::new(),
         "machine processes left"
     );
     let left = [
-        running_with(&format!("systemd-nspawn -D {}", machines.display())),
-        running_with(&dev.dir.path().to_string_lossy()),
+        cbus_tests::procs::pids_with(&format!("systemd-nspawn -D {}", machines.display())),
+        cbus_tests::procs::pids_with(&dev.dir.path().to_string_lossy()),
     ]
     .concat();
     assert!(left.is_empty(), "processes of the dev fleet left: {left:?}");
@@ -395,6 +351,8 @@ async fn dev_up_cli_permissions_add_and_down() {
         stat.is_empty() || stat.contains(") Z "),
         "cbus-gateway still running: {stat}"
     );
-    assert!(!machines.join("devt-1").exists(), "machine dir left");
+    for d in &machine_dirs {
+        assert!(!d.exists(), "machine dir left: {}", d.display());
+    }
     ok(tokio::task::block_in_place(|| dev.fleet(&["down"])));
 }

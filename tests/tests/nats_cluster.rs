@@ -9,16 +9,14 @@
 //! turn unresponsive (never silently missing) when the link is cut, and come back when it
 //! returns. Times are printed, not asserted tightly: speed is cbus-bench's job.
 
-mod cli_support;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use cbus_client::fleet::Fleet;
 use cbus_protocol::permissions;
 use cbus_protocol::presence::{AgentState, REGISTRY_BUCKET};
+use cbus_tests::cli::{both, cbus, json_of};
 use cbus_tests::{Agent, Link, NatsCluster, NatsServer, PrivateBus, TestService};
-use cli_support::{both, cbus, json_of};
 use serde_json::Value;
 
 const DEST: &str = TestService::NAME;

@@ -2,14 +2,11 @@
 //! CLI takes a private CA from `NATS_CA` (it used to ignore it) or from its config file, and the
 //! gateway (and the agent) authenticate with an nkey seed file given as `--nkey` or `NATS_NKEY`.
 
-#[path = "cli_support/mod.rs"]
-mod support;
-
 use std::time::Duration;
 
+use cbus_tests::cli::*;
 use cbus_tests::gateway::http_get;
 use cbus_tests::{Agent, GatewayProcess, GatewayStart, NatsServer, PrivateBus};
-use support::*;
 
 /// `cbus agents --json` with the given environment, once the agent is registered (or the
 /// deadline passed): the last attempt's output.

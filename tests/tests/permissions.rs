@@ -4,16 +4,14 @@
 //! hide or wipe registry entries, or change the registry bucket. Each forbidden action is tried
 //! and seen refused by the server (a permissions violation) or ignored by the client side.
 
-mod agent_common;
-
 use std::time::Duration;
 
-use agent_common::*;
 use async_nats::jetstream;
 use cbus_client::fleet::{self, Fleet, Outcome, Query};
 use cbus_protocol::permissions;
 use cbus_protocol::presence::{self, AgentState, PresenceEvent, PresenceKind};
 use cbus_protocol::{Op, Request};
+use cbus_tests::ask::*;
 use cbus_tests::{Agent, NatsServer, PrivateBus, TestService};
 use futures::StreamExt;
 use serde_json::json;

@@ -25,11 +25,14 @@ async fn grow(fleets: &mut Vec<Fleet>, n: usize, spec: &(dyn Fn(usize) -> Machin
         let specs: Vec<MachineSpec> = (next..end).map(spec).collect();
         let t = Instant::now();
         // On a loaded host a machine now and then comes up degraded (a unit that failed to
-        // start in time); the batch is torn down by the panic and booted once more.
+        // start in time); the batch is torn down and booted once more.
         let mut attempt = 0;
         let fleet = loop {
             let specs = specs.clone();
-            match tokio::task::spawn_blocking(move || Fleet::boot(&specs)).await {
+            match tokio::task::spawn_blocking(move || Fleet::try_boot(&specs))
+                .await
+                .expect("boot task")
+            {
                 Ok(f) => break f,
                 Err(e) if attempt < 2 => {
                     attempt += 1;
@@ -48,19 +51,7 @@ async fn grow(fleets: &mut Vec<Fleet>, n: usize, spec: &(dyn Fn(usize) -> Machin
 }
 
 async fn wait_registered(fleet: &CbusFleet, n: usize) {
-    let ok = cbus_tests::wait_for(Duration::from_secs(60), || async {
-        fleet
-            .registry()
-            .await
-            .map(|a| {
-                a.iter()
-                    .filter(|s| s.state == cbus_protocol::presence::AgentState::Running)
-                    .count()
-                    >= n
-            })
-            .unwrap_or(false)
-    })
-    .await;
+    let ok = cbus_tests::ask::wait_running(fleet, Duration::from_secs(60), |c| c >= n).await;
     assert!(ok, "{n} agents did not register");
 }
 

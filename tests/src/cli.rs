@@ -1,12 +1,11 @@
-//! Running the real `cbus` binary from the CLI tests.
-#![allow(dead_code)]
+//! Running the real `cbus` binary from the tests, as a user would: no config file, no NATS
+//! settings from the environment, output captured (or read line by line while it runs).
 
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::{bin_path, NatsServer};
 use cbus_client::fleet::Fleet;
-use cbus_protocol::presence::AgentState;
-use cbus_tests::{bin_path, NatsServer};
 use serde_json::Value;
 
 /// `cbus` with no config file and no NATS settings from the environment.
@@ -94,14 +93,7 @@ pub fn result_of(doc: &Value, host: &str) -> Value {
 /// Waits until `n` agents are registered as running.
 pub async fn wait_agents(nats: &NatsServer, n: usize) {
     let fleet = Fleet::new(nats.connect().await, "test");
-    let ok = cbus_tests::wait_for(Duration::from_secs(20), || async {
-        fleet
-            .registry()
-            .await
-            .map(|a| a.iter().filter(|a| a.state == AgentState::Running).count() == n)
-            .unwrap_or(false)
-    })
-    .await;
+    let ok = crate::ask::wait_running(&fleet, Duration::from_secs(20), |c| c == n).await;
     assert!(ok, "{n} agents never registered");
 }
 

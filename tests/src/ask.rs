@@ -1,9 +1,6 @@
-//! Helpers shared by the `agent_*` tests: asking one agent through `cbus_client::fleet` (the same
-//! client the CLI uses) and reading its replies.
+//! Asking one agent through `cbus_client::fleet` (the same client the CLI uses) and reading its
+//! replies: what the `agent_*` tests have in common.
 
-#![allow(dead_code)]
-
-use std::io::BufRead as _;
 use std::time::Duration;
 
 use cbus_client::fleet::{Fleet, Outcome, Query};
@@ -11,12 +8,14 @@ use cbus_protocol::presence::AgentState;
 use cbus_protocol::{ErrorBody, Op, Reply, Request};
 use serde_json::Value;
 
-pub const NAME: &str = cbus_tests::TestService::NAME;
-pub const PATH: &str = cbus_tests::TestService::PATH;
+pub use crate::util::sample;
+
+pub const NAME: &str = crate::TestService::NAME;
+pub const PATH: &str = crate::TestService::PATH;
 
 /// Waits until the registry lists `nkey` as running.
 pub async fn wait_registered(fleet: &Fleet, nkey: &str) {
-    let ok = cbus_tests::wait_for(Duration::from_secs(20), || async {
+    let ok = crate::wait_for(Duration::from_secs(20), || async {
         fleet
             .registry()
             .await
@@ -29,6 +28,23 @@ pub async fn wait_registered(fleet: &Fleet, nkey: &str) {
     })
     .await;
     assert!(ok, "agent {nkey} never appeared in the registry");
+}
+
+/// Waits until the number of agents the registry lists as running satisfies `enough`; whether
+/// it did within `timeout`.
+pub async fn wait_running(
+    fleet: &Fleet,
+    timeout: Duration,
+    enough: impl Fn(usize) -> bool,
+) -> bool {
+    crate::wait_for(timeout, || async {
+        fleet
+            .registry()
+            .await
+            .map(|a| enough(a.iter().filter(|a| a.state == AgentState::Running).count()))
+            .unwrap_or(false)
+    })
+    .await
 }
 
 /// One request to one agent; panics when it does not reply.
@@ -106,61 +122,4 @@ pub fn err(reply: &Reply) -> &ErrorBody {
 /// A header of a NATS message as text.
 pub fn header<'a>(msg: &'a async_nats::Message, name: &'static str) -> Option<&'a str> {
     cbus_client::headers::get(msg.headers.as_ref(), name)
-}
-
-/// The value of a sample in Prometheus text, e.g. `cbus_agent_signals_dropped_total`.
-pub fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// A dbus-daemon on a fixed socket path, so that a restarted daemon has the same address.
-pub fn start_bus(dir: &std::path::Path) -> (std::process::Child, String) {
-    let config = dir.join("bus.conf");
-    let socket = dir.join("bus.sock");
-    let _ = std::fs::remove_file(&socket);
-    std::fs::write(
-        &config,
-        format!(
-            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-    <allow user="*"/>
-  </policy>
-</busconfig>
-"#,
-            socket.display()
-        ),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new("dbus-daemon")
-        .arg(format!("--config-file={}", config.display()))
-        .args(["--nofork", "--print-address=1"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start dbus-daemon");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(!line.trim().is_empty(), "dbus-daemon printed no address");
-    (child, format!("unix:path={}", socket.display()))
-}
-
-/// Terminates the daemon on drop.
-pub struct Daemon(pub std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        cbus_tests::util::terminate(&mut self.0, Duration::from_secs(2));
-    }
 }
