@@ -39,8 +39,10 @@ impl GatewayProcess {
         let port = opts.port.unwrap_or_else(free_port);
         // CBUS_TEST_GATEWAY_BIN runs another build (e.g. the previous commit's, to see a test
         // fail on the code it fixes).
-        let bin = std::env::var_os("CBUS_TEST_GATEWAY_BIN")
-            .map(std::path::PathBuf::from)
+        let bin = opts
+            .bin
+            .clone()
+            .or_else(|| std::env::var_os("CBUS_TEST_GATEWAY_BIN").map(std::path::PathBuf::from))
             .unwrap_or_else(|| bin_path("cbus-gateway"));
         let mut cmd = Command::new(bin);
         cmd.args(["--nats-url", opts.nats_url, "--listen"])
@@ -133,6 +135,9 @@ pub struct GatewayStart<'a> {
     /// Environment (settings given this way are ignored by a build that lacks them, where a
     /// flag would stop it from starting: for running a test against an older build).
     pub env: &'a [(&'a str, &'a str)],
+    /// The gateway binary (default: $CBUS_TEST_GATEWAY_BIN, else this workspace's build), e.g.
+    /// a previous build for a side-by-side benchmark.
+    pub bin: Option<std::path::PathBuf>,
 }
 
 impl Drop for GatewayProcess {

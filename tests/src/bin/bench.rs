@@ -17,6 +17,8 @@ use futures::StreamExt;
 
 #[path = "bench/cluster.rs"]
 mod cluster;
+#[path = "bench/compare.rs"]
+mod compare;
 #[path = "bench/gateway.rs"]
 mod gateway;
 #[path = "bench/machines.rs"]
@@ -56,6 +58,10 @@ const SECTIONS: &[(&str, &str)] = &[
     ),
     ("idle", "agent CPU and RSS over 60 s on an idle machine bus"),
     (
+        "compare",
+        "this build vs --baseline DIR's: cbus get, gateway /metrics, snapshot, RSS",
+    ),
+    (
         "cluster",
         "cbus get via one server, a 3-node cluster and a leaf; node failover time",
     ),
@@ -65,7 +71,7 @@ const SECTIONS: &[(&str, &str)] = &[
 async fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("usage: cbus-bench [--machines 1,3,10,50] [--idle-secs 60] [SECTION...]\nsections (all by default):");
+        println!("usage: cbus-bench [--machines 1,3,10,50] [--idle-secs 60] [--baseline DIR] [SECTION...]\nsections (all by default):");
         for (name, what) in SECTIONS {
             println!("  {name:16} {what}");
         }
@@ -73,6 +79,7 @@ async fn main() {
     }
     let mut sizes = vec![1usize, 3, 10, 50];
     let mut idle_secs = 60u64;
+    let mut baseline: Option<std::path::PathBuf> = None;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -84,6 +91,11 @@ async fn main() {
                     .split(',')
                     .map(|n| n.parse().expect("--machines: numbers"))
                     .collect();
+                args.drain(i..i + 2);
+            }
+            "--baseline" => {
+                let v = args.get(i + 1).expect("--baseline needs a directory");
+                baseline = Some(v.into());
                 args.drain(i..i + 2);
             }
             "--idle-secs" => {
@@ -130,6 +142,13 @@ async fn main() {
     }
     if want("idle") {
         machines::idle(idle_secs).await;
+    }
+    // Only when named: it needs another build.
+    if args.iter().any(|a| a == "compare") {
+        let dir = baseline
+            .as_deref()
+            .expect("compare needs --baseline DIR (another build's binaries)");
+        compare::compare(dir).await;
     }
     if want("cluster") {
         cluster::cluster().await;

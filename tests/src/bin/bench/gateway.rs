@@ -39,7 +39,7 @@ fn now_us() -> u64 {
 }
 
 /// One synthetic agent: answers the gateway's requests from NATS and heartbeats.
-async fn synthetic_agent(client: async_nats::Client, info: AgentInfo) {
+pub(crate) async fn synthetic_agent(client: async_nats::Client, info: AgentInfo) {
     let mut reqs = client
         .subscribe(cbus_protocol::subject::agent_requests(&info.nkey))
         .await
