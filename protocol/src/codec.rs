@@ -75,7 +75,7 @@ pub fn quote(text: &str) -> String {
     }
 }
 
-/// A [`names::NameError`] as text, quoting the bad name with [`quote`] (its `Display` quotes the
+/// A [`NameError`](crate::NameError) as text, quoting the bad name with [`quote`] (its `Display` quotes the
 /// name whole).
 pub fn name_error_text(e: &crate::error::NameError) -> String {
     use crate::error::NameError;
