@@ -14,9 +14,6 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::io::IsTerminal;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use cbus_client::duration::parse_duration;
@@ -32,6 +29,8 @@ use crate::config::FileConfig;
 use crate::connect::Health;
 use crate::error::{usage, Failure};
 use crate::render::{self, Format};
+use crate::spinner::Spinner;
+use crate::status::Status;
 
 /// How long a ping-based discovery (server without JetStream) collects answers.
 const PING_WINDOW: Duration = Duration::from_millis(500);
@@ -336,21 +335,21 @@ pub fn verdict(outcomes: &[TargetOutcome], timeout: Duration) -> Result<(), Fail
         names
             .iter()
             .zip(outcomes)
-            .map(|(name, o)| (name.as_str(), render::status(&o.outcome))),
+            .map(|(name, o)| (name.as_str(), Status::of(&o.outcome))),
         waited.min(timeout),
     )
 }
 
-/// [`verdict`] over (host, status word) pairs, for commands with several rows per machine.
+/// [`verdict`] over (host, status) pairs, for commands with several rows per machine.
 pub fn verdict_of<'a>(
-    items: impl Iterator<Item = (&'a str, &'a str)>,
+    items: impl Iterator<Item = (&'a str, Status)>,
     timeout: Duration,
 ) -> Result<(), Failure> {
     let mut total = std::collections::BTreeSet::new();
-    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    let mut groups: Vec<(Status, Vec<&str>)> = Vec::new();
     for (host, status) in items {
         total.insert(host);
-        if status == "ok" {
+        if status.is_ok() {
             continue;
         }
         match groups.iter_mut().find(|(s, _)| *s == status) {
@@ -370,13 +369,7 @@ pub fn verdict_of<'a>(
     let parts: Vec<String> = groups
         .iter()
         .map(|(status, hosts)| {
-            let why = match *status {
-                "timed-out" => format!("timed out after {}", render::duration(timeout)),
-                "not-connected" => "not connected".into(),
-                "stopped" => "stopped".into(),
-                "unresponsive" => "unresponsive, not asked".into(),
-                other => other.to_owned(),
-            };
+            let why = status.reason(&render::duration(timeout));
             format!("{why}: {}", hosts.join(", "))
         })
         .collect();
@@ -387,64 +380,10 @@ pub fn verdict_of<'a>(
         parts.join("; ")
     );
     // Any failure is exit 1; only machines that could not be reached is exit 3.
-    if groups.iter().all(|(s, _)| render::is_unreachable(s)) {
+    if groups.iter().all(|(s, _)| s.is_unreachable()) {
         Err(Failure::Unreachable(message))
     } else {
         Err(Failure::Partial(message))
-    }
-}
-
-/// A spinner line on stderr while a fan-out runs, only when stderr is a terminal; cleared when
-/// dropped.
-pub struct Spinner {
-    task: Option<tokio::task::JoinHandle<()>>,
-    /// Machines whose outcome is known, as a fan-out streams them in.
-    answered: Arc<AtomicUsize>,
-}
-
-impl Spinner {
-    pub fn start(machines: usize) -> Spinner {
-        let answered = Arc::new(AtomicUsize::new(0));
-        if !std::io::stderr().is_terminal() {
-            return Spinner {
-                task: None,
-                answered,
-            };
-        }
-        let count = answered.clone();
-        let task = tokio::spawn(async move {
-            let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
-            let started = std::time::Instant::now();
-            // Quick answers should not flash a spinner.
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            for i in 0.. {
-                eprint!(
-                    "\r\x1b[2K{} asking {machines} machine(s)… {} done, {:.1}s",
-                    frames[i % frames.len()],
-                    count.load(Ordering::Relaxed).min(machines),
-                    started.elapsed().as_secs_f64()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        Spinner {
-            task: Some(task),
-            answered,
-        }
-    }
-
-    /// One more machine's outcome is known.
-    pub fn answered(&self) {
-        self.answered.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-impl Drop for Spinner {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-            eprint!("\r\x1b[2K");
-        }
     }
 }
 
@@ -455,13 +394,14 @@ mod tests {
     #[test]
     fn verdict_names_machines_by_reason() {
         let t = Duration::from_secs(5);
-        assert!(verdict_of([("a", "ok"), ("b", "ok")].into_iter(), t).is_ok());
+        use Status::*;
+        assert!(verdict_of([("a", Ok), ("b", Ok)].into_iter(), t).is_ok());
         let e = verdict_of(
             [
-                ("a", "ok"),
-                ("b", "timed-out"),
-                ("c", "not-connected"),
-                ("d", "timed-out"),
+                ("a", Ok),
+                ("b", TimedOut),
+                ("c", NotConnected),
+                ("d", TimedOut),
             ]
             .into_iter(),
             t,
@@ -474,17 +414,13 @@ mod tests {
         );
         // A failure among the unreachable is exit 1.
         let e = verdict_of(
-            [("a", "failed"), ("b", "unresponsive"), ("c", "ok")].into_iter(),
+            [("a", Failed), ("b", Unresponsive), ("c", Ok)].into_iter(),
             t,
         )
         .unwrap_err();
         assert_eq!(e.exit_code(), 1);
         // Several rows of one machine count it once.
-        let e = verdict_of(
-            [("a", "failed"), ("a", "failed"), ("b", "ok")].into_iter(),
-            t,
-        )
-        .unwrap_err();
+        let e = verdict_of([("a", Failed), ("a", Failed), ("b", Ok)].into_iter(), t).unwrap_err();
         assert_eq!(
             e.to_string(),
             "1 of 2 machine(s) did not succeed; failed: a"

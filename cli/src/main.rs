@@ -14,6 +14,8 @@ mod error;
 mod fanout;
 mod output;
 mod render;
+mod spinner;
+mod status;
 
 use std::process::ExitCode;
 

@@ -15,6 +15,8 @@ use cbus_protocol::{ErrorBody, ErrorCode};
 use serde_json::{json, Map, Value};
 use zvariant::Signature;
 
+use crate::status::Status;
+
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -129,27 +131,6 @@ pub fn sanitize(text: &str) -> String {
     out
 }
 
-/// The status word of an outcome, as used in JSON and summaries.
-pub fn status(o: &Outcome) -> &'static str {
-    match o {
-        Outcome::Replied(r) if r.result.is_ok() => "ok",
-        Outcome::Replied(_) => "failed",
-        Outcome::NoResponders => "not-connected",
-        Outcome::TimedOut { .. } => "timed-out",
-        Outcome::Stopped => "stopped",
-        Outcome::Unresponsive { .. } => "unresponsive",
-    }
-}
-
-/// Whether a status word means the machine could not be reached (as opposed to answering with
-/// an error): these alone make exit code 3 (docs/cli.md, exit codes).
-pub fn is_unreachable(status: &str) -> bool {
-    matches!(
-        status,
-        "timed-out" | "not-connected" | "stopped" | "unresponsive"
-    )
-}
-
 /// How long a machine has been silent, for humans: `17s`, `1.5s`, `4m`.
 pub fn silence(d: Duration) -> String {
     let secs = d.as_secs();
@@ -227,7 +208,7 @@ pub fn json_result(t: &TargetOutcome, timeout: Duration) -> Value {
     let mut v = json!({
         "host": t.agent.info.hostname,
         "nkey": t.agent.info.nkey,
-        "status": status(&t.outcome),
+        "status": Status::of(&t.outcome),
     });
     match &t.outcome {
         Outcome::Replied(r) if r.result.is_ok() => {
@@ -253,23 +234,16 @@ pub fn json_result(t: &TargetOutcome, timeout: Duration) -> Value {
 /// Counts per status, the machines that did not succeed, and how long the fan-out took.
 pub fn summary(outcomes: &[TargetOutcome], elapsed: Duration, timeout: Duration) -> Value {
     let mut counts = Map::new();
-    for key in [
-        "ok",
-        "failed",
-        "timed-out",
-        "not-connected",
-        "stopped",
-        "unresponsive",
-    ] {
-        counts.insert(key.into(), json!(0));
+    for status in Status::FAN_OUT {
+        counts.insert(status.as_str().into(), json!(0));
     }
     let mut not_ok = Vec::new();
     for o in outcomes {
-        let s = status(&o.outcome);
-        if let Some(n) = counts.get_mut(s) {
+        let s = Status::of(&o.outcome);
+        if let Some(n) = counts.get_mut(s.as_str()) {
             *n = json!(n.as_u64().unwrap_or(0) + 1);
         }
-        if s != "ok" {
+        if !s.is_ok() {
             not_ok.push(
                 json!({"host": o.agent.info.hostname, "nkey": o.agent.info.nkey, "status": s}),
             );
@@ -480,7 +454,7 @@ mod tests {
         let frozen = Outcome::Unresponsive {
             silent: Duration::from_millis(17_400),
         };
-        assert_eq!(status(&frozen), "unresponsive");
+        assert_eq!(Status::of(&frozen), Status::Unresponsive);
         assert_eq!(problem(&frozen, t).unwrap(), "unresponsive (silent 17s)");
         assert_eq!(
             problem(
@@ -492,8 +466,5 @@ mod tests {
             .unwrap(),
             "unresponsive (silent 1.6s)"
         );
-        assert!(is_unreachable("unresponsive") && is_unreachable("timed-out"));
-        assert!(!is_unreachable("failed") && !is_unreachable("unfinished"));
-        assert_eq!(status(&Outcome::NoResponders), "not-connected");
     }
 }

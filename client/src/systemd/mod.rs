@@ -6,7 +6,7 @@
 //!
 //! - [`manager`]: Manager method calls and property reads as [`Query`](crate::fleet::Query)s, always with a
 //!   signature, so an agent never has to introspect systemd to type the arguments.
-//! - [`unit`]: unit names (validation, `nginx` meaning `nginx.service`) and the typed
+//! - [`unit`](mod@unit): unit names (validation, `nginx` meaning `nginx.service`) and the typed
 //!   [`Unit`] row of a `ListUnits` reply.
 //! - [`signals`]: the signal subjects to subscribe to, which signals are systemd's own, and
 //!   the Manager signals (`UnitNew`, `UnitRemoved`, `JobRemoved`, `Reloading`) and units'

@@ -1,0 +1,317 @@
+//! Who is out there: the registry read (with a ping where there is no JetStream), and the
+//! registry bucket kept closed to writers that may touch only their own key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use async_nats::jetstream::context::CreateStreamErrorKind;
+use async_nats::jetstream::{
+    self, consumer::push::OrderedConfig, consumer::DeliverPolicy, ErrorCode as JsErrorCode,
+};
+use async_nats::StatusCode;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::time::{timeout_at, Instant};
+
+use cbus_protocol::codec;
+use cbus_protocol::presence::{self, AgentInfo, AgentState, PresenceEvent};
+use cbus_protocol::subject;
+
+use super::{flush_until, status_from, AgentStatus, Fleet, FleetError, Rejected};
+
+/// How long a failed bucket create waits for another client's create of the same bucket.
+const BUCKET_RACE_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a registry read waits for entries it was promised after the server said none are
+/// left (see [`Fleet::registry`]).
+const REGISTRY_SETTLE: Duration = Duration::from_millis(200);
+
+impl Fleet {
+    /// Every agent in the registry with its state, sorted by hostname. Falls back to a ping
+    /// (collecting answers for `ping_window`) when the server has no JetStream or no registry.
+    pub async fn agents(&self, ping_window: Duration) -> Result<Vec<AgentStatus>, FleetError> {
+        let mut agents = match self.registry().await {
+            Ok(agents) => agents,
+            Err(e) => {
+                tracing::debug!(error = %e, "registry unavailable; falling back to ping");
+                self.ping(ping_window).await?
+            }
+        };
+        agents.sort_by(|a, b| {
+            (a.info.hostname.as_str(), a.info.nkey.as_str())
+                .cmp(&(b.info.hostname.as_str(), b.info.nkey.as_str()))
+        });
+        Ok(agents)
+    }
+
+    /// Reads the last presence event of every agent from the KV bucket.
+    pub async fn registry(&self) -> Result<Vec<AgentStatus>, FleetError> {
+        let registry_err = |message: String| FleetError::Registry {
+            bucket: presence::REGISTRY_BUCKET,
+            message,
+        };
+        let js = jetstream::new(self.client.clone());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let stream = timeout_at(
+            deadline,
+            js.get_stream_no_info(format!("KV_{}", presence::REGISTRY_BUCKET)),
+        )
+        .await
+        .map_err(|_| registry_err("timed out".into()))?
+        .map_err(|e| registry_err(e.to_string()))?;
+        let consumer = timeout_at(
+            deadline,
+            stream.create_consumer(OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: format!("$KV.{}.>", presence::REGISTRY_BUCKET),
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            }),
+        )
+        .await
+        .map_err(|_| registry_err("timed out".into()))?
+        .map_err(|e| registry_err(e.to_string()))?;
+        // The pending count a message carries is not enough to know the replay is complete:
+        // nats-server 2.9 sometimes delivers the first entry twice and counts both, so pending
+        // reaches 0 one entry early (a machine silently missing from a fan-out). The replay is
+        // complete when as many distinct entries (stream sequences) arrived as the consumer had
+        // when it was created; if entries expired meanwhile, fewer ever come, so after pending
+        // was 0 a short quiet spell ends the read too.
+        let expected = consumer.cached_info().num_pending;
+        if expected == 0 {
+            return Ok(Vec::new());
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| registry_err(e.to_string()))?;
+        let now = presence::now_ms();
+        let mut by_nkey = BTreeMap::new();
+        let mut sequences = HashSet::new();
+        let mut drained = false;
+        loop {
+            let wait = if drained {
+                deadline.min(Instant::now() + REGISTRY_SETTLE)
+            } else {
+                deadline
+            };
+            let message = match timeout_at(wait, messages.next()).await {
+                Err(_) if drained => {
+                    tracing::debug!(
+                        expected,
+                        got = sequences.len(),
+                        "registry replay ended short; entries expired while reading"
+                    );
+                    break;
+                }
+                Err(_) => return Err(registry_err("timed out while reading".into())),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(registry_err(e.to_string())),
+                Ok(Some(Ok(m))) => m,
+            };
+            let info = message.info().map_err(|e| registry_err(e.to_string()))?;
+            let pending = info.pending;
+            sequences.insert(info.stream_sequence);
+            let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            let deleted = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some();
+            // The key is the nkey whose permissions allowed the write; the body only claims one.
+            let key = presence::registry_key_of(&message.subject).unwrap_or_default();
+            if !deleted {
+                match serde_json::from_slice::<PresenceEvent>(&message.payload) {
+                    Ok(event) if event.agent.nkey != key => {
+                        Rejected::count(&self.rejected.registry);
+                        tracing::warn!(
+                            key,
+                            claims = %codec::quote(&event.agent.nkey),
+                            "ignoring a registry entry that names another machine"
+                        );
+                    }
+                    Ok(event) => {
+                        let status = status_from(event, published_ms, now);
+                        by_nkey.insert(status.info.nkey.clone(), status);
+                    }
+                    Err(e) => {
+                        tracing::warn!(subject = %message.subject, error = %e, "ignoring malformed registry entry")
+                    }
+                }
+            }
+            // As many distinct entries as were promised: the replay is complete, whatever the
+            // pending count says (agents heartbeating while it runs keep it above 0 for a while,
+            // and a read that waited for 0 could outlast the caller's deadline).
+            if sequences.len() as u64 >= expected {
+                break;
+            }
+            if pending == 0 {
+                drained = true;
+            }
+        }
+        Ok(by_nkey.into_values().collect())
+    }
+
+    /// Asks every connected agent for its info; waits `window` for answers.
+    pub async fn ping(&self, window: Duration) -> Result<Vec<AgentStatus>, FleetError> {
+        let inbox = self.client.new_inbox();
+        let mut sub = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| FleetError::Nats(e.to_string()))?;
+        // The window bounds the publish and flush too: while the client reconnects, both wait
+        // for a connection that may never come back.
+        let deadline = Instant::now() + window;
+        timeout_at(
+            deadline,
+            self.client
+                .publish_with_reply(subject::PING, inbox, Bytes::new()),
+        )
+        .await
+        .map_err(|_| FleetError::Nats("ping: no connection to publish on".into()))?
+        .map_err(|e| FleetError::Nats(e.to_string()))?;
+        flush_until(&self.client, deadline).await?;
+        let mut found = BTreeMap::new();
+        while let Ok(Some(msg)) = timeout_at(deadline, sub.next()).await {
+            if msg.status == Some(StatusCode::NO_RESPONDERS) {
+                break;
+            }
+            if let Ok(info) = serde_json::from_slice::<AgentInfo>(&msg.payload) {
+                found.insert(
+                    info.nkey.clone(),
+                    AgentStatus {
+                        info,
+                        state: AgentState::Running,
+                        last_seen_ms: presence::now_ms(),
+                    },
+                );
+            }
+        }
+        Ok(found.into_values().collect())
+    }
+}
+
+/// The registry bucket's stream configuration, as [`presence::registry_spec`] specifies it, with
+/// `replicas` copies: 1 on a single server, 3 on a cluster (a registry that survives a node).
+pub fn registry_config(replicas: usize) -> jetstream::stream::Config {
+    let spec = presence::registry_spec();
+    jetstream::stream::Config {
+        num_replicas: replicas.max(1),
+        name: spec.stream,
+        subjects: spec.subjects,
+        max_messages_per_subject: spec.max_messages_per_subject,
+        max_age: spec.max_age,
+        max_message_size: spec.max_message_size,
+        discard: if spec.discard_new {
+            jetstream::stream::DiscardPolicy::New
+        } else {
+            jetstream::stream::DiscardPolicy::Old
+        },
+        allow_rollup: spec.allow_rollup,
+        deny_delete: spec.deny_delete,
+        deny_purge: spec.deny_purge,
+        allow_direct: spec.allow_direct,
+        ..Default::default()
+    }
+}
+
+/// Whether an existing bucket's configuration has what [`registry_config`] guarantees, with at
+/// least `replicas` copies.
+fn registry_is_closed(config: &jetstream::stream::Config, replicas: usize) -> bool {
+    config.num_replicas >= replicas
+        && presence::registry_is_closed(
+            config.allow_rollup,
+            config.deny_delete,
+            config.deny_purge,
+            config.max_message_size,
+        )
+}
+
+/// Creates the registry bucket, or closes an existing one that an older cbus (or anyone with
+/// the rights) left open to rollups and purges. For the gateway and operators: agents have no
+/// permission to change the bucket (`cbus_protocol::permissions`). A bucket with fewer than `replicas`
+/// copies is given more (a fleet that grew from one server to a cluster); one with more keeps
+/// them. Returns whether the bucket changed.
+pub async fn close_registry(js: &jetstream::Context, replicas: usize) -> Result<bool, FleetError> {
+    let registry_err = |message: String| FleetError::Registry {
+        bucket: presence::REGISTRY_BUCKET,
+        message,
+    };
+    let mut config = registry_config(replicas);
+    match js.get_stream(&config.name).await {
+        Ok(mut stream) => {
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| registry_err(e.to_string()))?;
+            if registry_is_closed(&info.config, replicas) {
+                return Ok(false);
+            }
+            config.num_replicas = config.num_replicas.max(info.config.num_replicas);
+            js.update_stream(config)
+                .await
+                .map_err(|e| registry_err(format!("cannot close the bucket: {e}")))?;
+            tracing::info!(
+                replicas,
+                "registry bucket closed to rollups and purges (it was created by an older cbus \
+                 or with fewer replicas)"
+            );
+            Ok(true)
+        }
+        Err(_) => ensure_registry(js, replicas).await.map(|_| true),
+    }
+}
+
+/// Opens the registry bucket, creating it when missing (where the server's permissions let this
+/// client create it: agents may not, see [`cbus_protocol::permissions`]) with `replicas` copies.
+///
+/// async-nats 0.51's `create_key_value` first asks for account info, whose reply from
+/// nats-server 2.9 it cannot parse; so the bucket's stream is created directly
+/// ([`registry_config`]).
+pub async fn ensure_registry(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<jetstream::kv::Store, FleetError> {
+    let registry_err = |message: String| FleetError::Registry {
+        bucket: presence::REGISTRY_BUCKET,
+        message,
+    };
+    if let Ok(store) = js.get_key_value(presence::REGISTRY_BUCKET).await {
+        return Ok(store);
+    }
+    let bucket = presence::REGISTRY_BUCKET;
+    let created = js.get_or_create_stream(registry_config(replicas)).await;
+    let Err(create_error) = created else {
+        return js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| registry_err(e.to_string()));
+    };
+    // Agents that start together all find no bucket and all create it. nats-server 2.9 checks a
+    // new stream's name and its subjects under two separate locks, so a create that races
+    // another's identical one can fail with "subjects overlap with an existing stream". The
+    // bucket is there all the same, so such an error only counts when the bucket does not show.
+    let lost_race = matches!(
+        create_error.kind(),
+        CreateStreamErrorKind::JetStream(e)
+            if matches!(e.error_code(), JsErrorCode::STREAM_SUBJECT_OVERLAP | JsErrorCode::STREAM_NAME_EXIST)
+    );
+    if !lost_race {
+        return Err(registry_err(format!(
+            "cannot create the bucket: {create_error}"
+        )));
+    }
+    let deadline = Instant::now() + BUCKET_RACE_WAIT;
+    loop {
+        if let Ok(store) = js.get_key_value(bucket).await {
+            return Ok(store);
+        }
+        if Instant::now() >= deadline {
+            return Err(registry_err(format!(
+                "cannot create the bucket: {create_error}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
