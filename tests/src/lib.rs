@@ -15,6 +15,7 @@ pub mod cli;
 pub mod cluster;
 pub mod dbus;
 pub mod devfleet;
+pub mod emulator;
 pub mod gateway;
 pub mod machines;
 pub mod nats;

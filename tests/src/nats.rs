@@ -9,6 +9,8 @@ use crate::util::{free_port, terminate};
 /// A running nats-server; killed on drop.
 pub struct NatsServer {
     port: u16,
+    /// The HTTP monitoring port (`-m`): `/varz` has the server's byte and message counters.
+    monitor: u16,
     dir: tempfile::TempDir,
     config: Option<PathBuf>,
     child: Option<Child>,
@@ -97,6 +99,7 @@ impl NatsServer {
         });
         let mut server = NatsServer {
             port: free_port(),
+            monitor: free_port(),
             dir,
             config,
             child: None,
@@ -115,6 +118,7 @@ impl NatsServer {
                         "nats-server did not start; another port"
                     );
                     server.port = free_port();
+                    server.monitor = free_port();
                 }
             }
         }
@@ -124,7 +128,8 @@ impl NatsServer {
     /// Starts the server on `self.port`; `Err` with its log when it exited before listening.
     fn spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("nats-server");
-        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-m", &self.monitor.to_string()]);
         if self.jetstream {
             cmd.arg("-js").arg("-sd").arg(self.dir.path().join("js"));
         }
@@ -167,6 +172,12 @@ impl NatsServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The server's `/varz` (counters since start: `in_bytes`, `in_msgs`, `out_bytes`, ...).
+    pub fn varz(&self) -> Option<serde_json::Value> {
+        crate::gateway::http_get(self.monitor, "/varz")
+            .and_then(|body| serde_json::from_str(&body).ok())
     }
 
     pub fn url(&self) -> String {

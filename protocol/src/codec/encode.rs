@@ -29,18 +29,7 @@ fn to_json_depth(value: &Value<'_>, depth: usize) -> Result<Json, CodecError> {
         Value::Str(s) => Json::String(s.as_str().to_owned()),
         Value::Signature(s) => Json::String(s.to_string()),
         Value::ObjectPath(p) => Json::String(p.as_str().to_owned()),
-        Value::Value(inner) => {
-            let mut obj = Map::new();
-            obj.insert(
-                "t".into(),
-                Json::String(inner.value_signature().to_string()),
-            );
-            obj.insert(
-                "v".into(),
-                to_json_depth(inner, depth + 1).map_err(|e| e.within("variant"))?,
-            );
-            Json::Object(obj)
-        }
+        Value::Value(inner) => variant_depth(inner, depth + 1)?,
         Value::Array(array) => {
             if matches!(array.element_signature(), Signature::U8) {
                 let bytes: Vec<u8> = array

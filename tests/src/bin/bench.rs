@@ -23,6 +23,8 @@ mod compare;
 mod gateway;
 #[path = "bench/machines.rs"]
 mod machines;
+#[path = "bench/scale.rs"]
+mod scale;
 
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -58,6 +60,10 @@ const SECTIONS: &[(&str, &str)] = &[
     ),
     ("idle", "agent CPU and RSS over 60 s on an idle machine bus"),
     (
+        "scale",
+        "fleet emulator: cbus at 1,000 / 10,000 machines (--scale), 200 real vs 200 emulated",
+    ),
+    (
         "compare",
         "this build vs --baseline DIR's: cbus get, gateway /metrics, snapshot, RSS",
     ),
@@ -71,7 +77,7 @@ const SECTIONS: &[(&str, &str)] = &[
 async fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("usage: cbus-bench [--machines 1,3,10,50] [--idle-secs 60] [--baseline DIR] [SECTION...]\nsections (all by default):");
+        println!("usage: cbus-bench [--machines 1,3,10,50] [--idle-secs 60] [--scale 1000,10000] [--baseline DIR] [SECTION...]\nsections (all by default):");
         for (name, what) in SECTIONS {
             println!("  {name:16} {what}");
         }
@@ -80,6 +86,7 @@ async fn main() {
     let mut sizes = vec![1usize, 3, 10, 50];
     let mut idle_secs = 60u64;
     let mut baseline: Option<std::path::PathBuf> = None;
+    let mut scale_sizes = vec![1_000usize, 10_000];
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -90,6 +97,16 @@ async fn main() {
                 sizes = v
                     .split(',')
                     .map(|n| n.parse().expect("--machines: numbers"))
+                    .collect();
+                args.drain(i..i + 2);
+            }
+            "--scale" => {
+                let v = args
+                    .get(i + 1)
+                    .expect("--scale needs a list, e.g. 1000,10000,50000");
+                scale_sizes = v
+                    .split(',')
+                    .map(|n| n.parse().expect("--scale: numbers"))
                     .collect();
                 args.drain(i..i + 2);
             }
@@ -142,6 +159,9 @@ async fn main() {
     }
     if want("idle") {
         machines::idle(idle_secs).await;
+    }
+    if want("scale") {
+        scale::scale(&scale_sizes).await;
     }
     // Only when named: it needs another build.
     if args.iter().any(|a| a == "compare") {

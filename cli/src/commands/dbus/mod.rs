@@ -62,6 +62,36 @@ fn json_document(ctx: &Context, asked: &Asked) -> Option<Result<(), Failure>> {
     Some(output::line(&doc.to_string()).and_then(|()| verdict(&asked.outcomes, ctx.timeout)))
 }
 
+/// HOST KEY VALUE rows: the (key, value) pairs `rows_of` finds in each machine's successful
+/// value, or `-` and the problem; then the verdict.
+fn print_keyed(
+    ctx: &Context,
+    asked: &Asked,
+    header: [&str; 3],
+    rows_of: impl Fn(&Value) -> Vec<(String, String)>,
+) -> Result<(), Failure> {
+    let mut rows = Vec::new();
+    for o in &asked.outcomes {
+        let host = &o.agent.info.hostname;
+        match &o.outcome {
+            Outcome::Replied(r) if r.result.is_ok() => {
+                if let Ok(s) = &r.result {
+                    for (key, value) in rows_of(&s.value) {
+                        rows.push(vec![host.clone(), key, value]);
+                    }
+                }
+            }
+            other => rows.push(vec![
+                host.clone(),
+                "-".into(),
+                render::problem(other, ctx.timeout).unwrap_or_default(),
+            ]),
+        }
+    }
+    output::print(&render::rows(ctx.format, &header, &rows))?;
+    verdict(&asked.outcomes, ctx.timeout)
+}
+
 /// HOST VALUE rows, simple lines or the JSON document; then the verdict.
 fn print_values(ctx: &Context, asked: &Asked, shape: Shape) -> Result<(), Failure> {
     if let Some(done) = json_document(ctx, asked) {

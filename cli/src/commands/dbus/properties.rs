@@ -1,15 +1,13 @@
 //! `cbus get`, `cbus set` and `cbus getall`: properties of one object on every machine.
 
-use cbus_client::fleet::Outcome;
 use cbus_protocol::codec;
 use cbus_protocol::names;
 use cbus_protocol::{Op, Request};
 use serde_json::Value;
 
-use super::{json_document, parse_value, print_values, Object};
+use super::{json_document, parse_value, print_keyed, print_values, Object};
 use crate::error::{usage, Failure};
-use crate::fanout::{verdict, Context};
-use crate::output;
+use crate::fanout::Context;
 use crate::render::{self, Shape};
 
 pub async fn get(ctx: &Context, obj: Object, property: &str) -> Result<(), Failure> {
@@ -89,30 +87,9 @@ pub async fn get_all(ctx: &Context, obj: Object, interface: Option<String>) -> R
     if let Some(done) = json_document(ctx, &asked) {
         return done;
     }
-    let mut rows = Vec::new();
-    for o in &asked.outcomes {
-        let host = &o.agent.info.hostname;
-        match &o.outcome {
-            Outcome::Replied(r) if r.result.is_ok() => {
-                if let Ok(s) = &r.result {
-                    for (name, value) in property_rows(&s.value, one) {
-                        rows.push(vec![host.clone(), name, value]);
-                    }
-                }
-            }
-            other => rows.push(vec![
-                host.clone(),
-                "-".into(),
-                render::problem(other, ctx.timeout).unwrap_or_default(),
-            ]),
-        }
-    }
-    output::print(&render::rows(
-        ctx.format,
-        &["HOST", "PROPERTY", "VALUE"],
-        &rows,
-    ))?;
-    verdict(&asked.outcomes, ctx.timeout)
+    print_keyed(ctx, &asked, ["HOST", "PROPERTY", "VALUE"], |value| {
+        property_rows(value, one)
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,227 @@
+//! `scale`: the CLI at fleet sizes beyond what this machine holds as real agents, with the
+//! **fleet emulator** (`cbus_tests::emulator`), and the overlap that keeps it honest: the same
+//! `cbus get` against 200 real `cbus-agent` processes and 200 emulated agents, interleaved.
+//!
+//! Per size: `cbus get` of one property on every machine, the same with 1 % frozen (first while
+//! the registry still calls them running, so they are asked and the grace ends the wait, then
+//! once they are known unresponsive and are not asked), `cbus --hosts ONE get`, `cbus agents`,
+//! the CLI's peak RSS, and the bytes per second the NATS server receives from heartbeats.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cbus_client::fleet::Fleet;
+use cbus_protocol::presence::AgentState;
+use cbus_tests::emulator::{Emulator, EmulatorSpec};
+use cbus_tests::{bin_path, Agent, NatsServer, PrivateBus, TestService};
+
+use crate::{ms, summary};
+
+const PROPERTY: [&str; 3] = [
+    TestService::NAME,
+    TestService::PATH,
+    "org.cbus.Test1.String",
+];
+
+/// Runs `cbus ARGS` against `url`; (wall time, stdout lines, exit code).
+fn cbus(url: &str, args: &[&str]) -> (Duration, usize, i32) {
+    let t = Instant::now();
+    let out = Command::new(bin_path("cbus"))
+        .args(["--server", url])
+        .args(args)
+        .output()
+        .expect("run cbus");
+    let took = t.elapsed();
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 3,
+        "cbus {args:?} exited {code}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        took,
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        code,
+    )
+}
+
+/// The largest RSS of any child process that ended so far (KiB).
+fn children_max_rss_kib() -> i64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    usage.ru_maxrss
+}
+
+async fn registry_counts(url: &str) -> (usize, usize) {
+    let Ok(client) = async_nats::connect(url).await else {
+        return (0, 0);
+    };
+    let fleet = Fleet::new(client, "bench");
+    match fleet.registry().await {
+        Ok(agents) => (
+            agents
+                .iter()
+                .filter(|a| a.state == AgentState::Running)
+                .count(),
+            agents
+                .iter()
+                .filter(|a| a.state == AgentState::Unresponsive)
+                .count(),
+        ),
+        Err(_) => (0, 0),
+    }
+}
+
+fn median_of(runs: usize, mut f: impl FnMut() -> Duration) -> (Duration, Duration) {
+    summary((0..runs).map(|_| f()).collect())
+}
+
+pub async fn scale(sizes: &[usize]) {
+    println!("\n## scale (fleet emulator): `cbus` whole process, median (p95); 200 units per machine, heartbeat 5 s");
+    println!("| machines | get, all answering | get, 1% frozen, still called running | get, 1% known unresponsive | --hosts ONE get | agents | heartbeat bytes/s into the server | CLI peak RSS |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for &n in sizes {
+        let nats = NatsServer::start();
+        let url = nats.url();
+        let started = Instant::now();
+        let emulator = Emulator::start(&url, &EmulatorSpec::new(n)).await;
+        let registered = cbus_tests::wait_for(Duration::from_secs(300), || async {
+            registry_counts(&url).await.0 >= n
+        })
+        .await;
+        assert!(registered, "{n} emulated agents did not register");
+        eprintln!(
+            "{n} emulated agents registered in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+
+        // Heartbeat traffic, idle fleet: the server's received bytes over 10 s.
+        let in_bytes = || {
+            nats.varz()
+                .and_then(|v| v["in_bytes"].as_u64())
+                .unwrap_or(0)
+        };
+        let (b0, t0) = (in_bytes(), Instant::now());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let rate = (in_bytes() - b0) as f64 / t0.elapsed().as_secs_f64();
+
+        let runs = if n >= 50_000 { 5 } else { 10 };
+        let all = median_of(runs, || {
+            let (t, lines, code) =
+                cbus(&url, &["-s", "get", PROPERTY[0], PROPERTY[1], PROPERTY[2]]);
+            assert_eq!((lines, code), (n, 0));
+            t
+        });
+        let one_host = format!("{}{:05}", "emu-", n / 2);
+        let one = median_of(runs, || {
+            let (t, lines, _) = cbus(
+                &url,
+                &[
+                    "--hosts",
+                    &one_host,
+                    "-s",
+                    "get",
+                    PROPERTY[0],
+                    PROPERTY[1],
+                    PROPERTY[2],
+                ],
+            );
+            assert_eq!(lines, 1);
+            t
+        });
+        let agents = median_of(runs, || {
+            let (t, lines, _) = cbus(&url, &["agents", "-s"]);
+            assert!(lines >= n, "{lines}");
+            t
+        });
+
+        // 1 % frozen: asked while the registry still calls them running (the grace ends the
+        // wait), then known unresponsive (not asked).
+        let frozen = (n / 100).max(1);
+        for i in 0..frozen {
+            emulator.freeze(i * (n / frozen));
+        }
+        let mid = median_of(3, || {
+            let (t, lines, code) =
+                cbus(&url, &["-s", "get", PROPERTY[0], PROPERTY[1], PROPERTY[2]]);
+            assert_eq!((lines, code), (n, 3));
+            t
+        });
+        let known = cbus_tests::wait_for(Duration::from_secs(60), || async {
+            registry_counts(&url).await.1 >= frozen
+        })
+        .await;
+        assert!(known, "frozen agents never became unresponsive");
+        let unresponsive = median_of(runs, || {
+            let (t, lines, code) =
+                cbus(&url, &["-s", "get", PROPERTY[0], PROPERTY[1], PROPERTY[2]]);
+            assert_eq!((lines, code), (n, 3));
+            t
+        });
+        let fmt = |(m, p): (Duration, Duration)| format!("{:.0} ms ({:.0})", ms(m), ms(p));
+        println!(
+            "| {n} | {} | {} | {} | {} | {} | {:.0} KB/s ({} heartbeats/s) | {:.0} MiB |",
+            fmt(all),
+            fmt(mid),
+            fmt(unresponsive),
+            fmt(one),
+            fmt(agents),
+            rate / 1000.0,
+            n / 5,
+            children_max_rss_kib() as f64 / 1024.0
+        );
+        drop(emulator);
+    }
+    overlap().await;
+}
+
+/// 200 real agents against 200 emulated ones: `cbus get`, interleaved, each on its own server.
+async fn overlap() {
+    const N: usize = 200;
+    println!("\n## scale overlap: {N} real cbus-agent processes vs {N} emulated agents, `cbus get`, interleaved, 20 runs each");
+    let real_nats = NatsServer::start();
+    let emu_nats = NatsServer::start();
+    // Private buses, 20 agents on each (a bus per agent would be 200 more daemons on 2 cores).
+    let buses: Vec<(PrivateBus, TestService)> = (0..N / 20)
+        .map(|_| {
+            let bus = PrivateBus::start();
+            let svc = TestService::start(bus.address());
+            (bus, svc)
+        })
+        .collect();
+    let real: Vec<Agent> = (0..N)
+        .map(|i| {
+            Agent::start(
+                &real_nats.url(),
+                buses[i % buses.len()].0.address(),
+                &["--no-signals", "--heartbeat", "5s"],
+            )
+        })
+        .collect();
+    let _emulator = Emulator::start(&emu_nats.url(), &EmulatorSpec::new(N)).await;
+    for url in [real_nats.url(), emu_nats.url()] {
+        let ok = cbus_tests::wait_for(Duration::from_secs(120), || async {
+            registry_counts(&url).await.0 >= N
+        })
+        .await;
+        assert!(ok, "{N} agents did not register on {url}");
+    }
+    let (mut r, mut e) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        for (url, samples) in [(real_nats.url(), &mut r), (emu_nats.url(), &mut e)] {
+            let (t, lines, _) = cbus(&url, &["-s", "get", PROPERTY[0], PROPERTY[1], PROPERTY[2]]);
+            assert_eq!(lines, N);
+            samples.push(t);
+        }
+    }
+    let ((rm, rp), (em, ep)) = (summary(r), summary(e));
+    println!("| agents | median | p95 |\n|---|---|---|");
+    println!("| {N} real | {:.1} ms | {:.1} ms |", ms(rm), ms(rp));
+    println!("| {N} emulated | {:.1} ms | {:.1} ms |", ms(em), ms(ep));
+    println!(
+        "emulated / real: {:.2} (the emulator is fit for scale figures within this factor)",
+        em.as_secs_f64() / rm.as_secs_f64()
+    );
+    drop(real);
+}

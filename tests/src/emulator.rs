@@ -1,0 +1,384 @@
+//! A **fleet emulator**: N emulated agents in one process, for scale work beyond what this
+//! machine can run as real `cbus-agent` processes. It is an emulator, never a stand-in for a
+//! real part in a correctness test of the agent: everything it is used for is also measured
+//! with real agents at the sizes that fit (cbus-bench `scale`, docs/benchmarks.md), and its
+//! figures are compared with theirs.
+//!
+//! What each emulated agent puts on the wire is an agent's: its own nkey, a hello and then a
+//! heartbeat every interval on `dbus.presence.<nkey>` and into the registry bucket (key =
+//! nkey), a subscription to its own requests and to broadcasts in its own queue group, answers
+//! to pings, and replies in the shared envelope built with `cbus-protocol`'s types. It answers
+//! get, getall, set, call and introspect on any object with fixed values, and systemd's
+//! `ListUnits` / `ListUnitsByPatterns` / `Subscribe` with a unit list of its own
+//! ([`EmulatedAgent::units`], the truth a gateway's cache is checked against).
+//!
+//! One difference, stated: N agents share `connections` NATS connections (real agents have
+//! one each), because one process cannot hold 50,000 sockets to a local server comfortably.
+//! Subjects, subscriptions, message counts and sizes are the same.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cbus_protocol::envelope::{ErrorBody, ErrorCode, Reply, Request, Success};
+use cbus_protocol::presence::{now_ms, AgentInfo, PresenceEvent, PresenceKind, REGISTRY_BUCKET};
+use cbus_protocol::subject::{self, Op, RequestSubject};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+/// What to emulate.
+#[derive(Debug, Clone)]
+pub struct EmulatorSpec {
+    pub agents: usize,
+    /// Units each machine has (about 200 on a typical server).
+    pub units: usize,
+    pub heartbeat: Duration,
+    /// NATS connections the agents share.
+    pub connections: usize,
+    /// Hostnames are `{prefix}{index:05}`.
+    pub hostname_prefix: String,
+}
+
+impl EmulatorSpec {
+    pub fn new(agents: usize) -> Self {
+        EmulatorSpec {
+            agents,
+            units: 200,
+            heartbeat: Duration::from_secs(5),
+            connections: agents.div_ceil(250).max(1),
+            hostname_prefix: "emu-".into(),
+        }
+    }
+}
+
+/// One emulated agent.
+pub struct EmulatedAgent {
+    pub info: AgentInfo,
+    frozen: AtomicBool,
+    /// (name, active state) of each unit; the emulator's truth.
+    units: Mutex<Vec<(String, String)>>,
+}
+
+impl EmulatedAgent {
+    /// The unit names and active states this machine reports.
+    pub fn units(&self) -> Vec<(String, String)> {
+        self.units.lock().expect("units lock").clone()
+    }
+
+    /// Whether it is frozen (silent: no heartbeat, no answers), as a SIGSTOPped agent.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of what the emulator sent, for the bench's bytes-per-second figures.
+#[derive(Debug, Default)]
+pub struct Sent {
+    pub heartbeats: AtomicU64,
+    pub heartbeat_bytes: AtomicU64,
+    pub replies: AtomicU64,
+}
+
+/// A running emulated fleet; its tasks end when it is dropped.
+pub struct Emulator {
+    pub agents: Vec<Arc<EmulatedAgent>>,
+    pub sent: Arc<Sent>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// `name` matched against an fnmatch-style `pattern` (`*`, `?`), as systemd matches unit
+/// patterns.
+fn glob(pattern: &[u8], name: &[u8]) -> bool {
+    match (pattern.first(), name.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            glob(&pattern[1..], name) || (!name.is_empty() && glob(pattern, &name[1..]))
+        }
+        (Some(b'?'), Some(_)) => glob(&pattern[1..], &name[1..]),
+        (Some(p), Some(n)) if p == n => glob(&pattern[1..], &name[1..]),
+        _ => false,
+    }
+}
+
+/// The unit names of machine `index`: the same mix on every machine, one unit that differs.
+fn unit_names(index: usize, count: usize) -> Vec<(String, String)> {
+    (0..count)
+        .map(|u| {
+            let name = match u {
+                0 => format!("emu-own-{index:05}.service"),
+                u if u % 10 == 9 => format!("emu-{u:03}.timer"),
+                u => format!("emu-{u:03}.service"),
+            };
+            (name, "active".to_owned())
+        })
+        .collect()
+}
+
+fn list_row(name: &str, active: &str) -> Value {
+    json!([
+        name,
+        format!("emulated unit {name}"),
+        "loaded",
+        active,
+        if active == "active" {
+            "running"
+        } else {
+            "dead"
+        },
+        "",
+        cbus_protocol::names::systemd_unit_path(name),
+        0,
+        "",
+        "/"
+    ])
+}
+
+impl Emulator {
+    /// Starts the agents on `url` (creating the registry bucket if missing) and returns once
+    /// each has said hello.
+    pub async fn start(url: &str, spec: &EmulatorSpec) -> Emulator {
+        let mut clients = Vec::new();
+        for _ in 0..spec.connections {
+            clients.push(
+                async_nats::ConnectOptions::new()
+                    .subscription_capacity(65_536)
+                    .connect(url)
+                    .await
+                    .expect("emulator connects to NATS"),
+            );
+        }
+        let js = async_nats::jetstream::new(clients[0].clone());
+        cbus_client::fleet::ensure_registry(&js, 1)
+            .await
+            .expect("registry bucket");
+        let agents: Vec<Arc<EmulatedAgent>> = (0..spec.agents)
+            .map(|i| {
+                let nkey = nkeys::KeyPair::new_user().public_key();
+                let mut info =
+                    crate::synthetic_agent_info(nkey, format!("{}{i:05}", spec.hostname_prefix));
+                info.heartbeat_ms = spec.heartbeat.as_millis() as u64;
+                info.labels = BTreeMap::from([(
+                    "role".to_owned(),
+                    if i % 2 == 0 { "web" } else { "db" }.to_owned(),
+                )])
+                .into_iter()
+                .collect();
+                Arc::new(EmulatedAgent {
+                    info,
+                    frozen: AtomicBool::new(false),
+                    units: Mutex::new(unit_names(i, spec.units)),
+                })
+            })
+            .collect();
+        let sent = Arc::new(Sent::default());
+        let mut tasks = Vec::new();
+        for (c, client) in clients.iter().enumerate() {
+            let mine: Vec<Arc<EmulatedAgent>> = agents
+                .iter()
+                .skip(c)
+                .step_by(spec.connections)
+                .cloned()
+                .collect();
+            for agent in &mine {
+                tasks.push(tokio::spawn(serve_requests(
+                    client.clone(),
+                    agent.clone(),
+                    sent.clone(),
+                )));
+            }
+            tasks.push(tokio::spawn(answer_pings(client.clone(), mine.clone())));
+            tasks.push(tokio::spawn(heartbeats(
+                client.clone(),
+                mine,
+                spec.heartbeat,
+                sent.clone(),
+            )));
+        }
+        for client in &clients {
+            client.flush().await.expect("flush");
+        }
+        Emulator {
+            agents,
+            sent,
+            tasks,
+        }
+    }
+
+    /// Freezes agent `i`: no heartbeat and no answer, as a SIGSTOPped agent whose connection
+    /// stays open.
+    pub fn freeze(&self, i: usize) {
+        self.agents[i].frozen.store(true, Ordering::Relaxed);
+    }
+
+    pub fn thaw(&self, i: usize) {
+        self.agents[i].frozen.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn serve_requests(client: async_nats::Client, agent: Arc<EmulatedAgent>, sent: Arc<Sent>) {
+    let nkey = agent.info.nkey.clone();
+    let Ok(targeted) = client.subscribe(subject::agent_requests(&nkey)).await else {
+        return;
+    };
+    let Ok(broadcast) = client
+        .queue_subscribe(subject::BROADCAST_ALL, nkey.clone())
+        .await
+    else {
+        return;
+    };
+    let mut messages = futures::stream::select(targeted, broadcast);
+    while let Some(msg) = messages.next().await {
+        if agent.is_frozen() {
+            continue;
+        }
+        let Some(reply_to) = msg.reply.clone() else {
+            continue;
+        };
+        let result = answer(&agent, &msg.subject, &msg.payload);
+        let reply = Reply {
+            nkey: nkey.clone(),
+            hostname: agent.info.hostname.clone(),
+            result,
+        };
+        if client.publish(reply_to, reply.to_payload()).await.is_ok() {
+            sent.replies.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn answer(agent: &EmulatedAgent, subject: &str, payload: &[u8]) -> Result<Success, ErrorBody> {
+    let s = RequestSubject::parse(subject)
+        .map_err(|e| ErrorBody::new(ErrorCode::InvalidArgument, e.to_string()))?;
+    let request = Request::from_payload(payload)
+        .map_err(|e| ErrorBody::new(ErrorCode::InvalidArgument, e.to_string()))?;
+    let ok = |signature: &str, value: Value| {
+        Ok(Success {
+            signature: (!signature.is_empty()).then(|| signature.to_owned()),
+            value,
+        })
+    };
+    match (s.op, s.member.as_deref()) {
+        (Op::Call, Some("ListUnits")) => {
+            let rows: Vec<Value> = agent.units().iter().map(|(n, a)| list_row(n, a)).collect();
+            ok("a(ssssssouso)", json!([rows]))
+        }
+        (Op::Call, Some("ListUnitsByPatterns")) => {
+            let args = request.args.unwrap_or(Value::Null);
+            let strings = |v: &Value| -> Vec<String> {
+                v.as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|s| s.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let (states, patterns) = (strings(&args[0]), strings(&args[1]));
+            let rows: Vec<Value> = agent
+                .units()
+                .iter()
+                .filter(|(n, a)| {
+                    (states.is_empty() || states.contains(a))
+                        && (patterns.is_empty()
+                            || patterns.iter().any(|p| glob(p.as_bytes(), n.as_bytes())))
+                })
+                .map(|(n, a)| list_row(n, a))
+                .collect();
+            ok("a(ssssssouso)", json!([rows]))
+        }
+        (Op::Call, _) => ok("", json!([])),
+        (Op::Get, Some("NRestarts")) => ok("u", json!(0)),
+        (Op::Get, Some(m)) if m.ends_with("Timestamp") => ok("t", json!("1700000000000000")),
+        (Op::Get, _) => ok("s", json!("emulated")),
+        (Op::GetAll, _) => ok("a{sv}", json!({"Emulated": {"t": "s", "v": "emulated"}})),
+        (Op::Set, _) => ok("", Value::Null),
+        (Op::Introspect, _) => ok("", json!({"interfaces": [], "children": []})),
+        (Op::ListNames, _) => ok("a{ss}", json!({"org.freedesktop.systemd1": ":1.1"})),
+    }
+}
+
+async fn answer_pings(client: async_nats::Client, agents: Vec<Arc<EmulatedAgent>>) {
+    let Ok(mut pings) = client.subscribe(subject::PING).await else {
+        return;
+    };
+    while let Some(msg) = pings.next().await {
+        let Some(reply_to) = msg.reply else { continue };
+        for agent in agents.iter().filter(|a| !a.is_frozen()) {
+            if let Ok(body) = serde_json::to_vec(&agent.info) {
+                let _ = client.publish(reply_to.clone(), body.into()).await;
+            }
+        }
+    }
+}
+
+/// Hello from every agent, then heartbeats spread evenly over the interval, each a presence
+/// message and a registry write (acknowledged, as an agent's are).
+async fn heartbeats(
+    client: async_nats::Client,
+    agents: Vec<Arc<EmulatedAgent>>,
+    period: Duration,
+    sent: Arc<Sent>,
+) {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut kind = PresenceKind::Hello;
+    let step = period / agents.len().max(1) as u32;
+    loop {
+        let round = tokio::time::Instant::now();
+        let mut acks = Vec::with_capacity(agents.len());
+        for (i, agent) in agents.iter().enumerate() {
+            if agent.is_frozen() {
+                continue;
+            }
+            let ev = PresenceEvent {
+                event: kind,
+                sent_at_ms: now_ms(),
+                agent: agent.info.clone(),
+            };
+            let Ok(body) = serde_json::to_vec(&ev) else {
+                continue;
+            };
+            let presence = subject::presence(&agent.info.nkey);
+            let key = format!("$KV.{REGISTRY_BUCKET}.{}", agent.info.nkey);
+            sent.heartbeats.fetch_add(1, Ordering::Relaxed);
+            sent.heartbeat_bytes.fetch_add(
+                (2 * body.len() + presence.len() + key.len()) as u64,
+                Ordering::Relaxed,
+            );
+            let _ = client.publish(presence, body.clone().into()).await;
+            if let Ok(ack) = js.publish(key, body.into()).await {
+                acks.push(ack);
+            }
+            if kind == PresenceKind::Heartbeat && !step.is_zero() {
+                tokio::time::sleep_until(round + step * (i as u32 + 1)).await;
+            }
+        }
+        for ack in acks {
+            let _ = tokio::time::timeout(period, std::future::IntoFuture::into_future(ack)).await;
+        }
+        kind = PresenceKind::Heartbeat;
+        tokio::time::sleep_until(round + period).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn globs_match_as_fnmatch() {
+        assert!(glob(b"emu-*.service", b"emu-001.service"));
+        assert!(!glob(b"emu-*.service", b"emu-009.timer"));
+        assert!(glob(b"emu-00?.timer", b"emu-009.timer"));
+        assert!(glob(b"*", b""));
+        assert!(!glob(b"a", b"ab"));
+    }
+}
