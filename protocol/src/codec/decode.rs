@@ -99,6 +99,16 @@ fn from_json_depth(
         }
         Signature::Dict { key, value } => {
             let obj = json.as_object().ok_or_else(mismatch)?;
+            // zvariant 5 orders signature values so that any two compare equal, and its Dict
+            // keeps one entry per key: a dict keyed by signatures would silently lose all but
+            // one entry (zvariant_utils 4.2, `Signature::cmp`). Refused rather than lost.
+            if matches!(key.signature(), Signature::Signature) && obj.len() > 1 {
+                return Err(CodecError::new(format!(
+                    "a dict keyed by signatures ({sig}) can hold one entry here, not {}: the D-Bus \
+                     library cbus uses would merge them",
+                    obj.len()
+                )));
+            }
             let mut dict = Dict::new(key.signature(), value.signature());
             for (k, v) in obj {
                 let kv = key_from_text(k, key.signature())
