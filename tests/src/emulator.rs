@@ -214,6 +214,15 @@ impl Emulator {
     pub fn thaw(&self, i: usize) {
         self.agents[i].frozen.store(false, Ordering::Relaxed);
     }
+
+    /// Changes the truth: unit `unit` of agent `i` is now in `active` state, as the next
+    /// ListUnits reports it (no signal is sent, as when a change happens while NATS is away).
+    pub fn set_unit(&self, i: usize, unit: &str, active: &str) {
+        let mut units = self.agents[i].units.lock().expect("units lock");
+        if let Some(u) = units.iter_mut().find(|(n, _)| n == unit) {
+            u.1 = active.to_owned();
+        }
+    }
 }
 
 impl Drop for Emulator {
