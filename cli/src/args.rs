@@ -85,6 +85,10 @@ pub struct OutputArgs {
     /// Terse tab-separated lines for pipelines (host first)
     #[arg(short, long, global = true)]
     pub simple: bool,
+    /// Fold identical answers: `active: 9,990 machines` then the odd ones by name (a table of
+    /// more than 50 rows on a terminal is folded anyway); a count by outcome goes to stderr
+    #[arg(short = 'g', long, global = true, conflicts_with_all = ["json", "simple"])]
+    pub group: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -66,6 +66,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Format::Json
     } else if cli.output.simple {
         Format::Simple
+    } else if cli.output.group {
+        Format::Grouped
     } else {
         Format::Table
     };

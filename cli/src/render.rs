@@ -23,7 +23,16 @@ pub enum Format {
     Table,
     Json,
     Simple,
+    /// `--group`: identical answers folded, dshbak-style ([`grouped`]).
+    Grouped,
 }
+
+/// Past this many rows a table on a terminal is folded as with `--group`: ten thousand lines
+/// of `active` say less than one line that counts them.
+pub const AUTO_GROUP_ROWS: usize = 50;
+
+/// Machines listed by name in a group; larger groups name the first few.
+const GROUP_NAMES: usize = 20;
 
 /// What a reply's value is: one value (get, a property), or a method's results (call).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,12 +316,101 @@ pub fn simple(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Rows as a table or as simple lines, by format (JSON is handled by each command).
+/// Rows as a table, simple lines or groups, by format (JSON is handled by each command). A
+/// table of more than [`AUTO_GROUP_ROWS`] rows on a terminal is grouped.
 pub fn rows(format: Format, header: &[&str], rows: &[Vec<String>]) -> String {
     match format {
         Format::Simple => simple(rows),
+        Format::Grouped => grouped(rows),
+        Format::Table if rows.len() > AUTO_GROUP_ROWS && is_grouped(format) => grouped(rows),
         _ => table(header, rows),
     }
+}
+
+/// Whether rows in `format` come out grouped: `--group`, or a table on a terminal (where a
+/// large one is folded).
+pub fn is_grouped(format: Format) -> bool {
+    match format {
+        Format::Grouped => true,
+        Format::Table => std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        _ => false,
+    }
+}
+
+/// `12345` as `12,345`.
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Rows of `[host, cells...]` folded by identical cells, largest group first (ties in order of
+/// first appearance): `active: 9,990 machines` and `failed: 10: web-17, web-204, ...`. Groups of
+/// at most [`GROUP_NAMES`] machines name them all; larger ones name the first few.
+pub fn grouped(rows: &[Vec<String>]) -> String {
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for row in rows {
+        let Some((host, cells)) = row.split_first() else {
+            continue;
+        };
+        let key = cells
+            .iter()
+            .map(|c| sanitize(c))
+            .collect::<Vec<_>>()
+            .join("  ");
+        let i = *index.entry(key.clone()).or_insert_with(|| {
+            groups.push((key, Vec::new()));
+            groups.len() - 1
+        });
+        groups[i].1.push(sanitize(host));
+    }
+    groups.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
+    let mut out = String::new();
+    for (key, hosts) in &groups {
+        let n = hosts.len();
+        let noun = if n == 1 { "machine" } else { "machines" };
+        let names = if n <= GROUP_NAMES {
+            hosts.join(", ")
+        } else {
+            format!("{}, ...", hosts[..5].join(", "))
+        };
+        out.push_str(&format!("{key}: {} {noun}: {names}\n", thousands(n)));
+    }
+    out
+}
+
+/// One stderr line counting machines by outcome: `10,000 machines: 9,990 ok, 10 timed-out`.
+pub fn outcome_counts(outcomes: &[TargetOutcome]) -> String {
+    let mut counts: Vec<(Status, usize)> = Vec::new();
+    for o in outcomes {
+        let s = Status::of(&o.outcome);
+        match counts.iter_mut().find(|(c, _)| *c == s) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((s, 1)),
+        }
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    let parts: Vec<String> = counts
+        .iter()
+        .map(|(s, n)| format!("{} {}", thousands(*n), s.as_str()))
+        .collect();
+    format!(
+        "{} {}: {}",
+        thousands(outcomes.len()),
+        if outcomes.len() == 1 {
+            "machine"
+        } else {
+            "machines"
+        },
+        parts.join(", ")
+    )
 }
 
 /// "3s ago" from a Unix-ms timestamp.
@@ -401,6 +499,27 @@ mod tests {
         assert_eq!(sanitize("a\nb\tc\x1b[31m"), "a\\nb\\tc\\u{1b}[31m");
         assert_eq!(sanitize("plain"), "plain");
         assert_eq!(simple(&[vec!["h".into(), "a\tb".into()]]), "h\ta\\tb\n");
+    }
+
+    #[test]
+    fn groups_fold_identical_answers_largest_first() {
+        let mut rows: Vec<Vec<String>> = (0..30)
+            .map(|i| vec![format!("web-{i}"), "active".to_owned()])
+            .collect();
+        rows.insert(3, vec!["web-x".into(), "failed".into()]);
+        rows.push(vec!["web-y".into(), "failed".into()]);
+        assert_eq!(
+            grouped(&rows),
+            "active: 30 machines: web-0, web-1, web-2, web-3, web-4, ...\n\
+             failed: 2 machines: web-x, web-y\n"
+        );
+        assert_eq!(thousands(9990), "9,990");
+        assert_eq!(thousands(1_000_000), "1,000,000");
+        assert_eq!(thousands(12), "12");
+        assert_eq!(
+            grouped(&[vec!["a\x1b[31m".into(), "x\ny".into()]]),
+            "x\\ny: 1 machine: a\\u{1b}[31m\n"
+        );
     }
 
     #[test]

@@ -619,3 +619,47 @@ async fn plain_nats_without_jetstream() {
     let out = get(&url, &["-s"], "String");
     assert_eq!(ok_stdout(&out), "plain-a\thello\n");
 }
+
+#[tokio::test]
+async fn group_folds_identical_answers_and_counts_outcomes() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let _a = machine(&url, "grp-a", "x");
+    let b = machine(&url, "grp-b", "x");
+    let _c = machine(&url, "grp-c", "x");
+    wait_agents(&nats, 3).await;
+
+    let out = get(&url, &["--group"], "String");
+    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    assert_eq!(stdout(&out), "hello: 3 machines: grp-a, grp-b, grp-c\n");
+    assert!(stderr(&out).contains("3 machines: 3 ok"), "{}", both(&out));
+
+    // A machine that stops answering is its own group, named; the count says how it ended.
+    signal(&b.agent, libc::SIGSTOP);
+    let out = get(
+        &url,
+        &["--group", "--timeout", "1s", "--no-grace"],
+        "String",
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "hello: 2 machines: grp-a, grp-c", "{text}");
+    assert!(
+        lines[1].ends_with(": 1 machine: grp-b") && lines.len() == 2,
+        "{text}"
+    );
+    assert!(
+        stderr(&out).contains("3 machines: 2 ok, 1 timed-out"),
+        "{}",
+        both(&out)
+    );
+    signal(&b.agent, libc::SIGCONT);
+
+    // -s and --json stay one record per machine; --group with either is a usage error.
+    assert_eq!(stdout(&get(&url, &["-s"], "String")).lines().count(), 3);
+    assert_eq!(
+        get(&url, &["--group", "-s"], "String").status.code(),
+        Some(2)
+    );
+}

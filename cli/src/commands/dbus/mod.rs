@@ -89,7 +89,17 @@ fn print_keyed(
         }
     }
     output::print(&render::rows(ctx.format, &header, &rows))?;
+    count_outcomes(ctx, asked, rows.len());
     verdict(&asked.outcomes, ctx.timeout)
+}
+
+/// When the rows came out grouped, one stderr line counts the machines by outcome.
+fn count_outcomes(ctx: &Context, asked: &Asked, rows: usize) {
+    let grouped = ctx.format == Format::Grouped
+        || (rows > render::AUTO_GROUP_ROWS && render::is_grouped(ctx.format));
+    if grouped {
+        eprintln!("{}", render::outcome_counts(&asked.outcomes));
+    }
 }
 
 /// HOST VALUE rows, simple lines or the JSON document; then the verdict.
@@ -108,6 +118,7 @@ fn print_values(ctx: &Context, asked: &Asked, shape: Shape) -> Result<(), Failur
         })
         .collect();
     output::print(&render::rows(ctx.format, &["HOST", "VALUE"], &rows))?;
+    count_outcomes(ctx, asked, rows.len());
     verdict(&asked.outcomes, ctx.timeout)
 }
 
