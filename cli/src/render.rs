@@ -342,7 +342,7 @@ pub fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -371,7 +371,7 @@ pub fn grouped(rows: &[Vec<String>]) -> String {
         });
         groups[i].1.push(sanitize(host));
     }
-    groups.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
+    groups.sort_by_key(|g| std::cmp::Reverse(g.1.len()));
     let mut out = String::new();
     for (key, hosts) in &groups {
         let n = hosts.len();
@@ -396,7 +396,7 @@ pub fn outcome_counts(outcomes: &[TargetOutcome]) -> String {
             None => counts.push((s, 1)),
         }
     }
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
     let parts: Vec<String> = counts
         .iter()
         .map(|(s, n)| format!("{} {}", thousands(*n), s.as_str()))
