@@ -179,16 +179,69 @@ pub async fn compare(baseline: &Path) {
         .await;
         assert!(loaded, "a gateway did not load the synthetic machines");
     }
+    // Idle cost after loading: CPU each gateway spends in 3 s with no scrape and no client.
+    let cpu = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let rest = s.rsplit_once(')')?.1.to_owned();
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            })
+            .unwrap_or(0)
+    };
+    let before: Vec<u64> = gateways
+        .iter()
+        .map(|g| cpu(g.pid().expect("pid")))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle: Vec<u64> = gateways
+        .iter()
+        .zip(&before)
+        .map(|(g, b)| cpu(g.pid().expect("pid")) - b)
+        .collect();
+    println!(
+        "| gateway CPU while idle, 3 s (clock ticks) | {} | {} | |",
+        idle[0], idle[1]
+    );
     let mut scrapes = [Vec::new(), Vec::new()];
     let mut snaps = [Vec::new(), Vec::new()];
-    for _ in 0..RUNS {
-        for (i, gw) in gateways.iter().enumerate() {
+    // Scrapes first, then snapshots: each kind interleaved between the builds.
+    // Which build goes first alternates, so neither always follows the other's 16 MB reply.
+    let order = |run: usize| if run % 2 == 0 { [0, 1] } else { [1, 0] };
+    for run in 0..RUNS {
+        for i in order(run) {
             let t = Instant::now();
-            http_get(gw.port, "/metrics").expect("scrape");
+            http_get(gateways[i].port, "/metrics").expect("scrape");
             scrapes[i].push(t.elapsed());
-            snaps[i].push(snapshot(gw.port).await);
         }
     }
+    for run in 0..RUNS {
+        for i in order(run) {
+            snaps[i].push(snapshot(gateways[i].port).await);
+        }
+    }
+    // The same scrapes by curl, so the bench's own HTTP client is out of the figure.
+    let mut curls = [Vec::new(), Vec::new()];
+    for run in 0..RUNS {
+        for i in order(run) {
+            let out = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{time_total}"])
+                .arg(format!("http://127.0.0.1:{}/metrics", gateways[i].port))
+                .output()
+                .expect("run curl");
+            let secs: f64 = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0.0);
+            curls[i].push(Duration::from_secs_f64(secs));
+        }
+    }
+    row(
+        &format!("gateway /metrics by curl, {MACHINES} x {UNITS} units"),
+        &builds,
+        &curls,
+    );
     row(
         &format!("gateway /metrics over HTTP, {MACHINES} x {UNITS} units"),
         &builds,
