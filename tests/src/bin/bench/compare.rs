@@ -208,7 +208,13 @@ pub async fn compare(baseline: &Path) {
     let mut snaps = [Vec::new(), Vec::new()];
     // Scrapes first, then snapshots: each kind interleaved between the builds.
     // Which build goes first alternates, so neither always follows the other's 16 MB reply.
-    let order = |run: usize| if run % 2 == 0 { [0, 1] } else { [1, 0] };
+    let order = |run: usize| {
+        if run.is_multiple_of(2) {
+            [0, 1]
+        } else {
+            [1, 0]
+        }
+    };
     for run in 0..RUNS {
         for i in order(run) {
             let t = Instant::now();
