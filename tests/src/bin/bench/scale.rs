@@ -102,15 +102,27 @@ pub async fn scale(sizes: &[usize]) {
                 .and_then(|v| v["in_bytes"].as_u64())
                 .unwrap_or(0)
         };
-        let (b0, t0) = (in_bytes(), Instant::now());
+        let beats = || {
+            emulator
+                .sent
+                .heartbeats
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let (b0, h0, t0) = (in_bytes(), beats(), Instant::now());
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let rate = (in_bytes() - b0) as f64 / t0.elapsed().as_secs_f64();
+        let secs = t0.elapsed().as_secs_f64();
+        let rate = (in_bytes() - b0) as f64 / secs;
+        let beat_rate = (beats() - h0) as f64 / secs;
 
         let runs = if n >= 50_000 { 5 } else { 10 };
+        let mut not_ok = 0;
         let all = median_of(runs, || {
             let (t, lines, code) =
                 cbus(&url, &["-s", "get", PROPERTY[0], PROPERTY[1], PROPERTY[2]]);
-            assert_eq!((lines, code), (n, 0));
+            // Every machine has a line; one whose heartbeat the emulator sent late may be
+            // reported unresponsive (exit 3), never missing.
+            assert_eq!(lines, n);
+            not_ok += usize::from(code != 0);
             t
         });
         let one_host = format!("{}{:05}", "emu-", n / 2);
@@ -161,14 +173,19 @@ pub async fn scale(sizes: &[usize]) {
         });
         let fmt = |(m, p): (Duration, Duration)| format!("{:.0} ms ({:.0})", ms(m), ms(p));
         println!(
-            "| {n} | {} | {} | {} | {} | {} | {:.0} KB/s ({} heartbeats/s) | {:.0} MiB |",
+            "| {n} | {}{} | {} | {} | {} | {} | {:.0} KB/s ({:.0} heartbeats/s) | {:.0} MiB |",
             fmt(all),
+            if not_ok > 0 {
+                format!(", {not_ok} of {runs} runs exit 3")
+            } else {
+                String::new()
+            },
             fmt(mid),
             fmt(unresponsive),
             fmt(one),
             fmt(agents),
             rate / 1000.0,
-            n / 5,
+            beat_rate,
             children_max_rss_kib() as f64 / 1024.0
         );
         drop(emulator);
