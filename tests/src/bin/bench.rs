@@ -492,6 +492,29 @@ pub fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// `CBUS --server URL -s get` of the test service's String property, whole process; checks it
+/// succeeded with `expect` lines and returns how long it took.
+pub fn timed_get(cbus: &std::path::Path, url: &str, expect: usize) -> Duration {
+    let t = Instant::now();
+    let out = Command::new(cbus)
+        .args(["--server", url, "-s", "get"])
+        .args([
+            TestService::NAME,
+            TestService::PATH,
+            "org.cbus.Test1.String",
+        ])
+        .output()
+        .expect("run cbus");
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), expect);
+    took
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }

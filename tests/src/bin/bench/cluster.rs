@@ -44,24 +44,7 @@ async fn wait_running(url: &str, n: usize, since_ms: u64) -> bool {
 }
 
 fn get(url: &str) -> Duration {
-    let t = Instant::now();
-    let out = Command::new(bin_path("cbus"))
-        .args(["--server", url, "-s", "get"])
-        .args([
-            TestService::NAME,
-            TestService::PATH,
-            "org.cbus.Test1.String",
-        ])
-        .output()
-        .expect("run cbus");
-    let took = t.elapsed();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), AGENTS);
-    took
+    crate::timed_get(&bin_path("cbus"), url, AGENTS)
 }
 
 pub async fn cluster() {

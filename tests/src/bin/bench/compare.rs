@@ -50,30 +50,6 @@ fn builds(baseline: &Path) -> [Build; 2] {
     ]
 }
 
-fn get(cbus: &Path, url: &str, expect: usize) -> Duration {
-    let t = Instant::now();
-    let out = Command::new(cbus)
-        .args([
-            "--server",
-            url,
-            "-s",
-            "get",
-            TestService::NAME,
-            TestService::PATH,
-            "org.cbus.Test1.String",
-        ])
-        .output()
-        .expect("run cbus");
-    let took = t.elapsed();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), expect);
-    took
-}
-
 fn row(what: &str, builds: &[Build; 2], samples: &[Vec<Duration>; 2]) {
     let (m0, p0) = summary(samples[0].clone());
     let (m1, p1) = summary(samples[1].clone());
@@ -140,7 +116,7 @@ pub async fn compare(baseline: &Path) {
         let mut samples = [Vec::new(), Vec::new()];
         for _ in 0..RUNS {
             for (i, b) in builds.iter().enumerate() {
-                samples[i].push(get(&b.cbus, &nats.url(), n));
+                samples[i].push(crate::timed_get(&b.cbus, &nats.url(), n));
             }
         }
         row(&format!("`cbus get`, {n} agents"), &builds, &samples);
@@ -167,17 +143,7 @@ pub async fn compare(baseline: &Path) {
         tokio::spawn(crate::gateway::synthetic_agent(agents_client.clone(), info));
     }
     for gw in &gateways {
-        let port = gw.port;
-        let loaded = cbus_tests::wait_for(Duration::from_secs(180), || async {
-            http_get(port, "/metrics").is_some_and(|t| {
-                t.lines()
-                    .filter(|l| l.starts_with("cbus_systemd_unit_start_time_seconds{host=\"synth-"))
-                    .count()
-                    >= MACHINES * UNITS
-            })
-        })
-        .await;
-        assert!(loaded, "a gateway did not load the synthetic machines");
+        crate::gateway::wait_loaded(gw.port, MACHINES, UNITS).await;
     }
     // Idle cost after loading: CPU each gateway spends in 3 s with no scrape and no client.
     let cpu = |pid: u32| -> u64 {

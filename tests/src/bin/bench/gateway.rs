@@ -220,6 +220,20 @@ async fn ws_client(
     }
 }
 
+/// Waits until the gateway at `port` exports every unit of `machines` synthetic machines.
+pub(crate) async fn wait_loaded(port: u16, machines: usize, units: usize) {
+    let loaded = cbus_tests::wait_for(Duration::from_secs(180), || async {
+        http_get(port, "/metrics").is_some_and(|t| {
+            t.lines()
+                .filter(|l| l.starts_with("cbus_systemd_unit_start_time_seconds{host=\"synth-"))
+                .count()
+                >= machines * units
+        })
+    })
+    .await;
+    assert!(loaded, "the gateway did not load the synthetic machines");
+}
+
 pub async fn gateway() {
     println!(
         "\n## gateway: {MACHINES} synthetic machines x {UNITS} units; WebSocket clients each subscribed to one machine's units"
@@ -237,16 +251,7 @@ pub async fn gateway() {
     }
     let t = Instant::now();
     let port = gw.port;
-    let loaded = cbus_tests::wait_for(Duration::from_secs(180), || async {
-        http_get(port, "/metrics").is_some_and(|t| {
-            t.lines()
-                .filter(|l| l.starts_with("cbus_systemd_unit_start_time_seconds{host=\"synth-"))
-                .count()
-                >= MACHINES * UNITS
-        })
-    })
-    .await;
-    assert!(loaded, "the gateway did not load the synthetic machines");
+    wait_loaded(port, MACHINES, UNITS).await;
     eprintln!(
         "gateway loaded {MACHINES} x {UNITS} units in {:.1} s",
         t.elapsed().as_secs_f64()
