@@ -175,8 +175,15 @@ impl Context {
     pub async fn selected(&self) -> Result<(Vec<AgentStatus>, usize), Failure> {
         let (fleet, health) = self.link().await?;
         let mark = health.mark();
+        // The registry gets three quarters of what is left after a ping's window, so that when
+        // it cannot be read in time (a cluster electing its stream's leader) a ping still
+        // finds the machines and leaves time to ask them.
+        let registry_wait = self.remaining().saturating_sub(PING_WINDOW).mul_f64(0.75);
         let read = self
-            .bounded("reading the agent registry", fleet.agents(PING_WINDOW))
+            .bounded(
+                "reading the agent registry",
+                fleet.agents_within(registry_wait, PING_WINDOW),
+            )
             .await?;
         // An empty or failed read while the connection was down says nothing about the fleet.
         let all = match read {

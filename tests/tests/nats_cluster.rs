@@ -164,16 +164,16 @@ async fn a_three_node_cluster_with_the_registry_at_three_replicas_survives_a_nod
             &["--json", "--timeout", "2s", "get", DEST, PATH, "String"],
         );
         fan_outs += 1;
-        if out.status.code() == Some(2) {
-            // The registry's stream elects a new leader when its leader was on the killed
-            // node; until then the read fails, and says so (exit 2), rather than guessing.
-            println!(
-                "during failover, after {:?}: {}",
-                killed_at.elapsed(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            continue;
-        }
+        // While the registry's stream elects a new leader (its leader was on the killed node)
+        // the CLI finds the machines by ping instead: a fan-out never fails for want of the
+        // registry, and names every machine it could not reach.
+        assert_ne!(
+            out.status.code(),
+            Some(2),
+            "a fan-out during the failover failed as a whole after {:?}: {}",
+            killed_at.elapsed(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let (answered, missed) = each_once(&json_of(&out), &hosts);
         if answered == 6 {
             all_back = Some(killed_at.elapsed());

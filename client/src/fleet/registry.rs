@@ -26,11 +26,25 @@ const BUCKET_RACE_WAIT: Duration = Duration::from_secs(2);
 /// left (see [`Fleet::registry`]).
 const REGISTRY_SETTLE: Duration = Duration::from_millis(200);
 
+/// The longest a registry read takes before it fails (a read of 50,000 entries takes ~1 s).
+const REGISTRY_WAIT: Duration = Duration::from_secs(5);
+
 impl Fleet {
     /// Every agent in the registry with its state, sorted by hostname. Falls back to a ping
     /// (collecting answers for `ping_window`) when the server has no JetStream or no registry.
     pub async fn agents(&self, ping_window: Duration) -> Result<Vec<AgentStatus>, FleetError> {
-        let mut agents = match self.registry().await {
+        self.agents_within(REGISTRY_WAIT, ping_window).await
+    }
+
+    /// Like [`Fleet::agents`], giving the registry read at most `registry_wait` before the
+    /// ping: on a cluster the bucket's stream has no leader for a few seconds after its
+    /// leader's node died, and a read that waited it out would leave a command no time.
+    pub async fn agents_within(
+        &self,
+        registry_wait: Duration,
+        ping_window: Duration,
+    ) -> Result<Vec<AgentStatus>, FleetError> {
+        let mut agents = match self.registry_within(registry_wait).await {
             Ok(agents) => agents,
             Err(e) => {
                 tracing::debug!(error = %e, "registry unavailable; falling back to ping");
@@ -46,12 +60,17 @@ impl Fleet {
 
     /// Reads the last presence event of every agent from the KV bucket.
     pub async fn registry(&self) -> Result<Vec<AgentStatus>, FleetError> {
+        self.registry_within(REGISTRY_WAIT).await
+    }
+
+    /// [`Fleet::registry`], given up after `wait`.
+    pub async fn registry_within(&self, wait: Duration) -> Result<Vec<AgentStatus>, FleetError> {
         let registry_err = |message: String| FleetError::Registry {
             bucket: presence::REGISTRY_BUCKET,
             message,
         };
         let js = jetstream::new(self.client.clone());
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + wait.min(REGISTRY_WAIT);
         let stream = timeout_at(
             deadline,
             js.get_stream_no_info(format!("KV_{}", presence::REGISTRY_BUCKET)),
