@@ -4,7 +4,6 @@
 //! capped backoff; connection events are logged and mirrored in the `nats_connected` gauge.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::Event;
 
@@ -32,15 +31,11 @@ pub async fn connect(
         .options_with_seed(config.nats_nkey_auth.then(|| id.seed.0.clone()))
         .await?;
     let m = metrics.clone();
-    let opts = opts
+    let opts = cbus_client::connect::Reconnect::Forever
+        .apply(opts)
         .name(format!("cbus-agent {}", cbus_protocol::VERSION))
         // Its own inbox prefix, so its permissions can keep it out of everyone else's replies.
         .custom_inbox_prefix(cbus_protocol::permissions::agent_inbox_prefix(&id.nkey))
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((100 * 2u64.saturating_pow(attempts.min(8) as u32)).min(10_000))
-        })
         .event_callback(move |event| {
             let m = m.clone();
             async move {
