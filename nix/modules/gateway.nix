@@ -170,13 +170,7 @@ in
       wantedBy = [ "multi-user.target" ];
       after = [ "network-online.target" "nats.service" ];
       wants = [ "network-online.target" ];
-      environment = {
-        RUST_LOG = cfg.logLevel;
-        # Two malloc arenas: /metrics builds a ~16 MB body per scrape on a pool thread, and with
-        # glibc's per-thread arenas each scrape faulted in fresh pages (27 vs 13 ms at 100 x 200
-        # units, docs/benchmarks.md 2026-12-02).
-        MALLOC_ARENA_MAX = "2";
-      };
+      environment.RUST_LOG = cfg.logLevel;
       serviceConfig = {
         # %d is systemd's credentials directory: kept unescaped, everything else escaped.
         ExecStart = lib.concatStringsSep " " ([
