@@ -187,41 +187,10 @@ async fn fan_out() {
     let fleet = Fleet::new(nats.connect().await, "bench");
     let mut agents = Vec::new();
     for n in [1usize, 3, 10, 50] {
-        while agents.len() < n {
-            agents.push(Agent::start(&nats.url(), bus.address(), &["--no-signals"]));
-        }
-        let ok = cbus_tests::wait_for(Duration::from_secs(60), || async {
-            fleet
-                .registry()
-                .await
-                .map(|a| a.len() >= n)
-                .unwrap_or(false)
-        })
-        .await;
-        assert!(ok, "{n} agents did not register");
-        let mut samples = Vec::new();
-        for _ in 0..30 {
-            let t = Instant::now();
-            let out = Command::new(bin_path("cbus"))
-                .args([
-                    "--server",
-                    &nats.url(),
-                    "-s",
-                    "get",
-                    "org.cbus.Test",
-                    "/org/cbus/Test",
-                    "org.cbus.Test1.String",
-                ])
-                .output()
-                .expect("run cbus");
-            samples.push(t.elapsed());
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), n);
-        }
+        grow_agents(&nats.url(), bus.address(), &fleet, &mut agents, n).await;
+        let samples = (0..30)
+            .map(|_| timed_get(&bin_path("cbus"), &nats.url(), n))
+            .collect();
         let (median, p95) = summary(samples);
         println!(
             "| {n} | {:.1} ms | {:.1} ms |",
@@ -490,6 +459,15 @@ pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
+}
+
+/// Starts agents on `bus` until there are `n`, and waits until the registry has them running.
+pub async fn grow_agents(url: &str, bus: &str, fleet: &Fleet, agents: &mut Vec<Agent>, n: usize) {
+    while agents.len() < n {
+        agents.push(Agent::start(url, bus, &["--no-signals"]));
+    }
+    let ok = cbus_tests::ask::wait_running(fleet, Duration::from_secs(60), |c| c >= n).await;
+    assert!(ok, "{n} agents did not register");
 }
 
 /// `CBUS --server URL -s get` of the test service's String property, whole process; checks it

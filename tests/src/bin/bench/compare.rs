@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cbus_client::fleet::Fleet;
 use cbus_tests::gateway::{http_get, rss_kib};
 use cbus_tests::{
-    bin_path, Agent, GatewayProcess, GatewayStart, NatsServer, PrivateBus, TestService, WsClient,
+    bin_path, GatewayProcess, GatewayStart, NatsServer, PrivateBus, TestService, WsClient,
 };
 
 use crate::{ms, summary};
@@ -101,18 +101,7 @@ pub async fn compare(baseline: &Path) {
     let fleet = Fleet::new(nats.connect().await, "bench");
     let mut agents = Vec::new();
     for n in [10usize, 50] {
-        while agents.len() < n {
-            agents.push(Agent::start(&nats.url(), bus.address(), &["--no-signals"]));
-        }
-        let ok = cbus_tests::wait_for(Duration::from_secs(60), || async {
-            fleet
-                .registry()
-                .await
-                .map(|a| a.len() >= n)
-                .unwrap_or(false)
-        })
-        .await;
-        assert!(ok, "{n} agents did not register");
+        crate::grow_agents(&nats.url(), bus.address(), &fleet, &mut agents, n).await;
         let mut samples = [Vec::new(), Vec::new()];
         for _ in 0..RUNS {
             for (i, b) in builds.iter().enumerate() {
