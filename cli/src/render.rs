@@ -321,18 +321,19 @@ pub fn simple(rows: &[Vec<String>]) -> String {
 pub fn rows(format: Format, header: &[&str], rows: &[Vec<String>]) -> String {
     match format {
         Format::Simple => simple(rows),
-        Format::Grouped => grouped(rows),
-        Format::Table if rows.len() > AUTO_GROUP_ROWS && is_grouped(format) => grouped(rows),
+        _ if is_grouped(format, rows.len()) => grouped(rows),
         _ => table(header, rows),
     }
 }
 
-/// Whether rows in `format` come out grouped: `--group`, or a table on a terminal (where a
-/// large one is folded).
-pub fn is_grouped(format: Format) -> bool {
+/// Whether `rows` rows in `format` come out grouped: `--group`, or a table of more than
+/// [`AUTO_GROUP_ROWS`] on a terminal.
+pub fn is_grouped(format: Format, rows: usize) -> bool {
     match format {
         Format::Grouped => true,
-        Format::Table => std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        Format::Table => {
+            rows > AUTO_GROUP_ROWS && std::io::IsTerminal::is_terminal(&std::io::stdout())
+        }
         _ => false,
     }
 }

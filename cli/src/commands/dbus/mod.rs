@@ -95,9 +95,7 @@ fn print_keyed(
 
 /// When the rows came out grouped, one stderr line counts the machines by outcome.
 fn count_outcomes(ctx: &Context, asked: &Asked, rows: usize) {
-    let grouped = ctx.format == Format::Grouped
-        || (rows > render::AUTO_GROUP_ROWS && render::is_grouped(ctx.format));
-    if grouped {
+    if render::is_grouped(ctx.format, rows) {
         eprintln!("{}", render::outcome_counts(&asked.outcomes));
     }
 }
