@@ -70,6 +70,11 @@ pub struct TargetArgs {
     /// (silent 17s)`
     #[arg(long, global = true)]
     pub ask_unresponsive: bool,
+    /// Ask machines under maintenance (`cbus maintenance on`) too, and wait for them like the
+    /// others. Without it they are not asked: reported as `maintenance (REASON; 1h left)`,
+    /// which never makes the exit code non-zero
+    #[arg(long, global = true)]
+    pub ask_maintenance: bool,
     /// Wait for every silent machine until --timeout, instead of a grace after the latest
     /// answer: max(1s, 2 x how long that answer took), for reads (docs/cli.md, "Stuck machines")
     #[arg(long, global = true)]
@@ -228,6 +233,9 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
     /// Man pages: write cbus.1 and one page per command into DIR, or cbus.1 to stdout
     Man { dir: Option<PathBuf> },
+    /// Mark machines as expected away (maintenance), clear the mark, or list the marks
+    #[command(subcommand)]
+    Maintenance(MaintenanceCommand),
     /// The agent registry: `cbus registry init` creates it (the gateway also does at start)
     #[command(subcommand)]
     Registry(RegistryCommand),
@@ -243,6 +251,34 @@ pub enum Command {
         #[arg(long)]
         js_domain: Option<String>,
     },
+}
+
+/// Maintenance marks: machines expected to be away are not asked by fan-outs and never fail a
+/// command; `cbus agents`, the dashboard and /metrics (`cbus_agent_maintenance`) show them.
+#[derive(Debug, Subcommand)]
+pub enum MaintenanceCommand {
+    /// Mark machines (by hostname glob, or --hosts/--nkeys/--labels) as under maintenance
+    #[command(
+        after_help = "Example: cbus maintenance on 'web-1*' --reason 'kernel update' --for 2h"
+    )]
+    On {
+        /// Hostname globs of the machines to mark (with --hosts, --nkeys, --labels: all must match)
+        #[arg(value_name = "HOST")]
+        hosts: Vec<String>,
+        /// Why, shown with the machine everywhere (one line, at most 200 characters)
+        #[arg(long)]
+        reason: Option<String>,
+        /// How long the mark lasts, e.g. 2h, 30m; without it, until `maintenance off`
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: Option<String>,
+    },
+    /// Clear the mark of machines (by hostname glob, or --hosts/--nkeys/--labels)
+    Off {
+        #[arg(value_name = "HOST")]
+        hosts: Vec<String>,
+    },
+    /// The machines under maintenance now, with reason, expiry and who marked them
+    List,
 }
 
 /// What to do with the agent registry (a JetStream KV bucket).

@@ -48,7 +48,7 @@ pub struct Context {
     pub selector: Selector,
     pub timeout: Duration,
     pub format: Format,
-    /// `--ask-unresponsive`, `--no-grace`.
+    /// `--ask-unresponsive`, `--ask-maintenance`, `--no-grace`.
     pub options: FanOutOptions,
     /// When the command started; its deadline is this plus the budget.
     started: Instant,
@@ -102,6 +102,7 @@ impl Context {
             format,
             options: FanOutOptions {
                 ask_unresponsive: targets.ask_unresponsive,
+                ask_maintenance: targets.ask_maintenance,
                 grace: !targets.no_grace,
             },
             started: Instant::now(),
@@ -171,8 +172,16 @@ impl Context {
             && self.selector.labels.is_empty())
     }
 
-    /// Every known agent that the selection picks (possibly none).
+    /// Every known agent that the selection picks (possibly none), and how many are known.
     pub async fn selected(&self) -> Result<(Vec<AgentStatus>, usize), Failure> {
+        self.selected_with(&self.selector).await
+    }
+
+    /// Every known agent that `selector` picks (possibly none), and how many are known.
+    pub async fn selected_with(
+        &self,
+        selector: &Selector,
+    ) -> Result<(Vec<AgentStatus>, usize), Failure> {
         let (fleet, health) = self.link().await?;
         let mark = health.mark();
         // The registry gets three quarters of what is left after a ping's window, so that when
@@ -196,7 +205,7 @@ impl Context {
             Err(e) if health.lost_since(mark) => return Err(Failure::Disconnected(e.to_string())),
             Err(e) => return Err(Failure::Connection(e.to_string())),
         };
-        let selected = self.selector.select(&all).map_err(usage)?;
+        let selected = selector.select(&all).map_err(usage)?;
         Ok((selected, all.len()))
     }
 
@@ -356,7 +365,7 @@ pub fn verdict_of<'a>(
     let mut groups: Vec<(Status, Vec<&str>)> = Vec::new();
     for (host, status) in items {
         total.insert(host);
-        if status.is_ok() {
+        if !status.counts_against() {
             continue;
         }
         match groups.iter_mut().find(|(s, _)| *s == status) {
@@ -397,6 +406,19 @@ pub fn verdict_of<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maintenance_never_fails_a_command() {
+        use Status::*;
+        let t = Duration::from_secs(5);
+        assert!(verdict_of([("a", Ok), ("b", Maintenance)].into_iter(), t).is_ok());
+        let e = verdict_of([("a", Maintenance), ("c", Unresponsive)].into_iter(), t).unwrap_err();
+        assert!(matches!(&e, Failure::Unreachable(m) if m.contains("c") && !m.contains("a,")));
+        assert!(matches!(
+            verdict_of([("b", Maintenance), ("d", Failed)].into_iter(), t),
+            Err(Failure::Partial(_))
+        ));
+    }
 
     #[test]
     fn verdict_names_machines_by_reason() {
@@ -446,6 +468,7 @@ mod tests {
             labels: labels.into_iter().map(Into::into).collect(),
             timeout: None,
             ask_unresponsive: false,
+            ask_maintenance: false,
             no_grace: false,
         };
         let new = |t: &TargetArgs| {

@@ -23,7 +23,7 @@ use cbus_client::systemd::UnitJob;
 use clap::Parser;
 
 use args::{Cli, Command};
-use commands::{agents, dbus, docs, keys, monitor, server, subject, systemd};
+use commands::{agents, dbus, docs, keys, maintenance, monitor, server, subject, systemd};
 use error::Failure;
 use render::Format;
 
@@ -120,6 +120,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Names { all } => dbus::names(&ctx, all).await,
         Command::Agents => agents::run(&ctx).await,
+        Command::Maintenance(m) => maintenance::run(&ctx, m).await,
         Command::Registry(args::RegistryCommand::Init { replicas }) => {
             server::registry_init(&ctx, usize::from(replicas)).await
         }

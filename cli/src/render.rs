@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use cbus_client::fleet::{Outcome, TargetOutcome};
+use cbus_client::fleet::{Maintenance, Outcome, TargetOutcome};
 use cbus_protocol::codec;
 use cbus_protocol::{ErrorBody, ErrorCode};
 use serde_json::{json, Map, Value};
@@ -188,7 +188,30 @@ pub fn outcome_error(o: &Outcome, timeout: Duration) -> Option<ErrorBody> {
         Outcome::Unresponsive { silent } => {
             Some(ErrorBody::new(ErrorCode::Timeout, unresponsive(*silent)))
         }
+        Outcome::Maintenance(mark) => Some(ErrorBody::new(
+            ErrorCode::Disconnected,
+            maintenance(mark, cbus_protocol::presence::now_ms()),
+        )),
     }
+}
+
+/// `maintenance (kernel update; 1h12m left; by alice@laptop)`: why a machine was not asked.
+pub fn maintenance(mark: &Maintenance, now_ms: u64) -> String {
+    let mut parts = Vec::new();
+    if let Some(reason) = &mark.reason {
+        parts.push(reason.clone());
+    }
+    match mark.until_ms {
+        Some(until) => parts.push(format!(
+            "{} left",
+            silence(Duration::from_millis(until.saturating_sub(now_ms)))
+        )),
+        None => parts.push("until cleared".into()),
+    }
+    if !mark.by.is_empty() {
+        parts.push(format!("by {}", mark.by));
+    }
+    format!("maintenance ({})", parts.join("; "))
 }
 
 /// One line explaining an outcome that is not a value.
@@ -234,6 +257,9 @@ pub fn json_result(t: &TargetOutcome, timeout: Duration) -> Value {
             v["error"] = json!(outcome_error(other, timeout));
             if let Outcome::Unresponsive { silent } = other {
                 v["silent_ms"] = json!(silent.as_millis() as u64);
+            }
+            if let Outcome::Maintenance(mark) = other {
+                v["maintenance"] = json!(mark);
             }
         }
     }

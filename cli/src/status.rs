@@ -23,17 +23,21 @@ pub enum Status {
     Unresponsive,
     /// The job was still running when `--job-timeout` passed.
     Unfinished,
+    /// An operator marked it under maintenance (expected away); not asked, and neither a
+    /// failure nor unreachable.
+    Maintenance,
 }
 
 impl Status {
     /// Every status, in the order summaries list them.
-    pub const FAN_OUT: [Status; 6] = [
+    pub const FAN_OUT: [Status; 7] = [
         Status::Ok,
         Status::Failed,
         Status::TimedOut,
         Status::NotConnected,
         Status::Stopped,
         Status::Unresponsive,
+        Status::Maintenance,
     ];
 
     /// The status of one fan-out outcome.
@@ -45,6 +49,7 @@ impl Status {
             Outcome::TimedOut { .. } => Status::TimedOut,
             Outcome::Stopped => Status::Stopped,
             Outcome::Unresponsive { .. } => Status::Unresponsive,
+            Outcome::Maintenance(_) => Status::Maintenance,
         }
     }
 
@@ -57,11 +62,18 @@ impl Status {
             Status::Stopped => "stopped",
             Status::Unresponsive => "unresponsive",
             Status::Unfinished => "unfinished",
+            Status::Maintenance => "maintenance",
         }
     }
 
     pub fn is_ok(self) -> bool {
         self == Status::Ok
+    }
+
+    /// Whether this status makes a command's exit code other than 0: everything but ok and
+    /// maintenance (a machine expected away never fails a command).
+    pub fn counts_against(self) -> bool {
+        !matches!(self, Status::Ok | Status::Maintenance)
     }
 
     /// Whether the machine could not be reached (as opposed to answering with an error): these
@@ -78,7 +90,7 @@ impl Status {
     pub fn error_code(self) -> ErrorCode {
         match self {
             Status::TimedOut | Status::Unfinished | Status::Unresponsive => ErrorCode::Timeout,
-            Status::NotConnected | Status::Stopped => ErrorCode::Disconnected,
+            Status::NotConnected | Status::Stopped | Status::Maintenance => ErrorCode::Disconnected,
             Status::Ok | Status::Failed => ErrorCode::InternalError,
         }
     }

@@ -392,6 +392,7 @@ mod tests {
             last_seen_ms: 1,
             units: 0,
             units_loaded: false,
+            maintenance: None,
         }));
         assert!(units_only.try_recv().is_none());
         assert!(matches!(

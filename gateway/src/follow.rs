@@ -3,11 +3,14 @@
 //! - presence (`dbus.presence.*`), after one read of the `cbus-agents` registry at start;
 //! - systemd's unit signals and the loading of machines' units ([`crate::systemd`]);
 //! - agents' own metrics (`dbus.metrics.*`);
+//! - the operators' maintenance marks (the `cbus-maintenance` bucket, watched);
 //! - a one-second tick that turns silent machines unresponsive.
 
 use std::time::Duration;
 
-use cbus_client::fleet::Fleet;
+use async_nats::jetstream::kv::Operation;
+use cbus_client::fleet::{Fleet, Maintenance};
+use cbus_protocol::maintenance::MAINTENANCE_BUCKET;
 use cbus_protocol::presence::{self, AgentState, PresenceEvent, PresenceKind};
 use cbus_protocol::subject;
 use futures::StreamExt;
@@ -94,6 +97,7 @@ pub(crate) async fn start(
     });
     tokio::spawn(presence_loop(store.clone(), units, presence_sub));
     tokio::spawn(metrics_loop(store.clone(), agent_metrics));
+    tokio::spawn(maintenance_loop(client.clone(), store.clone()));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -120,6 +124,49 @@ async fn presence_loop(store: Store, units: Units, mut sub: async_nats::Subscrib
         if !goodbye && matches!(join, Join::New | Join::Restarted) {
             units.reload(nkey);
         }
+    }
+}
+
+/// How long the gateway waits before it looks again for a maintenance bucket that is missing
+/// (none is made until an operator first marks a machine) or a watch that ended.
+const MAINTENANCE_RETRY: Duration = Duration::from_secs(5);
+
+/// Follows the maintenance marks: a watch of the bucket delivers each machine's latest mark (or
+/// its deletion), then every change. The gateway may only read the bucket; it waits for an
+/// operator to create it.
+async fn maintenance_loop(client: async_nats::Client, store: Store) {
+    let js = async_nats::jetstream::new(client);
+    loop {
+        let watch = match js.get_key_value(MAINTENANCE_BUCKET).await {
+            Ok(kv) => kv.watch_with_history(">").await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match watch {
+            Ok(mut entries) => {
+                while let Some(entry) = entries.next().await {
+                    let entry = match entry {
+                        Ok(entry) => entry,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "maintenance watch failed; restarting");
+                            break;
+                        }
+                    };
+                    let mark = match entry.operation {
+                        Operation::Put => match Maintenance::decode(&entry.value) {
+                            Ok(mark) => Some(mark),
+                            Err(e) => {
+                                tracing::warn!(key = %entry.key, error = %e, "malformed maintenance mark ignored");
+                                None
+                            }
+                        },
+                        Operation::Delete | Operation::Purge => None,
+                    };
+                    store.set_maintenance(&entry.key, mark);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "no maintenance bucket yet"),
+        }
+        tokio::time::sleep(MAINTENANCE_RETRY).await;
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cbus_client::fleet::AgentStatus;
+use cbus_client::fleet::{AgentStatus, Maintenance};
 use cbus_protocol::presence::{AgentInfo, AgentState, PresenceKind};
 use regex::Regex;
 use serde::Serialize;
@@ -89,6 +89,11 @@ pub struct Machine {
     pub(crate) agent_metrics: String,
     /// The state last published, to notice transitions.
     pub(crate) reported: AgentState,
+    /// The operator's maintenance mark (`cbus maintenance on`), possibly expired: only
+    /// [`Machine::maintenance`] says whether it counts.
+    pub(crate) mark: Option<Maintenance>,
+    /// Whether the mark counted when last published, to notice it expire.
+    pub(crate) reported_maintenance: bool,
 }
 
 impl Machine {
@@ -103,6 +108,8 @@ impl Machine {
             units_loaded: false,
             agent_metrics: String::new(),
             reported: AgentState::Running,
+            mark: None,
+            reported_maintenance: false,
         };
         m.reported = m.state(cbus_protocol::presence::now_ms());
         m
@@ -138,12 +145,19 @@ impl Machine {
         )
     }
 
+    /// The maintenance mark in force at `now_ms`, if any.
+    pub fn maintenance(&self, now_ms: u64) -> Option<&Maintenance> {
+        self.mark.as_ref().filter(|m| m.active_at(now_ms))
+    }
+
     /// The machine as a fan-out target.
     pub(crate) fn status(&self, now_ms: u64) -> AgentStatus {
         AgentStatus {
             info: self.info.clone(),
             state: self.state(now_ms),
             last_seen_ms: self.last_seen_ms,
+            // The gateway asks the machines its clients chose; a mark is shown, not obeyed.
+            maintenance: None,
         }
     }
 
@@ -162,6 +176,7 @@ impl Machine {
             last_seen_ms: self.last_seen_ms,
             units: self.units.len(),
             units_loaded: self.units_loaded,
+            maintenance: self.maintenance(now_ms).cloned(),
         }
     }
 
@@ -190,6 +205,9 @@ pub(crate) struct MachineRow {
     pub last_seen_ms: u64,
     pub units: usize,
     pub units_loaded: bool,
+    /// The maintenance mark in force (absent when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<Maintenance>,
 }
 
 /// A unit with the machine it runs on, as sent to WebSocket clients (a compact array, see

@@ -61,6 +61,10 @@ pub(crate) fn result_of(outcome: Outcome) -> MachineResult {
             ),
         )),
         Outcome::TimedOut { .. } => MachineResult::TimedOut,
+        Outcome::Maintenance(_) => MachineResult::Failed(ErrorBody::new(
+            ErrorCode::Disconnected,
+            "the machine is under maintenance; not asked",
+        )),
     }
 }
 

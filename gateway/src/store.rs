@@ -11,9 +11,9 @@
 //! while the store is still locked, so sessions see them in the order they were applied.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use cbus_client::fleet::AgentStatus;
+use cbus_client::fleet::{AgentStatus, Maintenance};
 use cbus_client::systemd::Unit as Listed;
 use cbus_protocol::presence::{now_ms, AgentState, PresenceEvent, PresenceKind};
 
@@ -43,10 +43,16 @@ pub(crate) enum UnitAt {
     Ignored,
 }
 
+/// The most maintenance marks kept for machines not seen yet (a fleet's worth).
+const EARLY_MARKS_MAX: usize = 100_000;
+
 /// Shared fleet state; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Store {
     inner: Arc<RwLock<BTreeMap<String, Machine>>>,
+    /// Maintenance marks of machines not seen yet, applied when they appear. Locked only while
+    /// `inner` is write-locked, so the two never deadlock.
+    early_marks: Arc<Mutex<HashMap<String, Maintenance>>>,
     filter: Arc<UnitFilter>,
     changes: Router,
 }
@@ -56,6 +62,7 @@ impl Store {
     pub(crate) fn new(filter: UnitFilter, changes: Router) -> Self {
         Store {
             inner: Arc::new(RwLock::new(BTreeMap::new())),
+            early_marks: Arc::default(),
             filter: Arc::new(filter),
             changes,
         }
@@ -122,7 +129,9 @@ impl Store {
                 )
             }
             None => {
-                let machine = Machine::new(ev.agent, ev.event, seen_ms);
+                let mut machine = Machine::new(ev.agent, ev.event, seen_ms);
+                machine.mark = self.early_marks().remove(&machine.info.nkey);
+                machine.reported_maintenance = machine.maintenance(now).is_some();
                 let row = machine.row(now);
                 m.insert(machine.info.nkey.clone(), machine);
                 (Join::New, Some(row))
@@ -134,16 +143,47 @@ impl Store {
         join
     }
 
-    /// Publishes state transitions that happen by time alone (a machine turning unresponsive).
+    /// Publishes state transitions that happen by time alone (a machine turning unresponsive,
+    /// a maintenance mark expiring).
     pub(crate) fn tick(&self, now_ms: u64) {
         let mut m = self.write();
         for machine in m.values_mut() {
             let state = machine.state(now_ms);
-            if state != machine.reported {
+            let maintenance = machine.maintenance(now_ms).is_some();
+            if state != machine.reported || maintenance != machine.reported_maintenance {
                 machine.reported = state;
+                machine.reported_maintenance = maintenance;
                 self.emit(Change::Machine(machine.row(now_ms)));
             }
         }
+    }
+
+    fn early_marks(&self) -> MutexGuard<'_, HashMap<String, Maintenance>> {
+        self.early_marks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets (or with `None` clears) a machine's maintenance mark.
+    pub(crate) fn set_maintenance(&self, nkey: &str, mark: Option<Maintenance>) {
+        let now = now_ms();
+        let mut m = self.write();
+        let Some(machine) = m.get_mut(nkey) else {
+            let mut early = self.early_marks();
+            match mark {
+                // Bounded: only operators write marks, but a bucket full of marks for machines
+                // that never come must not grow the gateway without end.
+                Some(mark) if early.len() < EARLY_MARKS_MAX => {
+                    early.insert(nkey.to_owned(), mark);
+                }
+                Some(_) => tracing::warn!(nkey, "too many marks of unknown machines; ignored"),
+                None => {
+                    early.remove(nkey);
+                }
+            }
+            return;
+        };
+        machine.mark = mark;
+        machine.reported_maintenance = machine.maintenance(now).is_some();
+        self.emit(Change::Machine(machine.row(now)));
     }
 
     /// Replaces a machine's units with a ListUnits result, keeping what signals already told

@@ -2,7 +2,7 @@
 //!
 //! Everything that crosses NATS is defined here and nowhere else: subjects ([`subject`]), header
 //! names ([`headers`]), request bodies and the reply envelope ([`envelope`]), presence
-//! ([`presence`]), introspection schemas ([`introspect`]) and the lossless JSON form of D-Bus
+//! ([`presence`]), maintenance marks ([`maintenance`]), introspection schemas ([`introspect`]) and the lossless JSON form of D-Bus
 //! values ([`codec`]), subject-token escaping ([`token`]), names ([`names`]), agent identities
 //! ([`nkey`]) and the NATS permission sets ([`permissions`]). The human-readable version is
 //! docs/protocol.md.
@@ -16,6 +16,7 @@ pub mod envelope;
 pub mod error;
 pub mod headers;
 pub mod introspect;
+pub mod maintenance;
 pub mod names;
 pub mod nkey;
 pub mod permissions;

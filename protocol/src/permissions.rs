@@ -13,13 +13,15 @@
 //!   answer requests (`allow_responses`); subscribe only to its own requests, broadcasts in its
 //!   own queue group (so it cannot answer for another machine), pings, and its own inbox prefix
 //!   ([`agent_inbox_prefix`]), so it never reads anyone else's replies.
-//! - **gateway**: send requests, read signals, presence, metrics and the registry, and keep the
-//!   registry bucket's configuration ([`crate::presence::registry_spec`]).
+//! - **gateway**: send requests, read signals, presence, metrics, the registry and the
+//!   maintenance marks ([`crate::maintenance`]; read only), and keep the registry bucket's
+//!   configuration ([`crate::presence::registry_spec`]).
 //! - **operator** (the `cbus` CLI's user): the gateway's rights plus the rest of the JetStream
 //!   API, for an administrator.
 
 use serde::Serialize;
 
+use crate::maintenance::MAINTENANCE_BUCKET;
 use crate::presence::REGISTRY_BUCKET;
 use crate::subject;
 
@@ -61,9 +63,9 @@ fn registry_stream() -> String {
     format!("KV_{REGISTRY_BUCKET}")
 }
 
-/// The JetStream API calls that read the registry (open the bucket, replay it, get one entry).
-fn registry_read() -> Vec<String> {
-    let stream = registry_stream();
+/// The JetStream API calls that read a KV bucket's `stream` (open the bucket, replay it, get one
+/// entry): the registry's, and the maintenance marks'.
+fn kv_read(stream: &str) -> Vec<String> {
     vec![
         js_api("INFO"),
         js_api(&format!("STREAM.INFO.{stream}")),
@@ -139,7 +141,8 @@ pub fn agent_in_domain(nkey: &str, domain: Option<&str>) -> Permissions {
 pub fn gateway() -> Permissions {
     let stream = registry_stream();
     let mut publish = request_subjects();
-    publish.extend(registry_read());
+    publish.extend(kv_read(&stream));
+    publish.extend(kv_read(&format!("KV_{MAINTENANCE_BUCKET}")));
     publish.push(js_api(&format!("STREAM.CREATE.{stream}")));
     publish.push(js_api(&format!("STREAM.UPDATE.{stream}")));
     Permissions {
@@ -155,6 +158,8 @@ pub fn gateway() -> Permissions {
 pub fn operator() -> Permissions {
     let mut publish = request_subjects();
     publish.push(js_api(">"));
+    // Marking machines for maintenance is a put on the bucket's subjects.
+    publish.push(format!("$KV.{MAINTENANCE_BUCKET}.>"));
     Permissions {
         publish: Rules { allow: publish },
         subscribe: Rules {
@@ -216,6 +221,23 @@ mod tests {
             .all(|s| s.contains(A) || s.starts_with("$JS.hub.API.STREAM.INFO.")));
         assert_eq!(p.subscribe, agent(A).subscribe);
         assert_eq!(agent_in_domain(A, None), agent(A));
+    }
+
+    #[test]
+    fn only_operators_mark_machines_for_maintenance() {
+        let put = format!("$KV.{MAINTENANCE_BUCKET}.{A}");
+        let stream = format!("KV_{MAINTENANCE_BUCKET}");
+        assert!(!agent(A)
+            .publish
+            .allow
+            .iter()
+            .any(|s| s.contains(&stream) || s.contains(MAINTENANCE_BUCKET)));
+        let g = gateway().publish.allow;
+        assert!(g.contains(&format!("$JS.API.STREAM.INFO.{stream}")));
+        assert!(!g.iter().any(|s| s == &put || s.starts_with("$KV.")));
+        let o = operator().publish.allow;
+        assert!(o.contains(&"$JS.API.>".to_owned()));
+        assert!(o.contains(&format!("$KV.{MAINTENANCE_BUCKET}.>")));
     }
 
     /// docs/protocol.md shows each set; it must be the code's, not a copy that drifted.

@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::maintenance::Maintenance;
+
 /// JetStream KV bucket holding the latest [`PresenceEvent`] of each agent.
 pub const REGISTRY_BUCKET: &str = "cbus-agents";
 /// The registry key (an nkey) of a message on the bucket's subject `$KV.<bucket>.<key>`.
@@ -190,6 +192,9 @@ pub struct AgentStatus {
     pub state: AgentState,
     /// Unix ms of the last presence message, by the NATS server's clock (or ours for pings).
     pub last_seen_ms: u64,
+    /// The operator's maintenance mark, when one is active: the machine is expected to be away.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<Maintenance>,
 }
 
 /// An agent's status from its last presence event, seen `now_ms - seen_ms` ago.
@@ -200,6 +205,7 @@ pub fn status_from(event: PresenceEvent, seen_ms: u64, now_ms: u64) -> AgentStat
         state: AgentState::derive(event.event, heartbeat, silent_for),
         info: event.agent,
         last_seen_ms: seen_ms,
+        maintenance: None,
     }
 }
 

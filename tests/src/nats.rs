@@ -261,3 +261,23 @@ impl Drop for NatsServer {
         self.stop();
     }
 }
+
+/// The `authorization` block of a deployment's nats-server, from the permission sets the code
+/// holds (`cbus_protocol::permissions`, as `./dev up` and the NixOS module render them): an
+/// `operator` and a `gateway` user with these passwords, and each agent nkey.
+pub fn deployment_authorization(agents: &[&str], operator_pw: &str, gateway_pw: &str) -> String {
+    use cbus_protocol::permissions;
+    let mut users = format!(
+        "{{ user: operator, password: {operator_pw}, permissions: {} }}\n\
+         {{ user: gateway, password: {gateway_pw}, permissions: {} }}\n",
+        permissions::operator().to_config(),
+        permissions::gateway().to_config()
+    );
+    for nkey in agents {
+        users.push_str(&format!(
+            "{{ nkey: {nkey}, permissions: {} }}\n",
+            permissions::agent(nkey).to_config()
+        ));
+    }
+    format!("authorization {{ users = [\n{users}] }}")
+}

@@ -23,19 +23,7 @@ const GATEWAY_PW: &str = "gw-secret";
 
 /// The server's users: each agent nkey, the gateway and the operator, with the code's sets.
 fn server_config(agents: &[&str]) -> String {
-    let mut users = format!(
-        "{{ user: operator, password: {OPERATOR_PW}, permissions: {} }}\n\
-         {{ user: gateway, password: {GATEWAY_PW}, permissions: {} }}\n",
-        permissions::operator().to_config(),
-        permissions::gateway().to_config()
-    );
-    for nkey in agents {
-        users.push_str(&format!(
-            "{{ nkey: {nkey}, permissions: {} }}\n",
-            permissions::agent(nkey).to_config()
-        ));
-    }
-    format!("authorization {{ users = [\n{users}] }}")
+    cbus_tests::nats::deployment_authorization(agents, OPERATOR_PW, GATEWAY_PW)
 }
 
 async fn user(nats: &NatsServer, name: &str, password: &str) -> async_nats::Client {
@@ -260,6 +248,7 @@ async fn a_compromised_agent_cannot_impersonate_hide_or_wipe_others() {
         info: cbus_tests::synthetic_agent_info(&m, "m"),
         state: AgentState::Running,
         last_seen_ms: presence::now_ms(),
+        maintenance: None,
     };
     let out = fleet
         .fan_out(&[target], &get_byte(), Duration::from_secs(5))

@@ -15,6 +15,7 @@ pub async fn run(ctx: &Context) -> Result<(), Failure> {
     match ctx.format {
         Format::Json => output::line(&json!({ "agents": agents }).to_string())?,
         format => {
+            let now = cbus_protocol::presence::now_ms();
             let rows: Vec<Vec<String>> = agents
                 .iter()
                 .map(|a| {
@@ -33,30 +34,48 @@ pub async fn run(ctx: &Context) -> Result<(), Failure> {
                         Format::Simple => a.last_seen_ms.to_string(),
                         _ => render::ago(a.last_seen_ms),
                     };
+                    // Under maintenance, the mark is the state an operator acts on; the
+                    // presence state follows in brackets (`maintenance (unresponsive)`).
+                    let state = match &a.maintenance {
+                        Some(_) => format!("maintenance ({})", a.state),
+                        None => a.state.to_string(),
+                    };
+                    let note = a
+                        .maintenance
+                        .as_ref()
+                        .map(|m| render::maintenance(m, now))
+                        .unwrap_or_default();
                     vec![
                         a.info.hostname.clone(),
                         a.info.nkey.clone(),
-                        a.state.to_string(),
+                        state,
                         seen,
                         a.info.version.clone(),
                         bus,
                         labels.join(","),
+                        note,
                     ]
                 })
                 .collect();
-            output::print(&render::rows(
-                format,
-                &[
-                    "HOST",
-                    "NKEY",
-                    "STATE",
-                    "LAST SEEN",
-                    "VERSION",
-                    "BUS",
-                    "LABELS",
-                ],
-                &rows,
-            ))?;
+            let mut header = vec![
+                "HOST",
+                "NKEY",
+                "STATE",
+                "LAST SEEN",
+                "VERSION",
+                "BUS",
+                "LABELS",
+            ];
+            // The note column only when a machine has one, so the usual table stays as it was.
+            let mut rows = rows;
+            if agents.iter().any(|a| a.maintenance.is_some()) {
+                header.push("NOTE");
+            } else {
+                rows.iter_mut().for_each(|r| {
+                    r.pop();
+                });
+            }
+            output::print(&render::rows(format, &header, &rows))?;
         }
     }
     if agents.is_empty() {

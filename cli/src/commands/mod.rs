@@ -6,6 +6,7 @@ pub mod agents;
 pub mod dbus;
 pub mod docs;
 pub mod keys;
+pub mod maintenance;
 pub mod monitor;
 pub mod server;
 pub mod subject;

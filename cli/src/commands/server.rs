@@ -51,7 +51,7 @@ pub fn permissions(
 }
 
 /// `cbus registry init`: creates the registry bucket, or closes one an older cbus left open to
-/// rollups and purges. The gateway does this when it starts; this is for fleets without one, and
+/// rollups and purges, and creates the maintenance bucket with as many replicas. The gateway does this when it starts; this is for fleets without one, and
 /// for the dev fleet, whose agents may not create the bucket (and would wait for a gateway).
 pub async fn registry_init(ctx: &crate::fanout::Context, replicas: usize) -> Result<(), Failure> {
     let fleet = ctx.fleet().await?;
@@ -63,6 +63,12 @@ pub async fn registry_init(ctx: &crate::fanout::Context, replicas: usize) -> Res
         )
         .await?
         .map_err(|e| Failure::Connection(e.to_string()))?;
+    ctx.bounded(
+        "creating the maintenance bucket",
+        cbus_client::fleet::ensure_maintenance(&js, replicas),
+    )
+    .await?
+    .map_err(|e| Failure::Connection(e.to_string()))?;
     let bucket = cbus_protocol::presence::REGISTRY_BUCKET;
     crate::output::line(&if changed {
         format!(

@@ -35,7 +35,8 @@ impl Fleet {
 
     /// Sends `query` to each of `targets` and waits until every one answered, `timeout` passed,
     /// or (with `options.grace`) no further answer came within [`grace_after`] the latest one.
-    /// Stopped agents are not asked, nor (unless `options.ask_unresponsive`) unresponsive ones.
+    /// Stopped agents are not asked, nor (unless `options.ask_unresponsive`) unresponsive ones,
+    /// nor (unless `options.ask_maintenance`) machines under maintenance.
     /// Outcomes come back in the order of `targets`.
     pub async fn fan_out_with(
         &self,
@@ -103,6 +104,15 @@ impl Fleet {
         let mut answered = vec![false; targets.len()];
         let mut waiting = 0usize;
         for (i, agent) in targets.iter().enumerate() {
+            if let Some(mark) = agent
+                .maintenance
+                .as_ref()
+                .filter(|_| !options.ask_maintenance)
+            {
+                known.push_back((i, Outcome::Maintenance(mark.clone())));
+                answered[i] = true;
+                continue;
+            }
             if agent.state == AgentState::Stopped {
                 known.push_back((i, Outcome::Stopped));
                 answered[i] = true;

@@ -7,12 +7,17 @@
 //! returns as soon as every target answered. A target whose subscription is gone yields NATS's
 //! "no responders" at once instead of a timeout, and one that stays silent is reported by name.
 //!
-//! The `registry` module reads the fleet (and keeps the registry bucket), `fan_out` asks it.
+//! The `registry` module reads the fleet (and keeps the registry bucket), `maintenance` the
+//! operators' marks of machines expected away (not asked, never a failure), `kv` is the bucket
+//! replay both use, and `fan_out` asks the fleet.
 
 mod fan_out;
+mod kv;
+mod maintenance;
 mod registry;
 
 pub use fan_out::OutcomeStream;
+pub use maintenance::{attach_maintenance, ensure_maintenance};
 pub use registry::{close_registry, ensure_registry, registry_config};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +31,7 @@ use cbus_protocol::envelope::{Reply, Request};
 use cbus_protocol::error::SubjectError;
 use cbus_protocol::subject::Op;
 
+pub use cbus_protocol::maintenance::Maintenance;
 pub use cbus_protocol::presence::{status_from, AgentStatus};
 
 /// Why the fleet could not be asked.
@@ -98,6 +104,9 @@ pub enum Outcome {
     /// Not asked, because the registry says its heartbeats stopped
     /// ([`AgentState::Unresponsive`](cbus_protocol::presence::AgentState::Unresponsive)); `silent` is how long since its last one.
     Unresponsive { silent: Duration },
+    /// Not asked, because an operator marked it under maintenance (expected away); neither a
+    /// failure nor unreachable.
+    Maintenance(Maintenance),
 }
 
 /// The shortest grace a fan-out gives the silent after its latest answer. A second: on a loaded
@@ -120,6 +129,9 @@ pub struct FanOutOptions {
     /// Ask agents the registry calls unresponsive too (and wait for them like the others);
     /// by default they are reported at once as [`Outcome::Unresponsive`].
     pub ask_unresponsive: bool,
+    /// Ask machines under maintenance too (and wait for them like the others); by default they
+    /// are reported at once as [`Outcome::Maintenance`].
+    pub ask_maintenance: bool,
     /// End the wait [`grace_after`] the latest answer, when no further answer came by then
     /// (reads only: get, getall, introspect, list-names); off, silent machines are waited for
     /// until the timeout.
@@ -130,6 +142,7 @@ impl Default for FanOutOptions {
     fn default() -> Self {
         FanOutOptions {
             ask_unresponsive: false,
+            ask_maintenance: false,
             grace: true,
         }
     }

@@ -1,30 +1,29 @@
 //! Who is out there: the registry read (with a ping where there is no JetStream), and the
 //! registry bucket kept closed to writers that may touch only their own key.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::context::CreateStreamErrorKind;
-use async_nats::jetstream::{
-    self, consumer::push::OrderedConfig, consumer::DeliverPolicy, ErrorCode as JsErrorCode,
-};
+use async_nats::jetstream::{self, ErrorCode as JsErrorCode};
 use async_nats::StatusCode;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::time::{timeout_at, Instant};
 
 use cbus_protocol::codec;
-use cbus_protocol::presence::{self, AgentInfo, AgentState, PresenceEvent};
+use cbus_protocol::presence::{self, AgentInfo, AgentState, PresenceEvent, RegistrySpec};
 use cbus_protocol::subject;
 
+use super::kv::replay_latest;
+use super::maintenance::attach_maintenance;
 use super::{flush_until, status_from, AgentStatus, Fleet, FleetError, Rejected};
 
 /// How long a failed bucket create waits for another client's create of the same bucket.
 const BUCKET_RACE_WAIT: Duration = Duration::from_secs(2);
 
-/// How long a registry read waits for entries it was promised after the server said none are
-/// left (see [`Fleet::registry`]).
-const REGISTRY_SETTLE: Duration = Duration::from_millis(200);
+/// The least time the maintenance read after the registry read gets.
+const MAINTENANCE_WAIT_MIN: Duration = Duration::from_millis(500);
 
 /// The longest a registry read takes before it fails (a read of 50,000 entries takes ~1 s).
 const REGISTRY_WAIT: Duration = Duration::from_secs(5);
@@ -44,6 +43,7 @@ impl Fleet {
         registry_wait: Duration,
         ping_window: Duration,
     ) -> Result<Vec<AgentStatus>, FleetError> {
+        let deadline = Instant::now() + registry_wait.min(REGISTRY_WAIT);
         let mut agents = match self.registry_within(registry_wait).await {
             Ok(agents) => agents,
             Err(e) => {
@@ -51,6 +51,17 @@ impl Fleet {
                 self.ping(ping_window).await?
             }
         };
+        // Marks are read after the registry, in what is left of its time (at least a short
+        // while: an empty bucket is one round trip). Without them a machine under maintenance
+        // is waited for like any other, which is slower but never wrong, so a failed read
+        // only warns.
+        let marks_wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(MAINTENANCE_WAIT_MIN);
+        match self.maintenance_within(marks_wait).await {
+            Ok(marks) => attach_maintenance(&mut agents, &marks),
+            Err(e) => tracing::warn!(error = %e, "cannot read maintenance marks; none applied"),
+        }
         agents.sort_by(|a, b| {
             (a.info.hostname.as_str(), a.info.nkey.as_str())
                 .cmp(&(b.info.hostname.as_str(), b.info.nkey.as_str()))
@@ -78,70 +89,21 @@ impl Fleet {
         .await
         .map_err(|_| registry_err("timed out".into()))?
         .map_err(|e| registry_err(e.to_string()))?;
-        let consumer = timeout_at(
-            deadline,
-            stream.create_consumer(OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
-                filter_subject: format!("$KV.{}.>", presence::REGISTRY_BUCKET),
-                deliver_policy: DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            }),
-        )
-        .await
-        .map_err(|_| registry_err("timed out".into()))?
-        .map_err(|e| registry_err(e.to_string()))?;
-        // The pending count a message carries is not enough to know the replay is complete:
-        // nats-server 2.9 sometimes delivers the first entry twice and counts both, so pending
-        // reaches 0 one entry early (a machine silently missing from a fan-out). The replay is
-        // complete when as many distinct keys arrived as the consumer had entries when it was
-        // created. Keys, not stream sequences: an entry rewritten by a heartbeat after it was
-        // delivered comes again under a new sequence, and counting sequences ended a read of
-        // 50,000 entries 14 machines short (cbus-bench scale). If entries expired meanwhile,
-        // fewer keys ever come, so after pending was 0 a short quiet spell ends the read too.
-        let expected = consumer.cached_info().num_pending;
-        if expected == 0 {
-            return Ok(Vec::new());
-        }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| registry_err(e.to_string()))?;
         let now = presence::now_ms();
         let mut by_nkey = BTreeMap::new();
-        let mut keys: HashSet<String> = HashSet::new();
-        let mut drained = false;
-        loop {
-            let wait = if drained {
-                deadline.min(Instant::now() + REGISTRY_SETTLE)
-            } else {
-                deadline
-            };
-            let message = match timeout_at(wait, messages.next()).await {
-                Err(_) if drained => {
-                    tracing::debug!(
-                        expected,
-                        got = keys.len(),
-                        "registry replay ended short; entries expired while reading"
-                    );
-                    break;
+        let mut malformed = 0usize;
+        replay_latest(
+            &self.client,
+            &stream,
+            format!("$KV.{}.>", presence::REGISTRY_BUCKET),
+            deadline,
+            |entry| {
+                if entry.deleted {
+                    return;
                 }
-                Err(_) => return Err(registry_err("timed out while reading".into())),
-                Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(registry_err(e.to_string())),
-                Ok(Some(Ok(m))) => m,
-            };
-            let info = message.info().map_err(|e| registry_err(e.to_string()))?;
-            let pending = info.pending;
-            let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-            let deleted = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("KV-Operation"))
-                .is_some();
-            // The key is the nkey whose permissions allowed the write; the body only claims one.
-            let key = presence::registry_key_of(&message.subject).unwrap_or_default();
-            keys.insert(message.subject.to_string());
-            if !deleted {
+                let message = entry.message;
+                // The key is the nkey whose permissions allowed the write; the body only claims one.
+                let key = presence::registry_key_of(&message.subject).unwrap_or_default();
                 match serde_json::from_slice::<PresenceEvent>(&message.payload) {
                     Ok(event) if event.agent.nkey != key => {
                         Rejected::count(&self.rejected.registry);
@@ -152,23 +114,17 @@ impl Fleet {
                         );
                     }
                     Ok(event) => {
-                        let status = status_from(event, published_ms, now);
+                        let status = status_from(event, entry.published_ms, now);
                         by_nkey.insert(status.info.nkey.clone(), status);
                     }
-                    Err(e) => {
-                        tracing::warn!(subject = %message.subject, error = %e, "ignoring malformed registry entry")
-                    }
+                    Err(_) => malformed += 1,
                 }
-            }
-            // As many distinct keys as entries were promised: the replay is complete, whatever
-            // the pending count says (agents heartbeating while it runs keep it above 0 for a
-            // while, and a read that waited for 0 could outlast the caller's deadline).
-            if keys.len() as u64 >= expected {
-                break;
-            }
-            if pending == 0 {
-                drained = true;
-            }
+            },
+        )
+        .await
+        .map_err(registry_err)?;
+        if malformed > 0 {
+            tracing::warn!(malformed, "ignored malformed registry entries");
         }
         Ok(by_nkey.into_values().collect())
     }
@@ -205,6 +161,7 @@ impl Fleet {
                         info,
                         state: AgentState::Running,
                         last_seen_ms: presence::now_ms(),
+                        maintenance: None,
                     },
                 );
             }
@@ -216,7 +173,11 @@ impl Fleet {
 /// The registry bucket's stream configuration, as [`presence::registry_spec`] specifies it, with
 /// `replicas` copies: 1 on a single server, 3 on a cluster (a registry that survives a node).
 pub fn registry_config(replicas: usize) -> jetstream::stream::Config {
-    let spec = presence::registry_spec();
+    kv_stream_config(presence::registry_spec(), replicas)
+}
+
+/// A KV bucket's stream configuration from its specification, with `replicas` copies.
+pub(super) fn kv_stream_config(spec: RegistrySpec, replicas: usize) -> jetstream::stream::Config {
     jetstream::stream::Config {
         num_replicas: replicas.max(1),
         name: spec.stream,

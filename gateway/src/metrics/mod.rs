@@ -19,8 +19,9 @@ use cbus_protocol::presence::AgentState;
 use crate::model::{unit_type, Machine, UNIT_STATES as STATES};
 
 /// Families the gateway writes itself; agents may not reuse them.
-const OWN_FAMILIES: [&str; 5] = [
+const OWN_FAMILIES: [&str; 6] = [
     "cbus_agent_up",
+    "cbus_agent_maintenance",
     "cbus_agent_last_seen_timestamp_seconds",
     "cbus_systemd_unit_state",
     "cbus_systemd_unit_restarts_total",
@@ -92,6 +93,21 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "cbus_agent_up{{host=\"{}\",nkey=\"{}\"}} {up}",
+                esc(&m.info.hostname),
+                esc(&m.info.nkey)
+            );
+        }
+        family(
+            &mut out,
+            "cbus_agent_maintenance",
+            "gauge",
+            "1 while an operator's maintenance mark is in force (cbus maintenance on): the machine is expected away.",
+        );
+        for m in machines {
+            let marked = u8::from(m.maintenance(now_ms).is_some());
+            let _ = writeln!(
+                out,
+                "cbus_agent_maintenance{{host=\"{}\",nkey=\"{}\"}} {marked}",
                 esc(&m.info.hostname),
                 esc(&m.info.nkey)
             );

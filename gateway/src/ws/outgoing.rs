@@ -306,6 +306,7 @@ mod tests {
             last_seen_ms: 2,
             units: 3,
             units_loaded: true,
+            maintenance: None,
         }
     }
 

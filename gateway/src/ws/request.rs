@@ -200,6 +200,7 @@ pub(super) async fn run(
     // reported as timed out only when the request's deadline passed.
     let options = FanOutOptions {
         ask_unresponsive: false,
+        ask_maintenance: true,
         grace: false,
     };
     let mut reported = vec![false; targets.len()];

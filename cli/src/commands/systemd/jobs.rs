@@ -285,6 +285,7 @@ mod tests {
             },
             state: AgentState::Running,
             last_seen_ms: 0,
+            maintenance: None,
         }
     }
 
