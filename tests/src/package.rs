@@ -337,6 +337,12 @@ mod tests {
     }
 
     #[test]
+    fn dev_installs_this_cargo_deb() {
+        let dev = std::fs::read_to_string(workspace_root().join("dev")).unwrap();
+        assert!(dev.contains(&format!("\nCARGO_DEB_VERSION={CARGO_DEB_VERSION}\n")));
+    }
+
+    #[test]
     fn dpkg_deb_listing() {
         assert_eq!(
             parse_entry("-rwxr-xr-x root/root  16205992 2026-12-02 11:20 ./usr/bin/cbus-agent"),
