@@ -38,8 +38,12 @@ pub enum PackageError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{cmd} failed: {stderr}")]
-    Command { cmd: String, stderr: String },
+    #[error("{cmd} exited with {status}: {stderr}")]
+    Command {
+        cmd: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
     #[error(
         "cargo-deb {CARGO_DEB_VERSION} is missing (found: {found}); install it with ./dev deps"
     )]
@@ -48,6 +52,8 @@ pub enum PackageError {
     NoBinary { path: PathBuf, profile: String },
     #[error("{unit}: expected one `ExecStart=/usr/local/bin/` line to point at /usr/bin")]
     UnitShape { unit: String },
+    #[error("{cmd} printed no .deb path")]
+    NoDebPath { cmd: String },
     #[error("unknown package {0} (known: cbus, cbus-agent, cbus-gateway)")]
     Unknown(String),
     #[error("{} holds no {file}", deb.display())]
@@ -202,9 +208,8 @@ pub fn build(root: &Path, b: &Build, packages: &[&str]) -> Result<Vec<Deb>, Pack
             .rev()
             .find(|l| l.trim_end().ends_with(".deb"))
             .map(|l| PathBuf::from(l.trim()))
-            .ok_or_else(|| PackageError::Command {
+            .ok_or_else(|| PackageError::NoDebPath {
                 cmd: format!("{cmd:?}"),
-                stderr: "printed no .deb path".into(),
             })?;
         if name == "cbus-agent" && b.profile != "dev" {
             let bytes = file_size(&path, "./usr/bin/cbus-agent")?;
@@ -306,6 +311,7 @@ fn run_stdout(cmd: &mut Command) -> Result<Vec<u8>, PackageError> {
     } else {
         Err(PackageError::Command {
             cmd: format!("{cmd:?}"),
+            status: out.status,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
     }

@@ -6,7 +6,6 @@
 //! started as its unit, registering and answering with the policy in force, then purged.
 
 use std::path::Path;
-use std::time::Duration;
 
 use async_nats::jetstream;
 use cbus_client::fleet::{self, Fleet};
@@ -34,9 +33,43 @@ fn deb<'a>(debs: &'a [Deb], name: &str) -> &'a Path {
     &debs.iter().find(|d| d.name == name).expect(name).path
 }
 
+/// Every file of `paths` is in `files`, none empty.
+fn holds_all(files: &[Entry], paths: &[String]) {
+    for path in paths {
+        let e = entry(files, path);
+        assert!(e.size > 0 || e.mode.starts_with('d'), "{path} is empty");
+    }
+}
+
+/// A service's package: its binary, unit, `/etc/default` file and man page (and `more`), with
+/// the unit enabled by its postinst and exactly `conffiles` kept across upgrades.
+fn check_service(debs: &[Deb], name: &str, more: &[&str], conffiles: &[&str]) -> Vec<Entry> {
+    let files = package::contents(deb(debs, name)).unwrap();
+    let mut paths = vec![
+        format!("./usr/bin/{name}"),
+        format!("./usr/lib/systemd/system/{name}.service"),
+        format!("./etc/default/{name}"),
+        format!("./usr/share/man/man1/{name}.1.gz"),
+    ];
+    paths.extend(more.iter().map(|p| p.to_string()));
+    holds_all(&files, &paths);
+    let listed = package::control_file(deb(debs, name), "conffiles").unwrap();
+    let mut listed: Vec<&str> = listed.lines().collect();
+    listed.sort_unstable();
+    assert_eq!(listed, conffiles);
+    let postinst = package::control_file(deb(debs, name), "postinst").unwrap();
+    assert!(postinst.contains(&format!("deb-systemd-helper enable {name}.service")));
+    files
+}
+
 /// The packages hold the binary (stripped), unit, defaults, policy, man pages and completions.
 fn check_contents(debs: &[Deb]) {
-    let agent = package::contents(deb(debs, "cbus-agent")).unwrap();
+    let agent = check_service(
+        debs,
+        "cbus-agent",
+        &["./etc/cbus/policy.toml"],
+        &["/etc/cbus/policy.toml", "/etc/default/cbus-agent"],
+    );
     let bin = entry(&agent, "./usr/bin/cbus-agent");
     assert_eq!(bin.mode, "-rwxr-xr-x");
     let unstripped = std::fs::metadata(bin_path("cbus-agent")).unwrap().len();
@@ -45,47 +78,17 @@ fn check_contents(debs: &[Deb]) {
         "packaged agent {} bytes, built {unstripped}: not stripped",
         bin.size
     );
-    for path in [
-        "./usr/lib/systemd/system/cbus-agent.service",
-        "./etc/default/cbus-agent",
-        "./etc/cbus/policy.toml",
-        "./usr/share/man/man1/cbus-agent.1.gz",
-    ] {
-        entry(&agent, path);
-    }
-    let conffiles = package::control_file(deb(debs, "cbus-agent"), "conffiles").unwrap();
-    let mut conffiles: Vec<&str> = conffiles.lines().collect();
-    conffiles.sort_unstable();
-    assert_eq!(
-        conffiles,
-        ["/etc/cbus/policy.toml", "/etc/default/cbus-agent"]
-    );
-    let postinst = package::control_file(deb(debs, "cbus-agent"), "postinst").unwrap();
-    assert!(postinst.contains("deb-systemd-helper enable cbus-agent.service"));
-
-    let gateway = package::contents(deb(debs, "cbus-gateway")).unwrap();
-    for path in [
-        "./usr/bin/cbus-gateway",
-        "./usr/lib/systemd/system/cbus-gateway.service",
-        "./etc/default/cbus-gateway",
-        "./usr/share/man/man1/cbus-gateway.1.gz",
-    ] {
-        entry(&gateway, path);
-    }
-    let conffiles = package::control_file(deb(debs, "cbus-gateway"), "conffiles").unwrap();
-    assert_eq!(conffiles.trim(), "/etc/default/cbus-gateway");
-
+    check_service(debs, "cbus-gateway", &[], &["/etc/default/cbus-gateway"]);
     let cli = package::contents(deb(debs, "cbus")).unwrap();
-    for path in [
+    let paths = [
         "./usr/bin/cbus",
         "./usr/share/man/man1/cbus.1.gz",
         "./usr/share/man/man1/cbus-units.1.gz",
         "./usr/share/bash-completion/completions/cbus",
         "./usr/share/zsh/vendor-completions/_cbus",
         "./usr/share/fish/vendor_completions.d/cbus.fish",
-    ] {
-        assert!(entry(&cli, path).size > 0, "{path} is empty");
-    }
+    ];
+    holds_all(&cli, &paths.map(String::from));
 }
 
 fn server_config(agent: &str) -> String {
@@ -227,22 +230,10 @@ async fn agent_package_installs_and_registers() {
     assert_eq!(ok(&r).1, json!("running"));
     // The shipped policy is in force (without one every call is refused): starting a service is
     // allowed, what it does not name is not.
-    let r = ask(
-        &fleet,
-        &nkey,
-        sd,
-        root,
-        Op::Call,
-        Some("StartUnit"),
-        json!({"args": ["sleeper.service", "replace"]}),
-    )
-    .await;
-    ok(&r);
-    let started = cbus_tests::wait_for(Duration::from_secs(10), || async {
-        m.exec_stdout(&["systemctl", "is-active", "sleeper.service"]) == "active"
-    })
-    .await;
-    assert!(started, "sleeper.service did not start through the agent");
+    assert!(
+        start_unit(&fleet, &nkey, m, "sleeper.service").await,
+        "sleeper.service did not start through the agent"
+    );
     let r = ask(
         &fleet,
         &nkey,

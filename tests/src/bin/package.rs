@@ -2,7 +2,7 @@
 //! built (`./dev package` builds the `dist` profile, then runs this). See `cbus_tests::package`.
 //!
 //! ```text
-//! cbus-package [--profile dist] [--out target/debian] [--fast] [PACKAGE...]
+//! cbus-package [--profile dist] [--out target/packages] [--fast] [PACKAGE...]
 //! ```
 
 use std::path::PathBuf;
@@ -29,7 +29,9 @@ fn run() -> Result<()> {
     let root = package::workspace_root();
     let mut build = Build {
         profile: "dist".into(),
-        out: root.join("target/debian"),
+        // Not cargo-deb's own target/debian: each cargo-deb run (the install test's too) deletes
+        // the package's older .deb files there.
+        out: root.join("target/packages"),
         fast: false,
     };
     let mut names = Vec::new();
