@@ -1,11 +1,13 @@
 //! The Debian packages (`cbus_tests::package`, as `./dev package` builds them), from the debug
 //! build `./dev test` already has (stripped; a release build would add minutes to CI, and the
 //! 15 MB bound on the release agent is checked by `./dev package` itself): what each holds, and
-//! the agent's package installed with `dpkg -i` into a real systemd machine, configured the way
-//! an administrator would (`/etc/default/cbus-agent`: NATS URL, nkey auth, the shipped policy),
-//! started as its unit, registering and answering with the policy in force, then purged.
+//! all three installed with `dpkg -i` into a real systemd machine and configured the way an
+//! administrator would (`/etc/default/cbus-agent`: NATS URL, nkey auth, the shipped policy;
+//! `/etc/default/cbus-gateway`), their units running the packaged binaries: the agent registers
+//! and answers with the policy in force, the gateway's /metrics and the CLI see it; then purged.
 
 use std::path::Path;
+use std::time::Duration;
 
 use async_nats::jetstream;
 use cbus_client::fleet::{self, Fleet};
@@ -19,8 +21,12 @@ const SLEEPER: &str =
     "[Unit]\nDescription=cbus test sleeper\n[Service]\nExecStart=/bin/sleep infinity\n";
 const OPERATOR_PW: &str = "op-secret";
 const GATEWAY_PW: &str = "gw-secret";
-/// Where the package lands inside the machine (not /tmp: a tmpfs there hides the overlay's).
-const DEB_IN_MACHINE: &str = "/var/tmp/cbus-agent.deb";
+const NAMES: [&str; 3] = ["cbus", "cbus-agent", "cbus-gateway"];
+
+/// Where a package lands inside the machine (not /tmp: a tmpfs there hides the overlay's).
+fn in_machine(name: &str) -> String {
+    format!("/var/tmp/{name}.deb")
+}
 
 fn entry<'a>(files: &'a [Entry], path: &str) -> &'a Entry {
     files
@@ -111,7 +117,7 @@ async fn user(nats: &NatsServer, name: &str, password: &str) -> async_nats::Clie
 }
 
 #[tokio::test]
-async fn agent_package_installs_and_registers() {
+async fn packages_install_and_run_in_a_machine() {
     let out = tempfile::tempdir().unwrap();
     // The profile of this test's own binaries (`./dev test`: dev).
     let dir = bin_path("cbus-agent");
@@ -129,11 +135,7 @@ async fn agent_package_installs_and_registers() {
         fast: true,
     };
     let debs = tokio::task::spawn_blocking(move || {
-        package::build(
-            &package::workspace_root(),
-            &build,
-            &["cbus", "cbus-agent", "cbus-gateway"],
-        )
+        package::build(&package::workspace_root(), &build, &NAMES)
     })
     .await
     .unwrap()
@@ -141,40 +143,40 @@ async fn agent_package_installs_and_registers() {
     check_contents(&debs);
 
     let mut spec = MachineSpec::new("pkg-1").with_unit("sleeper.service", SLEEPER);
-    spec.copies = vec![(
-        deb(&debs, "cbus-agent").to_owned(),
-        DEB_IN_MACHINE.into(),
-        0o644,
-    )];
+    spec.copies = NAMES
+        .iter()
+        .map(|n| (deb(&debs, n).to_owned(), in_machine(n), 0o644))
+        .collect();
     let machines = tokio::task::spawn_blocking(move || cbus_tests::Fleet::boot(&[spec]))
         .await
         .unwrap();
     let m = &machines.machines[0];
-    // The machine is an overlay of this host: the package's files must be its own.
-    let before = m.exec(&["dpkg-query", "-W", "cbus-agent"]);
-    assert!(
-        !before.status.success() && !m.root_dir().join("usr/bin/cbus-agent").exists(),
-        "cbus-agent is installed on this host already; the test would not see the package's files"
-    );
+    // The machine is an overlay of this host: the packages' files must be their own.
+    for name in NAMES {
+        let before = m.exec(&["dpkg-query", "-W", name]);
+        assert!(
+            !before.status.success() && !m.root_dir().join("usr/bin").join(name).exists(),
+            "{name} is installed on this host already; the test would not see the package's files"
+        );
+    }
     // A container image's policy-rc.d (exit 101: "no services in a docker build") would keep the
-    // maintainer scripts from stopping the unit; a real host has none.
+    // maintainer scripts from stopping the units; a real host has none.
     let _ = std::fs::remove_file(m.root_dir().join("usr/sbin/policy-rc.d"));
-    let install = m.exec(&["dpkg", "-i", DEB_IN_MACHINE]);
+    let paths: Vec<String> = NAMES.iter().map(|n| in_machine(n)).collect();
+    let mut dpkg = vec!["dpkg", "-i"];
+    dpkg.extend(paths.iter().map(String::as_str));
+    let install = m.exec(&dpkg);
     assert!(
         install.status.success(),
         "dpkg -i failed: {}{}",
         String::from_utf8_lossy(&install.stdout),
         String::from_utf8_lossy(&install.stderr)
     );
-    // Enabled by the package's postinst, not started before it is configured.
-    assert_eq!(
-        m.exec_stdout(&["systemctl", "is-enabled", "cbus-agent.service"]),
-        "enabled"
-    );
-    assert_eq!(
-        m.exec_stdout(&["systemctl", "is-active", "cbus-agent.service"]),
-        "inactive"
-    );
+    // Enabled by the packages' postinst, not started before they are configured.
+    for unit in ["cbus-agent.service", "cbus-gateway.service"] {
+        assert_eq!(m.exec_stdout(&["systemctl", "is-enabled", unit]), "enabled");
+        assert_eq!(m.exec_stdout(&["systemctl", "is-active", unit]), "inactive");
+    }
     let man = m.exec(&["zcat", "/usr/share/man/man1/cbus-agent.1.gz"]);
     assert!(String::from_utf8_lossy(&man.stdout).contains("CBUS_NATS_NKEY_AUTH"));
 
@@ -184,37 +186,31 @@ async fn agent_package_installs_and_registers() {
     fleet::close_registry(&jetstream::new(gateway), 1)
         .await
         .expect("the gateway creates the registry");
-    // What an administrator does: edit the conffile, then start the unit.
-    let defaults = m.root_dir().join("etc/default/cbus-agent");
-    let shipped = std::fs::read_to_string(&defaults).unwrap();
-    assert!(shipped.contains("#NATS_URL="), "{shipped}");
-    std::fs::write(
-        &defaults,
-        format!(
-            "{shipped}\nNATS_URL={}\nCBUS_NATS_NKEY_AUTH=true\nCBUS_POLICY=/etc/cbus/policy.toml\n",
+    // What an administrator does: edit the conffiles, then start the units.
+    configure(
+        m,
+        "cbus-agent",
+        &format!(
+            "NATS_URL={}\nCBUS_NATS_NKEY_AUTH=true\nCBUS_POLICY=/etc/cbus/policy.toml\n",
             nats.url()
         ),
     )
-    .unwrap();
-    let start = m.exec(&["systemctl", "start", "cbus-agent.service"]);
-    assert!(start.status.success(), "{start:?}");
+    .await;
+    let port = cbus_tests::free_port();
+    configure(
+        m,
+        "cbus-gateway",
+        &format!(
+            "NATS_URL={}\nNATS_USER=gateway\nNATS_PASSWORD={GATEWAY_PW}\n\
+             CBUS_GATEWAY_LISTEN=127.0.0.1:{port}\n",
+            nats.url()
+        ),
+    )
+    .await;
 
     let operator = user(&nats, "operator", OPERATOR_PW).await;
     let fleet = Fleet::new(operator, "test@packages");
     wait_registered(&fleet, &nkey).await;
-    // The unit runs the packaged binary.
-    let pid = m.exec_stdout(&[
-        "systemctl",
-        "show",
-        "-p",
-        "MainPID",
-        "--value",
-        "cbus-agent.service",
-    ]);
-    assert_eq!(
-        m.exec_stdout(&["readlink", &format!("/proc/{pid}/exe")]),
-        "/usr/bin/cbus-agent"
-    );
     let sd = "org.freedesktop.systemd1";
     let root = "/org/freedesktop/systemd1";
     let r = ask(
@@ -246,14 +242,72 @@ async fn agent_package_installs_and_registers() {
     .await;
     assert_eq!(err(&r).code, cbus_protocol::ErrorCode::AccessDenied);
 
-    // Purge stops the unit and removes the package's files, conffiles too.
-    let purge = m.exec(&["dpkg", "--purge", "cbus-agent"]);
-    assert!(purge.status.success(), "{purge:?}");
-    assert_ne!(
-        m.exec_stdout(&["systemctl", "is-active", "cbus-agent.service"]),
-        "active"
+    // The packaged gateway, as its dynamic user, follows the machine: /metrics says it is up.
+    let up = format!("cbus_agent_up{{host=\"pkg-1\",nkey=\"{nkey}\"}} 1");
+    let seen = cbus_tests::wait_for(Duration::from_secs(20), || async {
+        tokio::task::spawn_blocking(move || cbus_tests::gateway::http_get(port, "/metrics"))
+            .await
+            .unwrap()
+            .is_some_and(|text| text.lines().any(|l| l == up))
+    })
+    .await;
+    assert!(seen, "the packaged gateway's /metrics never had {up}");
+    // The packaged CLI, inside the machine, sees it too.
+    let agents = m.exec(&[
+        "env",
+        &format!("NATS_URL={}", nats.url()),
+        "NATS_USER=operator",
+        &format!("NATS_PASSWORD={OPERATOR_PW}"),
+        "cbus",
+        "-s",
+        "agents",
+    ]);
+    let listed = String::from_utf8_lossy(&agents.stdout);
+    assert!(
+        agents.status.success() && listed.contains("pkg-1"),
+        "cbus agents: {listed}{}",
+        String::from_utf8_lossy(&agents.stderr)
     );
-    for path in ["usr/bin/cbus-agent", "etc/default/cbus-agent"] {
+
+    // Purge stops the units and removes the packages' files, conffiles too.
+    let mut purge = vec!["dpkg", "--purge"];
+    purge.extend(NAMES);
+    let purge = m.exec(&purge);
+    assert!(purge.status.success(), "{purge:?}");
+    for name in NAMES {
+        assert_ne!(
+            m.exec_stdout(&["systemctl", "is-active", &format!("{name}.service")]),
+            "active"
+        );
+        assert!(
+            !m.root_dir().join("usr/bin").join(name).exists(),
+            "/usr/bin/{name} left after purge"
+        );
+    }
+    for path in ["etc/default/cbus-agent", "etc/default/cbus-gateway"] {
         assert!(!m.root_dir().join(path).exists(), "{path} left after purge");
     }
+}
+
+/// Appends `settings` to the package's `/etc/default` file, starts its unit and waits until the
+/// unit runs the packaged binary (its main process is systemd's own fork until it execs).
+async fn configure(m: &cbus_tests::Machine, name: &str, settings: &str) {
+    let defaults = m.root_dir().join("etc/default").join(name);
+    let shipped = std::fs::read_to_string(&defaults).unwrap();
+    assert!(shipped.contains("#NATS_URL="), "{shipped}");
+    std::fs::write(&defaults, format!("{shipped}\n{settings}")).unwrap();
+    let unit = format!("{name}.service");
+    let start = m.exec(&["systemctl", "start", &unit]);
+    assert!(start.status.success(), "{start:?}");
+    let binary = format!("/usr/bin/{name}");
+    let runs = cbus_tests::wait_for(Duration::from_secs(10), || async {
+        let pid = m.exec_stdout(&["systemctl", "show", "-p", "MainPID", "--value", &unit]);
+        m.exec_stdout(&["readlink", &format!("/proc/{pid}/exe")]) == binary
+    })
+    .await;
+    assert!(
+        runs,
+        "{unit} does not run {binary}: {}",
+        m.exec_stdout(&["systemctl", "status", &unit])
+    );
 }
