@@ -74,6 +74,26 @@ pub async fn ask(
     }
 }
 
+/// Starts `unit` through the agent of `machine` (systemd's `Manager.StartUnit`, mode replace):
+/// whether the agent allowed it and systemd there calls the unit active within 10 s.
+pub async fn start_unit(fleet: &Fleet, nkey: &str, machine: &crate::Machine, unit: &str) -> bool {
+    let r = ask(
+        fleet,
+        nkey,
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        Op::Call,
+        Some("StartUnit"),
+        serde_json::json!({"args": [unit, "replace"]}),
+    )
+    .await;
+    r.result.is_ok()
+        && crate::wait_for(Duration::from_secs(10), || async {
+            machine.exec_stdout(&["systemctl", "is-active", unit]) == "active"
+        })
+        .await
+}
+
 /// One request to one agent; `None` when it did not reply within `timeout`.
 #[allow(clippy::too_many_arguments)]
 pub async fn try_ask(

@@ -6,7 +6,7 @@
 //! Each fixture is here once, for every test binary: asking an agent ([`ask`]), running the CLI
 //! ([`cli`]), running a binary as an unprivileged user ([`unprivileged`]). The machine code
 //! ([`machines`]) also boots the dev fleet (`cbus-dev`, whose state [`devfleet`] reads) and the
-//! bench's machines.
+//! bench's machines. [`package`] builds the Debian packages (`./dev package`, the install test).
 
 pub mod agent;
 pub mod ask;
@@ -19,6 +19,7 @@ pub mod emulator;
 pub mod gateway;
 pub mod machines;
 pub mod nats;
+pub mod package;
 pub mod procs;
 pub mod unprivileged;
 pub mod util;

@@ -282,22 +282,10 @@ async fn reads_do_not_load_units_and_the_example_policy_refuses_reboot() {
         m.exec_stdout(&["systemctl", "is-system-running"]),
         "running"
     );
-    let r = ask(
-        &fleet,
-        n,
-        sd,
-        manager,
-        Op::Call,
-        Some("StartUnit"),
-        json!({"args": ["sleeper.service", "replace"]}),
-    )
-    .await;
-    ok(&r);
-    let active = cbus_tests::wait_for(Duration::from_secs(10), || async {
-        m.exec_stdout(&["systemctl", "is-active", "sleeper.service"]) == "active"
-    })
-    .await;
-    assert!(active, "sleeper.service did not start");
+    assert!(
+        start_unit(&fleet, n, m, "sleeper.service").await,
+        "sleeper.service did not start"
+    );
     // systemd unloads a stopped unit at once; one with a unit file still reads as usual.
     ok(&ask(
         &fleet,
