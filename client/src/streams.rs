@@ -117,14 +117,28 @@ pub struct Stored {
 
 /// A history stream from a start time on: the replay, then live messages as they are stored.
 pub struct History {
-    messages: consumer::pull::Ordered,
+    js: jetstream::Context,
+    stream: String,
+    filter: String,
+    start: time::OffsetDateTime,
+    start_ms: u64,
+    /// `None` after a failure: recreated by the next [`History::next`].
+    messages: Option<consumer::pull::Ordered>,
+    /// The client's connect count when the consumer was made: a reconnect means the server may
+    /// have lost it (a restart), so it is made again at once instead of after missed
+    /// heartbeats (async-nats 0.51 reports a lost consumer's pull as an error and stops).
+    connects: u64,
     /// Messages the consumer had to deliver when it was created: the replay's length.
     pub pending_at_start: u64,
-    start_ms: u64,
     last_sequence: u64,
     /// Messages dropped as already delivered or older than the start (after a recreate).
     pub skipped: u64,
+    /// Consumers made again after a failure or a reconnect.
+    pub recreated: u64,
 }
+
+/// How often a waiting [`History::next`] checks for a reconnect.
+const RECONNECT_CHECK: Duration = Duration::from_millis(250);
 
 /// Opens `stream` for the messages stored `since` ago or later on `filter` (one subject, with
 /// wildcards: nats-server 2.9 takes one filter per consumer).
@@ -134,56 +148,118 @@ pub async fn history(
     filter: &str,
     since: Duration,
 ) -> Result<History, StreamError> {
-    let now = time::OffsetDateTime::now_utc();
-    let start = now - since;
-    let start_ms = u64::try_from(start.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-    let handle = js.get_stream(stream).await.map_err(|e| {
-        err(
-            stream,
-            format!("cannot open (is it created? cbus streams init): {e}"),
-        )
-    })?;
-    let mut consumer: consumer::Consumer<consumer::pull::OrderedConfig> = handle
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: filter.to_owned(),
-            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| err(stream, format!("cannot create a consumer: {e}")))?;
-    let pending = consumer
-        .info()
-        .await
-        .map(|i| i.num_pending)
-        .map_err(|e| err(stream, e))?;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|e| err(stream, format!("cannot read: {e}")))?;
-    Ok(History {
-        messages,
-        pending_at_start: pending,
-        start_ms,
+    let start = time::OffsetDateTime::now_utc() - since;
+    let mut h = History {
+        js: js.clone(),
+        stream: stream.to_owned(),
+        filter: filter.to_owned(),
+        start,
+        start_ms: unix_ms(start),
+        messages: None,
+        connects: 0,
+        pending_at_start: 0,
         last_sequence: 0,
         skipped: 0,
-    })
+        recreated: 0,
+    };
+    h.pending_at_start = h.open().await?;
+    Ok(h)
+}
+
+fn unix_ms(t: time::OffsetDateTime) -> u64 {
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
 impl History {
-    /// The next message after the last one returned; `None` when the client closed. An `Err`
-    /// is one failed pull: the reader may go on.
+    /// Makes the consumer: from the start time, or after the last sequence returned. Returns
+    /// how many messages it has to deliver.
+    async fn open(&mut self) -> Result<u64, StreamError> {
+        let stream = self.stream.as_str();
+        self.connects = self
+            .js
+            .client()
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let deliver_policy = match self.last_sequence {
+            0 => consumer::DeliverPolicy::ByStartTime {
+                start_time: self.start,
+            },
+            n => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: n + 1,
+            },
+        };
+        let handle = self.js.get_stream(stream).await.map_err(|e| {
+            err(
+                stream,
+                format!("cannot open (is it created? cbus streams init): {e}"),
+            )
+        })?;
+        let mut consumer: consumer::Consumer<consumer::pull::OrderedConfig> = handle
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.filter.clone(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(stream, format!("cannot create a consumer: {e}")))?;
+        let pending = consumer
+            .info()
+            .await
+            .map(|i| i.num_pending)
+            .map_err(|e| err(stream, e))?;
+        self.messages = Some(
+            consumer
+                .messages()
+                .await
+                .map_err(|e| err(stream, format!("cannot read: {e}")))?,
+        );
+        Ok(pending)
+    }
+
+    fn reconnected(&self) -> bool {
+        self.js
+            .client()
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != self.connects
+    }
+
+    /// The next message after the last one returned. An `Err` is one failure (the consumer is
+    /// made again on the next call, after a pause): the reader may go on, and decides when to
+    /// give up.
     pub async fn next(&mut self) -> Option<Result<Stored, StreamError>> {
         loop {
-            let message = match self.messages.next().await? {
-                Ok(m) => m,
-                Err(e) => return Some(Err(err("history", e))),
+            if self.messages.is_none() {
+                if let Err(e) = self.open().await {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return Some(Err(e));
+                }
+                self.recreated += 1;
+            }
+            let messages = self.messages.as_mut()?;
+            let message = tokio::select! {
+                m = messages.next() => m,
+                _ = tokio::time::sleep(RECONNECT_CHECK) => {
+                    if self.reconnected() {
+                        tracing::debug!(stream = %self.stream, after = self.last_sequence, "reconnected; new consumer");
+                        self.messages = None;
+                    }
+                    continue;
+                }
+            };
+            let message = match message {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    self.messages = None;
+                    return Some(Err(err(&self.stream, e)));
+                }
+                None => return None,
             };
             let (sequence, published_ms) = match message.info() {
-                Ok(info) => (
-                    info.stream_sequence,
-                    u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
-                ),
-                Err(e) => return Some(Err(err("history", e))),
+                Ok(info) => (info.stream_sequence, unix_ms(info.published)),
+                Err(e) => return Some(Err(err(&self.stream, e))),
             };
             if sequence <= self.last_sequence || published_ms < self.start_ms {
                 self.skipped += 1;
