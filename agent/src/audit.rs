@@ -51,7 +51,7 @@ impl AuditLog {
             let dropped = self.metrics.audit_dropped.get();
             self.metrics.audit_dropped.inc();
             // Once, then every 1000th: a flood must not become a flood of log lines too.
-            if dropped % 1000 == 0 {
+            if dropped.is_multiple_of(1000) {
                 tracing::warn!(
                     dropped = dropped + 1,
                     "audit entries dropped: the publishing queue is full (NATS slow or away); \

@@ -126,7 +126,7 @@ impl RequestServer {
                 .map(|a| serde_json::to_vec(a).unwrap_or_default())
                 .unwrap_or_default()
         });
-        let digest = bytes.as_ref().map(|b| sha2::Sha256::digest(b));
+        let digest = bytes.as_ref().map(sha2::Sha256::digest);
         let policy = match &audit.verdict {
             None => PolicyVerdict::NotReached,
             Some(Verdict::Read) => PolicyVerdict::Read,
