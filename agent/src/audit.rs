@@ -87,27 +87,16 @@ async fn publish_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cbus_protocol::audit::PolicyVerdict;
-    use cbus_protocol::Op;
 
     fn entry(i: u64) -> AuditEntry {
-        AuditEntry {
-            time_ms: i,
-            nkey: "U".into(),
-            hostname: "h".into(),
-            requester: None,
-            reply_to: None,
-            broadcast: false,
-            op: Op::Call,
-            destination: "org.a".into(),
-            path: "/".into(),
-            interface: None,
-            member: "M".into(),
-            args_bytes: None,
-            args_sha256: None,
-            policy: PolicyVerdict::Denied,
-            result: "access-denied".into(),
-        }
+        let mut e = AuditEntry::from_payload(
+            br#"{"time_ms":0,"nkey":"U","hostname":"h","broadcast":false,"op":"call",
+                "destination":"org.a","path":"/","member":"M","policy":"denied",
+                "result":"access-denied"}"#,
+        )
+        .unwrap();
+        e.time_ms = i;
+        e
     }
 
     /// A flood with nobody publishing: the queue holds its bound, the rest is counted.

@@ -65,29 +65,31 @@ fn registry_stream() -> String {
 /// The JetStream API calls that read the registry (open the bucket, replay it, get one entry).
 fn registry_read() -> Vec<String> {
     let stream = registry_stream();
-    vec![
+    let mut calls = vec![
         js_api("INFO"),
         js_api(&format!("STREAM.INFO.{stream}")),
         js_api(&format!("STREAM.MSG.GET.{stream}")),
         js_api(&format!("DIRECT.GET.{stream}.>")),
-        js_api(&format!("CONSUMER.CREATE.{stream}")),
-        js_api(&format!("CONSUMER.CREATE.{stream}.>")),
-        js_api(&format!("CONSUMER.DELETE.{stream}.>")),
-        js_api(&format!("CONSUMER.INFO.{stream}.>")),
-    ]
+    ];
+    calls.extend(consumers(&stream));
+    calls
+}
+
+/// Creating, deleting and asking about consumers of `stream` (an ordered consumer's life).
+fn consumers(stream: &str) -> Vec<String> {
+    ["CREATE.{s}", "CREATE.{s}.>", "DELETE.{s}.>", "INFO.{s}.>"]
+        .iter()
+        .map(|c| js_api(&format!("CONSUMER.{}", c.replace("{s}", stream))))
+        .collect()
 }
 
 /// The JetStream API calls that read a history stream ([`crate::streams`]) through an ordered
-/// consumer: open it, create, follow (pull) and delete the consumer.
+/// pull consumer: open it, make the consumer and pull from it.
 fn history_read(stream: &str) -> Vec<String> {
-    vec![
-        js_api(&format!("STREAM.INFO.{stream}")),
-        js_api(&format!("CONSUMER.CREATE.{stream}")),
-        js_api(&format!("CONSUMER.CREATE.{stream}.>")),
-        js_api(&format!("CONSUMER.MSG.NEXT.{stream}.>")),
-        js_api(&format!("CONSUMER.DELETE.{stream}.>")),
-        js_api(&format!("CONSUMER.INFO.{stream}.>")),
-    ]
+    let mut calls = vec![js_api(&format!("STREAM.INFO.{stream}"))];
+    calls.extend(consumers(stream));
+    calls.push(js_api(&format!("CONSUMER.MSG.NEXT.{stream}.>")));
+    calls
 }
 
 fn request_subjects() -> Vec<String> {
