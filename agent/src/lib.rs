@@ -1,6 +1,6 @@
 //! `cbus-agent`: one per host, bridging its D-Bus to NATS.
 //!
-//! Modules by concept: [`config`] (flags and environment), [`identity`] (nkey from the host key),
+//! Modules by concept: [`audit`] (the audit trail published on NATS), [`config`] (flags and environment), [`identity`] (nkey from the host key),
 //! [`nats`] (NATS connection), [`bus`] (D-Bus connections and name owners), [`requests`] (the
 //! six ops), [`schema_cache`] (introspection kept for typing), [`body`] (message bodies with
 //! their exact signature), [`signals`] (monitor → bounded queue → NATS), [`presence`] (hello,
@@ -15,6 +15,7 @@
 //! policy's allow and deny rules, with an audit line each ([`requests`], [`policy`]); error
 //! replies quote bad input by a bounded prefix (`cbus_protocol::codec::quote`).
 
+pub mod audit;
 pub mod body;
 pub mod bus;
 pub mod config;
@@ -93,6 +94,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         bus.clone(),
         policy,
         metrics.clone(),
+        audit::AuditLog::start(client.clone(), &me.nkey, metrics.clone()),
         requests::Limits {
             call_timeout: config.call_timeout,
             max_request_bytes: config.max_request_bytes,

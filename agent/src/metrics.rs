@@ -45,6 +45,10 @@ pub struct Metrics {
     pub signals_unencodable: IntCounter,
     pub nats_connected: IntGauge,
     pub bus_connected: IntGauge,
+    /// Audit entries published on `dbus.audit.<nkey>` ([`crate::audit`]).
+    pub audit_published: IntCounter,
+    /// Audit entries dropped: the publishing queue was full, or the publish failed.
+    pub audit_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -94,6 +98,17 @@ impl Metrics {
             IntGauge::new("cbus_agent_nats_connected", "1 when connected to NATS.")?;
         let bus_connected =
             IntGauge::new("cbus_agent_bus_connected", "1 when connected to D-Bus.")?;
+        let audit_published = IntCounter::new(
+            "cbus_agent_audit_published_total",
+            "Audit entries (remote sets and calls) published on the agent's audit subject.",
+        )?;
+        let audit_dropped = IntCounter::new(
+            "cbus_agent_audit_dropped_total",
+            "Audit entries dropped before reaching NATS (queue full or publish failed); the \
+             agent's audit log line is written regardless.",
+        )?;
+        registry.register(Box::new(audit_published.clone()))?;
+        registry.register(Box::new(audit_dropped.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(call_seconds.clone()))?;
         registry.register(Box::new(signals_forwarded.clone()))?;
@@ -112,6 +127,8 @@ impl Metrics {
             signals_unencodable,
             nats_connected,
             bus_connected,
+            audit_published,
+            audit_dropped,
         })
     }
 

@@ -180,7 +180,34 @@ pub enum Command {
         /// Only this object path and the objects below it
         #[arg(long, value_name = "PREFIX")]
         path: Option<String>,
+        /// First replay the signals of this long ago from the signal stream (cbus streams init
+        /// --signals), then follow live ones, with no gap and no duplicate in between
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+        /// The JetStream domain of the signal stream (with --since)
+        #[arg(long, value_name = "DOMAIN", requires = "since")]
+        js_domain: Option<String>,
     },
+    /// The audit trail: every remote set and call the agents received, allowed or denied
+    #[command(
+        after_help = "Reads the audit stream (cbus streams init). The machine of an \
+        entry is the one that published it; the requester is what the client claimed \
+        (docs/security.md).\nExample: cbus audit --since 1h --hosts 'web-*'"
+    )]
+    Audit {
+        /// Entries of this long ago and later, e.g. 10m, 1h, 7d
+        #[arg(long, value_name = "DURATION", default_value = "1h")]
+        since: String,
+        /// Show at most the newest N entries (the older ones are counted on stderr)
+        #[arg(long, value_name = "N", default_value_t = 1000)]
+        limit: usize,
+        /// The JetStream domain of the audit stream
+        #[arg(long, value_name = "DOMAIN")]
+        js_domain: Option<String>,
+    },
+    /// The history streams: `cbus streams init` creates them with their limits
+    #[command(subcommand)]
+    Streams(StreamsCommand),
     /// The fleet: every agent with its state, last heartbeat, version, bus and labels
     Agents,
     /// systemd units on each machine: host, unit, load, active, sub, since, description
@@ -291,6 +318,50 @@ pub enum RegistryCommand {
         /// registry then survives a node). An existing bucket with fewer is given more.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
         replicas: u8,
+    },
+}
+
+/// What to do with the history streams (JetStream).
+#[derive(Debug, Clone, Subcommand)]
+pub enum StreamsCommand {
+    /// Create the audit stream (and with --signals the signal stream), or give existing ones
+    /// these limits (operator rights); idempotent
+    #[command(
+        after_help = "Example: cbus streams init --audit-max-age 90d --signals \
+        --signals-max-age 1h --signals-max-bytes 512MiB"
+    )]
+    Init {
+        /// Audit entries older than this are dropped
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        audit_max_age: String,
+        /// The audit stream's size; the oldest entries go first when it is full
+        #[arg(long, value_name = "SIZE", default_value = "1GiB")]
+        audit_max_bytes: String,
+        /// Also keep signals, for `cbus monitor --since`
+        #[arg(long)]
+        signals: bool,
+        /// Signals older than this are dropped
+        #[arg(
+            long,
+            value_name = "DURATION",
+            default_value = "1h",
+            requires = "signals"
+        )]
+        signals_max_age: String,
+        /// The signal stream's size; the oldest signals go first when it is full
+        #[arg(
+            long,
+            value_name = "SIZE",
+            default_value = "1GiB",
+            requires = "signals"
+        )]
+        signals_max_bytes: String,
+        /// Copies JetStream keeps: 1 on one server, 3 on a cluster
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+        replicas: u8,
+        /// The JetStream domain to create them in (a hub seen from a site)
+        #[arg(long, value_name = "DOMAIN")]
+        js_domain: Option<String>,
     },
 }
 

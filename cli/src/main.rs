@@ -23,7 +23,7 @@ use cbus_client::systemd::UnitJob;
 use clap::Parser;
 
 use args::{Cli, Command};
-use commands::{agents, dbus, docs, keys, maintenance, monitor, server, subject, systemd};
+use commands::{agents, audit, dbus, docs, keys, maintenance, monitor, server, subject, systemd};
 use error::Failure;
 use render::Format;
 
@@ -129,6 +129,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             interface,
             member,
             path,
+            since,
+            js_domain,
         } => {
             let watch = monitor::Watch {
                 sender,
@@ -136,7 +138,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 member,
                 path,
             };
-            monitor::run(&ctx, watch).await
+            monitor::run(&ctx, watch, since.as_deref(), js_domain.as_deref()).await
+        }
+        Command::Audit {
+            since,
+            limit,
+            js_domain,
+        } => audit::run(&ctx, &since, limit, js_domain.as_deref()).await,
+        Command::Streams(args::StreamsCommand::Init {
+            audit_max_age,
+            audit_max_bytes,
+            signals,
+            signals_max_age,
+            signals_max_bytes,
+            replicas,
+            js_domain,
+        }) => {
+            let limits = server::StreamLimits {
+                audit_max_age: &audit_max_age,
+                audit_max_bytes: &audit_max_bytes,
+                signals: signals.then_some((signals_max_age.as_str(), signals_max_bytes.as_str())),
+                replicas: usize::from(replicas),
+                js_domain: js_domain.as_deref(),
+            };
+            server::streams_init(&ctx, limits).await
         }
         Command::Units { pattern } => systemd::units(&ctx, pattern).await,
         Command::Status { units } => systemd::status(&ctx, units).await,

@@ -465,6 +465,17 @@ pub fn timestamp_us(us: u64) -> Option<String> {
     t.format(&f).ok()
 }
 
+/// RFC 3339 (UTC, milliseconds) of a Unix-ms timestamp, for the audit trail.
+pub fn timestamp_ms(ms: u64) -> String {
+    let f = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&f).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
 /// `HH:MM:SS.mmm` (UTC) of a Unix-ms timestamp, for monitor lines.
 pub fn clock_ms(ms: u64) -> String {
     let secs = ms / 1000;
@@ -480,6 +491,11 @@ pub fn clock_ms(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_times() {
+        assert_eq!(timestamp_ms(1_763_800_000_123), "2025-11-22T08:26:40.123Z");
+    }
 
     #[test]
     fn human_values() {

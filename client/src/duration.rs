@@ -1,9 +1,9 @@
 //! Durations as operators write them on command lines and in config files (`500ms`, `5s`, `2m`,
-//! `1h`, or plain seconds), parsed the same way by the agent, the CLI and the gateway.
+//! `1h`, `30d`, or plain seconds), parsed the same way by the agent, the CLI and the gateway.
 
 use std::time::Duration;
 
-/// Parses `500ms`, `5s`, `2m`, `1h` or a plain number of seconds (fractions allowed). Zero,
+/// Parses `500ms`, `5s`, `2m`, `1h`, `30d` or a plain number of seconds (fractions allowed). Zero,
 /// negative, non-finite and absurdly long durations are refused.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -19,7 +19,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (ms, s, m or h)")),
+        "d" => n * 86400.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (ms, s, m, h or d)")),
     };
     if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
         return Err(format!("duration {s:?} must be positive and finite"));
@@ -39,7 +40,11 @@ mod tests {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_duration(" 2 ").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
-        for bad in ["soon", "", "0s", "-1s", "5d", "NaNs", "infs", "1e12"] {
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86400)
+        );
+        for bad in ["soon", "", "0s", "-1s", "5w", "NaNs", "infs", "1e12"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

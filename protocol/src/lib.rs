@@ -4,13 +4,15 @@
 //! names ([`headers`]), request bodies and the reply envelope ([`envelope`]), presence
 //! ([`presence`]), maintenance marks ([`maintenance`]), introspection schemas ([`introspect`]) and the lossless JSON form of D-Bus
 //! values ([`codec`]), subject-token escaping ([`token`]), names ([`names`]), agent identities
-//! ([`nkey`]) and the NATS permission sets ([`permissions`]). The human-readable version is
+//! ([`nkey`]) the NATS permission sets ([`permissions`]), audit entries ([`audit`]) and the history
+//! streams ([`streams`]). The human-readable version is
 //! docs/protocol.md.
 //!
 //! The crate is sans-IO, as quinn-proto is to quinn and zvariant to zbus: it holds no NATS
 //! client and no runtime, so the contract can be read, tested and reused without either. Talking
 //! to NATS as a requester is `cbus-client`'s; the agent is the responder.
 
+pub mod audit;
 pub mod codec;
 pub mod envelope;
 pub mod error;
@@ -21,6 +23,7 @@ pub mod names;
 pub mod nkey;
 pub mod permissions;
 pub mod presence;
+pub mod streams;
 pub mod subject;
 pub mod token;
 

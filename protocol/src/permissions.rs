@@ -13,9 +13,10 @@
 //!   answer requests (`allow_responses`); subscribe only to its own requests, broadcasts in its
 //!   own queue group (so it cannot answer for another machine), pings, and its own inbox prefix
 //!   ([`agent_inbox_prefix`]), so it never reads anyone else's replies.
-//! - **gateway**: send requests, read signals, presence, metrics, the registry and the
-//!   maintenance marks ([`crate::maintenance`]; read only), and keep the registry bucket's
-//!   configuration ([`crate::presence::registry_spec`]).
+//! - **gateway**: send requests, read signals, presence, metrics, audit entries, the registry,
+//!   the maintenance marks ([`crate::maintenance`]; read only) and the history streams
+//!   ([`crate::streams`]), and keep the registry bucket's configuration
+//!   ([`crate::presence::registry_spec`]).
 //! - **operator** (the `cbus` CLI's user): the gateway's rights plus the rest of the JetStream
 //!   API, for an administrator.
 
@@ -66,16 +67,31 @@ fn registry_stream() -> String {
 /// The JetStream API calls that read a KV bucket's `stream` (open the bucket, replay it, get one
 /// entry): the registry's, and the maintenance marks'.
 fn kv_read(stream: &str) -> Vec<String> {
-    vec![
+    let mut calls = vec![
         js_api("INFO"),
         js_api(&format!("STREAM.INFO.{stream}")),
         js_api(&format!("STREAM.MSG.GET.{stream}")),
         js_api(&format!("DIRECT.GET.{stream}.>")),
-        js_api(&format!("CONSUMER.CREATE.{stream}")),
-        js_api(&format!("CONSUMER.CREATE.{stream}.>")),
-        js_api(&format!("CONSUMER.DELETE.{stream}.>")),
-        js_api(&format!("CONSUMER.INFO.{stream}.>")),
-    ]
+    ];
+    calls.extend(consumers(stream));
+    calls
+}
+
+/// Creating, deleting and asking about consumers of `stream` (an ordered consumer's life).
+fn consumers(stream: &str) -> Vec<String> {
+    ["CREATE.{s}", "CREATE.{s}.>", "DELETE.{s}.>", "INFO.{s}.>"]
+        .iter()
+        .map(|c| js_api(&format!("CONSUMER.{}", c.replace("{s}", stream))))
+        .collect()
+}
+
+/// The JetStream API calls that read a history stream ([`crate::streams`]) through an ordered
+/// pull consumer: open it, make the consumer and pull from it.
+fn history_read(stream: &str) -> Vec<String> {
+    let mut calls = vec![js_api(&format!("STREAM.INFO.{stream}"))];
+    calls.extend(consumers(stream));
+    calls.push(js_api(&format!("CONSUMER.MSG.NEXT.{stream}.>")));
+    calls
 }
 
 fn request_subjects() -> Vec<String> {
@@ -91,6 +107,7 @@ fn watched_subjects() -> Vec<String> {
         format!("{}.signals.>", subject::PREFIX),
         subject::PRESENCE_ALL.to_owned(),
         subject::METRICS_ALL.to_owned(),
+        subject::AUDIT_ALL.to_owned(),
         "_INBOX.>".to_owned(),
     ]
 }
@@ -120,6 +137,8 @@ pub fn agent_in_domain(nkey: &str, domain: Option<&str>) -> Permissions {
                 format!("{}.signals.{nkey}.>", subject::PREFIX),
                 subject::presence(nkey),
                 subject::metrics(nkey),
+                // Its audit entries: the subject proves which machine wrote them.
+                subject::audit(nkey),
                 entry,
                 // Opening the bucket; never creating or changing it.
                 api(&format!("STREAM.INFO.{stream}")),
@@ -145,6 +164,9 @@ pub fn gateway() -> Permissions {
     publish.extend(kv_read(&format!("KV_{MAINTENANCE_BUCKET}")));
     publish.push(js_api(&format!("STREAM.CREATE.{stream}")));
     publish.push(js_api(&format!("STREAM.UPDATE.{stream}")));
+    // Reading the audit trail and the signal history (the dashboard); never changing them.
+    publish.extend(history_read(crate::streams::AUDIT_STREAM));
+    publish.extend(history_read(crate::streams::SIGNAL_STREAM));
     Permissions {
         publish: Rules { allow: publish },
         subscribe: Rules {
@@ -205,6 +227,27 @@ mod tests {
         assert!(!p.subscribe.allow.iter().any(|s| s.starts_with("_INBOX.")));
         assert!(p.subscribe.allow.contains(&format!("dbus.broadcast.> {A}")));
         assert!(!p.publish.allow.iter().any(|s| s.contains("STREAM.CREATE")));
+        assert!(p.publish.allow.contains(&format!("dbus.audit.{A}")));
+        assert!(!p.publish.allow.iter().any(|s| s.contains("dbus.audit.*")));
+    }
+
+    #[test]
+    fn the_gateway_reads_history_but_never_changes_it() {
+        let p = gateway();
+        assert!(p.subscribe.allow.contains(&"dbus.audit.*".to_owned()));
+        for stream in [crate::streams::AUDIT_STREAM, crate::streams::SIGNAL_STREAM] {
+            assert!(p
+                .publish
+                .allow
+                .contains(&format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.>")));
+            assert!(!p
+                .publish
+                .allow
+                .iter()
+                .any(|s| s.contains(&format!("STREAM.CREATE.{stream}"))
+                    || s.contains(&format!("STREAM.UPDATE.{stream}"))
+                    || s.contains(&format!("STREAM.PURGE.{stream}"))));
+        }
     }
 
     #[test]

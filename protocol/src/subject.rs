@@ -7,6 +7,7 @@
 //! dbus.presence.<nkey>                                           hello / heartbeat / goodbye
 //! dbus.ping                                                      every agent replies with its AgentInfo
 //! dbus.metrics.<nkey>                                            the agent's own Prometheus text
+//! dbus.audit.<nkey>                                              the agent's audit entries
 //! ```
 //! Bus names are one token each, escaped with [`crate::token`]. Object path elements are
 //! already valid tokens and stay readable; the root path `/` is the token `-`, which no path
@@ -30,6 +31,10 @@ pub const PING: &str = "dbus.ping";
 pub const PRESENCE_ALL: &str = "dbus.presence.*";
 /// Subscribe here for every agent's metrics.
 pub const METRICS_ALL: &str = "dbus.metrics.*";
+/// Subscribe here for every agent's audit entries.
+pub const AUDIT_ALL: &str = "dbus.audit.*";
+/// Every signal of every agent (the signal stream's subject).
+pub const SIGNALS_ALL: &str = "dbus.signals.>";
 /// Subscribe here (queue group = own nkey) to serve broadcast requests.
 pub const BROADCAST_ALL: &str = "dbus.broadcast.>";
 /// Token standing for the root path `/` or for "no member".
@@ -338,6 +343,18 @@ pub fn metrics(nkey: &str) -> String {
     format!("{PREFIX}.metrics.{nkey}")
 }
 
+/// The agent's audit entries ([`crate::audit::AuditEntry`]).
+pub fn audit(nkey: &str) -> String {
+    format!("{PREFIX}.audit.{nkey}")
+}
+
+/// The `<nkey>` of an audit subject (`dbus.audit.<nkey>`), which NATS permissions tie to the
+/// agent that wrote the entry; `None` for another subject.
+pub fn audit_nkey(subject: &str) -> Option<&str> {
+    let nkey = subject.strip_prefix(PREFIX)?.strip_prefix(".audit.")?;
+    validate_nkey(nkey).ok().map(|_| nkey)
+}
+
 /// Everything addressed to one agent.
 pub fn agent_requests(nkey: &str) -> String {
     format!("{PREFIX}.agent.{nkey}.>")
@@ -508,6 +525,16 @@ mod tests {
         assert_eq!(signal_nkey(&s), Some(nkey));
         assert_eq!(signal_nkey(&format!("dbus.presence.{nkey}")), None);
         assert_eq!(signal_nkey("dbus.signals.Ubad._3a1_2e1.-"), None);
+    }
+
+    #[test]
+    fn audit_subjects() {
+        let s = audit(NKEY);
+        assert_eq!(s, format!("dbus.audit.{NKEY}"));
+        assert_eq!(audit_nkey(&s), Some(NKEY));
+        assert_eq!(audit_nkey(&format!("dbus.audit.{NKEY}.x")), None);
+        assert_eq!(audit_nkey(&presence(NKEY)), None);
+        assert_eq!(audit_nkey("dbus.audit.Ubad"), None);
     }
 
     #[test]

@@ -278,12 +278,19 @@ proptest! {
         prop_assert_eq!(RequestSubject::parse(&s).unwrap(), r);
         let sig = SignalSubject::new(nkeys::KeyPair::new_user().public_key(), ":1.5", path).unwrap();
         prop_assert_eq!(SignalSubject::parse(&sig.encode().unwrap()).unwrap(), sig);
+        // An audit subject names its agent and nothing else: a request subject is none.
+        let nkey = nkeys::KeyPair::new_user().public_key();
+        let audit = cbus_protocol::subject::audit(&nkey);
+        prop_assert_eq!(cbus_protocol::subject::audit_nkey(&audit), Some(nkey.as_str()));
+        prop_assert_eq!(cbus_protocol::subject::audit_nkey(&s), None);
     }
 
     #[test]
     fn garbage_subjects_never_panic(s in "[a-z0-9_.:>*-]{0,80}|dbus\\.(agent|broadcast|signals)\\.[A-Za-z0-9_.:-]{0,80}") {
         let _ = RequestSubject::parse(&s);
         let _ = SignalSubject::parse(&s);
+        let _ = cbus_protocol::subject::audit_nkey(&s);
+        let _ = cbus_protocol::audit::AuditEntry::from_payload(s.as_bytes());
         let _ = token::unescape(&s);
         let _ = names::validate_bus_name(&s);
         let _ = names::split_member(&s);

@@ -1,9 +1,11 @@
 //! What a set or call may do: the policy's verdict, whether looking it up may start a service,
-//! and the audit line every remote set and call leaves.
+//! and the audit line and entry every remote set and call leaves.
 
+use cbus_client::headers;
+use cbus_protocol::audit::{self, AuditEntry, PolicyVerdict};
 use cbus_protocol::codec;
 use cbus_protocol::envelope::{ErrorBody, ErrorCode, Request};
-use cbus_protocol::subject::{Op, RequestSubject};
+use cbus_protocol::subject::{Op, RequestSubject, Target};
 use sha2::Digest as _;
 
 use super::{Outcome, RequestServer, Start};
@@ -67,6 +69,26 @@ impl RequestServer {
     }
 }
 
+/// Who asked, as far as the agent can tell: both are the requester's claims (NATS does not
+/// tell a subscriber who published a message).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Asker {
+    /// The `Cbus-Requester` header, cut to `audit::MAX_REQUESTER_CHARS`.
+    pub(super) requester: Option<String>,
+    /// The reply subject, cut the same way.
+    pub(super) reply_to: Option<String>,
+}
+
+impl Asker {
+    pub(super) fn of(msg: &async_nats::Message) -> Asker {
+        Asker {
+            requester: headers::get(msg.headers.as_ref(), headers::REQUESTER)
+                .map(audit::bounded_claim),
+            reply_to: msg.reply.as_deref().map(audit::bounded_claim),
+        }
+    }
+}
+
 /// What the audit log says of one set or call.
 pub(super) struct Audit {
     /// The interface as resolved (or as requested, when resolving failed).
@@ -76,47 +98,87 @@ pub(super) struct Audit {
 }
 
 impl Audit {
-    /// One line per remote set or call, allowed or not. Arguments are described by size and
-    /// digest only: they may hold secrets (a password property), and they are the requester's
-    /// text, of any size.
-    pub(super) fn log(&self, s: &RequestSubject, r: &Request, requester: &str, outcome: &Outcome) {
-        let args = if s.op == Op::Set { &r.value } else { &r.args };
-        let bytes = args
-            .as_ref()
-            .map(|a| serde_json::to_vec(a).unwrap_or_default())
-            .unwrap_or_default();
-        let digest = hex16(&sha2::Sha256::digest(&bytes));
-        let policy = match &self.verdict {
-            None => "not-reached",
-            Some(Verdict::Read) => "read",
-            Some(Verdict::Allowed) => "allowed",
-            Some(Verdict::Denied(_)) => "denied",
+    /// A set or call that never reached the policy.
+    pub(super) fn unreached(interface: Option<String>) -> Audit {
+        Audit {
+            interface,
+            verdict: None,
+        }
+    }
+}
+
+impl RequestServer {
+    /// One log line and one published entry per remote set or call, allowed or not. Arguments
+    /// are described by size and digest only: they may hold secrets (a password property), and
+    /// they are the requester's text, of any size. `r` is `None` when the body could not be read.
+    pub(super) fn audit(
+        &self,
+        audit: &Audit,
+        s: &RequestSubject,
+        r: Option<&Request>,
+        asker: &Asker,
+        outcome: &Outcome,
+    ) {
+        // Compact JSON with sorted keys (serde_json's map), so a reader can recompute the digest.
+        let bytes = r.map(|r| {
+            let args = if s.op == Op::Set { &r.value } else { &r.args };
+            args.as_ref()
+                .map(|a| serde_json::to_vec(a).unwrap_or_default())
+                .unwrap_or_default()
+        });
+        let digest = bytes.as_ref().map(sha2::Sha256::digest);
+        let policy = match &audit.verdict {
+            None => PolicyVerdict::NotReached,
+            Some(Verdict::Read) => PolicyVerdict::Read,
+            Some(Verdict::Allowed) => PolicyVerdict::Allowed,
+            Some(Verdict::Denied(_)) => PolicyVerdict::Denied,
         };
         let result = match outcome {
             Ok(_) => "ok",
             Err(e) => e.code.as_str(),
         };
+        let interface = audit
+            .interface
+            .clone()
+            .or_else(|| r.and_then(|r| r.interface.clone()));
         tracing::info!(
             target: "cbus_agent::audit",
-            requester = %codec::quote(requester),
+            requester = %codec::quote(asker.requester.as_deref().unwrap_or("unknown")),
             op = %s.op,
             destination = %s.destination,
             path = %s.path,
-            interface = self.interface.as_deref().unwrap_or("-"),
+            interface = interface.as_deref().unwrap_or("-"),
             member = s.member.as_deref().unwrap_or("-"),
-            args_bytes = bytes.len(),
-            args_sha256 = %digest,
-            policy,
+            args_bytes = bytes.as_ref().map_or(0, Vec::len),
+            args_sha256 = %digest.as_ref().map_or_else(|| "-".to_owned(), |d| hex(&d[..8])),
+            policy = policy.as_str(),
             result,
             "remote {}",
             s.op
         );
+        self.audit.record(AuditEntry {
+            time_ms: cbus_protocol::presence::now_ms(),
+            nkey: self.me.nkey.clone(),
+            hostname: self.me.hostname.clone(),
+            requester: asker.requester.clone(),
+            reply_to: asker.reply_to.clone(),
+            broadcast: s.target == Target::Broadcast,
+            op: s.op,
+            destination: s.destination.clone(),
+            path: s.path.clone(),
+            interface,
+            member: s.member.clone().unwrap_or_default(),
+            args_bytes: bytes.as_ref().map(|b| b.len() as u64),
+            args_sha256: digest.as_ref().map(|d| hex(d)),
+            policy,
+            result: result.to_owned(),
+        });
     }
 }
 
-/// The first 8 bytes of a digest as 16 hex digits.
-fn hex16(digest: &[u8]) -> String {
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+/// Bytes as lowercase hex digits.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -125,6 +187,6 @@ mod tests {
 
     #[test]
     pub(super) fn digest_is_short() {
-        assert_eq!(hex16(&sha2::Sha256::digest(b"")), "e3b0c44298fc1c14");
+        assert_eq!(hex(&sha2::Sha256::digest(b"")[..8]), "e3b0c44298fc1c14");
     }
 }

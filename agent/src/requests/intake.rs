@@ -4,14 +4,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::Message;
-use cbus_client::headers;
 use cbus_protocol::codec;
 use cbus_protocol::envelope::{ErrorBody, ErrorCode, Reply, Request};
 use cbus_protocol::subject::{self, Op, RequestSubject};
 use futures::StreamExt;
 
 use super::errors::invalid;
-use super::guard::Audit;
+use super::guard::{Asker, Audit};
 use super::{Outcome, RequestServer};
 
 impl RequestServer {
@@ -46,19 +45,35 @@ impl RequestServer {
 
     /// Answers without queueing: too many requests are waiting already.
     pub(super) async fn refuse_busy(&self, msg: Message) {
-        let Some(reply_to) = msg.reply else { return };
+        let Some(reply_to) = msg.reply.clone() else {
+            return;
+        };
         self.metrics
             .requests
             .with_label_values(&["busy", "error"])
             .inc();
         tracing::debug!(subject = %codec::quote(&msg.subject), "agent busy; request refused");
+        let refusal = Err(ErrorBody::new(
+            ErrorCode::Timeout,
+            "agent busy: too many requests waiting for D-Bus; try again",
+        ));
+        // A refused set or call is audited too, without reading its body (a flood is when the
+        // agent has the least time for that).
+        if let Ok(s) = RequestSubject::parse(&msg.subject) {
+            if !s.op.is_read() {
+                self.audit(
+                    &Audit::unreached(None),
+                    &s,
+                    None,
+                    &Asker::of(&msg),
+                    &refusal,
+                );
+            }
+        }
         let reply = Reply {
             nkey: self.me.nkey.clone(),
             hostname: self.me.hostname.clone(),
-            result: Err(ErrorBody::new(
-                ErrorCode::Timeout,
-                "agent busy: too many requests waiting for D-Bus; try again",
-            )),
+            result: refusal,
         };
         self.send_reply(reply_to, reply).await;
     }
@@ -122,31 +137,38 @@ impl RequestServer {
     }
 
     pub(super) async fn answer(self: &Arc<Self>, msg: &Message) -> (Option<Op>, Outcome) {
-        if msg.payload.len() > self.limits.max_request_bytes {
-            return (
-                None,
-                Err(invalid(format!(
-                    "request of {} bytes is larger than the agent's limit of {}",
-                    msg.payload.len(),
-                    self.limits.max_request_bytes
-                ))),
-            );
-        }
         let subject = match RequestSubject::parse(&msg.subject) {
             Ok(s) => s,
             Err(e) => return (None, Err(invalid(e.to_string()))),
         };
         let op = Some(subject.op);
+        let asker = Asker::of(msg);
+        // A set or call refused before its body was read is still in the audit trail.
+        let refuse = |r: Option<&Request>, e: ErrorBody| {
+            let refusal = Err(e);
+            if !subject.op.is_read() {
+                let audit = Audit::unreached(r.and_then(|r| r.interface.clone()));
+                self.audit(&audit, &subject, r, &asker, &refusal);
+            }
+            (op, refusal)
+        };
+        if msg.payload.len() > self.limits.max_request_bytes {
+            return refuse(
+                None,
+                invalid(format!(
+                    "request of {} bytes is larger than the agent's limit of {}",
+                    msg.payload.len(),
+                    self.limits.max_request_bytes
+                )),
+            );
+        }
         let request = match Request::from_payload(&msg.payload) {
             Ok(r) => r,
-            Err(e) => return (op, Err(invalid(format!("invalid request body: {e}")))),
+            Err(e) => return refuse(None, invalid(format!("invalid request body: {e}"))),
         };
         if let Err(e) = request.check_for(subject.op) {
-            return (op, Err(invalid(e)));
+            return refuse(Some(&request), invalid(e));
         }
-        let requester = headers::get(msg.headers.as_ref(), headers::REQUESTER)
-            .unwrap_or("unknown")
-            .to_owned();
         let timeout = request
             .timeout_ms
             .map(Duration::from_millis)
@@ -169,16 +191,13 @@ impl RequestServer {
                 // Timed out waiting (the requester is told below) or shutting down; a set or
                 // call that never ran is still in the audit log.
                 if matches!(subject2.op, Op::Set | Op::Call) {
-                    let audit = Audit {
-                        interface: request.interface.clone(),
-                        verdict: None,
-                    };
+                    let audit = Audit::unreached(request.interface.clone());
                     let timeout = ErrorBody::new(ErrorCode::Timeout, "no D-Bus call slot in time");
-                    audit.log(&subject2, &request, &requester, &Err(timeout));
+                    server.audit(&audit, &subject2, Some(&request), &asker, &Err(timeout));
                 }
                 return;
             };
-            let outcome = server.dispatch(&subject2, &request, &requester).await;
+            let outcome = server.dispatch(&subject2, &request, &asker).await;
             let _ = tx.send(outcome);
         });
         let outcome = match tokio::time::timeout_at(deadline, rx).await {
@@ -195,12 +214,7 @@ impl RequestServer {
         (op, outcome)
     }
 
-    pub(super) async fn dispatch(
-        &self,
-        s: &RequestSubject,
-        r: &Request,
-        requester: &str,
-    ) -> Outcome {
+    pub(super) async fn dispatch(&self, s: &RequestSubject, r: &Request, asker: &Asker) -> Outcome {
         match s.op {
             Op::Set | Op::Call => {
                 let mut audit = Audit {
@@ -208,7 +222,7 @@ impl RequestServer {
                     verdict: None,
                 };
                 let outcome = self.write(s, r, &mut audit).await;
-                audit.log(s, r, requester, &outcome);
+                self.audit(&audit, s, Some(r), asker, &outcome);
                 outcome
             }
             _ => self.read(s, r).await,

@@ -17,7 +17,9 @@
 //! Every remote set and call, allowed or denied, is logged at info on the target
 //! `cbus_agent::audit`: requester (a claim of the requester's, from `Cbus-Requester`), op,
 //! destination, path, interface, member, the arguments' size and a digest (never their text),
-//! the policy's verdict and the result.
+//! the policy's verdict and the result; the same, as an `AuditEntry`, is published on the
+//! agent's audit subject `dbus.audit.<nkey>` ([`crate::audit`], bounded, drops counted). A set or
+//! call refused before it was read (agent busy, body unreadable) has an entry too.
 //!
 //! The module is split by stage: [`intake`] (subscriptions, limits, replies), [`ops`] (the six
 //! ops on D-Bus), [`resolve`] (members looked up by introspection), [`guard`] (the policy's
@@ -39,6 +41,7 @@ use cbus_protocol::envelope::{ErrorBody, Success};
 use tokio::sync::{RwLock, Semaphore};
 use zbus::Connection;
 
+use crate::audit::AuditLog;
 use crate::bus::BusKind;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -80,6 +83,8 @@ pub struct RequestServer {
     bus: BusKind,
     policy: Policy,
     metrics: Arc<Metrics>,
+    /// Every set and call's entry, published on the agent's audit subject.
+    audit: AuditLog,
     limits: Limits,
     /// D-Bus calls in flight: bounded by `Limits::max_concurrent_calls`.
     calls: Semaphore,
@@ -97,6 +102,7 @@ impl RequestServer {
         bus: BusKind,
         policy: Policy,
         metrics: Arc<Metrics>,
+        audit: AuditLog,
         limits: Limits,
     ) -> Self {
         let slots = limits.max_concurrent_calls.max(1);
@@ -106,6 +112,7 @@ impl RequestServer {
             bus,
             policy,
             metrics,
+            audit,
             limits,
             calls: Semaphore::new(slots),
             pending: Arc::new(Semaphore::new(slots.saturating_mul(16).max(256))),

@@ -3,6 +3,7 @@
 //! that becomes the exit code.
 
 pub mod agents;
+pub mod audit;
 pub mod dbus;
 pub mod docs;
 pub mod keys;

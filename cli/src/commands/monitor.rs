@@ -11,13 +11,24 @@
 //! publisher wrote. So the host shown is the registry's hostname for that nkey (never the
 //! `Hostname` header), and a signal whose `NKey` header names another machine is dropped and
 //! counted (a compromised agent trying to speak for another), not shown as either.
+//!
+//! With `--since`, signals come from the signal stream instead (`cbus streams init --signals`):
+//! one ordered consumer from that long ago, which goes on delivering signals as the stream
+//! stores them. There is one source, so the replay and the live part have no seam to lose or
+//! repeat a signal at; the consumer is recreated after its last stream sequence when NATS
+//! restarts, and `cbus_client::streams::History` drops anything at or below that sequence. The
+//! stream takes one filter subject (nats-server 2.9), so the sender, path and machine filters
+//! are applied here as well. Times shown are when the server stored each signal.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use cbus_client::headers;
+use cbus_client::streams;
 use cbus_protocol::names;
+use cbus_protocol::streams::SIGNAL_STREAM;
 use cbus_protocol::subject::{SignalFilter, SignalSubject};
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -80,6 +91,34 @@ impl Watch {
             _ => subjects.extend(filter(None).subjects().map_err(usage)?),
         }
         Ok(subjects)
+    }
+
+    /// The one filter subject for the signal stream (`--since`): one machine's signals when one
+    /// is selected, else all; [`Watch::subject_matches`] does the rest.
+    pub fn stream_filter(&self, nkeys: Option<&[String]>) -> String {
+        match nkeys {
+            Some([one]) => format!("{}.signals.{one}.>", cbus_protocol::subject::PREFIX),
+            _ => cbus_protocol::subject::SIGNALS_ALL.to_owned(),
+        }
+    }
+
+    /// Whether a signal's subject passes the sender (unique name) and path filters.
+    pub fn subject_matches(&self, origin: &SignalSubject) -> bool {
+        let sender_ok = match &self.sender {
+            Some(s) if s.starts_with(':') => origin.sender == *s,
+            _ => true,
+        };
+        let path_ok = match self.path.as_deref() {
+            None | Some("/") => true,
+            Some(p) => {
+                origin.path == p
+                    || origin
+                        .path
+                        .strip_prefix(p)
+                        .is_some_and(|rest| rest.starts_with('/'))
+            }
+        };
+        sender_ok && path_ok
     }
 
     /// Whether a signal with these headers passes the filters the subject could not express.
@@ -149,8 +188,19 @@ impl Hosts {
     }
 }
 
-pub async fn run(ctx: &Context, watch: Watch) -> Result<(), Failure> {
+/// A signal and, from the stream, when the server stored it.
+type Item = Result<(async_nats::Message, Option<u64>), String>;
+
+pub async fn run(
+    ctx: &Context,
+    watch: Watch,
+    since: Option<&str>,
+    js_domain: Option<&str>,
+) -> Result<(), Failure> {
     watch.check()?;
+    let since = since
+        .map(|s| crate::fanout::parse_duration(s).map_err(|e| usage(format!("--since: {e}"))))
+        .transpose()?;
     // The setup is bounded by --timeout; the watch itself runs until stopped, or until the
     // client gives up reconnecting.
     let (agents, _) = ctx.selected().await?;
@@ -165,30 +215,70 @@ pub async fn run(ctx: &Context, watch: Watch) -> Result<(), Failure> {
         None
     };
     let mut hosts = Hosts::new(&agents);
-    let subjects = watch.subjects(allowed.as_deref())?;
     let client = ctx.fleet().await?.client().clone();
-    let mut subs = Vec::new();
-    for s in &subjects {
-        subs.push(
-            ctx.bounded("subscribing", client.subscribe(s.clone()))
+    let (messages, what): (BoxStream<'static, Item>, String) = match since {
+        Some(since) => {
+            let filter = watch.stream_filter(allowed.as_deref());
+            let js = streams::context(client, js_domain);
+            let history = ctx
+                .bounded(
+                    "opening the signal stream",
+                    streams::history(&js, SIGNAL_STREAM, &filter, since),
+                )
                 .await?
-                .map_err(|e| Failure::Connection(format!("cannot subscribe to {s}: {e}")))?,
-        );
-    }
-    ctx.bounded("subscribing", client.flush())
-        .await?
-        .map_err(|e| Failure::Disconnected(e.to_string()))?;
+                .map_err(|e| Failure::Connection(e.to_string()))?;
+            let stream = futures::stream::unfold(history, |mut h| async move {
+                let item = h.next().await?;
+                Some((
+                    item.map(|s| (s.message, Some(s.published_ms)))
+                        .map_err(|e| e.to_string()),
+                    h,
+                ))
+            });
+            (
+                stream.boxed(),
+                format!(
+                    "{filter} in stream {SIGNAL_STREAM}, from {} ago",
+                    render::duration(since)
+                ),
+            )
+        }
+        None => {
+            let subjects = watch.subjects(allowed.as_deref())?;
+            let mut subs = Vec::new();
+            for s in &subjects {
+                subs.push(
+                    ctx.bounded("subscribing", client.subscribe(s.clone()))
+                        .await?
+                        .map_err(|e| {
+                            Failure::Connection(format!("cannot subscribe to {s}: {e}"))
+                        })?,
+                );
+            }
+            ctx.bounded("subscribing", client.flush())
+                .await?
+                .map_err(|e| Failure::Disconnected(e.to_string()))?;
+            (
+                futures::stream::select_all(subs)
+                    .map(|m| Ok((m, None)))
+                    .boxed(),
+                subjects.join(" "),
+            )
+        }
+    };
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        eprintln!("watching {} (Ctrl-C to stop)", subjects.join(" "));
+        eprintln!("watching {what} (Ctrl-C to stop)");
     }
+    let health = ctx.health().await?.clone();
     let mut dropped = Dropped::default();
     let result = watch_loop(
         ctx,
         &watch,
-        futures::stream::select_all(subs),
+        messages,
         allowed.as_deref(),
         &mut hosts,
         &mut dropped,
+        &health,
     )
     .await;
     if dropped.impersonating > 0 || dropped.malformed > 0 {
@@ -207,17 +297,34 @@ pub async fn run(ctx: &Context, watch: Watch) -> Result<(), Failure> {
 async fn watch_loop(
     ctx: &Context,
     watch: &Watch,
-    mut messages: futures::stream::SelectAll<async_nats::Subscriber>,
+    mut messages: BoxStream<'static, Item>,
     allowed: Option<&[String]>,
     hosts: &mut Hosts,
     dropped: &mut Dropped,
+    health: &crate::connect::Health,
 ) -> Result<(), Failure> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Failure::Connection(format!("cannot watch SIGTERM: {e}")))?;
+    // A stream consumer waits through reconnects without ending; the client giving up is
+    // noticed here.
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    let gave_up = || {
+        Failure::Disconnected(format!(
+            "lost the connection to NATS and gave up after {} reconnect attempts",
+            crate::connect::MAX_RECONNECTS
+        ))
+    };
     loop {
-        let msg = tokio::select! {
+        let (msg, stored_ms) = tokio::select! {
             m = messages.next() => match m {
-                Some(m) => m,
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "reading the signal stream");
+                    if health.gave_up() {
+                        return Err(gave_up());
+                    }
+                    continue;
+                }
                 // The client closes its subscriptions when it stops reconnecting.
                 None => return Err(Failure::Disconnected(format!(
                     "lost the connection to NATS and gave up after {} reconnect attempts",
@@ -226,6 +333,12 @@ async fn watch_loop(
             },
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = term.recv() => return Ok(()),
+            _ = check.tick() => {
+                if health.gave_up() {
+                    return Err(gave_up());
+                }
+                continue;
+            }
         };
         let h = msg.headers.as_ref();
         let Ok(origin) = SignalSubject::parse(&msg.subject) else {
@@ -244,13 +357,16 @@ async fn watch_loop(
             );
             continue;
         }
-        if allowed.is_some_and(|a| !a.iter().any(|n| n == nkey)) || !watch.matches(h) {
+        if allowed.is_some_and(|a| !a.iter().any(|n| n == nkey))
+            || !watch.subject_matches(&origin)
+            || !watch.matches(h)
+        {
             continue;
         }
         let get = |name: &'static str| headers::get(h, name).unwrap_or("").to_owned();
         let args: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
         let host = hosts.name(ctx, nkey).await;
-        let now = cbus_protocol::presence::now_ms();
+        let now = stored_ms.unwrap_or_else(cbus_protocol::presence::now_ms);
         let line = if ctx.format == Format::Json {
             json!({
                 "time_ms": now,

@@ -1,7 +1,8 @@
 //! What a NATS server needs for cbus. `cbus permissions` prints the NATS permissions a cbus role
 //! needs as nats-server configuration, so a server is configured from the same sets the code
 //! relies on (`protocol::permissions`) rather than from a copy that drifts; `cbus registry init`
-//! creates the registry bucket with the configuration those sets rely on.
+//! creates the registry bucket with the configuration those sets rely on; `cbus streams init`
+//! the history streams (`cbus_protocol::streams`).
 
 use cbus_protocol::permissions::Role;
 
@@ -81,4 +82,63 @@ pub async fn registry_init(ctx: &crate::fanout::Context, replicas: usize) -> Res
              {replicas} replicas"
         )
     })
+}
+
+/// The limits `cbus streams init` was given.
+pub struct StreamLimits<'a> {
+    pub audit_max_age: &'a str,
+    pub audit_max_bytes: &'a str,
+    /// `None`: no signal stream.
+    pub signals: Option<(&'a str, &'a str)>,
+    pub replicas: usize,
+    pub js_domain: Option<&'a str>,
+}
+
+/// `cbus streams init`: creates the audit stream (and the signal stream), or gives existing
+/// ones these limits. Agents publish on the streams' subjects without the JetStream API, so
+/// creating them later loses nothing but the history before.
+pub async fn streams_init(
+    ctx: &crate::fanout::Context,
+    limits: StreamLimits<'_>,
+) -> Result<(), Failure> {
+    use cbus_protocol::streams::{audit_stream, parse_bytes, signal_stream};
+    let age = |flag: &str, v: &str| {
+        crate::fanout::parse_duration(v).map_err(|e| usage(format!("--{flag}: {e}")))
+    };
+    let bytes = |flag: &str, v: &str| parse_bytes(v).map_err(|e| usage(format!("--{flag}: {e}")));
+    let mut specs = vec![audit_stream(
+        age("audit-max-age", limits.audit_max_age)?,
+        bytes("audit-max-bytes", limits.audit_max_bytes)?,
+    )];
+    if let Some((max_age, max_bytes)) = limits.signals {
+        specs.push(signal_stream(
+            age("signals-max-age", max_age)?,
+            bytes("signals-max-bytes", max_bytes)?,
+        ));
+    }
+    let client = ctx.fleet().await?.client().clone();
+    let js = cbus_client::streams::context(client, limits.js_domain);
+    for spec in &specs {
+        let change = ctx
+            .bounded(
+                "creating the streams",
+                cbus_client::streams::ensure_stream(&js, spec, limits.replicas),
+            )
+            .await?
+            .map_err(|e| Failure::Connection(e.to_string()))?;
+        let what = match change {
+            cbus_client::streams::StreamChange::Created => "created",
+            cbus_client::streams::StreamChange::Updated => "updated",
+            cbus_client::streams::StreamChange::Unchanged => "unchanged",
+        };
+        crate::output::line(&format!(
+            "stream {} {what}: {}, at most {} old and {} bytes, {} replica(s)",
+            spec.name,
+            spec.subjects.join(" "),
+            crate::render::duration(spec.max_age),
+            spec.max_bytes,
+            limits.replicas
+        ))?;
+    }
+    Ok(())
 }

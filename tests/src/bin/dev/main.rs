@@ -25,6 +25,7 @@ mod machine;
 mod servers;
 mod settings;
 mod status;
+mod streams;
 
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, ExitCode, Stdio};

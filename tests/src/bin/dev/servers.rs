@@ -128,6 +128,7 @@ pub fn start_nats(
     if !init.is_ok_and(|st| st.success()) {
         warn("cannot create the registry bucket yet; agents wait for the gateway");
     }
+    crate::streams::init(s)?;
     Ok(server)
 }
 
