@@ -198,15 +198,18 @@ impl Session {
     /// Changes were dropped for this session: every change-fed subscription gets a new snapshot.
     fn lagged(&mut self) {
         tracing::info!("client fell behind the change stream; resyncing");
-        let ids: Vec<u64> = self
-            .subs
-            .iter()
-            .filter(|(_, s)| s.kind.follows_changes())
-            .map(|(i, _)| *i)
-            .collect();
-        for i in ids {
+        for i in self.sub_ids(|k| k.follows_changes()) {
             self.mark_pending(i);
         }
+    }
+
+    /// The internal ids of the subscriptions whose kind `keep` accepts.
+    fn sub_ids(&self, keep: impl Fn(&subscription::Kind) -> bool) -> Vec<u64> {
+        self.subs
+            .iter()
+            .filter(|(_, s)| keep(&s.kind))
+            .map(|(i, _)| *i)
+            .collect()
     }
 
     /// Tells the router which machines' changes the subscriptions need.
@@ -336,13 +339,7 @@ impl Session {
 
     /// Every fleet subscription gets its aggregate again, whole (a full queue leaves it owed).
     fn send_fleet(&mut self) {
-        let ids: Vec<u64> = self
-            .subs
-            .iter()
-            .filter(|(_, s)| s.kind.is_fleet())
-            .map(|(i, _)| *i)
-            .collect();
-        for id in ids {
+        for id in self.sub_ids(|k| k.is_fleet()) {
             if !self.pending.contains(&id) {
                 self.send_snapshot(id, false);
             }
