@@ -25,12 +25,12 @@
 //!
 //! 1. leaves, using no other module of the crate: `auth`, `stats`, `model`, `requests`,
 //!    `dashboard`;
-//! 2. `config` and `changes` (use `model`); `metrics` (`model`, `stats`); `nats` and `server`
+//! 2. `aggregate` (uses `model`); `config` and `changes` (use `model`); `metrics` (`model`, `stats`); `nats` and `server`
 //!    (`stats`);
 //! 3. `tls` (`server`); `store` (`model`, `changes`);
 //! 4. `systemd` (`store`, `model`, `requests`, `nats`, `stats`); `objects` (`store`, `changes`,
 //!    `requests`, `nats`);
-//! 5. `follow` (`store`, `systemd`, `nats`); `ws` (`store`, `changes`, `objects`, `requests`,
+//! 5. `follow` (`store`, `systemd`, `nats`); `ws` (`store`, `changes`, `objects`, `requests`, `aggregate`,
 //!    `nats`, `auth`, `model`, `stats`);
 //! 6. the crate root, which wires them together.
 //!
@@ -40,6 +40,7 @@
 //! The public surface is [`run`], [`start`] and [`Config`] for the binary, plus what the bench
 //! needs to measure `/metrics` without a fleet: [`Machine`], [`Unit`] and [`Metrics`].
 
+mod aggregate;
 mod auth;
 mod changes;
 mod config;

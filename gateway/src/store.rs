@@ -11,6 +11,7 @@
 //! while the store is still locked, so sessions see them in the order they were applied.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use cbus_client::fleet::{AgentStatus, Maintenance};
@@ -55,6 +56,8 @@ pub(crate) struct Store {
     early_marks: Arc<Mutex<HashMap<String, Maintenance>>>,
     filter: Arc<UnitFilter>,
     changes: Router,
+    /// Moves with every change published, so aggregates are computed again only when needed.
+    version: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -65,6 +68,7 @@ impl Store {
             early_marks: Arc::default(),
             filter: Arc::new(filter),
             changes,
+            version: Arc::default(),
         }
     }
 
@@ -81,7 +85,13 @@ impl Store {
     /// Callers that changed the maps call it before unlocking them, so changes reach sessions
     /// in the order they were applied.
     fn emit(&self, change: Change) {
+        self.version.fetch_add(1, Ordering::Relaxed);
         self.changes.publish(change);
+    }
+
+    /// A number that moves whenever a change is published.
+    pub(crate) fn version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
     }
 
     /// Whether a unit is followed at all: the filter, and not one that something merely asked

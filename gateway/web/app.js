@@ -316,7 +316,7 @@ function unitAction(op, unit, machines) {
   const list = el('ul');
   const summary = el('div', { class: 'muted', text: 'waiting for machines…' });
   block.append(title, list, summary);
-  const results = $('results');
+  const results = $('tab-fleet').hidden ? $('results') : $('fleet-results');
   results.prepend(block);
   while (results.children.length > MAX_RESULTS) results.lastChild.remove();
   gw.request(
@@ -464,6 +464,7 @@ function renderBanner() {
 function renderAll() {
   renderBanner();
   renderUnits();
+  if (!$('tab-fleet').hidden) renderFleet();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -719,6 +720,111 @@ function showLogin(error = '') {
   $('token').focus();
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Fleet view: gateway-side aggregates (resource "fleet"), a page of unit names at a time, so a
+// fleet of 1,000 machines x 200 units is a few kilobytes per update, not 200,000 rows.
+
+const FLEET_PAGE = 100;
+const fleet = { summary: null, offset: 0, detail: null, detailRows: new Map() };
+
+function fleetParams() {
+  const p = { resource: 'fleet', offset: fleet.offset, limit: FLEET_PAGE };
+  const unit = $('fleet-unit').value.trim();
+  const label = $('fleet-label').value.trim();
+  if (unit) p.unit = unit;
+  if (label.includes('=')) p.label = label;
+  return p;
+}
+
+function followFleet() {
+  gw.unsubscribe('fleet');
+  gw.subscribe('fleet', fleetParams(), (msg) => {
+    if (msg.type === 'snapshot') {
+      fleet.summary = msg.data;
+      scheduleRender();
+    }
+  });
+}
+
+function counts(obj) {
+  return Object.entries(obj || {})
+    .map(([k, n]) => `${k} ${n}`)
+    .join(', ');
+}
+
+function renderFleet() {
+  const s = fleet.summary;
+  if (!s) return;
+  $('fleet-counts').replaceChildren(
+    el('span', { id: 'fleet-machines', text: `machines ${s.machines_total}: ${counts(s.machines)}` }),
+    el('span', { id: 'fleet-system', text: `system: ${counts(s.system)}` }),
+    el('span', { id: 'fleet-units', text: `units: ${counts(s.units)}` }),
+  );
+  const failed = $('fleet-failed');
+  failed.replaceChildren(
+    ...s.failed.map((f) => {
+      const hosts = f.machines.map((m) => m.host).join(', ');
+      const more = f.count > f.machines.length ? ` and ${f.count - f.machines.length} more` : '';
+      const since = f.since_us ? ` since ${relTime(f.since_us / 1000)}` : '';
+      const li = el('li', { class: 'failed', dataset: { unit: f.unit } }, el('b', { text: f.unit }), ` failed on ${f.count}: ${hosts}${more}${since} `);
+      li.append(actionButtons(f.unit, () => f.machines.map((m) => m.machine), true));
+      return li;
+    }),
+  );
+  if (!s.failed.length) failed.append(el('li', { class: 'ok', text: 'no failed units' }));
+  $('fleet-page').textContent = `${s.rows_total ? s.offset + 1 : 0}–${s.offset + s.rows.length} of ${s.rows_total} units`;
+  $('fleet-body').replaceChildren(
+    ...s.rows.map((r) => {
+      const tr = el('tr', { dataset: { unit: r.unit } }, el('td', {}, el('a', { href: '#', text: r.unit })), el('td', { text: String(r.machines) }), el('td', { text: counts(r.states) }));
+      tr.querySelector('a').addEventListener('click', (e) => {
+        e.preventDefault();
+        openUnit(r.unit);
+      });
+      return tr;
+    }),
+  );
+  renderUnitDetail();
+}
+
+// One unit on every machine: the units resource filtered to that exact name.
+function openUnit(name) {
+  fleet.detail = name;
+  fleet.detailRows.clear();
+  $('fleet-unit-detail').hidden = false;
+  gw.unsubscribe('fleet-unit');
+  const glob = name.replace(/[*?]/g, '?');
+  gw.subscribe('fleet-unit', { resource: 'units', unit: glob }, (msg) => {
+    const key = (r) => `${r[0]}\0${r[2]}`;
+    if (msg.type === 'snapshot') {
+      fleet.detailRows.clear();
+      for (const r of msg.data) if (r[2] === name) fleet.detailRows.set(key(r), r);
+    } else if (msg.type === 'delta') {
+      const d = msg.data;
+      if (d.replace) for (const k of [...fleet.detailRows.keys()]) if (k.startsWith(`${d.replace}\0`)) fleet.detailRows.delete(k);
+      for (const r of d.upsert || []) if (r[2] === name) fleet.detailRows.set(key(r), r);
+      for (const [m, n] of d.remove || []) fleet.detailRows.delete(`${m}\0${n}`);
+    }
+    scheduleRender();
+  });
+}
+
+function renderUnitDetail() {
+  const name = fleet.detail;
+  if (!name) return;
+  $('fleet-detail-title').textContent = name;
+  const rows = [...fleet.detailRows.values()].sort((a, b) => a[1].localeCompare(b[1]));
+  const label = $('fleet-label').value.trim();
+  const [lk, lv] = label.includes('=') ? [label.slice(0, label.indexOf('=')), label.slice(label.indexOf('=') + 1)] : [null, null];
+  const chosen = rows.filter((r) => !lk || state.machines.get(r[0])?.labels?.[lk] === lv).map((r) => r[0]);
+  $('fleet-detail-actions').replaceChildren(el('span', { text: `${chosen.length} machine(s)${lk ? ` with ${label}` : ''}: ` }), actionButtons(name, () => chosen, true));
+  $('fleet-detail-body').replaceChildren(
+    ...rows.map((r) =>
+      el('tr', { dataset: { machine: r[0] } }, el('td', { text: r[1] }), el('td', { class: `st-${r[6]}`, text: r[6] }), el('td', { text: r[7] }), el('td', { text: r[8] ? relTime(r[8] / 1000) : '' }), el('td', { text: r[9] == null ? '' : String(r[9]) })),
+    ),
+  );
+}
+
 function startApp(token) {
   $('login').hidden = true;
   $('app').hidden = false;
@@ -726,6 +832,12 @@ function startApp(token) {
   gw.subs.clear();
   gw.subscribe('machines', { resource: 'machines' }, onMachines);
   gw.subscribe('units', { resource: 'units' }, onUnits);
+  gw.subscribe('fleet', fleetParams(), (msg) => {
+    if (msg.type === 'snapshot') {
+      fleet.summary = msg.data;
+      scheduleRender();
+    }
+  });
   if (sigParams && !sigPaused) gw.subscribe('sig', sigParams, onSignals);
   gw.start(token);
 }
@@ -747,8 +859,23 @@ function init() {
     b.addEventListener('click', () => {
       for (const x of document.querySelectorAll('#tabs .tab')) x.classList.toggle('active', x === b);
       for (const p of document.querySelectorAll('.panel')) p.hidden = p.id !== `tab-${b.dataset.tab}`;
+      scheduleRender();
     });
   }
+  for (const id of ['fleet-unit', 'fleet-label']) {
+    $(id).addEventListener('input', () => {
+      fleet.offset = 0;
+      followFleet();
+    });
+  }
+  $('fleet-prev').addEventListener('click', () => {
+    fleet.offset = Math.max(0, fleet.offset - FLEET_PAGE);
+    followFleet();
+  });
+  $('fleet-next').addEventListener('click', () => {
+    if (fleet.summary && fleet.offset + FLEET_PAGE < fleet.summary.rows_total) fleet.offset += FLEET_PAGE;
+    followFleet();
+  });
   for (const id of ['unit-filter', 'machine-filter', 'hide-inactive']) $(id).addEventListener('input', scheduleRender);
   $('select-all').addEventListener('click', () => {
     for (const m of visibleMachines()) state.selected.add(m.nkey);

@@ -91,6 +91,24 @@ try {
   log('stop on A reflected in the table');
   await step('STOPPED'); // the test checks machine A's bus
 
+  // Fleet view: gateway aggregates, then one unit across machines and a restart on them.
+  await page.click('button[data-tab=fleet]');
+  await page.waitForSelector('#fleet-machines:has-text("machines 2: running 2")', { timeout: T });
+  await page.fill('#fleet-unit', UNIT);
+  const frow = `#fleet-body tr[data-unit="${UNIT}"]`;
+  await page.waitForSelector(`${frow}:has-text("active 1, inactive 1")`, { timeout: T });
+  await page.click(`${frow} a`);
+  for (const host of [HOST_A, HOST_B]) {
+    await page.waitForSelector(`#fleet-detail-body tr:has-text("${host}")`, { timeout: T });
+  }
+  page.once('dialog', (d) => d.accept());
+  await page.click('#fleet-detail-actions button[data-action=restart]');
+  await page.waitForSelector('#fleet-results .ok:has-text("done: 2 ok")', { timeout: T });
+  await page.waitForSelector(`${frow}:has-text("active 2")`, { timeout: T });
+  await page.screenshot({ path: `${SHOTS}-0-fleet.png`, fullPage: true });
+  log('fleet view: counts, unit detail, restart on both');
+  await page.click('button[data-tab=units]');
+
   // The signal log saw it.
   await page.click('button[data-tab=signals]');
   await page.waitForSelector(`#signals-body tr:has-text("${HOST_A}")`, { timeout: T });

@@ -41,6 +41,19 @@ pub(crate) enum Resource {
         #[serde(default)]
         unit: Option<String>,
     },
+    /// Fleet aggregates (docs/protocol.md): counts, failed units, one page of unit names.
+    Fleet {
+        /// Glob of unit names counted.
+        #[serde(default)]
+        unit: Option<String>,
+        /// `key=value`: only machines with this label.
+        #[serde(default)]
+        label: Option<String>,
+        #[serde(default)]
+        offset: Option<usize>,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
     /// One D-Bus object on one machine: schema and property values.
     Object {
         machine: String,

@@ -74,7 +74,7 @@ pub(super) enum ServerFrame<'a> {
         server: &'static str,
         version: &'static str,
         heartbeat_ms: u64,
-        resources: [&'static str; 4],
+        resources: [&'static str; 5],
         ops: [&'static str; 8],
     },
     Ping {
@@ -135,7 +135,7 @@ pub(super) enum ServerFrame<'a> {
 }
 
 /// What a client may subscribe to and ask for, as `hello` announces it.
-const RESOURCES: [&str; 4] = ["machines", "units", "object", "signals"];
+const RESOURCES: [&str; 5] = ["machines", "units", "fleet", "object", "signals"];
 const OPS: [&str; 8] = [
     "get",
     "set",
@@ -198,6 +198,12 @@ pub(super) enum Schema {
     Signals {
         fields: [&'static str; 9],
     },
+    /// A fleet aggregate: its limits.
+    Fleet {
+        max_failed_units: usize,
+        max_failed_machines: usize,
+        max_page: usize,
+    },
     /// `null`: an object that failed to load.
     Absent,
 }
@@ -221,6 +227,14 @@ impl Schema {
         }
     }
 
+    pub(super) fn fleet() -> Schema {
+        Schema::Fleet {
+            max_failed_units: crate::aggregate::MAX_FAILED_UNITS,
+            max_failed_machines: crate::aggregate::MAX_FAILED_MACHINES,
+            max_page: crate::aggregate::MAX_PAGE,
+        }
+    }
+
     pub(super) fn signals() -> Schema {
         Schema::Signals {
             fields: SIGNAL_FIELDS,
@@ -238,6 +252,7 @@ pub(super) enum SnapshotData {
     Object(BTreeMap<String, Map<String, Value>>),
     /// Signals have no state: always `[]`.
     Signals([(); 0]),
+    Fleet(Box<crate::aggregate::Summary>),
     /// `null`: an object that failed to load.
     Absent,
 }
@@ -344,7 +359,7 @@ mod tests {
                 json!({
                     "type": "hello", "v": 1, "server": "cbus-gateway",
                     "version": cbus_protocol::VERSION, "heartbeat_ms": 15000,
-                    "resources": ["machines", "units", "object", "signals"],
+                    "resources": ["machines", "units", "fleet", "object", "signals"],
                     "ops": ["get", "set", "call", "start", "stop", "restart", "introspect", "list-names"],
                 }),
             ),

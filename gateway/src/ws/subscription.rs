@@ -13,6 +13,7 @@ use super::context::WsContext;
 use super::frames::{glob_regex, Resource};
 use super::outgoing::{Delta, Schema, SnapshotData};
 use super::signals::{forward_signals, SignalMatch, SignalSink};
+use crate::aggregate::{Builder, Query, MAX_PAGE};
 use crate::changes::{Change, Interest, ObjectChangeKind, ObjectKey};
 
 /// A subscription, compiled.
@@ -22,6 +23,8 @@ pub(super) enum Kind {
         machines: Option<HashSet<String>>,
         unit: Option<Regex>,
     },
+    /// Sent again, whole, by the session's throttle when the store changed.
+    Fleet(Query),
     Object {
         key: ObjectKey,
         /// Whether a snapshot went out (deltas only make sense after one).
@@ -66,6 +69,32 @@ pub(super) fn compile(
                 None => None,
             },
         },
+        Resource::Fleet {
+            unit,
+            label,
+            offset,
+            limit,
+        } => {
+            let label = match label {
+                None => None,
+                Some(l) if l.len() > 512 => return Err("label too long".into()),
+                Some(l) => match l.split_once('=') {
+                    Some((k, v)) => Some((k.to_owned(), v.to_owned())),
+                    None => return Err("label must be key=value".into()),
+                },
+            };
+            Kind::Fleet(Query {
+                unit: match unit {
+                    Some(g) => {
+                        Some(glob_regex(g).map_err(|e| format!("invalid unit pattern: {e}"))?)
+                    }
+                    None => None,
+                },
+                label,
+                offset: offset.unwrap_or(0),
+                limit: limit.unwrap_or(100).min(MAX_PAGE),
+            })
+        }
         Resource::Object {
             machine,
             dest,
@@ -158,7 +187,7 @@ pub(super) fn interest<'a>(subs: impl Iterator<Item = &'a Sub>) -> Interest {
             Kind::Object { key, .. } => {
                 interest.machines.insert(key.machine.clone());
             }
-            Kind::Signals { .. } => {}
+            Kind::Signals { .. } | Kind::Fleet(_) => {}
         }
     }
     interest
@@ -182,7 +211,11 @@ pub(super) enum Update<'a> {
 impl Kind {
     /// Whether the subscription is fed by the change hub (and so resyncs when it lagged).
     pub(super) fn follows_changes(&self) -> bool {
-        !matches!(self, Kind::Signals { .. })
+        !matches!(self, Kind::Signals { .. } | Kind::Fleet(_))
+    }
+
+    pub(super) fn is_fleet(&self) -> bool {
+        matches!(self, Kind::Fleet(_))
     }
 
     /// The current state; `None` while an object is still loading (its Reset change brings
@@ -217,6 +250,17 @@ impl Kind {
                     ("object", Schema::Absent, SnapshotData::Absent, Some(e))
                 }
             },
+            Kind::Fleet(q) => {
+                let mut b = Builder::default();
+                let now = now_ms();
+                ctx.store.each_machine(|m| b.add(m, q, now));
+                (
+                    "fleet",
+                    Schema::fleet(),
+                    SnapshotData::Fleet(Box::new(b.finish(q))),
+                    None,
+                )
+            }
             Kind::Signals { .. } => (
                 "signals",
                 Schema::signals(),
