@@ -27,19 +27,13 @@ impl NatsCluster {
     /// `n` replicas can be created.
     pub async fn start(n: usize, extra: &str) -> NatsCluster {
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let route_list = routes
-            .iter()
-            .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
         let nodes: Vec<NatsServer> = routes
             .iter()
             .enumerate()
             .map(|(i, port)| {
                 NatsServer::start_with_config(&format!(
-                    "server_name: n{i}\n\
-                     cluster {{ name: cbus-test, listen: \"127.0.0.1:{port}\", routes: [{route_list}] }}\n\
-                     {extra}\n"
+                    "server_name: n{i}\n{}{extra}\n",
+                    cluster_config("cbus-test", *port, &routes)
                 ))
             })
             .collect();
@@ -85,6 +79,45 @@ impl NatsCluster {
             }
         }
     }
+}
+
+/// The `cluster` block of one node routed to every node on loopback: `listen` is this node's
+/// route port, `routes` every node's (its own entry is ignored by the server). Shared by the
+/// tests' clusters and the dev fleet (`./dev up --cluster N`).
+pub fn cluster_config(name: &str, listen: u16, routes: &[u16]) -> String {
+    let route_list = routes
+        .iter()
+        .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("cluster {{ name: {name}, listen: \"127.0.0.1:{listen}\", routes: [{route_list}] }}\n")
+}
+
+/// A hub's `leafnodes` listener on loopback that admits leaves as `user`/`password`;
+/// `advertise` is the address the hub tells leaves to redial (a [`Link`]'s end), if any.
+pub fn leaf_listen_config(
+    port: u16,
+    advertise: Option<SocketAddr>,
+    user: &str,
+    password: &str,
+) -> String {
+    let advertise = advertise
+        .map(|a| format!("advertise: \"{a}\", "))
+        .unwrap_or_default();
+    format!(
+        "leafnodes {{ listen: \"127.0.0.1:{port}\", {advertise}authorization {{ user: {user}, password: {password} }} }}\n"
+    )
+}
+
+/// A leaf's `leafnodes` block dialling the hub at `hubs` (`host:port`, any node of the hub's
+/// cluster) as `user`/`password`.
+pub fn leaf_remote_config(hubs: &[String], user: &str, password: &str) -> String {
+    let urls = hubs
+        .iter()
+        .map(|h| format!("\"nats-leaf://{user}:{password}@{h}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("leafnodes {{ remotes: [ {{ urls: [{urls}] }} ] }}\n")
 }
 
 /// A TCP relay standing for a site's WAN link: connections made through [`Link::addr`] reach

@@ -16,6 +16,7 @@ use cbus_client::fleet::Fleet;
 use cbus_protocol::permissions;
 use cbus_protocol::presence::{AgentState, REGISTRY_BUCKET};
 use cbus_tests::cli::{both, cbus, json_of};
+use cbus_tests::cluster::{leaf_listen_config, leaf_remote_config};
 use cbus_tests::{Agent, Link, NatsCluster, NatsServer, PrivateBus, TestService};
 use serde_json::Value;
 
@@ -250,8 +251,8 @@ fn site_config(agents: &[String], hub_leaf: std::net::SocketAddr) -> String {
         })
         .collect();
     format!(
-        "authorization {{ users = [\n{users}] }}\n\
-         leafnodes {{ remotes: [ {{ url: \"nats-leaf://leaf:{LEAF_PW}@{hub_leaf}\" }} ] }}\n"
+        "authorization {{ users = [\n{users}] }}\n{}",
+        leaf_remote_config(&[hub_leaf.to_string()], "leaf", LEAF_PW)
     )
 }
 
@@ -263,10 +264,10 @@ async fn a_site_behind_a_leaf_node_is_one_fleet_with_the_hub() {
     let link = Link::start(([127, 0, 0, 1], leaf_port).into()).await;
     let hub = NatsServer::start_with_config(&format!(
         "authorization {{ users = [ {{ user: operator, password: {OPERATOR_PW}, permissions: {} }} ] }}\n\
-         leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", advertise: \"{}\", authorization {{ user: leaf, password: {LEAF_PW} }} }}\n\
+         {}\
          jetstream {{ domain: {HUB_DOMAIN} }}\n",
         permissions::operator().to_config(),
-        link.addr()
+        leaf_listen_config(leaf_port, Some(link.addr()), "leaf", LEAF_PW)
     ));
     let operator = hub.url();
     let cbus = |_: &str, args: &[&str]| {
