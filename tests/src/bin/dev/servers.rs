@@ -110,6 +110,7 @@ fn node_config(s: &Settings, layout: Layout, node: Node, agents: &[AgentUser]) -
                     "cbus-dev",
                     layout.route_port(s, i)?,
                     &routes,
+                    None,
                 ));
             }
             if layout.sites > 0 {
@@ -118,6 +119,7 @@ fn node_config(s: &Settings, layout: Layout, node: Node, agents: &[AgentUser]) -
                     None,
                     "leaf",
                     &leaf_password,
+                    None,
                 ));
             }
             write!(
@@ -136,7 +138,7 @@ fn node_config(s: &Settings, layout: Layout, node: Node, agents: &[AgentUser]) -
                 .map(|n| Ok(format!("127.0.0.1:{}", layout.leaf_port(s, n)?)))
                 .collect::<Result<Vec<String>>>()?;
             write!(conf, "server_name: cbus-dev-site-{j}\n").unwrap();
-            conf.push_str(&leaf_remote_config(&hubs, "leaf", &leaf_password));
+            conf.push_str(&leaf_remote_config(&hubs, "leaf", &leaf_password, None));
             write!(conf, "authorization {{\n  users = [{users}\n  ]\n}}\n").unwrap();
         }
     }
