@@ -137,7 +137,7 @@ fn node_config(s: &Settings, layout: Layout, node: Node, agents: &[AgentUser]) -
             let hubs = (0..layout.cluster)
                 .map(|n| Ok(format!("127.0.0.1:{}", layout.leaf_port(s, n)?)))
                 .collect::<Result<Vec<String>>>()?;
-            write!(conf, "server_name: cbus-dev-site-{j}\n").unwrap();
+            writeln!(conf, "server_name: cbus-dev-site-{j}").unwrap();
             conf.push_str(&leaf_remote_config(&hubs, "leaf", &leaf_password, None));
             write!(conf, "authorization {{\n  users = [{users}\n  ]\n}}\n").unwrap();
         }
