@@ -478,6 +478,7 @@ async fn dev_up_cluster_and_sites() {
     assert_eq!(info.config.num_replicas, 3, "{:?}", info.config);
 
     // A fan-out from the hub (the last node) answers every machine once, the site ones too.
+    // (The worker, not the web server: fleets side by side may race for a demo web port.)
     let out = Command::new(cbus_tests::bin_path("cbus"))
         .args([
             "--server",
@@ -487,7 +488,7 @@ async fn dev_up_cluster_and_sites() {
             "--password",
             &password,
         ])
-        .args(["status", "devc-demo-web.service", "-s"])
+        .args(["status", "devc-demo-worker.service", "-s"])
         .env("CBUS_CONFIG", "/nonexistent")
         .output()
         .unwrap();
