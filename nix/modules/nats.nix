@@ -20,6 +20,22 @@ let
   # A JSON string or list is valid nats-server syntax, so values need no quoting by hand.
   json = builtins.toJSON;
   leaf = cfg.leafnodes;
+  # Mutual TLS between servers: this server's certificate, and peers must present one the CA
+  # signed (`verify`). The files are read by nats-server (user cbus-nats) at start and reload.
+  tlsBlock = tls: lib.optionalString (tls != null)
+    ", tls { cert_file: ${json tls.certFile}, key_file: ${json tls.keyFile}, ca_file: ${json tls.caFile}, verify: true, timeout: 5 }";
+  tlsOption = what: mkOption {
+    type = types.nullOr (types.submodule {
+      options = {
+        certFile = mkOption { type = types.str; description = "This server's certificate (PEM)."; };
+        keyFile = mkOption { type = types.str; description = "Its private key (PEM), readable by nats-server only."; };
+        caFile = mkOption { type = types.str; description = "The CA that signs every server's certificate (PEM)."; };
+      };
+    });
+    default = null;
+    example = literalExpression ''{ certFile = "/etc/nats/tls/server.pem"; keyFile = "/etc/nats/tls/server.key"; caFile = "/etc/nats/tls/ca.pem"; }'';
+    description = "Mutual TLS for ${what}: null is plain TCP.";
+  };
   baseConfig = pkgs.writeText "cbus-nats-base.conf" (lib.concatStringsSep "\n" (lib.filter (l: l != "") [
     "listen: ${json cfg.listen}"
     (lib.optionalString (cfg.serverName != null) "server_name: ${json cfg.serverName}")
@@ -28,11 +44,12 @@ let
       + lib.optionalString (cfg.jetstream.domain != null) ", domain: ${json cfg.jetstream.domain}"
       + " }"))
     (lib.optionalString (cfg.cluster.routes != [ ])
-      "cluster { name: ${json cfg.cluster.name}, listen: ${json cfg.cluster.listen}, routes: ${json cfg.cluster.routes} }")
+      "cluster { name: ${json cfg.cluster.name}, listen: ${json cfg.cluster.listen}, routes: ${json cfg.cluster.routes}${tlsBlock cfg.cluster.tls} }")
     (lib.optionalString (leaf.listen != null || leaf.remotes != [ ]) (
       "leafnodes { "
-      + lib.optionalString (leaf.listen != null) "listen: ${json leaf.listen} "
-      + lib.optionalString (leaf.remotes != [ ]) "remotes: ${json (map (url: { inherit url; }) leaf.remotes)} "
+      + lib.optionalString (leaf.listen != null) "listen: ${json leaf.listen}${tlsBlock leaf.tls} "
+      # One remote with every hub URL: the leaf keeps one connection, to any node that answers.
+      + lib.optionalString (leaf.remotes != [ ]) "remotes: [ { urls: ${json leaf.remotes}${tlsBlock leaf.tls} } ] "
       + "}"))
   ]) + "\n");
   render = pkgs.writeShellScript "cbus-nats-config" ''
@@ -137,6 +154,7 @@ in
         example = [ "nats-route://nats-1:6222" "nats-route://nats-2:6222" "nats-route://nats-3:6222" ];
         description = "Every node's route URL (this node's own entry is ignored); empty: no cluster.";
       };
+      tls = tlsOption "the routes between the cluster's nodes";
     };
 
     leafnodes = {
@@ -152,6 +170,7 @@ in
         example = [ "nats-leaf://hub-1:7422" "nats-leaf://hub-2:7422" ];
         description = "On a site's leaf node: the hub's leaf URLs it dials.";
       };
+      tls = tlsOption "leaf connections (on the hub: leaves must present a certificate the CA signed; on a leaf: the hub must)";
     };
 
     agentJsDomain = mkOption {

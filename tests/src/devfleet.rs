@@ -50,6 +50,9 @@ pub struct DevMachine {
     pub nkey: String,
     /// Where its demo web server listens on 127.0.0.1 (machines share the host's loopback).
     pub web_port: u16,
+    /// The site whose leaf nats-server it dials (`./dev up --sites N`: 1..=N); 0 is the hub.
+    #[serde(default)]
+    pub site: u32,
 }
 
 impl DevMachine {
@@ -62,7 +65,14 @@ impl DevMachine {
 /// Everything a dev fleet started.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DevState {
+    /// The hub's first (or only) nats-server.
     pub nats: Option<Server>,
+    /// The hub's other cluster nodes (`./dev up --cluster N`: N - 1 of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster: Vec<Server>,
+    /// The sites' leaf nats-servers (`./dev up --sites N`): site `i` is `sites[i - 1]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<Server>,
     pub gateway: Option<Server>,
     pub machines: Vec<DevMachine>,
 }
@@ -99,6 +109,14 @@ impl DevState {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Every nats-server: the hub's nodes, then the sites' leaves.
+    pub fn nats_servers(&self) -> impl Iterator<Item = Server> + '_ {
+        self.nats
+            .into_iter()
+            .chain(self.cluster.iter().copied())
+            .chain(self.sites.iter().copied())
     }
 
     pub fn machine(&self, name: &str) -> Option<&DevMachine> {

@@ -26,7 +26,7 @@ pub mod util;
 
 pub use agent::Agent;
 pub use bins::bin_path;
-pub use cluster::{Link, NatsCluster};
+pub use cluster::{Link, NatsCluster, TestCa, TlsFiles};
 pub use dbus::{PrivateBus, TestService};
 pub use gateway::{GatewayProcess, GatewayStart, WsClient};
 pub use machines::{Fleet, Machine, MachineSpec};

@@ -43,23 +43,11 @@ impl NatsServer {
     /// ([`NatsServer::tls_ca`]); `text` is more config, as with [`NatsServer::start_with_config`].
     pub fn start_tls(text: &str) -> NatsServer {
         let dir = tempfile::tempdir().expect("tempdir for nats-server");
-        let path = |name: &str| dir.path().join(name);
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-        let server_key = rcgen::KeyPair::generate().unwrap();
-        let server_cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-            .unwrap()
-            .signed_by(&server_key, &ca)
-            .unwrap();
-        std::fs::write(path("ca.pem"), ca.pem()).unwrap();
-        std::fs::write(path("server.pem"), server_cert.pem()).unwrap();
-        std::fs::write(path("server.key"), server_key.serialize_pem()).unwrap();
+        let server = crate::cluster::TestCa::new(dir.path()).issue("server");
         let text = format!(
             "tls {{ cert_file: \"{}\", key_file: \"{}\" }}\n{text}",
-            path("server.pem").display(),
-            path("server.key").display()
+            server.cert.display(),
+            server.key.display()
         );
         Self::start_in(dir, Some(&text))
     }

@@ -17,14 +17,29 @@ struct DevFleet {
     dir: tempfile::TempDir,
     port: u16,
     gateway_port: u16,
+    prefix: &'static str,
+}
+
+/// Whether nothing listens on 127.0.0.1:`port` (a bind succeeds).
+fn port_free(port: u32) -> bool {
+    u16::try_from(port).is_ok_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
 }
 
 impl DevFleet {
     fn new() -> Self {
-        let port = cbus_tests::free_port();
+        Self::with("devt", &[])
+    }
+
+    /// A fleet whose NATS ports `port + offset` are free too (`--cluster`, `--sites`: the other
+    /// nodes' client, route and leaf ports).
+    fn with(prefix: &'static str, offsets: &[u32]) -> Self {
+        let port = std::iter::repeat_with(cbus_tests::free_port)
+            .take(100)
+            .find(|p| offsets.iter().all(|o| port_free(u32::from(*p) + o)))
+            .expect("no free port with free ports above it");
         // Two calls may return the same port: the gateway's must differ from NATS's.
         let gateway_port = std::iter::repeat_with(cbus_tests::free_port)
-            .find(|p| *p != port)
+            .find(|p| *p != port && !offsets.iter().any(|o| u32::from(port) + o == u32::from(*p)))
             .unwrap();
         DevFleet {
             dir: tempfile::Builder::new()
@@ -33,6 +48,7 @@ impl DevFleet {
                 .unwrap(),
             port,
             gateway_port,
+            prefix,
         }
     }
 
@@ -45,7 +61,7 @@ impl DevFleet {
             .env_remove("CBUS_DEV_MACHINES")
             .env("CBUS_DEV_NATS_PORT", self.port.to_string())
             .env("CBUS_DEV_GATEWAY_PORT", self.gateway_port.to_string())
-            .env("CBUS_DEV_PREFIX", "devt")
+            .env("CBUS_DEV_PREFIX", self.prefix)
             .output()
             .expect("run cbus-dev")
     }
@@ -355,4 +371,154 @@ async fn dev_up_cli_permissions_add_and_down() {
         assert!(!d.exists(), "machine dir left: {}", d.display());
     }
     ok(tokio::task::block_in_place(|| dev.fleet(&["down"])));
+}
+
+/// `./dev up 3 --cluster 3 --sites 2`: three routed hub nodes and two leaf sites, one machine
+/// each. Every machine registers, the registry has a replica on every hub node, the CLI works
+/// against any hub node and a fan-out from the hub answers the site machines; `down` stops every
+/// server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_up_cluster_and_sites() {
+    // Client ports +0..2 (hub) and +301..302 (sites), routes +100..102, leaf ports +200..202.
+    let offsets = [1, 2, 100, 101, 102, 200, 201, 202, 301, 302];
+    let dev = DevFleet::with("devc", &offsets);
+    let up =
+        tokio::task::block_in_place(|| dev.fleet(&["up", "3", "--cluster", "3", "--sites", "2"]));
+    let out = ok(up);
+    let hub: Vec<String> = (0..3)
+        .map(|i| format!("nats://127.0.0.1:{}", dev.port + i))
+        .collect();
+    assert!(
+        out.contains(&hub.join(",")),
+        "`up` did not print every hub URL:\n{out}"
+    );
+
+    // Recorded: three hub nodes, two sites, the machines going round hub, site 1, site 2.
+    let state = dev.state();
+    assert_eq!(state.cluster.len(), 2, "{state:?}");
+    assert_eq!(state.sites.len(), 2, "{state:?}");
+    let servers: Vec<_> = state.nats_servers().collect();
+    assert!(servers.iter().all(|s| s.alive()), "{servers:?}");
+    let sites: Vec<(String, u32)> = state
+        .machines
+        .iter()
+        .map(|m| (m.record.name.clone(), m.site))
+        .collect();
+    assert_eq!(
+        sites,
+        [
+            ("devc-1".into(), 0),
+            ("devc-2".into(), 1),
+            ("devc-3".into(), 2)
+        ]
+    );
+    let status: serde_json::Value =
+        serde_json::from_slice(&ok_out(dev.fleet(&["status", "--json"])).stdout).unwrap();
+    let nodes = status["nats_servers"].as_array().unwrap();
+    let names: Vec<&str> = nodes.iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["hub-0", "hub-1", "hub-2", "site-1", "site-2"],
+        "{status}"
+    );
+    assert!(nodes.iter().all(|n| n["running"] == true), "{status}");
+    let env = ok(dev.fleet(&["env"]));
+    assert!(
+        env.contains(&format!("NATS_URL={}", hub.join(","))),
+        "{env}"
+    );
+
+    // Agents: a hub machine dials every hub node (its own order), a site machine its leaf and
+    // the hub's JetStream domain.
+    let agent_env = |name: &str| {
+        std::fs::read_to_string(dev.root(name).join("etc/default/cbus-agent")).unwrap()
+    };
+    let hub_env = agent_env("devc-1");
+    let urls = hub_env
+        .lines()
+        .find_map(|l| l.strip_prefix("NATS_URL="))
+        .unwrap();
+    let mut sorted: Vec<&str> = urls.split(',').collect();
+    sorted.sort_unstable();
+    assert_eq!(sorted, hub, "{hub_env}");
+    assert!(!hub_env.contains("CBUS_JS_DOMAIN"), "{hub_env}");
+    let site_env = agent_env("devc-2");
+    assert!(
+        site_env.contains(&format!("NATS_URL=nats://127.0.0.1:{}\n", dev.port + 301))
+            && site_env.contains("CBUS_JS_DOMAIN=hub"),
+        "{site_env}"
+    );
+
+    // The registry: one view with every machine, from any hub node, at three replicas.
+    let password = dev.secret("admin.password");
+    for url in &hub {
+        let out = Command::new(cbus_tests::bin_path("cbus"))
+            .args(["--server", url, "--user", "admin", "--password", &password])
+            .args(["agents", "-s"])
+            .env("CBUS_CONFIG", "/nonexistent")
+            .output()
+            .unwrap();
+        let running = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.split('\t').nth(2) == Some("running"))
+            .count();
+        assert_eq!(running, 3, "agents from {url}:\n{}", text(&out));
+    }
+    let admin = async_nats::ConnectOptions::new()
+        .user_and_password("admin".into(), password.clone())
+        .connect(hub[2].as_str())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(admin);
+    let mut stream = js
+        .get_stream(format!("KV_{}", cbus_protocol::presence::REGISTRY_BUCKET))
+        .await
+        .expect("the registry stream");
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.num_replicas, 3, "{:?}", info.config);
+
+    // A fan-out from the hub (the last node) answers every machine once, the site ones too.
+    // (The worker, not the web server: fleets side by side may race for a demo web port.)
+    let out = Command::new(cbus_tests::bin_path("cbus"))
+        .args([
+            "--server",
+            &hub[2],
+            "--user",
+            "admin",
+            "--password",
+            &password,
+        ])
+        .args(["status", "devc-demo-worker.service", "-s"])
+        .env("CBUS_CONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    let mut answered = states(&out);
+    answered.sort();
+    let want: Vec<(String, String)> = (1..=3)
+        .map(|i| (format!("devc-{i}"), "active".to_owned()))
+        .collect();
+    assert_eq!(answered, want, "{}", text(&out));
+
+    // Down: every nats-server, the gateway and the machines stop.
+    let pids: Vec<u32> = servers
+        .iter()
+        .map(|s| s.pid)
+        .chain(state.gateway.map(|g| g.pid))
+        .collect();
+    ok(tokio::task::block_in_place(|| dev.fleet(&["down"])));
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z "),
+            "pid {pid} still runs: {stat}"
+        );
+    }
+    let left = cbus_tests::procs::pids_with(&dev.dir.path().to_string_lossy());
+    assert!(left.is_empty(), "processes of the dev fleet left: {left:?}");
+    assert_eq!(dev.state(), DevState::default());
+}
+
+fn ok_out(o: Output) -> Output {
+    assert!(o.status.success(), "failed:\n{}", text(&o));
+    o
 }

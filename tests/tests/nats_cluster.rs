@@ -16,7 +16,8 @@ use cbus_client::fleet::Fleet;
 use cbus_protocol::permissions;
 use cbus_protocol::presence::{AgentState, REGISTRY_BUCKET};
 use cbus_tests::cli::{both, cbus, json_of};
-use cbus_tests::{Agent, Link, NatsCluster, NatsServer, PrivateBus, TestService};
+use cbus_tests::cluster::{cluster_config, leaf_listen_config, leaf_remote_config};
+use cbus_tests::{Agent, Link, NatsCluster, NatsServer, PrivateBus, TestCa, TestService, TlsFiles};
 use serde_json::Value;
 
 const DEST: &str = TestService::NAME;
@@ -29,9 +30,15 @@ struct Machine {
 }
 
 fn machine(url: &str, host: &str) -> Machine {
+    machine_with(url, host, &[])
+}
+
+fn machine_with(url: &str, host: &str, args: &[&str]) -> Machine {
     let bus = PrivateBus::start();
     let svc = TestService::start(bus.address());
-    let agent = Agent::start(url, bus.address(), &["--hostname", host]);
+    let mut all = vec!["--hostname", host];
+    all.extend_from_slice(args);
+    let agent = Agent::start(url, bus.address(), &all);
     Machine {
         _agent: agent,
         _svc: svc,
@@ -250,8 +257,8 @@ fn site_config(agents: &[String], hub_leaf: std::net::SocketAddr) -> String {
         })
         .collect();
     format!(
-        "authorization {{ users = [\n{users}] }}\n\
-         leafnodes {{ remotes: [ {{ url: \"nats-leaf://leaf:{LEAF_PW}@{hub_leaf}\" }} ] }}\n"
+        "authorization {{ users = [\n{users}] }}\n{}",
+        leaf_remote_config(&[hub_leaf.to_string()], "leaf", LEAF_PW, None)
     )
 }
 
@@ -263,10 +270,10 @@ async fn a_site_behind_a_leaf_node_is_one_fleet_with_the_hub() {
     let link = Link::start(([127, 0, 0, 1], leaf_port).into()).await;
     let hub = NatsServer::start_with_config(&format!(
         "authorization {{ users = [ {{ user: operator, password: {OPERATOR_PW}, permissions: {} }} ] }}\n\
-         leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", advertise: \"{}\", authorization {{ user: leaf, password: {LEAF_PW} }} }}\n\
+         {}\
          jetstream {{ domain: {HUB_DOMAIN} }}\n",
         permissions::operator().to_config(),
-        link.addr()
+        leaf_listen_config(leaf_port, Some(link.addr()), "leaf", LEAF_PW, None)
     ));
     let operator = hub.url();
     let cbus = |_: &str, args: &[&str]| {
@@ -654,4 +661,128 @@ async fn two_gateways_on_two_nodes_serve_the_same_fleet() {
         up.iter().filter(|r| r["value"][1] == "1").count() == 2,
         "both gateways still answer scrapes (A from its cache): {up:?}"
     );
+}
+
+/// The cluster's routes over mutual TLS with a private CA: the cluster forms, carries the
+/// registry at three replicas, and an agent at one node is seen through another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_over_tls_routes_carries_the_registry() {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(pki.path());
+    let tls = ca.issue("route");
+    let cluster = NatsCluster::start_with_tls(3, "", Some(&tls)).await;
+    let urls = cluster.urls();
+    let out = cbus(&urls, &["registry", "init", "--replicas", "3"]);
+    assert!(out.status.success(), "{}", both(&out));
+    assert_eq!(registry_stream(&cluster.nodes[2].url()).await.0, 3);
+    let _m = machine(&cluster.nodes[0].url(), "tls-0");
+    let far = cluster.nodes[2].url();
+    assert!(
+        cbus_tests::wait_for(Duration::from_secs(30), || async {
+            states(&far).get("tls-0").map(String::as_str) == Some("running")
+        })
+        .await,
+        "the agent at node 0 is not seen at node 2: {:?}",
+        states(&far)
+    );
+    let out = cbus(&far, &["--json", "get", DEST, PATH, "String"]);
+    assert_eq!(each_once(&json_of(&out), &["tls-0"]).0, 1, "{}", both(&out));
+    // The routes demand TLS: a node dialling them without it is refused.
+    let routes: Vec<u16> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            n.log()
+                .lines()
+                .find_map(|l| {
+                    l.split("Listening for route connections on 127.0.0.1:")
+                        .nth(1)
+                })
+                .and_then(|p| p.trim().parse().ok())
+                .expect("the node logs its route port")
+        })
+        .collect();
+    let plain = NatsServer::start_with_config(&format!(
+        "server_name: plain\n{}",
+        cluster_config("cbus-test", cbus_tests::free_port(), &routes, None)
+    ));
+    assert!(
+        cbus_tests::wait_for(Duration::from_secs(20), || async {
+            cluster.nodes[0].log().contains("TLS route handshake error")
+        })
+        .await,
+        "node 0 did not refuse a route without TLS:\n{}\nplain node:\n{}",
+        cluster.nodes[0].log(),
+        plain.log()
+    );
+}
+
+/// A leaf over mutual TLS: a fan-out from the hub reaches the site's machine; a leaf whose
+/// certificate another CA signed is refused (the hub never counts it as a leaf).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_over_tls_carries_a_fan_out_and_a_foreign_certificate_is_refused() {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(pki.path());
+    let hub_tls = ca.issue("hub");
+    let site_tls = ca.issue("site");
+    let leaf_port = cbus_tests::free_port();
+    let hub = NatsServer::start_with_config(&format!(
+        "{}jetstream {{ domain: {HUB_DOMAIN} }}\n",
+        leaf_listen_config(leaf_port, None, "leaf", LEAF_PW, Some(&hub_tls))
+    ));
+    let hub_leaf = format!("127.0.0.1:{leaf_port}");
+    let out = cbus(&hub.url(), &["registry", "init"]);
+    assert!(out.status.success(), "{}", both(&out));
+    let site = NatsServer::start_without_jetstream(&leaf_remote_config(
+        std::slice::from_ref(&hub_leaf),
+        "leaf",
+        LEAF_PW,
+        Some(&site_tls),
+    ));
+    let _m = machine_with(&site.url(), "tls-site", &["--js-domain", HUB_DOMAIN]);
+    assert!(
+        cbus_tests::wait_for(Duration::from_secs(30), || async {
+            states(&hub.url()).get("tls-site").map(String::as_str) == Some("running")
+        })
+        .await,
+        "the site agent never registered at the hub: {:?}\nsite log:\n{}",
+        states(&hub.url()),
+        site.log()
+    );
+    let out = cbus(&hub.url(), &["--json", "get", DEST, PATH, "String"]);
+    assert_eq!(
+        each_once(&json_of(&out), &["tls-site"]).0,
+        1,
+        "{}",
+        both(&out)
+    );
+    let leaves = |srv: &NatsServer| srv.varz().and_then(|v| v["leafnodes"].as_u64());
+    assert_eq!(leaves(&hub), Some(1));
+
+    // Another CA's certificate: the hub refuses the handshake, again and again.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = TestCa::new(other_dir.path()).issue("intruder");
+    let intruder = NatsServer::start_without_jetstream(&leaf_remote_config(
+        std::slice::from_ref(&hub_leaf),
+        "leaf",
+        LEAF_PW,
+        Some(&TlsFiles {
+            ca: site_tls.ca.clone(),
+            ..other
+        }),
+    ));
+    assert!(
+        cbus_tests::wait_for(Duration::from_secs(20), || async {
+            hub.log().contains("TLS leafnode handshake error")
+                || hub
+                    .log()
+                    .contains("certificate signed by unknown authority")
+        })
+        .await,
+        "the hub did not refuse the foreign certificate:\nhub log:\n{}\nintruder log:\n{}",
+        hub.log(),
+        intruder.log()
+    );
+    assert_eq!(leaves(&hub), Some(1), "{}", hub.log());
+    assert_eq!(leaves(&intruder), Some(0), "{}", intruder.log());
 }

@@ -5,14 +5,24 @@ use std::path::Path;
 
 use cbus_tests::MachineSpec;
 
-use crate::settings::Settings;
+use crate::settings::{Settings, HUB_DOMAIN};
 
 /// The agent's unit and example policy, as shipped in agent/.
 const AGENT_UNIT: &str = include_str!("../../../../agent/cbus-agent.service");
 const POLICY: &str = include_str!("../../../../agent/policy.example.toml");
 
-/// The spec of machine `name` (number `index`, demo web server on `web_port`) with its host key.
-pub fn spec(s: &Settings, name: &str, index: u32, web_port: u16, host_key: &Path) -> MachineSpec {
+/// The spec of machine `name` (number `index`, demo web server on `web_port`) with its host key,
+/// its agent dialling `urls`; a machine at a site (`site` > 0) reaches the registry in the hub's
+/// JetStream domain.
+pub fn spec(
+    s: &Settings,
+    name: &str,
+    index: u32,
+    web_port: u16,
+    host_key: &Path,
+    urls: &[String],
+    site: u32,
+) -> MachineSpec {
     let p = &s.prefix;
     // Labels to target with `cbus --labels`: odd machines are web, even ones workers.
     let role = if index % 2 == 1 { "web" } else { "worker" };
@@ -39,8 +49,13 @@ pub fn spec(s: &Settings, name: &str, index: u32, web_port: u16, host_key: &Path
             "/etc/default/cbus-agent".into(),
             format!(
                 "NATS_URL={}\nCBUS_NATS_NKEY_AUTH=true\nCBUS_HOST_KEY=/etc/ssh/ssh_host_ed25519_key\n\
-                 CBUS_POLICY=/etc/cbus/policy.toml\nRUST_LOG=info\nNO_COLOR=1\n",
-                s.nats_url()
+                 CBUS_POLICY=/etc/cbus/policy.toml\nRUST_LOG=info\nNO_COLOR=1\n{}",
+                urls.join(","),
+                if site > 0 {
+                    format!("CBUS_JS_DOMAIN={HUB_DOMAIN}\n")
+                } else {
+                    String::new()
+                }
             ),
             0o644,
         ),

@@ -5,7 +5,9 @@
 //! started is in `$CBUS_DEV_DIR/state.json`, and `down` finds everything else by its directory.
 //!
 //! ```text
-//! ./dev up [N]            start everything with N machines (default 3); says so if already up
+//! ./dev up [N] [--cluster C] [--sites S]
+//!                         start everything with N machines (default 3); says so if already up;
+//!                         C routed hub nats-servers, S leaf sites with machines of their own
 //! ./dev status [--json]   nats-server, gateway, and each machine with its agent's unit state
 //! ./dev env               the NATS_URL / NATS_USER / NATS_PASSWORD exports for the CLI
 //! ./dev shell NAME [CMD]  a login shell (or CMD) inside a machine
@@ -36,11 +38,14 @@ use cbus_tests::devfleet::{DevMachine, DevState};
 use cbus_tests::machines::{self, BootError, Fleet};
 use cbus_tests::procs;
 
-use settings::Settings;
+use settings::{Layout, Settings};
 use status::{report_violations, status};
 
-const USAGE: &str =
-    "  ./dev up [N]            start everything with N machines (default 3); says so if already up
+const USAGE: &str = "  ./dev up [N] [--cluster C] [--sites S]
+                          start everything with N machines (default 3); says so if already up.
+                          --cluster C: C nats-servers routed on loopback with clustered JetStream
+                          (registry at C replicas); --sites S: S leaf nats-servers dialling the
+                          hub, the machines going round the hub and the sites in turn
   ./dev status [--json]   nats-server, gateway, and each machine with its agent's unit state
   ./dev env               the NATS_URL / NATS_USER / NATS_PASSWORD exports for the CLI
   ./dev shell NAME [CMD]  a login shell (or CMD) inside a machine
@@ -65,7 +70,7 @@ fn main() -> ExitCode {
     let run = || -> Result<()> {
         let s = Settings::from_env()?;
         match cmd {
-            "up" => up(&s, rest.first().map(String::as_str)),
+            "up" => up(&s, rest),
             "down" => down(&s),
             "status" => status(&s, rest.iter().any(|a| a == "--json")),
             "env" => env(&s),
@@ -113,10 +118,27 @@ fn load(s: &Settings) -> Result<DevState> {
     Ok(DevState::load(&s.dir)?)
 }
 
+/// The fleet's layout, from what its state file says was started.
+pub fn layout_of(state: &DevState) -> Layout {
+    Layout {
+        cluster: 1 + u32::try_from(state.cluster.len()).unwrap_or(0),
+        sites: u32::try_from(state.sites.len()).unwrap_or(0),
+    }
+}
+
+/// Every hub node's URL, comma-separated (the first node's before the state file has more).
+pub fn hub_urls(s: &Settings) -> String {
+    load(s)
+        .ok()
+        .and_then(|state| layout_of(&state).hub_urls(s).ok())
+        .map(|urls| urls.join(","))
+        .unwrap_or_else(|| s.nats_url())
+}
+
 /// `cbus` as the admin user of this fleet.
 pub fn cli(s: &Settings) -> Result<Command> {
     let mut c = Command::new(s.bin.join("cbus"));
-    c.env("NATS_URL", s.nats_url())
+    c.env("NATS_URL", hub_urls(s))
         .env("NATS_USER", "admin")
         .env("NATS_PASSWORD", s.secret("admin.password")?)
         .stdin(Stdio::null());
@@ -132,9 +154,10 @@ fn positive(n: Option<&str>, default: u32, usage: &str) -> Result<u32> {
     }
 }
 
-/// Whether nats-server and every machine of this state dir are alive.
+/// Whether every nats-server and every machine of this state dir are alive.
 fn healthy(state: &DevState) -> bool {
-    state.nats.is_some_and(|n| n.alive())
+    state.nats.is_some()
+        && state.nats_servers().all(|n| n.alive())
         && !state.machines.is_empty()
         && state.machines.iter().all(|m| m.machine().is_some())
 }
@@ -147,9 +170,38 @@ fn leftovers(s: &Settings, state: &DevState) -> bool {
         || !procs::pids_with(&format!("systemd-nspawn -D {}/", s.machines.display())).is_empty()
 }
 
-fn up(s: &Settings, n: Option<&str>) -> Result<()> {
+const UP_USAGE: &str =
+    "usage: ./dev up [N] [--cluster C] [--sites S]  (N machines, default 3; C hub nodes; S sites)";
+
+/// `up`'s arguments: the machine count and the layout.
+fn up_args(args: &[String]) -> Result<(u32, Layout)> {
+    let mut n = None;
+    let mut layout = Layout::ONE;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--cluster" => {
+                layout.cluster = positive(it.next().map(String::as_str).or(Some("")), 1, UP_USAGE)?
+            }
+            "--sites" => {
+                layout.sites = match it.next().map(|v| v.parse::<u32>()) {
+                    Some(Ok(v)) => v,
+                    _ => bail!("{UP_USAGE}"),
+                }
+            }
+            v if n.is_none() => n = Some(positive(Some(v), 3, UP_USAGE)?),
+            _ => bail!("{UP_USAGE}"),
+        }
+    }
+    if layout.cluster > 9 || layout.sites > 9 {
+        bail!("at most 9 cluster nodes and 9 sites");
+    }
+    Ok((n.unwrap_or(3), layout))
+}
+
+fn up(s: &Settings, args: &[String]) -> Result<()> {
     need_root()?;
-    let n = positive(n, 3, "usage: ./dev up [N]  (N machines, default 3)")?;
+    let (n, layout) = up_args(args)?;
     std::fs::create_dir_all(&s.dir).with_context(|| format!("create {}", s.dir.display()))?;
     let state = load(s)?;
     if healthy(&state) {
@@ -172,8 +224,8 @@ fn up(s: &Settings, n: Option<&str>) -> Result<()> {
     servers::port_free_or_die(s.gateway_port, "CBUS_DEV_GATEWAY_PORT")?;
     need_bins(s)?;
     let mut state = DevState::default();
-    add_machines(s, &mut state, n)?;
-    state.gateway = Some(servers::start_gateway(s, state.gateway)?);
+    add_machines(s, layout, &mut state, n)?;
+    state.gateway = Some(servers::start_gateway(s, layout, state.gateway)?);
     state.save(&s.dir)?;
     wait_registered(s, state.machines.len())?;
     print_access(s)?;
@@ -199,7 +251,7 @@ fn add(s: &Settings, n: Option<&str>) -> Result<()> {
         bail!("the dev fleet is not up; start it with ./dev up");
     }
     need_bins(s)?;
-    add_machines(s, &mut state, n)?;
+    add_machines(s, layout_of(&state), &mut state, n)?;
     wait_registered(s, state.machines.len())?;
     let _ = cli(s)?.arg("agents").status();
     Ok(())
@@ -207,7 +259,7 @@ fn add(s: &Settings, n: Option<&str>) -> Result<()> {
 
 /// Boots `count` more machines, numbered after the highest one so far; their NATS users are in
 /// the server's config (started or reloaded) before their agents connect.
-fn add_machines(s: &Settings, state: &mut DevState, count: u32) -> Result<()> {
+fn add_machines(s: &Settings, layout: Layout, state: &mut DevState, count: u32) -> Result<()> {
     s.check_machines_dir()?;
     let last = state.machines.iter().map(|m| m.index).max().unwrap_or(0);
     let mut taken: Vec<u16> = state.machines.iter().map(|m| m.web_port).collect();
@@ -227,31 +279,42 @@ fn add_machines(s: &Settings, state: &mut DevState, count: u32) -> Result<()> {
             .with_context(|| format!("cbus nkey failed for {name}'s host key"))?;
         let web_port = web_port(&taken)?;
         taken.push(web_port);
-        specs.push(machine::spec(s, &name, index, web_port, &key));
-        new.push((index, nkey, web_port));
+        let site = layout.site_of(index);
+        let urls = layout.machine_urls(s, index, site)?;
+        specs.push(machine::spec(s, &name, index, web_port, &key, &urls, site));
+        new.push((index, nkey, web_port, site));
     }
-    let mut users: Vec<(String, String)> = state
+    let mut users: Vec<servers::AgentUser> = state
         .machines
         .iter()
-        .map(|m| (m.record.name.clone(), m.nkey.clone()))
+        .map(|m| servers::AgentUser {
+            name: m.record.name.clone(),
+            nkey: m.nkey.clone(),
+            site: m.site,
+        })
         .collect();
     users.extend(
         specs
             .iter()
             .zip(&new)
-            .map(|(sp, (_, k, _))| (sp.name.clone(), k.clone())),
+            .map(|(sp, (_, nkey, _, site))| servers::AgentUser {
+                name: sp.name.clone(),
+                nkey: nkey.clone(),
+                site: *site,
+            }),
     );
-    state.nats = Some(servers::start_nats(s, state.nats, &users)?);
+    servers::start_nats(s, layout, state, &users)?;
     state.save(&s.dir)?;
     let names: Vec<&str> = specs.iter().map(|sp| sp.name.as_str()).collect();
     log(&format!("booting {}", names.join(" ")));
     let fleet = Fleet::boot_detached(&s.machines, &specs, s.boot_timeout).map_err(boot_error)?;
-    for (m, (index, nkey, web_port)) in fleet.machines.iter().zip(new) {
+    for (m, (index, nkey, web_port, site)) in fleet.machines.iter().zip(new) {
         state.machines.push(DevMachine {
             record: m.record(),
             index,
             nkey,
             web_port,
+            site,
         });
     }
     state.save(&s.dir)?;
@@ -310,9 +373,21 @@ fn print_access(s: &Settings) -> Result<()> {
     let pw = s.secret("admin.password")?;
     let url = format!("http://127.0.0.1:{}", s.gateway_port);
     let p = &s.prefix;
-    let nats = s.nats_url();
+    let nats = hub_urls(s);
     println!();
     println!("NATS:       {nats}   user admin, password {pw}");
+    let state = load(s)?;
+    if !state.sites.is_empty() {
+        println!(
+            "            sites: {} (leaf nats-servers; their machines' agents connect there)",
+            state
+                .sites
+                .iter()
+                .map(|srv| format!("nats://127.0.0.1:{}", srv.port))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
     println!(
         "            (the gateway connects as user 'gateway'; each agent as its own nkey user, see {})",
         s.nats_conf().display()
@@ -354,9 +429,10 @@ fn teardown(s: &Settings, state: &DevState) -> Result<()> {
         log(&format!("powering off {up} machine(s)"));
     }
     machines::teardown(&s.machines)?;
-    let mut pids: Vec<u32> = [state.gateway, state.nats]
+    let mut pids: Vec<u32> = state
+        .gateway
         .into_iter()
-        .flatten()
+        .chain(state.nats_servers())
         .filter(|srv| srv.alive())
         .map(|srv| srv.pid)
         .collect();
@@ -364,14 +440,15 @@ fn teardown(s: &Settings, state: &DevState) -> Result<()> {
         "--token-file {}",
         s.token_file().display()
     )));
+    // Every node's config is in the nats dir (nats.conf, hub-I.conf, site-J.conf).
     pids.extend(procs::pids_with(&format!(
-        "nats-server -c {}",
-        s.nats_conf().display()
+        "nats-server -c {}/",
+        s.dir.join("nats").display()
     )));
     pids.sort_unstable();
     pids.dedup();
     if !pids.is_empty() {
-        log("stopping nats-server and cbus-gateway");
+        log("stopping the nats-servers and cbus-gateway");
         procs::stop_pids(libc::SIGTERM, Duration::from_secs(5), &pids);
     }
     // Nothing is mounted any more (teardown said so): remove the state.
@@ -390,7 +467,7 @@ fn env(s: &Settings) -> Result<()> {
         .context("the dev fleet was never started here; run ./dev up")?;
     println!(
         "export NATS_URL={} NATS_USER=admin NATS_PASSWORD={pw}",
-        s.nats_url()
+        hub_urls(s)
     );
     Ok(())
 }

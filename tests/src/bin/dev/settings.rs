@@ -65,16 +65,47 @@ impl Settings {
         })
     }
 
+    /// The hub's first node: where the CLI, the gateway and hub machines connect first.
     pub fn nats_url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.nats_port)
     }
 
+    /// A port `offset` above `CBUS_DEV_NATS_PORT` (the other nodes' client, route and leaf
+    /// ports), or why there is none.
+    pub fn port_above(&self, offset: u32) -> Result<u16> {
+        u16::try_from(u32::from(self.nats_port) + offset)
+            .ok()
+            .with_context(|| {
+                format!(
+                    "CBUS_DEV_NATS_PORT={} leaves no room for port +{offset}",
+                    self.nats_port
+                )
+            })
+    }
+
+    /// The config of nats-server `node`: the hub's first node keeps the one-server name.
+    pub fn node_conf(&self, node: Node) -> PathBuf {
+        self.dir.join(match node {
+            Node::Hub(0) => "nats/nats.conf".to_owned(),
+            Node::Hub(i) => format!("nats/hub-{i}.conf"),
+            Node::Site(j) => format!("nats/site-{j}.conf"),
+        })
+    }
+
+    pub fn node_log(&self, node: Node) -> PathBuf {
+        self.dir.join(match node {
+            Node::Hub(0) => "nats/log".to_owned(),
+            Node::Hub(i) => format!("nats/hub-{i}.log"),
+            Node::Site(j) => format!("nats/site-{j}.log"),
+        })
+    }
+
     pub fn nats_conf(&self) -> PathBuf {
-        self.dir.join("nats/nats.conf")
+        self.node_conf(Node::Hub(0))
     }
 
     pub fn nats_log(&self) -> PathBuf {
-        self.dir.join("nats/log")
+        self.node_log(Node::Hub(0))
     }
 
     pub fn gateway_log(&self) -> PathBuf {
@@ -123,6 +154,93 @@ impl Settings {
             .collect();
         write_private(&path, &s)?;
         Ok(s)
+    }
+}
+
+/// One nats-server of the fleet: node `i` of the hub's cluster (from 0), or site `j`'s leaf
+/// (from 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node {
+    Hub(u32),
+    Site(u32),
+}
+
+/// How many nats-servers the fleet runs: `cluster` routed hub nodes with clustered JetStream
+/// (`./dev up --cluster N`, 1 by default) and `sites` leaf nodes dialling the hub, each with
+/// machines of its own (`--sites N`, 0 by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub cluster: u32,
+    pub sites: u32,
+}
+
+/// The hub's JetStream domain when there are sites: their leaves have no JetStream, so their
+/// agents reach the registry as `$JS.hub.API.…` (`cbus-agent --js-domain hub`).
+pub const HUB_DOMAIN: &str = "hub";
+
+impl Layout {
+    pub const ONE: Layout = Layout {
+        cluster: 1,
+        sites: 0,
+    };
+
+    /// Every node: the hub's, then the sites'.
+    pub fn nodes(self) -> impl Iterator<Item = Node> {
+        (0..self.cluster)
+            .map(Node::Hub)
+            .chain((1..=self.sites).map(Node::Site))
+    }
+
+    /// The site of machine number `index`: machines go round the hub and the sites in turn
+    /// (`up 3 --sites 2`: one machine each).
+    pub fn site_of(self, index: u32) -> u32 {
+        index.saturating_sub(1) % (self.sites + 1)
+    }
+
+    /// Client port of `node`: hub nodes from `CBUS_DEV_NATS_PORT` up, sites from +300.
+    pub fn client_port(self, s: &Settings, node: Node) -> Result<u16> {
+        match node {
+            Node::Hub(0) => Ok(s.nats_port),
+            Node::Hub(i) => s.port_above(i),
+            Node::Site(j) => s.port_above(300 + j),
+        }
+    }
+
+    /// Route port of hub node `i` (+100 up).
+    pub fn route_port(self, s: &Settings, i: u32) -> Result<u16> {
+        s.port_above(100 + i)
+    }
+
+    /// Leaf-node port of hub node `i` (+200 up); leaves may dial any node.
+    pub fn leaf_port(self, s: &Settings, i: u32) -> Result<u16> {
+        s.port_above(200 + i)
+    }
+
+    /// Every hub node's client URL.
+    pub fn hub_urls(self, s: &Settings) -> Result<Vec<String>> {
+        (0..self.cluster)
+            .map(|i| {
+                Ok(format!(
+                    "nats://127.0.0.1:{}",
+                    self.client_port(s, Node::Hub(i))?
+                ))
+            })
+            .collect()
+    }
+
+    /// The URLs machine `index` at `site` dials: a site machine its leaf; a hub machine every
+    /// hub node, the list turned by its number so the agents spread over the nodes.
+    pub fn machine_urls(self, s: &Settings, index: u32, site: u32) -> Result<Vec<String>> {
+        if site > 0 {
+            return Ok(vec![format!(
+                "nats://127.0.0.1:{}",
+                self.client_port(s, Node::Site(site))?
+            )]);
+        }
+        let mut urls = self.hub_urls(s)?;
+        let turn = usize::try_from(index).unwrap_or(0) % urls.len().max(1);
+        urls.rotate_left(turn);
+        Ok(urls)
     }
 }
 

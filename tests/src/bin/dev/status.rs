@@ -3,13 +3,16 @@
 
 use anyhow::{Context, Result};
 
-use crate::settings::Settings;
+use crate::settings::{Layout, Node, Settings};
 use crate::{load, warn};
 
 /// What `status --json` prints.
 #[derive(serde::Serialize)]
 struct StatusJson {
+    /// The hub's first (or only) nats-server.
     nats: Option<ServerStatus>,
+    /// Every nats-server: the hub's nodes, then the sites' leaves.
+    nats_servers: Vec<NodeStatus>,
     gateway: Option<ServerStatus>,
     machines: Vec<MachineStatus>,
 }
@@ -21,8 +24,19 @@ struct ServerStatus {
 }
 
 #[derive(serde::Serialize)]
+struct NodeStatus {
+    /// `hub-I` (cluster node I) or `site-J`.
+    name: String,
+    running: bool,
+    pid: u32,
+    url: String,
+}
+
+#[derive(serde::Serialize)]
 struct MachineStatus {
     name: String,
+    /// 0: the hub; J: site J's leaf.
+    site: u32,
     /// `systemctl is-system-running`, or `not running`.
     state: String,
     leader: Option<u32>,
@@ -37,6 +51,20 @@ pub fn status(s: &Settings, json: bool) -> Result<()> {
         pid: n.pid,
         url: s.nats_url(),
     });
+    let layout = crate::layout_of(&state);
+    let nats_servers: Vec<NodeStatus> = layout
+        .nodes()
+        .zip(state.nats_servers())
+        .map(|(node, srv)| NodeStatus {
+            name: match node {
+                Node::Hub(i) => format!("hub-{i}"),
+                Node::Site(j) => format!("site-{j}"),
+            },
+            running: srv.alive(),
+            pid: srv.pid,
+            url: format!("nats://127.0.0.1:{}", srv.port),
+        })
+        .collect();
     let gateway = state.gateway.filter(|g| g.alive()).map(|g| ServerStatus {
         pid: g.pid,
         url: format!("http://127.0.0.1:{}/", s.gateway_port),
@@ -49,6 +77,7 @@ pub fn status(s: &Settings, json: bool) -> Result<()> {
             let inside = |args: &[&str]| m.as_ref().map(|m| m.exec_stdout(args));
             MachineStatus {
                 name: dm.record.name.clone(),
+                site: dm.site,
                 state: match inside(&["systemctl", "is-system-running"]) {
                     Some(st) if st.is_empty() => "booting".into(),
                     Some(st) => st,
@@ -64,6 +93,7 @@ pub fn status(s: &Settings, json: bool) -> Result<()> {
     if json {
         let doc = StatusJson {
             nats,
+            nats_servers,
             gateway,
             machines,
         };
@@ -77,16 +107,33 @@ pub fn status(s: &Settings, json: bool) -> Result<()> {
         Some(srv) => println!("{name:<14} running (pid {}) {}", srv.pid, srv.url),
         None => println!("{name:<14} not running"),
     };
-    server("nats-server", &nats);
+    if nats_servers.len() > 1 {
+        for n in &nats_servers {
+            let state = if n.running { "running" } else { "not running" };
+            println!(
+                "{:<14} {state} (pid {}) {}",
+                format!("nats {}", n.name),
+                n.pid,
+                n.url
+            );
+        }
+    } else {
+        server("nats-server", &nats);
+    }
     server("cbus-gateway", &gateway);
     for m in &machines {
         match m.leader {
             Some(leader) => println!(
-                "{:<14} {} (leader pid {leader}), cbus-agent {}, nkey {}",
+                "{:<14} {} (leader pid {leader}), cbus-agent {}, nkey {}{}",
                 m.name,
                 m.state,
                 m.agent.as_deref().unwrap_or(""),
-                m.nkey
+                m.nkey,
+                if m.site > 0 {
+                    format!(", site {}", m.site)
+                } else {
+                    String::new()
+                }
             ),
             None => println!("{:<14} not running", m.name),
         }
@@ -100,17 +147,23 @@ pub fn status(s: &Settings, json: bool) -> Result<()> {
 
 /// Permission violations in the NATS log: a part that needs a subject its user may not use.
 pub fn report_violations(s: &Settings) {
-    let text = std::fs::read_to_string(s.nats_log()).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| l.contains("Violation")).collect();
-    if lines.is_empty() {
-        return;
-    }
-    warn(&format!(
-        "{} NATS permission violation(s) in {}, the last ones:",
-        lines.len(),
-        s.nats_log().display()
-    ));
-    for l in &lines[lines.len().saturating_sub(3)..] {
-        eprintln!("    {l}");
+    let layout = load(s)
+        .map(|st| crate::layout_of(&st))
+        .unwrap_or(Layout::ONE);
+    for node in layout.nodes() {
+        let path = s.node_log(node);
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains("Violation")).collect();
+        if lines.is_empty() {
+            continue;
+        }
+        warn(&format!(
+            "{} NATS permission violation(s) in {}, the last ones:",
+            lines.len(),
+            path.display()
+        ));
+        for l in &lines[lines.len().saturating_sub(3)..] {
+            eprintln!("    {l}");
+        }
     }
 }
