@@ -55,6 +55,25 @@ async fn metrics_from_cache_follow_real_units() {
         "{text}"
     );
     assert!(
+        text.contains("cbus_systemd_unit_info{host=\"gw-1\",name=\"gw-sleeper.service\",type=\"service\",load_state=\"loaded\",active_state=\"active\",sub_state=\"running\"} 1"),
+        "{text}"
+    );
+    // The per-state counts agree with the one-hot series they summarise.
+    let active = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("cbus_systemd_unit_state{host=\"gw-1\"")
+                && l.ends_with("state=\"active\"} 1")
+        })
+        .count();
+    assert!(
+        text.contains(&format!(
+            "cbus_systemd_units{{host=\"gw-1\",state=\"active\"}} {active}"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("cbus_build_info{version=\""), "{text}");
+    assert!(
         !text.contains(".mount\""),
         "node_exporter's default excludes apply"
     );

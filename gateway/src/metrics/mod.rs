@@ -10,7 +10,7 @@
 mod agents;
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -19,7 +19,10 @@ use cbus_protocol::presence::AgentState;
 use crate::model::{unit_type, Machine, UNIT_STATES as STATES};
 
 /// Families the gateway writes itself; agents may not reuse them.
-const OWN_FAMILIES: [&str; 6] = [
+const OWN_FAMILIES: [&str; 9] = [
+    "cbus_build_info",
+    "cbus_systemd_units",
+    "cbus_systemd_unit_info",
     "cbus_agent_up",
     "cbus_agent_maintenance",
     "cbus_agent_last_seen_timestamp_seconds",
@@ -28,7 +31,7 @@ const OWN_FAMILIES: [&str; 6] = [
     "cbus_systemd_unit_start_time_seconds",
 ];
 
-/// One machine's samples of the three unit families.
+/// One machine's samples of the unit families.
 #[derive(Debug, Default)]
 struct UnitSeries {
     /// What they were rendered from: the machine's units generation and hostname.
@@ -37,6 +40,10 @@ struct UnitSeries {
     state: String,
     restarts: String,
     start_time: String,
+    /// `cbus_systemd_units`: units per active state.
+    units: String,
+    /// `cbus_systemd_unit_info`: load, active and sub state as labels.
+    info: String,
 }
 
 impl UnitSeries {
@@ -82,6 +89,17 @@ impl Metrics {
         let machines: Vec<&Machine> = machines.iter().map(Borrow::borrow).collect();
         let machines = machines.as_slice();
         let mut out = String::new();
+        family(
+            &mut out,
+            "cbus_build_info",
+            "gauge",
+            "Always 1; the gateway's version as a label.",
+        );
+        let _ = writeln!(
+            out,
+            "cbus_build_info{{version=\"{}\"}} 1",
+            esc(env!("CARGO_PKG_VERSION"))
+        );
         family(
             &mut out,
             "cbus_agent_up",
@@ -140,7 +158,13 @@ impl Metrics {
         out.reserve(
             series
                 .iter()
-                .map(|s| s.state.len() + s.restarts.len() + s.start_time.len())
+                .map(|s| {
+                    s.state.len()
+                        + s.restarts.len()
+                        + s.start_time.len()
+                        + s.units.len()
+                        + s.info.len()
+                })
                 .sum::<usize>()
                 + 64 * 1024
                 + machines.len() * 8 * 1024,
@@ -172,6 +196,24 @@ impl Metrics {
         for s in &series {
             out.push_str(&s.start_time);
         }
+        family(
+            &mut out,
+            "cbus_systemd_units",
+            "gauge",
+            "Units per active state (node_exporter's node_systemd_units), over the filtered units.",
+        );
+        for s in &series {
+            out.push_str(&s.units);
+        }
+        family(
+            &mut out,
+            "cbus_systemd_unit_info",
+            "gauge",
+            "Always 1; the unit's load, active and sub state as labels (systemd_exporter's systemd_unit_info).",
+        );
+        for s in &series {
+            out.push_str(&s.info);
+        }
         crate::stats::render(&mut out);
         agents::append_agent_metrics(&mut out, machines);
         out
@@ -186,8 +228,26 @@ fn render_unit_series(m: &Machine) -> UnitSeries {
         state: String::with_capacity(m.units().len() * STATES.len() * 100),
         ..Default::default()
     };
+    let mut by_state: BTreeMap<&str, u64> = STATES.iter().map(|st| (*st, 0)).collect();
+    for u in m.units().values() {
+        *by_state.entry(u.active.as_str()).or_default() += 1;
+    }
+    for (state, n) in by_state {
+        let _ = writeln!(
+            s.units,
+            "cbus_systemd_units{{host=\"{host}\",state=\"{}\"}} {n}",
+            esc(state)
+        );
+    }
     for (name, u) in m.units() {
         let (name, kind) = (esc(name), esc(unit_type(name)));
+        let _ = writeln!(
+            s.info,
+            "cbus_systemd_unit_info{{host=\"{host}\",name=\"{name}\",type=\"{kind}\",load_state=\"{}\",active_state=\"{}\",sub_state=\"{}\"}} 1",
+            esc(&u.load),
+            esc(&u.active),
+            esc(&u.sub)
+        );
         // Each unit's label prefix is built once, then plain pushes.
         let prefix = format!(
             "cbus_systemd_unit_state{{host=\"{host}\",name=\"{name}\",type=\"{kind}\",state=\""
@@ -292,6 +352,14 @@ pub(crate) mod tests {
         assert!(out.contains("cbus_systemd_unit_start_time_seconds{host=\"h1\",name=\"y.service\",type=\"service\"} 1.500000"));
         assert!(out.contains("cbus_systemd_unit_start_time_seconds{host=\"h1\",name=\"x.service\",type=\"service\"} 0.000000"));
         assert!(out.contains("cbus_agent_up{host=\"h1\",nkey=\"Uh1\"} 1"));
+        assert!(out.contains("cbus_systemd_units{host=\"h1\",state=\"failed\"} 1"));
+        assert!(out.contains("cbus_systemd_units{host=\"h1\",state=\"active\"} 1"));
+        assert!(out.contains("cbus_systemd_units{host=\"h1\",state=\"inactive\"} 0"));
+        assert!(out.contains("cbus_systemd_unit_info{host=\"h1\",name=\"x.service\",type=\"service\",load_state=\"\",active_state=\"failed\",sub_state=\"\"} 1"));
+        assert!(out.contains(&format!(
+            "cbus_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
     }
 
     #[test]
