@@ -8,6 +8,8 @@
 //!   signature, so an agent never has to introspect systemd to type the arguments.
 //! - [`unit`](mod@unit): unit names (validation, `nginx` meaning `nginx.service`) and the typed
 //!   [`Unit`] row of a `ListUnits` reply.
+//! - [`rollout`]: rolling operations planned without I/O (batch as a running counter, the
+//!   `--max-fail` threshold, the order machines are taken in).
 //! - [`signals`]: the signal subjects to subscribe to, which signals are systemd's own, and
 //!   the Manager signals (`UnitNew`, `UnitRemoved`, `JobRemoved`, `Reloading`) and units'
 //!   `PropertiesChanged` decoded.
@@ -16,6 +18,7 @@
 //! ([`cbus_protocol::codec::unvariant`], re-exported here).
 
 pub mod manager;
+pub mod rollout;
 pub mod signals;
 pub mod unit;
 
