@@ -23,7 +23,7 @@ use cbus_client::systemd::UnitJob;
 use clap::Parser;
 
 use args::{Cli, Command};
-use commands::{agents, dbus, docs, keys, monitor, server, subject, systemd};
+use commands::{agents, dbus, docs, keys, monitor, server, subject, systemd, watch};
 use error::Failure;
 use render::Format;
 
@@ -137,6 +137,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             monitor::run(&ctx, watch).await
         }
+        Command::Watch { what } => watch::run(&ctx, &what).await,
         Command::Units { pattern } => systemd::units(&ctx, pattern).await,
         Command::Status { units } => systemd::status(&ctx, units).await,
         Command::Start(a) => systemd::action(&ctx, UnitJob::Start, a).await,

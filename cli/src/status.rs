@@ -23,6 +23,8 @@ pub enum Status {
     Unresponsive,
     /// The job was still running when `--job-timeout` passed.
     Unfinished,
+    /// A rolling operation stopped at `--max-fail` before this machine's turn.
+    NotStarted,
 }
 
 impl Status {
@@ -57,6 +59,7 @@ impl Status {
             Status::Stopped => "stopped",
             Status::Unresponsive => "unresponsive",
             Status::Unfinished => "unfinished",
+            Status::NotStarted => "not-started",
         }
     }
 
@@ -79,7 +82,7 @@ impl Status {
         match self {
             Status::TimedOut | Status::Unfinished | Status::Unresponsive => ErrorCode::Timeout,
             Status::NotConnected | Status::Stopped => ErrorCode::Disconnected,
-            Status::Ok | Status::Failed => ErrorCode::InternalError,
+            Status::Ok | Status::Failed | Status::NotStarted => ErrorCode::InternalError,
         }
     }
 

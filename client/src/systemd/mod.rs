@@ -32,8 +32,8 @@ pub use signals::{
     PropertiesChanged,
 };
 pub use unit::{
-    exact_pattern, mangle, pattern, unit_path, unit_rows, units_of_reply, validate, Unit,
-    UnitNameError, TYPES, UNIT_NAME_MAX,
+    exact_pattern, mangle, pattern, result_interface, unit_path, unit_rows, units_of_reply,
+    validate, Unit, UnitNameError, TYPES, UNIT_NAME_MAX,
 };
 
 /// systemd's bus name.
