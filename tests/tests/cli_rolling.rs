@@ -10,7 +10,7 @@ use serde_json::Value;
 
 /// Runs until it is killed, except where /etc/cbus-broken exists: there it is active for a
 /// second and then fails (so its restart job succeeds and only the hold can tell).
-const UNIT: &str = "[Unit]\nDescription=cbus rolling\n[Service]\nExecStart=/bin/sh -c 'if [ -e /etc/cbus-broken ]; then sleep 1; exit 3; fi; exec sleep infinity'\n";
+const UNIT: &str = "[Unit]\nDescription=cbus rolling\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sh -c 'if [ -e /etc/cbus-broken ]; then sleep 1; exit 3; fi; exec sleep infinity'\n";
 
 fn main_pid(m: &Machine) -> String {
     m.exec_stdout(&[

@@ -426,30 +426,31 @@ fn route(
     refused: &mut u64,
 ) {
     let h = msg.headers.as_ref();
-    let (nkey, event) =
-        if let Some(ManagerSignal::JobRemoved(j)) = ManagerSignal::decode(h, &msg.payload) {
-            match systemd::systemd_signal(&msg.subject, h) {
-                Ok(nkey) => (nkey, Event::JobRemoved(j)),
-                Err(why) => {
-                    *refused += 1;
-                    tracing::debug!(%why, "JobRemoved ignored");
-                    return;
-                }
-            }
-        } else if let Some((nkey, change)) = PropertiesChanged::from_owner(
-            &msg.subject,
-            h,
-            &msg.payload,
-            unit_path,
-            systemd::DESTINATION,
-        ) {
-            (nkey, Event::Changed(change))
-        } else {
-            if headers_say_properties_changed(h) {
+    let (nkey, event) = if let Some(ManagerSignal::JobRemoved(j)) =
+        ManagerSignal::decode(h, &msg.payload)
+    {
+        match systemd::systemd_signal(&msg.subject, h) {
+            Ok(nkey) => (nkey, Event::JobRemoved(j)),
+            Err(why) => {
                 *refused += 1;
+                tracing::debug!(%why, "JobRemoved ignored");
+                return;
             }
-            return;
-        };
+        }
+    } else if let Some((nkey, change)) = PropertiesChanged::from_owner(
+        &msg.subject,
+        h,
+        &msg.payload,
+        unit_path,
+        systemd::DESTINATION,
+    ) {
+        (nkey, Event::Changed(change))
+    } else {
+        if headers_say_properties_changed(h) {
+            tracing::debug!(subject = %msg.subject, "PropertiesChanged not from systemd ignored");
+        }
+        return;
+    };
     if let Some(q) = queues.get(nkey) {
         if q.try_send(event).is_err() {
             tracing::debug!(nkey, "signal queue of a machine full; dropped");
@@ -589,6 +590,21 @@ async fn one(
                         None => continue,
                     };
                     if !is_wanted(plan.job, &state) {
+                        // A signal of the job's own transitions can arrive after the job's
+                        // end (two subscriptions, no order between them): it counts only if
+                        // the unit is not where it was when the hold began.
+                        let (back, now) = read_state(ctx, plan, agent, r).await?;
+                        r = back;
+                        match now {
+                            Some(now) if now == entered => continue,
+                            None if r.step == Step::Failed => {
+                                let seen = r.active.clone().unwrap_or(state);
+                                let why = format!("{seen} during the hold (left {})", wanted(plan.job).0);
+                                return Ok(r.failed(why));
+                            }
+                            None => return Ok(r),
+                            Some(_) => {}
+                        }
                         r.active = Some(state.clone());
                         let why = format!(
                             "{state} during the hold (left {} after {})",
