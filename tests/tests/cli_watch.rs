@@ -212,7 +212,10 @@ async fn watch_shows_changes_pushed_by_signals() {
         !m2_line.starts_with("\x1b[7m"),
         "watch-m2 highlighted:\n{frame:?}"
     );
-    assert!(plain(m1_line).contains("active    running"), "{frame}");
+    assert!(
+        plain(m1_line).contains("watch-m1  active  running"),
+        "{frame}"
+    );
     // SAFETY: signalling a child process this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
