@@ -208,6 +208,20 @@ pub enum Command {
     /// The history streams: `cbus streams init` creates them with their limits
     #[command(subcommand)]
     Streams(StreamsCommand),
+    /// A live view of one unit's state, or one property, across the fleet
+    #[command(
+        after_help = "On a terminal: a table redrawn in place, counts by value on top, \
+        machines that just changed highlighted. Otherwise: NDJSON, one line per machine at the \
+        start and one per change. Pushed by signals; machines whose heartbeats stop are shown \
+        as unresponsive. Ctrl-C stops.\n\
+        Examples: cbus watch nginx\n  \
+        cbus watch org.freedesktop.hostname1 /org/freedesktop/hostname1 Hostname"
+    )]
+    Watch {
+        /// UNIT, or DEST PATH [IFACE.]PROPERTY
+        #[arg(required = true, num_args = 1..=3, value_name = "UNIT | DEST PATH PROP")]
+        what: Vec<String>,
+    },
     /// The fleet: every agent with its state, last heartbeat, version, bus and labels
     Agents,
     /// systemd units on each machine: host, unit, load, active, sub, since, description
@@ -377,6 +391,7 @@ pub enum PermissionRole {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("rolling").args(["batch", "resume"]).multiple(true)))]
 pub struct UnitAction {
     /// Unit names; a name without a type suffix means NAME.service
     #[arg(required = true, value_name = "UNIT")]
@@ -387,6 +402,40 @@ pub struct UnitAction {
     /// How long to wait for the jobs to finish (added to --timeout for the command's deadline)
     #[arg(long, value_name = "DURATION", default_value = "90s")]
     pub job_timeout: String,
+    #[command(flatten)]
+    pub rolling: RollingArgs,
+}
+
+/// A rolling operation: machines a few at a time, stopping at a failure threshold.
+#[derive(Debug, Default, Args)]
+#[command(next_help_heading = "Rolling (docs/cli.md, \"Rolling operations\")")]
+pub struct RollingArgs {
+    /// Roll: at most N machines (or P% of them, rounded up) in flight at once; as each one ends
+    /// the next starts. One UNIT only
+    #[arg(long, value_name = "N|P%", conflicts_with = "no_block")]
+    pub batch: Option<String>,
+    /// A machine is done only when its unit is active (inactive for stop) and stayed so for
+    /// this long, judged from systemd's PropertiesChanged signals [default: 0s]
+    #[arg(long, value_name = "DURATION", requires = "rolling")]
+    pub hold: Option<String>,
+    /// Start no new machine once more than N (or P%) machines failed or were unreachable;
+    /// those in flight finish [default: 0, the first failure stops the rollout]
+    #[arg(long, value_name = "N|P%", requires = "rolling")]
+    pub max_fail: Option<String>,
+    /// The order machines are taken in: by hostname, or by a label's value (then hostname;
+    /// machines without the label last)
+    #[arg(long, value_name = "host|label:KEY", requires = "rolling")]
+    pub order: Option<String>,
+    /// Run only the machines a previous rollout's --json report says are not done (failed,
+    /// unreachable, not started); same command and UNIT. Without --batch, one at a time
+    #[arg(long, value_name = "FILE", conflicts_with = "no_block")]
+    pub resume: Option<PathBuf>,
+}
+
+impl RollingArgs {
+    pub fn is_rolling(&self) -> bool {
+        self.batch.is_some() || self.resume.is_some()
+    }
 }
 
 /// An object and member to address, and optionally one agent.

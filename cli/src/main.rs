@@ -23,7 +23,9 @@ use cbus_client::systemd::UnitJob;
 use clap::Parser;
 
 use args::{Cli, Command};
-use commands::{agents, audit, dbus, docs, keys, maintenance, monitor, server, subject, systemd};
+use commands::{
+    agents, audit, dbus, docs, keys, maintenance, monitor, server, subject, systemd, watch,
+};
 use error::Failure;
 use render::Format;
 
@@ -163,6 +165,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             server::streams_init(&ctx, limits).await
         }
+        Command::Watch { what } => watch::run(&ctx, &what).await,
         Command::Units { pattern } => systemd::units(&ctx, pattern).await,
         Command::Status { units } => systemd::status(&ctx, units).await,
         Command::Start(a) => systemd::action(&ctx, UnitJob::Start, a).await,

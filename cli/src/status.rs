@@ -26,6 +26,8 @@ pub enum Status {
     /// An operator marked it under maintenance (expected away); not asked, and neither a
     /// failure nor unreachable.
     Maintenance,
+    /// A rolling operation stopped at `--max-fail` before this machine's turn.
+    NotStarted,
 }
 
 impl Status {
@@ -63,6 +65,7 @@ impl Status {
             Status::Unresponsive => "unresponsive",
             Status::Unfinished => "unfinished",
             Status::Maintenance => "maintenance",
+            Status::NotStarted => "not-started",
         }
     }
 
@@ -91,7 +94,7 @@ impl Status {
         match self {
             Status::TimedOut | Status::Unfinished | Status::Unresponsive => ErrorCode::Timeout,
             Status::NotConnected | Status::Stopped | Status::Maintenance => ErrorCode::Disconnected,
-            Status::Ok | Status::Failed => ErrorCode::InternalError,
+            Status::Ok | Status::Failed | Status::NotStarted => ErrorCode::InternalError,
         }
     }
 

@@ -12,3 +12,4 @@ pub mod monitor;
 pub mod server;
 pub mod subject;
 pub mod systemd;
+pub mod watch;

@@ -8,6 +8,8 @@
 //!   signature, so an agent never has to introspect systemd to type the arguments.
 //! - [`unit`](mod@unit): unit names (validation, `nginx` meaning `nginx.service`) and the typed
 //!   [`Unit`] row of a `ListUnits` reply.
+//! - [`rollout`]: rolling operations planned without I/O (batch as a running counter, the
+//!   `--max-fail` threshold, the order machines are taken in).
 //! - [`signals`]: the signal subjects to subscribe to, which signals are systemd's own, and
 //!   the Manager signals (`UnitNew`, `UnitRemoved`, `JobRemoved`, `Reloading`) and units'
 //!   `PropertiesChanged` decoded.
@@ -16,6 +18,7 @@
 //! ([`cbus_protocol::codec::unvariant`], re-exported here).
 
 pub mod manager;
+pub mod rollout;
 pub mod signals;
 pub mod unit;
 
@@ -29,8 +32,8 @@ pub use signals::{
     PropertiesChanged,
 };
 pub use unit::{
-    exact_pattern, mangle, pattern, unit_path, unit_rows, units_of_reply, validate, Unit,
-    UnitNameError, TYPES, UNIT_NAME_MAX,
+    exact_pattern, mangle, pattern, result_interface, unit_path, unit_rows, units_of_reply,
+    validate, Unit, UnitNameError, TYPES, UNIT_NAME_MAX,
 };
 
 /// systemd's bus name.

@@ -194,6 +194,39 @@ impl PropertiesChanged {
     pub const INTERFACE: &'static str = "org.freedesktop.DBus.Properties";
     pub const MEMBER: &'static str = "PropertiesChanged";
 
+    /// The change a `PropertiesChanged` message of the object `path` says, and the machine it
+    /// is from (the subject's `<nkey>`), if the agent saw its sender own the bus name `owner`;
+    /// `None` for another signal, another object, or a sender that does not own `owner`
+    /// (anyone on that machine's bus may emit one).
+    pub fn from_owner<'a>(
+        subject: &'a str,
+        h: Option<&HeaderMap>,
+        payload: &[u8],
+        path: &str,
+        owner: &str,
+    ) -> Option<(&'a str, PropertiesChanged)> {
+        if headers::get(h, headers::MEMBER) != Some(Self::MEMBER)
+            || headers::get(h, headers::INTERFACE) != Some(Self::INTERFACE)
+            || headers::get(h, headers::PATH) != Some(path)
+            || !headers::sender_owns(h, owner)
+        {
+            return None;
+        }
+        let nkey = headers::signal_machine(subject, h).ok()?;
+        let args = serde_json::from_slice::<Value>(payload).ok()?;
+        Some((nkey, Self::from_args(&args)?))
+    }
+
+    /// The new value of `property` if the change carries it, or `Err(())` when it was only
+    /// invalidated (changed without its value being sent: read it).
+    pub fn value_of(&self, property: &str) -> Option<Result<&Value, ()>> {
+        match self.changed.get(property) {
+            Some(v) => Some(Ok(super::unvariant(v))),
+            None if self.invalidated.iter().any(|p| p == property) => Some(Err(())),
+            None => None,
+        }
+    }
+
     /// From the signal's arguments; `None` without an interface name. Missing or ill-typed
     /// maps and lists count as empty.
     pub fn from_args(args: &Value) -> Option<PropertiesChanged> {
@@ -329,6 +362,39 @@ mod tests {
             &json!("active")
         );
         assert_eq!(pc.invalidated, ["SubState"]);
+        assert_eq!(pc.value_of("ActiveState"), Some(Ok(&json!("active"))));
+        assert_eq!(pc.value_of("SubState"), Some(Err(())));
+        assert_eq!(pc.value_of("LoadState"), None);
+        // Only from the owner, of the object asked about, on the subject's machine.
+        let path = "/org/freedesktop/systemd1/unit/x_2eservice";
+        let subject =
+            format!("dbus.signals.{NA}._3a1_2e1.org.freedesktop.systemd1.unit.x_2eservice");
+        let mut hp = h(NA, DESTINATION, PropertiesChanged::MEMBER);
+        headers::set(&mut hp, headers::INTERFACE, PropertiesChanged::INTERFACE);
+        headers::set(&mut hp, headers::PATH, path);
+        let payload =
+            body(json!([super::super::UNIT, {"ActiveState": {"t": "s", "v": "failed"}}, []]));
+        let (nkey, change) =
+            PropertiesChanged::from_owner(&subject, Some(&hp), &payload, path, DESTINATION)
+                .unwrap();
+        assert_eq!(nkey, NA);
+        assert_eq!(change.value_of("ActiveState"), Some(Ok(&json!("failed"))));
+        assert!(PropertiesChanged::from_owner(
+            &subject,
+            Some(&hp),
+            &payload,
+            "/other",
+            DESTINATION
+        )
+        .is_none());
+        assert!(
+            PropertiesChanged::from_owner(&subject, Some(&hp), &payload, path, "org.x").is_none()
+        );
+        headers::set(&mut hp, headers::NKEY, NB);
+        assert!(
+            PropertiesChanged::from_owner(&subject, Some(&hp), &payload, path, DESTINATION)
+                .is_none()
+        );
         assert_eq!(PropertiesChanged::from_args(&json!([])), None);
         assert_eq!(JobResult::parse("new-thing").as_str(), "new-thing");
     }

@@ -76,6 +76,23 @@ pub fn validate(name: &str) -> Result<(), UnitNameError> {
     Ok(())
 }
 
+/// The interface of a unit's type that has the unit's `Result` (`success`, `exit-code`,
+/// `timeout`, ...), e.g. `org.freedesktop.systemd1.Service` for `nginx.service`; `None` for
+/// types without one (targets, devices, slices).
+pub fn result_interface(name: &str) -> Option<&'static str> {
+    Some(match name.rsplit_once('.')?.1 {
+        "service" => "org.freedesktop.systemd1.Service",
+        "socket" => "org.freedesktop.systemd1.Socket",
+        "mount" => "org.freedesktop.systemd1.Mount",
+        "automount" => "org.freedesktop.systemd1.Automount",
+        "swap" => "org.freedesktop.systemd1.Swap",
+        "timer" => "org.freedesktop.systemd1.Timer",
+        "path" => "org.freedesktop.systemd1.Path",
+        "scope" => "org.freedesktop.systemd1.Scope",
+        _ => return None,
+    })
+}
+
 /// The full unit name for `name` as a user typed it: `.service` added when it has no type,
 /// then [`validate`]d.
 pub fn mangle(name: &str) -> Result<String, UnitNameError> {
@@ -241,6 +258,11 @@ mod tests {
         assert_eq!(pattern("nginx").unwrap(), "nginx.service");
         assert!(pattern("a/*").is_err());
         assert!(validate("nginx").is_err(), "a full name has a type");
+        assert_eq!(
+            result_interface("a.service"),
+            Some("org.freedesktop.systemd1.Service")
+        );
+        assert_eq!(result_interface("basic.target"), None);
     }
 
     #[test]

@@ -103,6 +103,9 @@ impl JobRow {
 
 /// `cbus start|stop|restart|reload UNIT...`.
 pub async fn action(ctx: &Context, job: UnitJob, action: UnitAction) -> Result<(), Failure> {
+    if action.rolling.is_rolling() {
+        return super::rolling::rolling(ctx, job, action).await;
+    }
     let units: Vec<String> = action
         .units
         .iter()

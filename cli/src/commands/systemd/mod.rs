@@ -24,10 +24,14 @@
 //! `--job-timeout`): a poll in flight is cut off by it, and a connection lost during the wait
 //! that does not come back by then ends the command with `disconnected`.
 //!
-//! One module per command family: [`units`], [`status`], and the jobs of `start|stop|...`
-//! ([`jobs`], waiting for them in [`wait`]).
+//! - `start|stop|restart|reload UNIT --batch N|P%`: a rolling operation ([`rolling`]), planned
+//!   by `cbus_client::systemd::rollout`.
+//!
+//! One module per command family: [`units`], [`status`], the jobs of `start|stop|...`
+//! ([`jobs`], waiting for them in [`wait`]), and rolling operations ([`rolling`]).
 
 mod jobs;
+mod rolling;
 mod status;
 mod units;
 mod wait;
