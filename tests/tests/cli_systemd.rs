@@ -328,8 +328,14 @@ async fn systemd_shortcuts_change_real_units() {
     // anything near the timeout means the frozen machine was waited for.
     let elapsed = Duration::from_millis(doc["summary"]["elapsed_ms"].as_u64().unwrap());
     println!("get with cli-m2 frozen, still called running: {elapsed:?} ({why})");
-    assert!(elapsed >= fleet::GRACE_MIN, "ended before the grace: {elapsed:?}");
-    assert!(elapsed < Duration::from_secs(5), "waited past the grace: {elapsed:?}");
+    assert!(
+        elapsed >= fleet::GRACE_MIN,
+        "ended before the grace: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "waited past the grace: {elapsed:?}"
+    );
     let state_of_m2 = || {
         let doc = json_of(&cbus(&url, &["agents", "--json"]));
         doc["agents"][1]["state"].as_str().unwrap_or("").to_owned()

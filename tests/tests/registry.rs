@@ -154,11 +154,19 @@ async fn a_selection_by_name_reads_only_its_machines() {
         async move {
             let before = out_msgs();
             let found = fleet
-                .select_within(&selector, Duration::from_secs(5), Duration::from_millis(500))
+                .select_within(
+                    &selector,
+                    Duration::from_secs(5),
+                    Duration::from_millis(500),
+                )
                 .await
                 .expect("selection");
             let sent = out_msgs() - before;
-            let hosts: Vec<String> = found.agents.iter().map(|a| a.info.hostname.clone()).collect();
+            let hosts: Vec<String> = found
+                .agents
+                .iter()
+                .map(|a| a.info.hostname.clone())
+                .collect();
             (hosts, found.known, sent)
         }
     };

@@ -89,9 +89,7 @@ impl Selector {
     pub fn literal_hosts(&self) -> Option<Vec<&str>> {
         self.hosts
             .iter()
-            .map(|h| {
-                (!h.contains(['*', '?', '[', ']', '{', '}', '\\'])).then_some(h.as_str())
-            })
+            .map(|h| (!h.contains(['*', '?', '[', ']', '{', '}', '\\'])).then_some(h.as_str()))
             .collect()
     }
 }

@@ -160,8 +160,10 @@ impl Fleet {
             if hosts.len() > LOOKUP_MAX {
                 return Ok(None);
             }
-            let filters: Option<Vec<String>> =
-                hosts.iter().map(|h| presence::host_index_filter(h)).collect();
+            let filters: Option<Vec<String>> = hosts
+                .iter()
+                .map(|h| presence::host_index_filter(h))
+                .collect();
             let Some(filters) = filters else {
                 return Ok(None);
             };
@@ -189,8 +191,11 @@ impl Fleet {
             let stream = &stream;
             async move {
                 let subject = presence::registry_entry_subject(nkey);
-                match timeout_at(deadline, stream.direct_get_last_for_subject(subject.clone()))
-                    .await
+                match timeout_at(
+                    deadline,
+                    stream.direct_get_last_for_subject(subject.clone()),
+                )
+                .await
                 {
                     Err(_) => Err(registry_err("timed out while looking up".into())),
                     Ok(Err(e)) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
@@ -199,9 +204,8 @@ impl Fleet {
                         let published_ms = (m.time.unix_timestamp_nanos() / 1_000_000).max(0);
                         let deleted = m.headers.get("KV-Operation").is_some();
                         let payload = (!deleted).then_some(&m.payload[..]);
-                        Ok(payload.and_then(|p| {
-                            self.entry_status(&subject, published_ms as u64, p, now)
-                        }))
+                        Ok(payload
+                            .and_then(|p| self.entry_status(&subject, published_ms as u64, p, now)))
                     }
                 }
             }
