@@ -38,6 +38,9 @@ pub struct Presence {
     /// Where the registry is, when not in this server's JetStream (`--js-domain`).
     js_domain: Option<String>,
     registry: Mutex<Registry>,
+    /// When the host index key was last written ([`presence::host_index_key`]); `None` until
+    /// it was, and again whenever the registry had to be reopened.
+    indexed: Mutex<Option<Instant>>,
     warned: AtomicBool,
 }
 
@@ -49,6 +52,7 @@ impl Presence {
             bus,
             js_domain,
             registry: Mutex::new(Registry::Unknown),
+            indexed: Mutex::new(None),
             warned: AtomicBool::new(false),
         }
     }
@@ -103,6 +107,8 @@ impl Presence {
                         tracing::info!("JetStream registry available again");
                     }
                     *registry = Registry::Open(Box::new(store));
+                    // A bucket that was gone may have been created afresh, without the index.
+                    *self.indexed.lock().await = None;
                 }
                 Err(e) => {
                     if !self.warned.swap(true, Ordering::Relaxed) {
@@ -121,10 +127,29 @@ impl Presence {
             let patience =
                 Duration::from_millis(self.info.heartbeat_ms).max(Duration::from_millis(500));
             match tokio::time::timeout(patience, store.put(&self.info.nkey, payload)).await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => self.write_index(store, patience).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, "cannot write registry entry"),
                 Err(_) => tracing::debug!(?patience, "registry write not acknowledged in time"),
             }
+        }
+    }
+
+    /// Writes the host index key when it was never written or is due again
+    /// ([`presence::HOST_INDEX_REFRESH`]): rarely, since heartbeats rewrite only the entry.
+    async fn write_index(&self, store: &jetstream::kv::Store, patience: Duration) {
+        let mut indexed = self.indexed.lock().await;
+        if indexed.is_some_and(|at| at.elapsed() < presence::HOST_INDEX_REFRESH) {
+            return;
+        }
+        let Some(key) = presence::host_index_key(&self.info.hostname, &self.info.nkey) else {
+            // Readers find a machine without an index key by a full read.
+            *indexed = Some(Instant::now());
+            return;
+        };
+        match tokio::time::timeout(patience, store.put(&key, bytes::Bytes::new())).await {
+            Ok(Ok(_)) => *indexed = Some(Instant::now()),
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot write the host index key"),
+            Err(_) => tracing::debug!(?patience, "host index write not acknowledged in time"),
         }
     }
 

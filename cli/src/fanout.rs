@@ -188,15 +188,16 @@ impl Context {
         // it cannot be read in time (a cluster electing its stream's leader) a ping still
         // finds the machines and leaves time to ask them.
         let registry_wait = self.remaining().saturating_sub(PING_WINDOW).mul_f64(0.75);
+        // A selection of a few machines reads only theirs (the registry's host index).
         let read = self
             .bounded(
                 "reading the agent registry",
-                fleet.agents_within(registry_wait, PING_WINDOW),
+                fleet.select_within(selector, registry_wait, PING_WINDOW),
             )
             .await?;
         // An empty or failed read while the connection was down says nothing about the fleet.
-        let all = match read {
-            Ok(all) if !all.is_empty() || !health.lost_since(mark) => all,
+        let found = match read {
+            Ok(found) if found.known > 0 || !health.lost_since(mark) => found,
             Ok(_) => {
                 return Err(Failure::Disconnected(
                     "lost the connection to NATS while reading the agent registry".into(),
@@ -205,8 +206,7 @@ impl Context {
             Err(e) if health.lost_since(mark) => return Err(Failure::Disconnected(e.to_string())),
             Err(e) => return Err(Failure::Connection(e.to_string())),
         };
-        let selected = selector.select(&all).map_err(usage)?;
-        Ok((selected, all.len()))
+        Ok((found.agents, found.known))
     }
 
     /// The agents to ask; none is a failure (exit 1), never an empty success.

@@ -23,7 +23,7 @@
 use serde::Serialize;
 
 use crate::maintenance::MAINTENANCE_BUCKET;
-use crate::presence::REGISTRY_BUCKET;
+use crate::presence::{HOST_INDEX, REGISTRY_BUCKET};
 use crate::subject;
 
 /// What one NATS user may do, in nats-server's `permissions` shape (JSON is valid server
@@ -127,10 +127,13 @@ pub fn agent_in_domain(nkey: &str, domain: Option<&str>) -> Permissions {
         Some(d) => format!("$JS.{d}.API.{rest}"),
         None => js_api(rest),
     };
-    let entry = match domain {
-        Some(_) => api(&format!("$KV.{REGISTRY_BUCKET}.{nkey}")),
-        None => format!("$KV.{REGISTRY_BUCKET}.{nkey}"),
+    // Its entry, and its host index keys (`host.<any name>.<nkey>`: the name is a claim).
+    let kv = |key: String| match domain {
+        Some(_) => api(&format!("$KV.{REGISTRY_BUCKET}.{key}")),
+        None => format!("$KV.{REGISTRY_BUCKET}.{key}"),
     };
+    let entry = kv(nkey.to_owned());
+    let index = kv(format!("{HOST_INDEX}.*.{nkey}"));
     Permissions {
         publish: Rules {
             allow: vec![
@@ -140,6 +143,7 @@ pub fn agent_in_domain(nkey: &str, domain: Option<&str>) -> Permissions {
                 // Its audit entries: the subject proves which machine wrote them.
                 subject::audit(nkey),
                 entry,
+                index,
                 // Opening the bucket; never creating or changing it.
                 api(&format!("STREAM.INFO.{stream}")),
             ],

@@ -33,6 +33,57 @@ pub fn registry_key_of(subject: &str) -> Option<&str> {
         .strip_prefix('.')
 }
 
+/// The first token of the registry's **host index** keys, `host.<hostname token>.<nkey>`: beside
+/// its entry, each agent writes one such key with an empty body, so that a client selecting
+/// machines by hostname reads the keys the NATS server filters for that name (one consumer on
+/// [`host_index_filter`]) and then only those machines' entries, instead of the whole registry.
+/// The nkey is the last token, so the agent's permission can be `host.*.<its nkey>`: the
+/// hostname stays a claim, as in the entry itself, and a reader keeps a candidate only when the
+/// entry under the nkey (the key the server vouches for) carries the name.
+pub const HOST_INDEX: &str = "host";
+
+/// The longest hostname token indexed (a hostname is at most 253 bytes, escaped at most 3x);
+/// a longer one is not indexed, and readers find that machine by a full read.
+pub const HOST_INDEX_MAX_TOKEN: usize = 768;
+
+/// How often an agent rewrites its host index key: well within [`REGISTRY_MAX_AGE`], so the key
+/// never expires while the agent runs, and rarely, since the index holds only the name (the
+/// entry, rewritten on every heartbeat, holds the state).
+pub const HOST_INDEX_REFRESH: Duration = Duration::from_secs(10 * 60);
+
+/// The registry key holding agent `nkey`'s entry.
+pub fn registry_entry_subject(nkey: &str) -> String {
+    format!("$KV.{REGISTRY_BUCKET}.{nkey}")
+}
+
+/// The subject filter for every agent's entry and nothing else: nkeys are one token, index keys
+/// three.
+pub fn registry_entries_filter() -> String {
+    format!("$KV.{REGISTRY_BUCKET}.*")
+}
+
+/// The host index key (a KV key, without the `$KV.<bucket>.` prefix) of agent `nkey` named
+/// `hostname`; `None` when the name's token would be longer than [`HOST_INDEX_MAX_TOKEN`].
+pub fn host_index_key(hostname: &str, nkey: &str) -> Option<String> {
+    let token = crate::token::escape(hostname);
+    (token.len() <= HOST_INDEX_MAX_TOKEN).then(|| format!("{HOST_INDEX}.{token}.{nkey}"))
+}
+
+/// The subject filter for the index keys of machines named exactly `hostname`.
+pub fn host_index_filter(hostname: &str) -> Option<String> {
+    let token = crate::token::escape(hostname);
+    (token.len() <= HOST_INDEX_MAX_TOKEN)
+        .then(|| format!("$KV.{REGISTRY_BUCKET}.{HOST_INDEX}.{token}.*"))
+}
+
+/// The nkey an index key's subject (`$KV.<bucket>.host.<token>.<nkey>`) points at.
+pub fn host_index_nkey_of(subject: &str) -> Option<&str> {
+    let rest = registry_key_of(subject)?.strip_prefix(HOST_INDEX)?;
+    let rest = rest.strip_prefix('.')?;
+    let (token, nkey) = rest.split_once('.')?;
+    (!token.is_empty() && !nkey.is_empty() && !nkey.contains('.')).then_some(nkey)
+}
+
 /// The largest registry entry the bucket stores: an [`AgentInfo`] with its labels is well
 /// under 1 KiB, and a bound keeps one machine from filling the bucket.
 pub const REGISTRY_MAX_ENTRY_BYTES: usize = 64 * 1024;
@@ -249,6 +300,23 @@ mod tests {
             ),
             AgentState::Unresponsive
         );
+    }
+
+    #[test]
+    fn host_index_keys_end_in_the_nkey_and_filter_by_name() {
+        let key = host_index_key("web-1.example", "UA").unwrap();
+        assert_eq!(key, "host.web_2d1_2eexample.UA");
+        let subject = format!("$KV.{REGISTRY_BUCKET}.{key}");
+        assert_eq!(host_index_nkey_of(&subject), Some("UA"));
+        assert_eq!(
+            host_index_filter("web-1.example").unwrap(),
+            format!("$KV.{REGISTRY_BUCKET}.host.web_2d1_2eexample.*")
+        );
+        // An entry's subject is not an index key, and the entries' filter is one token deep.
+        assert_eq!(host_index_nkey_of(&registry_entry_subject("UA")), None);
+        assert_eq!(registry_entries_filter().matches('.').count(), 2);
+        assert!(host_index_key(&"x".repeat(HOST_INDEX_MAX_TOKEN + 1), "UA").is_none());
+        assert!(HOST_INDEX_REFRESH < REGISTRY_MAX_AGE / 10);
     }
 
     #[test]

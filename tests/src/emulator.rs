@@ -22,7 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cbus_protocol::envelope::{ErrorBody, ErrorCode, Reply, Request, Success};
-use cbus_protocol::presence::{now_ms, AgentInfo, PresenceEvent, PresenceKind, REGISTRY_BUCKET};
+use cbus_protocol::presence::{
+    host_index_key, now_ms, AgentInfo, PresenceEvent, PresenceKind, REGISTRY_BUCKET,
+};
 use cbus_protocol::subject::{self, Op, RequestSubject};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -365,6 +367,18 @@ async fn heartbeats(
             let _ = client.publish(presence, body.clone().into()).await;
             if let Ok(ack) = js.publish(key, body.into()).await {
                 acks.push(ack);
+            }
+            // The host index key, as an agent writes it beside its entry at hello (and every
+            // ten minutes, longer than an emulated fleet lives).
+            if kind == PresenceKind::Hello {
+                if let Some(index) = host_index_key(&agent.info.hostname, &agent.info.nkey) {
+                    if let Ok(ack) = js
+                        .publish(format!("$KV.{REGISTRY_BUCKET}.{index}"), "".into())
+                        .await
+                    {
+                        acks.push(ack);
+                    }
+                }
             }
             if kind == PresenceKind::Heartbeat && !step.is_zero() {
                 tokio::time::sleep_until(round + step * (i as u32 + 1)).await;

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use cbus_client::fleet;
 use cbus_tests::cli::*;
 use cbus_tests::{Agent, Machine, MachineSpec, NatsServer};
 use serde_json::Value;
@@ -298,6 +299,43 @@ async fn systemd_shortcuts_change_real_units() {
     // SAFETY: signalling a child process this test started.
     unsafe { libc::kill(frozen_pid, libc::SIGSTOP) };
     let frozen = Instant::now();
+    // Frozen while the registry still calls it running (it becomes unresponsive 2-3 heartbeats
+    // later): asked like the others, it holds the fan-out only for the grace after their
+    // answers, max(1 s, 2 x the latest answer's delay) (docs/cli.md, *Stuck machines*), never
+    // until the 10 s timeout, and is named as timed out after the grace.
+    let out = cbus(
+        &url,
+        &[
+            "--timeout",
+            "10s",
+            "--json",
+            "get",
+            "org.freedesktop.systemd1",
+            "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager.Version",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+    let doc = json_of(&out);
+    let m2 = rows_of(&doc, "cli-m2");
+    assert_eq!(m2.len(), 1, "{doc}");
+    assert_eq!(m2[0]["status"], "timed-out", "asked while running: {doc}");
+    let why = m2[0]["error"]["message"].as_str().unwrap_or_default();
+    assert!(why.contains("grace ended"), "{why}");
+    assert_eq!(rows_of(&doc, "cli-m1")[0]["ok"], true, "{doc}");
+    // The grace is the bound: the fan-out waited max(1 s, 2 x t) after the latest answer at t,
+    // at most 3 t + 1 s; the answers of a live machine come well within a second here, so
+    // anything near the timeout means the frozen machine was waited for.
+    let elapsed = Duration::from_millis(doc["summary"]["elapsed_ms"].as_u64().unwrap());
+    println!("get with cli-m2 frozen, still called running: {elapsed:?} ({why})");
+    assert!(
+        elapsed >= fleet::GRACE_MIN,
+        "ended before the grace: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "waited past the grace: {elapsed:?}"
+    );
     let state_of_m2 = || {
         let doc = json_of(&cbus(&url, &["agents", "--json"]));
         doc["agents"][1]["state"].as_str().unwrap_or("").to_owned()

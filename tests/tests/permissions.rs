@@ -123,6 +123,19 @@ async fn a_compromised_agent_cannot_impersonate_hide_or_wipe_others() {
     wait_registered(&fleet, &v).await;
     let r = ask(&fleet, &v, NAME, PATH, Op::Get, Some("Byte"), json!({})).await;
     assert_eq!(ok(&r).1, json!(7));
+    // ... and write their host index keys beside their entries.
+    let store = jetstream::new(operator.clone())
+        .get_key_value(presence::REGISTRY_BUCKET)
+        .await
+        .unwrap();
+    for agent in fleet.registry().await.unwrap() {
+        let key = presence::host_index_key(&agent.info.hostname, &agent.info.nkey).unwrap();
+        let indexed = cbus_tests::wait_for(Duration::from_secs(10), || async {
+            matches!(store.entry(&key).await, Ok(Some(_)))
+        })
+        .await;
+        assert!(indexed, "no host index key {key}");
+    }
 
     let (evil, mut errors) = attacker(&nats, &kp_a.seed().unwrap()).await;
     let mut seen = Vec::new();
@@ -152,6 +165,7 @@ async fn a_compromised_agent_cannot_impersonate_hide_or_wipe_others() {
         format!("dbus.signals.{v}._3a1_2e1.forged"),
         format!("dbus.presence.{v}"),
         format!("$KV.{}.{v}", presence::REGISTRY_BUCKET),
+        format!("$KV.{}.host.victim.{v}", presence::REGISTRY_BUCKET),
     ] {
         evil.publish(subject.clone(), "{}".into()).await.unwrap();
         evil.flush().await.unwrap();

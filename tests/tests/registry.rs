@@ -5,8 +5,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_nats::jetstream;
-use cbus_client::fleet::{ensure_registry, Fleet};
-use cbus_protocol::presence::{now_ms, PresenceEvent, PresenceKind};
+use std::time::Duration;
+
+use cbus_client::fleet::{ensure_registry, Fleet, Selector};
+use cbus_protocol::presence::{host_index_key, now_ms, PresenceEvent, PresenceKind};
 use cbus_tests::NatsServer;
 
 const AGENTS: usize = 50;
@@ -100,4 +102,99 @@ async fn agents_creating_the_bucket_at_once_all_get_it() {
             assert!(created.is_ok(), "round {round}: {created:?}");
         }
     }
+}
+
+/// A selection by hostname reads its machines through the host index, not the whole registry,
+/// and stays what a full read would select: a false or stale index key leads nowhere, and a
+/// machine without one (an agent older than the index) is still found, by a full read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_selection_by_name_reads_only_its_machines() {
+    const N: usize = 2_000;
+    cbus_tests::init_tracing();
+    let nats = NatsServer::start();
+    let client = nats.connect().await;
+    let store = ensure_registry(&jetstream::new(client.clone()), 1)
+        .await
+        .expect("registry bucket");
+    let entry = |i: usize| {
+        let nkey = format!("U{i:055}");
+        let event = PresenceEvent {
+            event: PresenceKind::Heartbeat,
+            sent_at_ms: now_ms(),
+            agent: cbus_tests::synthetic_agent_info(&nkey, format!("host-{i:04}")),
+        };
+        (nkey, serde_json::to_vec(&event).unwrap())
+    };
+    for i in 0..N {
+        let (nkey, payload) = entry(i);
+        store.put(&nkey, payload.into()).await.expect("put");
+        // host-0001 has no index key, as an agent from before the index.
+        if i != 1 {
+            let key = host_index_key(&format!("host-{i:04}"), &nkey).unwrap();
+            store.put(key, "".into()).await.expect("put index");
+        }
+    }
+    // Machine 5 also claims host-0003 in the index (its entry says host-0005).
+    let false_key = host_index_key("host-0003", &entry(5).0).unwrap();
+    store.put(false_key, "".into()).await.expect("put index");
+
+    let fleet = Fleet::new(nats.connect().await, "test@registry");
+    let out_msgs = || {
+        nats.varz()
+            .and_then(|v| v["out_msgs"].as_u64())
+            .expect("varz")
+    };
+    let select = |hosts: &[&str], nkeys: &[String]| {
+        let selector = Selector {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            nkeys: nkeys.to_vec(),
+            ..Default::default()
+        };
+        let fleet = fleet.clone();
+        async move {
+            let before = out_msgs();
+            let found = fleet
+                .select_within(
+                    &selector,
+                    Duration::from_secs(5),
+                    Duration::from_millis(500),
+                )
+                .await
+                .expect("selection");
+            let sent = out_msgs() - before;
+            let hosts: Vec<String> = found
+                .agents
+                .iter()
+                .map(|a| a.info.hostname.clone())
+                .collect();
+            (hosts, found.known, sent)
+        }
+    };
+    // Indexed names: only their machines come from the server, not 2,000 entries.
+    let (hosts, known, sent) = select(&["host-0002", "host-1999"], &[]).await;
+    assert_eq!(hosts, ["host-0002", "host-1999"]);
+    assert_eq!(known, 2);
+    assert!(sent < 50, "{sent} messages for two machines");
+    // The false index key leads to an entry that does not carry the name: not selected.
+    let (hosts, _, sent) = select(&["host-0003"], &[]).await;
+    assert_eq!(hosts, ["host-0003"]);
+    assert!(sent < 50, "{sent} messages for one machine");
+    // By nkey: its entry alone.
+    let (hosts, _, sent) = select(&[], &[entry(7).0]).await;
+    assert_eq!(hosts, ["host-0007"]);
+    assert!(sent < 50, "{sent} messages for one machine");
+    // Not in the index: the whole registry is read, and the machine is found.
+    let (hosts, known, sent) = select(&["host-0001"], &[]).await;
+    assert_eq!(hosts, ["host-0001"]);
+    assert_eq!(known, N);
+    assert!(sent >= N as u64, "{sent}");
+    // A glob reads it whole; a name no machine has says so with the fleet's size.
+    let (hosts, known, _) = select(&["host-000?"], &[]).await;
+    assert_eq!(hosts.len(), 10);
+    assert_eq!(known, N);
+    let (hosts, known, _) = select(&["no-such-host"], &[]).await;
+    assert!(hosts.is_empty());
+    assert_eq!(known, N);
+    // The whole fleet: every entry, and no index key taken for one.
+    assert_eq!(fleet.registry().await.unwrap().len(), N);
 }

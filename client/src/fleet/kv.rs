@@ -23,7 +23,8 @@ pub(super) struct Entry<'a> {
     pub deleted: bool,
 }
 
-/// Replays the latest entry of every key of `stream` under `filter`, calling `each` for each,
+/// Replays the latest entry of every key of `stream` under `filter` (bodies left out with
+/// `headers_only`), calling `each` for each,
 /// until every key came or `deadline`.
 ///
 /// The pending count a message carries is not enough to know the replay is complete:
@@ -38,6 +39,7 @@ pub(super) async fn replay_latest<I>(
     client: &Client,
     stream: &Stream<I>,
     filter: String,
+    headers_only: bool,
     deadline: Instant,
     mut each: impl FnMut(Entry<'_>),
 ) -> Result<(), String> {
@@ -47,6 +49,7 @@ pub(super) async fn replay_latest<I>(
             deliver_subject: client.new_inbox(),
             filter_subject: filter,
             deliver_policy: DeliverPolicy::LastPerSubject,
+            headers_only,
             ..Default::default()
         }),
     )
@@ -88,7 +91,9 @@ pub(super) async fn replay_latest<I>(
             .as_ref()
             .and_then(|h| h.get("KV-Operation"))
             .is_some();
-        keys.insert(message.subject.to_string());
+        if !keys.contains(message.subject.as_str()) {
+            keys.insert(message.subject.to_string());
+        }
         each(Entry {
             message: &message,
             published_ms,

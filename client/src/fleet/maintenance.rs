@@ -66,6 +66,7 @@ impl Fleet {
             &self.client,
             &stream,
             format!("$KV.{MAINTENANCE_BUCKET}.>"),
+            false,
             deadline,
             |entry| {
                 let Some(key) = maintenance_key_of(&entry.message.subject) else {

@@ -18,7 +18,7 @@ mod registry;
 
 pub use fan_out::OutcomeStream;
 pub use maintenance::{attach_maintenance, ensure_maintenance};
-pub use registry::{close_registry, ensure_registry, registry_config};
+pub use registry::{close_registry, ensure_registry, registry_config, Selection};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -86,6 +86,17 @@ impl Selector {
             })
             .cloned()
             .collect())
+    }
+}
+
+impl Selector {
+    /// The hostnames selected, when every host glob is a plain name (no `*?[]{}\`):
+    /// those can be looked up in the registry's host index. `Some(empty)` when no host is named.
+    pub fn literal_hosts(&self) -> Option<Vec<&str>> {
+        self.hosts
+            .iter()
+            .map(|h| (!h.contains(['*', '?', '[', ']', '{', '}', '\\'])).then_some(h.as_str()))
+            .collect()
     }
 }
 
@@ -222,6 +233,22 @@ async fn flush_until(client: &Client, deadline: Instant) -> Result<(), FleetErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_hostnames_are_looked_up_globs_are_not() {
+        let sel = |hosts: &[&str]| Selector {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            ..Default::default()
+        };
+        assert_eq!(sel(&[]).literal_hosts(), Some(vec![]));
+        assert_eq!(
+            sel(&["web-1", "db.example"]).literal_hosts(),
+            Some(vec!["web-1", "db.example"])
+        );
+        for glob in ["web-*", "web-?", "web-[12]", "{a,b}", "a\\b"] {
+            assert_eq!(sel(&["web-1", glob]).literal_hosts(), None, "{glob}");
+        }
+    }
 
     #[test]
     fn grace_is_twice_the_latest_answer_at_least_a_second() {

@@ -1,10 +1,11 @@
 //! Who is out there: the registry read (with a ping where there is no JetStream), and the
 //! registry bucket kept closed to writers that may touch only their own key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_nats::jetstream::context::CreateStreamErrorKind;
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::jetstream::{self, ErrorCode as JsErrorCode};
 use async_nats::StatusCode;
 use bytes::Bytes;
@@ -17,7 +18,34 @@ use cbus_protocol::subject;
 
 use super::kv::replay_latest;
 use super::maintenance::attach_maintenance;
-use super::{flush_until, status_from, AgentStatus, Fleet, FleetError, Rejected};
+use super::{flush_until, status_from, AgentStatus, Fleet, FleetError, Rejected, Selector};
+
+/// The most machines a selection looks up one by one ([`Fleet::select_within`]); a larger one
+/// reads the whole registry.
+const LOOKUP_MAX: usize = 256;
+
+fn registry_err(message: String) -> FleetError {
+    FleetError::Registry {
+        bucket: presence::REGISTRY_BUCKET,
+        message,
+    }
+}
+
+/// By hostname, then nkey: the order every listing of machines uses.
+fn sort_by_host(agents: &mut [AgentStatus]) {
+    agents.sort_by(|a, b| {
+        (a.info.hostname.as_str(), a.info.nkey.as_str())
+            .cmp(&(b.info.hostname.as_str(), b.info.nkey.as_str()))
+    });
+}
+
+/// What a selection found ([`Fleet::select_within`]).
+#[derive(Debug, Clone)]
+pub struct Selection {
+    pub agents: Vec<AgentStatus>,
+    /// How many agents the read knew: the whole registry, or the machines looked up.
+    pub known: usize,
+}
 
 /// How long a failed bucket create waits for another client's create of the same bucket.
 const BUCKET_RACE_WAIT: Duration = Duration::from_secs(2);
@@ -51,21 +79,8 @@ impl Fleet {
                 self.ping(ping_window).await?
             }
         };
-        // Marks are read after the registry, in what is left of its time (at least a short
-        // while: an empty bucket is one round trip). Without them a machine under maintenance
-        // is waited for like any other, which is slower but never wrong, so a failed read
-        // only warns.
-        let marks_wait = deadline
-            .saturating_duration_since(Instant::now())
-            .max(MAINTENANCE_WAIT_MIN);
-        match self.maintenance_within(marks_wait).await {
-            Ok(marks) => attach_maintenance(&mut agents, &marks),
-            Err(e) => tracing::warn!(error = %e, "cannot read maintenance marks; none applied"),
-        }
-        agents.sort_by(|a, b| {
-            (a.info.hostname.as_str(), a.info.nkey.as_str())
-                .cmp(&(b.info.hostname.as_str(), b.info.nkey.as_str()))
-        });
+        self.apply_marks(&mut agents, deadline).await;
+        sort_by_host(&mut agents);
         Ok(agents)
     }
 
@@ -76,57 +91,229 @@ impl Fleet {
 
     /// [`Fleet::registry`], given up after `wait`.
     pub async fn registry_within(&self, wait: Duration) -> Result<Vec<AgentStatus>, FleetError> {
-        let registry_err = |message: String| FleetError::Registry {
-            bucket: presence::REGISTRY_BUCKET,
-            message,
-        };
-        let js = jetstream::new(self.client.clone());
         let deadline = Instant::now() + wait.min(REGISTRY_WAIT);
-        let stream = timeout_at(
+        let now = presence::now_ms();
+        let mut by_nkey = BTreeMap::new();
+        self.replay(
+            presence::registry_entries_filter(),
+            false,
+            deadline,
+            |subject, published_ms, payload| {
+                if let Some(status) = self.entry_status(subject, published_ms, payload?, now) {
+                    by_nkey.insert(status.info.nkey.clone(), status);
+                }
+                Some(())
+            },
+        )
+        .await?;
+        Ok(by_nkey.into_values().collect())
+    }
+
+    /// The agents `selector` picks, sorted by hostname, and how many agents are known. A
+    /// selection by nkeys, or by hostnames without wildcards, reads only those machines'
+    /// entries, found through the host index ([`presence::HOST_INDEX`]); it falls back to
+    /// reading the whole registry (then to a ping, as [`Fleet::agents_within`]) when a name or
+    /// nkey is not found that way (a machine whose agent predates the index, or a name no
+    /// machine has) or the lookup fails. `known` is the registry's size when it was read
+    /// whole, else the number of machines looked up.
+    pub async fn select_within(
+        &self,
+        selector: &Selector,
+        registry_wait: Duration,
+        ping_window: Duration,
+    ) -> Result<Selection, FleetError> {
+        let started = Instant::now();
+        // A third for the lookup, so that a registry that cannot answer (a cluster electing
+        // its stream's leader) leaves the full read and the ping their time.
+        match self.lookup(selector, started + registry_wait / 3).await {
+            Ok(Some(mut agents)) => {
+                self.apply_marks(&mut agents, started + registry_wait.min(REGISTRY_WAIT))
+                    .await;
+                sort_by_host(&mut agents);
+                return Ok(Selection {
+                    known: agents.len(),
+                    agents,
+                });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "registry lookup failed; reading it whole"),
+        }
+        let all = self
+            .agents_within(registry_wait.saturating_sub(started.elapsed()), ping_window)
+            .await?;
+        Ok(Selection {
+            agents: selector.select(&all)?,
+            known: all.len(),
+        })
+    }
+
+    /// The selected agents from their own entries, or `None` when the selection cannot be
+    /// looked up (see [`Fleet::select_within`]).
+    async fn lookup(
+        &self,
+        selector: &Selector,
+        deadline: Instant,
+    ) -> Result<Option<Vec<AgentStatus>>, FleetError> {
+        let hosts = selector.literal_hosts();
+        let mut candidates: BTreeSet<String> = selector.nkeys.iter().cloned().collect();
+        if candidates.is_empty() {
+            let Some(hosts) = hosts.as_ref().filter(|h| !h.is_empty()) else {
+                return Ok(None);
+            };
+            if hosts.len() > LOOKUP_MAX {
+                return Ok(None);
+            }
+            let filters: Option<Vec<String>> = hosts
+                .iter()
+                .map(|h| presence::host_index_filter(h))
+                .collect();
+            let Some(filters) = filters else {
+                return Ok(None);
+            };
+            let reads = filters.into_iter().map(|filter| async move {
+                let mut nkeys = Vec::new();
+                self.replay(filter, true, deadline, |subject, _, payload| {
+                    // A deleted index key points nowhere.
+                    payload?;
+                    nkeys.push(presence::host_index_nkey_of(subject)?.to_owned());
+                    Some(())
+                })
+                .await
+                .map(|()| nkeys)
+            });
+            for nkeys in futures::future::try_join_all(reads).await? {
+                candidates.extend(nkeys);
+            }
+        }
+        if candidates.len() > LOOKUP_MAX {
+            return Ok(None);
+        }
+        let stream = self.registry_stream(deadline).await?;
+        let now = presence::now_ms();
+        let gets = candidates.iter().map(|nkey| {
+            let stream = &stream;
+            async move {
+                let subject = presence::registry_entry_subject(nkey);
+                match timeout_at(
+                    deadline,
+                    stream.direct_get_last_for_subject(subject.clone()),
+                )
+                .await
+                {
+                    Err(_) => Err(registry_err("timed out while looking up".into())),
+                    Ok(Err(e)) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+                    Ok(Err(e)) => Err(registry_err(e.to_string())),
+                    Ok(Ok(m)) => {
+                        let published_ms = (m.time.unix_timestamp_nanos() / 1_000_000).max(0);
+                        let deleted = m.headers.get("KV-Operation").is_some();
+                        let payload = (!deleted).then_some(&m.payload[..]);
+                        Ok(payload
+                            .and_then(|p| self.entry_status(&subject, published_ms as u64, p, now)))
+                    }
+                }
+            }
+        });
+        let found: Vec<AgentStatus> = futures::future::try_join_all(gets)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        let selected = selector.select(&found)?;
+        // Every nkey named has an entry and every name named a machine; otherwise the whole
+        // registry decides (it may hold machines the index does not, or say "no such machine").
+        let complete = selector
+            .nkeys
+            .iter()
+            .all(|n| found.iter().any(|a| &a.info.nkey == n))
+            && hosts.is_none_or(|hosts| {
+                hosts
+                    .iter()
+                    .all(|h| selected.iter().any(|a| a.info.hostname == *h))
+            });
+        Ok(complete.then_some(selected))
+    }
+
+    async fn registry_stream(
+        &self,
+        deadline: Instant,
+    ) -> Result<jetstream::stream::Stream<()>, FleetError> {
+        let js = jetstream::new(self.client.clone());
+        timeout_at(
             deadline,
             js.get_stream_no_info(format!("KV_{}", presence::REGISTRY_BUCKET)),
         )
         .await
         .map_err(|_| registry_err("timed out".into()))?
-        .map_err(|e| registry_err(e.to_string()))?;
-        let now = presence::now_ms();
-        let mut by_nkey = BTreeMap::new();
-        let mut malformed = 0usize;
+        .map_err(|e| registry_err(e.to_string()))
+    }
+
+    /// Attaches the maintenance marks in force, read in what is left until `deadline` (at
+    /// least a short while: an empty bucket is one round trip). Without them a machine under
+    /// maintenance is waited for like any other, which is slower but never wrong, so a failed
+    /// read only warns.
+    async fn apply_marks(&self, agents: &mut [AgentStatus], deadline: Instant) {
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(MAINTENANCE_WAIT_MIN);
+        match self.maintenance_within(wait).await {
+            Ok(marks) => attach_maintenance(agents, &marks),
+            Err(e) => tracing::warn!(error = %e, "cannot read maintenance marks; none applied"),
+        }
+    }
+
+    /// An agent's status from its registry entry on `subject`, or `None` (logged, and counted
+    /// when forged) when the entry is malformed or names another machine than its key.
+    fn entry_status(
+        &self,
+        subject: &str,
+        published_ms: u64,
+        payload: &[u8],
+        now: u64,
+    ) -> Option<AgentStatus> {
+        // The key is the nkey whose permissions allowed the write; the body only claims one.
+        let key = presence::registry_key_of(subject).unwrap_or_default();
+        match serde_json::from_slice::<PresenceEvent>(payload) {
+            Ok(event) if event.agent.nkey != key => {
+                Rejected::count(&self.rejected.registry);
+                tracing::warn!(
+                    key,
+                    claims = %codec::quote(&event.agent.nkey),
+                    "ignoring a registry entry that names another machine"
+                );
+                None
+            }
+            Ok(event) => Some(status_from(event, published_ms, now)),
+            Err(e) => {
+                tracing::warn!(subject, error = %e, "ignoring malformed registry entry");
+                None
+            }
+        }
+    }
+
+    /// Replays the last entry of every registry key matching `filter` (bodies left out with
+    /// `headers_only`), calling `each(subject, published_ms, body)` with `None` for a deleted
+    /// key, until the replay is complete or `deadline`.
+    async fn replay(
+        &self,
+        filter: String,
+        headers_only: bool,
+        deadline: Instant,
+        mut each: impl FnMut(&str, u64, Option<&[u8]>) -> Option<()>,
+    ) -> Result<(), FleetError> {
+        let stream = self.registry_stream(deadline).await?;
         replay_latest(
             &self.client,
             &stream,
-            format!("$KV.{}.>", presence::REGISTRY_BUCKET),
+            filter,
+            headers_only,
             deadline,
             |entry| {
-                if entry.deleted {
-                    return;
-                }
-                let message = entry.message;
-                // The key is the nkey whose permissions allowed the write; the body only claims one.
-                let key = presence::registry_key_of(&message.subject).unwrap_or_default();
-                match serde_json::from_slice::<PresenceEvent>(&message.payload) {
-                    Ok(event) if event.agent.nkey != key => {
-                        Rejected::count(&self.rejected.registry);
-                        tracing::warn!(
-                            key,
-                            claims = %codec::quote(&event.agent.nkey),
-                            "ignoring a registry entry that names another machine"
-                        );
-                    }
-                    Ok(event) => {
-                        let status = status_from(event, entry.published_ms, now);
-                        by_nkey.insert(status.info.nkey.clone(), status);
-                    }
-                    Err(_) => malformed += 1,
-                }
+                let payload = (!entry.deleted).then_some(&entry.message.payload[..]);
+                let _ = each(&entry.message.subject, entry.published_ms, payload);
             },
         )
         .await
-        .map_err(registry_err)?;
-        if malformed > 0 {
-            tracing::warn!(malformed, "ignored malformed registry entries");
-        }
-        Ok(by_nkey.into_values().collect())
+        .map_err(registry_err)
     }
 
     /// Asks every connected agent for its info; waits `window` for answers.
@@ -216,10 +403,6 @@ fn registry_is_closed(config: &jetstream::stream::Config, replicas: usize) -> bo
 /// copies is given more (a fleet that grew from one server to a cluster); one with more keeps
 /// them. Returns whether the bucket changed.
 pub async fn close_registry(js: &jetstream::Context, replicas: usize) -> Result<bool, FleetError> {
-    let registry_err = |message: String| FleetError::Registry {
-        bucket: presence::REGISTRY_BUCKET,
-        message,
-    };
     let mut config = registry_config(replicas);
     match js.get_stream(&config.name).await {
         Ok(mut stream) => {
@@ -255,10 +438,6 @@ pub async fn ensure_registry(
     js: &jetstream::Context,
     replicas: usize,
 ) -> Result<jetstream::kv::Store, FleetError> {
-    let registry_err = |message: String| FleetError::Registry {
-        bucket: presence::REGISTRY_BUCKET,
-        message,
-    };
     if let Ok(store) = js.get_key_value(presence::REGISTRY_BUCKET).await {
         return Ok(store);
     }

@@ -71,6 +71,10 @@ const SECTIONS: &[(&str, &str)] = &[
         "cluster",
         "cbus get via one server, a 3-node cluster and a leaf; node failover time",
     ),
+    (
+        "emulate",
+        "only when named: a nats-server and the fleet emulator at the first --scale size, held until killed (for profiling by hand)",
+    ),
 ];
 
 #[tokio::main]
@@ -172,6 +176,9 @@ async fn main() {
     }
     if want("cluster") {
         cluster::cluster().await;
+    }
+    if args.iter().any(|a| a == "emulate") {
+        scale::hold(scale_sizes[0]).await;
     }
 }
 

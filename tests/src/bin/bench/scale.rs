@@ -23,14 +23,30 @@ const PROPERTY: [&str; 3] = [
     "org.cbus.Test1.String",
 ];
 
-/// Runs `cbus ARGS` against `url`; (wall time, stdout lines, exit code).
-fn cbus(url: &str, args: &[&str]) -> (Duration, usize, i32) {
+/// One `cbus` run: wall time, stdout lines, exit code, and the process's own peak RSS.
+struct Run {
+    took: Duration,
+    lines: usize,
+    code: i32,
+    rss_kib: i64,
+}
+
+/// Runs `cbus ARGS` against `url`, whole process, under `/usr/bin/time -f %M` for its own
+/// peak RSS. Not `wait4` or RUSAGE_CHILDREN on a child of this process: a child forked from the
+/// bench counts the bench's resident pages (the emulator's, hundreds of MiB) until it execs, and
+/// that, not cbus, was the "CLI peak RSS" of 407 MiB at 10,000 and 2 GB at 50,000 first
+/// recorded here.
+fn cbus(url: &str, args: &[&str]) -> Run {
+    let rss_file = tempfile::NamedTempFile::new().expect("temp file");
     let t = Instant::now();
-    let out = Command::new(bin_path("cbus"))
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "%M", "-o"])
+        .arg(rss_file.path())
+        .arg(bin_path("cbus"))
         .args(["--server", url])
         .args(args)
         .output()
-        .expect("run cbus");
+        .expect("run cbus under /usr/bin/time");
     let took = t.elapsed();
     let code = out.status.code().unwrap_or(-1);
     assert!(
@@ -38,19 +54,16 @@ fn cbus(url: &str, args: &[&str]) -> (Duration, usize, i32) {
         "cbus {args:?} exited {code}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    (
+    let rss_kib = std::fs::read_to_string(rss_file.path())
+        .ok()
+        .and_then(|t| t.lines().last().and_then(|l| l.trim().parse().ok()))
+        .unwrap_or(0);
+    Run {
         took,
-        String::from_utf8_lossy(&out.stdout).lines().count(),
+        lines: String::from_utf8_lossy(&out.stdout).lines().count(),
         code,
-    )
-}
-
-/// The largest RSS of any child process that ended so far (KiB).
-fn children_max_rss_kib() -> i64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
-    usage.ru_maxrss
+        rss_kib,
+    }
 }
 
 async fn registry_counts(url: &str) -> (usize, usize) {
@@ -79,8 +92,8 @@ fn median_of(runs: usize, mut f: impl FnMut() -> Duration) -> (Duration, Duratio
 
 pub async fn scale(sizes: &[usize]) {
     println!("\n## scale (fleet emulator): `cbus` whole process, median (p95); 200 units per machine, heartbeat 5 s");
-    println!("| machines | get, all answering | get, 1% frozen, still called running | get, 1% known unresponsive | --hosts ONE get | agents | heartbeat bytes/s into the server | CLI peak RSS |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| machines | get, all answering | get, 1% frozen, still called running | get, 1% known unresponsive | --hosts ONE get | --hosts GLOB get (10 machines) | agents | heartbeat bytes/s into the server | CLI peak RSS: get / --hosts ONE / agents |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &n in sizes {
         let nats = NatsServer::start();
         let url = nats.url();
@@ -115,37 +128,40 @@ pub async fn scale(sizes: &[usize]) {
         let beat_rate = (beats() - h0) as f64 / secs;
 
         let runs = if n >= 50_000 { 5 } else { 10 };
+        let get = ["-s", "get", PROPERTY[0], PROPERTY[1], PROPERTY[2]];
         let mut not_ok = 0;
+        let mut get_rss = 0;
         let all = median_of(runs, || {
-            let (t, lines, code) =
-                cbus(&url, &["-s", "get", PROPERTY[0], PROPERTY[1], PROPERTY[2]]);
+            let r = cbus(&url, &get);
             // Every machine has a line; one whose heartbeat the emulator sent late may be
             // reported unresponsive (exit 3), never missing.
-            assert_eq!(lines, n);
-            not_ok += usize::from(code != 0);
-            t
+            assert_eq!(r.lines, n);
+            not_ok += usize::from(r.code != 0);
+            get_rss = get_rss.max(r.rss_kib);
+            r.took
         });
+        // One machine by its name (the host index), and by a glob that matches only it (the
+        // whole registry is read): what a selection of one costs with and without the index.
         let one_host = format!("{}{:05}", "emu-", n / 2);
+        let one_glob = format!("{}{:04}?", "emu-", n / 20);
+        let mut one_rss = 0;
         let one = median_of(runs, || {
-            let (t, lines, _) = cbus(
-                &url,
-                &[
-                    "--hosts",
-                    &one_host,
-                    "-s",
-                    "get",
-                    PROPERTY[0],
-                    PROPERTY[1],
-                    PROPERTY[2],
-                ],
-            );
-            assert_eq!(lines, 1);
-            t
+            let r = cbus(&url, &[&["--hosts", one_host.as_str()][..], &get].concat());
+            assert_eq!(r.lines, 1);
+            one_rss = one_rss.max(r.rss_kib);
+            r.took
         });
+        let glob = median_of(runs, || {
+            let r = cbus(&url, &[&["--hosts", one_glob.as_str()][..], &get].concat());
+            assert_eq!(r.lines, 10);
+            r.took
+        });
+        let mut agents_rss = 0;
         let agents = median_of(runs, || {
-            let (t, lines, _) = cbus(&url, &["agents", "-s"]);
-            assert!(lines >= n, "{lines}");
-            t
+            let r = cbus(&url, &["agents", "-s"]);
+            assert!(r.lines >= n, "{}", r.lines);
+            agents_rss = agents_rss.max(r.rss_kib);
+            r.took
         });
 
         // 1 % frozen: asked while the registry still calls them running (the grace ends the
@@ -155,10 +171,9 @@ pub async fn scale(sizes: &[usize]) {
             emulator.freeze(i * (n / frozen));
         }
         let mid = median_of(3, || {
-            let (t, lines, code) =
-                cbus(&url, &["-s", "get", PROPERTY[0], PROPERTY[1], PROPERTY[2]]);
-            assert_eq!((lines, code), (n, 3));
-            t
+            let r = cbus(&url, &get);
+            assert_eq!((r.lines, r.code), (n, 3));
+            r.took
         });
         let known = cbus_tests::wait_for(Duration::from_secs(60), || async {
             registry_counts(&url).await.1 >= frozen
@@ -166,14 +181,14 @@ pub async fn scale(sizes: &[usize]) {
         .await;
         assert!(known, "frozen agents never became unresponsive");
         let unresponsive = median_of(runs, || {
-            let (t, lines, code) =
-                cbus(&url, &["-s", "get", PROPERTY[0], PROPERTY[1], PROPERTY[2]]);
-            assert_eq!((lines, code), (n, 3));
-            t
+            let r = cbus(&url, &get);
+            assert_eq!((r.lines, r.code), (n, 3));
+            r.took
         });
         let fmt = |(m, p): (Duration, Duration)| format!("{:.0} ms ({:.0})", ms(m), ms(p));
+        let mib = |kib: i64| kib as f64 / 1024.0;
         println!(
-            "| {n} | {}{} | {} | {} | {} | {} | {:.0} KB/s ({:.0} heartbeats/s) | {:.0} MiB |",
+            "| {n} | {}{} | {} | {} | {} | {} | {} | {:.0} KB/s ({:.0} heartbeats/s) | {:.0} / {:.0} / {:.0} MiB |",
             fmt(all),
             if not_ok > 0 {
                 format!(", {not_ok} of {runs} runs exit 3")
@@ -183,14 +198,34 @@ pub async fn scale(sizes: &[usize]) {
             fmt(mid),
             fmt(unresponsive),
             fmt(one),
+            fmt(glob),
             fmt(agents),
             rate / 1000.0,
             beat_rate,
-            children_max_rss_kib() as f64 / 1024.0
+            mib(get_rss),
+            mib(one_rss),
+            mib(agents_rss),
         );
+        println!("load average after {n}: {}", crate::loadavg());
         drop(emulator);
     }
     overlap().await;
+}
+
+/// `emulate`: a server and `n` emulated agents, held until the process is killed, so that
+/// `cbus` can be profiled against them by hand (`perf record`, heaptrack).
+pub async fn hold(n: usize) {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let _emulator = Emulator::start(&url, &EmulatorSpec::new(n)).await;
+    let registered = cbus_tests::wait_for(Duration::from_secs(300), || async {
+        registry_counts(&url).await.0 >= n
+    })
+    .await;
+    assert!(registered, "{n} emulated agents did not register");
+    println!("{n} emulated agents on {url}; Ctrl-C ends them");
+    // SIGINT (Ctrl-C, or `kill -INT`) ends it with the server torn down; SIGTERM would orphan it.
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// 200 real agents against 200 emulated ones: `cbus get`, interleaved, each on its own server.
@@ -227,9 +262,9 @@ async fn overlap() {
     let (mut r, mut e) = (Vec::new(), Vec::new());
     for _ in 0..20 {
         for (url, samples) in [(real_nats.url(), &mut r), (emu_nats.url(), &mut e)] {
-            let (t, lines, _) = cbus(&url, &["-s", "get", PROPERTY[0], PROPERTY[1], PROPERTY[2]]);
-            assert_eq!(lines, N);
-            samples.push(t);
+            let r = cbus(&url, &["-s", "get", PROPERTY[0], PROPERTY[1], PROPERTY[2]]);
+            assert_eq!(r.lines, N);
+            samples.push(r.took);
         }
     }
     let ((rm, rp), (em, ep)) = (summary(r), summary(e));
