@@ -200,6 +200,7 @@ pub async fn start(
         fleet.clone(),
         store.clone(),
         config.request_timeout,
+        config.systemd_refresh,
         reconnected,
     )
     .await?;

@@ -18,7 +18,7 @@ use cbus_client::systemd::Unit as Listed;
 use cbus_protocol::presence::{now_ms, AgentState, PresenceEvent, PresenceKind};
 
 use crate::changes::{Change, Router};
-use crate::model::{Machine, MachineRow, Unit, UnitFilter, UnitProp, UnitRow};
+use crate::model::{Machine, MachineRow, SystemInfo, Unit, UnitFilter, UnitProp, UnitRow};
 
 /// What a presence event means for the caller: whether the machine's units must be (re)loaded.
 #[derive(Debug, PartialEq, Eq)]
@@ -34,8 +34,9 @@ pub(crate) enum Join {
 /// What became of property values reported for a unit's object path.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum UnitAt {
-    /// They were applied to this unit.
-    Unit(String),
+    /// They were applied to this unit; `failed_changed` when it entered or left `failed` (the
+    /// manager's SystemState may have changed with it).
+    Unit { name: String, failed_changed: bool },
     /// The machine's units are loaded and none has that path: systemd reports a unit the store
     /// does not follow (yet).
     Unfollowed,
@@ -160,20 +161,9 @@ impl Store {
             if !self.follows(&u) {
                 continue;
             }
-            let old = machine.units().get(&u.name);
-            let (since_us, active_enter_us, restarts) = (
-                old.and_then(|o| o.since_us),
-                old.and_then(|o| o.active_enter_us),
-                old.and_then(|o| o.restarts),
-            );
             let name = u.name.clone();
             paths.insert(u.path.clone(), name.clone());
-            let unit = Unit {
-                since_us,
-                active_enter_us,
-                restarts,
-                ..listed(u)
-            };
+            let unit = with_signalled(machine.units().get(&name), listed(u));
             units.insert(name, unit);
         }
         *machine.units_mut() = units;
@@ -205,7 +195,7 @@ impl Store {
             let Some(unit) = machine.units_mut().get_mut(name) else {
                 continue;
             };
-            if unit.apply(props) {
+            if unit.apply(props).shown {
                 let unit = unit.clone();
                 rows.push(machine.unit_row(name, &unit));
             }
@@ -236,7 +226,10 @@ impl Store {
         let Some(unit) = machine.units_mut().get_mut(&name) else {
             return UnitAt::Ignored;
         };
-        if unit.apply(props) {
+        let was_failed = unit.active == "failed";
+        let applied = unit.apply(props);
+        let failed_changed = was_failed != (unit.active == "failed");
+        if applied.shown {
             let unit = unit.clone();
             let row = machine.unit_row(&name, &unit);
             self.emit(Change::Units {
@@ -246,7 +239,24 @@ impl Store {
                 replace: false,
             });
         }
-        UnitAt::Unit(name)
+        UnitAt::Unit {
+            name,
+            failed_changed,
+        }
+    }
+
+    /// Records what the machine's systemd manager reported.
+    pub(crate) fn set_system(&self, nkey: &str, update: impl FnOnce(&mut SystemInfo)) {
+        if let Some(machine) = self.write().get_mut(nkey) {
+            update(&mut machine.system);
+        }
+    }
+
+    /// The machine's units were read in full (or refreshed) as of `at_ms`.
+    pub(crate) fn synced(&self, nkey: &str, at_ms: u64) {
+        if let Some(machine) = self.write().get_mut(nkey) {
+            machine.synced_ms = Some(at_ms);
+        }
     }
 
     /// A `UnitNew(id, path)` signal: whether the unit is worth asking systemd about (followed,
@@ -271,14 +281,8 @@ impl Store {
         let Some(machine) = m.get_mut(nkey) else {
             return false;
         };
-        let old = machine.units().get(&u.name).cloned().unwrap_or_default();
         let name = u.name.clone();
-        let unit = Unit {
-            since_us: old.since_us,
-            active_enter_us: old.active_enter_us,
-            restarts: old.restarts,
-            ..listed(u)
-        };
+        let unit = with_signalled(machine.units().get(&name), listed(u));
         machine.paths.insert(unit.path.clone(), name.clone());
         machine.units_mut().insert(name.clone(), unit.clone());
         let row = machine.unit_row(&name, &unit);
@@ -392,6 +396,19 @@ impl Store {
             .unwrap_or_default()
     }
 
+    /// (name, object path, active state) of a machine's units, once they are loaded.
+    pub(crate) fn loaded_units(&self, nkey: &str) -> Option<Vec<(String, String, String)>> {
+        let m = self.read();
+        let machine = m.get(nkey).filter(|m| m.units_loaded)?;
+        Some(
+            machine
+                .units()
+                .iter()
+                .map(|(n, u)| (n.clone(), u.path.clone(), u.active.clone()))
+                .collect(),
+        )
+    }
+
     /// The machines that are running now.
     pub(crate) fn running_nkeys(&self) -> Vec<String> {
         let now = now_ms();
@@ -404,6 +421,27 @@ impl Store {
 
     pub(crate) fn hostname(&self, nkey: &str) -> Option<String> {
         self.read().get(nkey).map(|m| m.info.hostname.clone())
+    }
+}
+
+/// A listed unit with what signals and reads told of it before (`old`), which ListUnits does not
+/// carry.
+fn with_signalled(old: Option<&Unit>, new: Unit) -> Unit {
+    match old {
+        None => new,
+        Some(o) => {
+            let mut u = Unit {
+                since_us: o.since_us,
+                active_enter_us: o.active_enter_us,
+                restarts: o.restarts,
+                detail: o.detail.clone(),
+                ..new
+            };
+            if !crate::model::is_pinned(&u.active) {
+                u.detail.tasks_current = None;
+            }
+            u
+        }
     }
 }
 
@@ -529,7 +567,10 @@ mod tests {
                     UnitProp::StateChangeTimestamp(Some(1_700_000_000_000_000))
                 ]
             ),
-            UnitAt::Unit("a.service".into())
+            UnitAt::Unit {
+                name: "a.service".into(),
+                failed_changed: false
+            }
         );
         assert_eq!(c.patch_unit_at("A", "/u/x", &[]), UnitAt::Unfollowed);
         assert_eq!(c.patch_unit_at("B", "/u/a", &[]), UnitAt::Ignored);

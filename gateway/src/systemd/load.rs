@@ -1,21 +1,21 @@
-//! Loading a machine's units: `Subscribe`, one `ListUnits`, then the timestamps and restart
-//! counts ListUnits does not carry, read with targeted `get`s.
+//! Loading a machine's units: `Subscribe`, one `ListUnits`, then what ListUnits does not carry
+//! (timestamps, restart counts, types, unit-file states, task, socket and timer counts, the
+//! manager's state and version), read with targeted `get`s ([`super::props::reads`]).
 //!
 //! Machines to load are a set, not a queue: an agent that claims to restart a thousand times a
 //! second (a hello with a new start time each) costs one pending entry, and one load of it at a
 //! time; a reload asked for while it loads runs once after.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use cbus_client::systemd::{self, get_property, SERVICE, UNIT};
-use futures::stream::{self, StreamExt};
+use cbus_client::systemd::{self, get_property};
+use cbus_protocol::presence::now_ms;
 use tokio::sync::Semaphore;
 
-use super::props::unit_prop;
+use super::props::reads;
 use super::Units;
-use crate::model::UnitProp;
 use crate::requests::{ask, MachineResult};
 
 /// Machines loaded at once.
@@ -128,36 +128,24 @@ impl Units {
             return;
         };
         let units = systemd::unit_rows(rows);
-        // name -> (active, a service)
-        let kinds: HashMap<String, (bool, bool)> = units
+        let active: HashMap<String, String> = units
             .iter()
-            .map(|u| (u.name.clone(), (u.is_active(), u.is_service())))
+            .map(|u| (u.name.clone(), u.active.clone()))
             .collect();
         self.store.replace_units(nkey, units);
         let mut queries = Vec::new();
         for (name, path) in self.store.unit_paths(nkey) {
-            let q = |iface, prop| (name.clone(), get_property(&path, iface, prop));
-            let (active, service) = kinds.get(&name).copied().unwrap_or_default();
-            queries.push(q(UNIT, "StateChangeTimestamp"));
-            if active {
-                queries.push(q(UNIT, "ActiveEnterTimestamp"));
-            }
-            if service {
-                queries.push(q(SERVICE, "NRestarts"));
+            let state = active.get(&name).map(String::as_str).unwrap_or_default();
+            for (iface, prop) in reads(&name, state, true) {
+                queries.push((name.clone(), get_property(&path, iface, prop)));
             }
         }
-        let mut by_unit: BTreeMap<String, Vec<UnitProp>> = BTreeMap::new();
-        let target = &target;
-        let mut results = stream::iter(queries)
-            .map(|(unit, q)| async move { (unit, self.get(target, q).await) })
-            .buffer_unordered(super::GET_CONCURRENCY);
-        while let Some((unit, r)) = results.next().await {
-            if let Some(prop) = r.and_then(|(k, v)| unit_prop(&k, &v)) {
-                by_unit.entry(unit).or_default().push(prop);
-            }
-        }
-        let patches: Vec<_> = by_unit.into_iter().collect();
+        self.read_system(&target, true).await;
+        let patches = self
+            .read_units(&target, queries, super::GET_CONCURRENCY)
+            .await;
         self.store.patch_units(nkey, &patches);
+        self.store.synced(nkey, now_ms());
         tracing::info!(%host, units = patches.len(), "units loaded");
     }
 }

@@ -27,16 +27,22 @@
 
 mod load;
 mod props;
+mod refresh;
 mod signals;
 mod work;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cbus_client::fleet::{AgentStatus, Fleet, Query};
-use cbus_client::systemd::{manager_signals, unit_signals};
+use cbus_client::systemd::{get_property, manager_signals, unit_signals, MANAGER, MANAGER_PATH};
+use futures::stream::{self, StreamExt};
 use serde_json::Value;
 use tokio::sync::{mpsc, Semaphore};
+
+use crate::model::UnitProp;
+use props::unit_prop;
 
 use crate::nats::{subscribe, SubscribeError};
 use crate::requests::{ask, MachineResult};
@@ -57,6 +63,8 @@ pub(crate) struct Units {
     timeout: Duration,
     work: mpsc::Sender<Work>,
     pending: Arc<Mutex<Pending>>,
+    /// Interval of the refresh of what changes without signals; zero: never.
+    refresh: Duration,
 }
 
 impl Units {
@@ -65,6 +73,7 @@ impl Units {
         fleet: Fleet,
         store: Store,
         timeout: Duration,
+        refresh: Duration,
     ) -> Result<Units, SubscribeError> {
         let client = fleet.client().clone();
         let subject = |what, s: Result<String, _>| {
@@ -83,8 +92,10 @@ impl Units {
             timeout,
             work,
             pending: Arc::default(),
+            refresh,
         };
         tokio::spawn(units.clone().load_loop());
+        tokio::spawn(units.clone().refresh_loop());
         tokio::spawn(units.clone().work_loop(work_rx));
         tokio::spawn(units.clone().unit_signal_loop(unit_signals));
         tokio::spawn(units.clone().manager_signal_loop(manager_signals));
@@ -99,6 +110,48 @@ impl Units {
     fn pending(&self) -> MutexGuard<'_, Pending> {
         // Every update leaves the maps consistent, so a poisoned lock is still usable.
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads properties of a machine's units ((unit, query) pairs) at bounded concurrency, as
+    /// patches for the store; failed reads are left out.
+    async fn read_units(
+        &self,
+        target: &AgentStatus,
+        queries: Vec<(String, Query)>,
+        concurrency: usize,
+    ) -> Vec<(String, Vec<UnitProp>)> {
+        let mut by_unit: BTreeMap<String, Vec<UnitProp>> = BTreeMap::new();
+        let mut results = stream::iter(queries)
+            .map(|(unit, q)| async move { (unit, self.get(target, q).await) })
+            .buffer_unordered(concurrency);
+        while let Some((unit, r)) = results.next().await {
+            if let Some(prop) = r.and_then(|(k, v)| unit_prop(&k, &v)) {
+                by_unit.entry(unit).or_default().push(prop);
+            }
+        }
+        by_unit.into_iter().collect()
+    }
+
+    /// Reads the manager's SystemState (which changes without a signal) and, with `version`,
+    /// its Version (constant while it runs).
+    async fn read_system(&self, target: &AgentStatus, version: bool) {
+        let props: &[&str] = if version {
+            &["SystemState", "Version"]
+        } else {
+            &["SystemState"]
+        };
+        for prop in props {
+            let q = get_property(MANAGER_PATH, MANAGER, prop);
+            let Some((name, v)) = self.get(target, q).await else {
+                continue;
+            };
+            let text = props::word(&v);
+            self.store
+                .set_system(&target.info.nkey, |s| match name.as_str() {
+                    "Version" => s.version = text,
+                    _ => s.state = text,
+                });
+        }
     }
 
     /// Reads one property under the global bound.

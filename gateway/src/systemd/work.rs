@@ -5,12 +5,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use cbus_client::systemd::{self, get_property, SERVICE, UNIT};
+use cbus_client::systemd::{self, get_property};
 use futures::stream::{self, StreamExt};
 use tokio::sync::mpsc;
 
-use super::props::unit_prop;
+use super::props::{reads, unit_prop};
 use super::Units;
+use crate::model::is_pinned;
 use crate::requests::{ask, MachineResult};
 use crate::stats::{self, Dropped};
 
@@ -23,8 +24,6 @@ const WORK_CONCURRENCY: usize = 8;
 const NOT_FOUND_MAX: usize = 4096;
 /// How long such a name is not asked about again (a daemon-reload forgets them at once).
 const NOT_FOUND_TTL: Duration = Duration::from_secs(60);
-/// Active states in which systemd never unloads a unit, so reading its object loads nothing.
-const PINNED_STATES: [&str; 4] = ["active", "reloading", "activating", "deactivating"];
 
 /// A property read the worker should make because a signal only invalidated it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +41,8 @@ pub(super) enum Work {
     CheckUnit { nkey: String, name: String },
     /// Properties a systemd signal only invalidated.
     Fetch(Vec<Fetch>),
+    /// The manager's SystemState, which may have changed with a unit's failure.
+    System { nkey: String },
 }
 
 /// What happened to a unit since its check was queued.
@@ -122,6 +123,16 @@ impl Units {
         }
     }
 
+    /// Queues a read of the machine's SystemState.
+    pub(super) fn enqueue_system(&self, nkey: &str) {
+        let work = Work::System {
+            nkey: nkey.to_owned(),
+        };
+        if self.work.try_send(work).is_err() {
+            stats::dropped(Dropped::WorkQueueFull);
+        }
+    }
+
     /// Queues reads of invalidated properties.
     pub(super) fn enqueue_fetch(&self, fetch: Vec<Fetch>) {
         if !fetch.is_empty() && self.work.try_send(Work::Fetch(fetch)).is_err() {
@@ -140,6 +151,11 @@ impl Units {
                     match w {
                         Work::CheckUnit { nkey, name } => this.check_unit(nkey, name).await,
                         Work::Fetch(f) => this.fetch(f).await,
+                        Work::System { nkey } => {
+                            if let Some(target) = this.store.target(&nkey) {
+                                this.read_system(&target, false).await;
+                            }
+                        }
                     }
                 }
             })
@@ -215,25 +231,18 @@ impl Units {
             return;
         };
         let (nkey, name) = key;
-        let (active, path, service) = (row.active.clone(), row.path.clone(), row.is_service());
+        let (active, path) = (row.active.clone(), row.path.clone());
         if !self.store.add_unit(&nkey, row) {
             return;
         }
         // Reading an object loads its unit: only units systemd cannot unload meanwhile are read.
-        if !PINNED_STATES.contains(&active.as_str()) {
+        if !is_pinned(&active) {
             return;
         }
-        let mut queries = vec![
-            get_property(&path, UNIT, "StateChangeTimestamp"),
-            get_property(&path, UNIT, "ActiveEnterTimestamp"),
-        ];
-        if service {
-            queries.push(get_property(&path, SERVICE, "NRestarts"));
-        }
         let mut props = Vec::new();
-        for q in queries {
+        for (iface, prop) in reads(&name, &active, true) {
             if let Some(p) = self
-                .get(&target, q)
+                .get(&target, get_property(&path, iface, prop))
                 .await
                 .and_then(|(k, v)| unit_prop(&k, &v))
             {
