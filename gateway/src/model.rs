@@ -32,6 +32,18 @@ pub struct Unit {
     pub restarts: Option<u32>,
     /// What only `/metrics` shows: a change here is no delta for WebSocket clients.
     pub detail: UnitDetail,
+    /// The [`signal_mark`] of the last signal applied to the unit, so that a read answered
+    /// from before it does not undo it.
+    pub signalled: u64,
+}
+
+/// Signals applied so far, over all machines.
+static SIGNALS: AtomicU64 = AtomicU64::new(0);
+
+/// A mark to take before reading properties: values read are newer than the signals applied
+/// before it, and maybe older than those after ([`Unit::apply_read`]).
+pub(crate) fn signal_mark() -> u64 {
+    SIGNALS.load(Ordering::Relaxed)
 }
 
 /// The unit properties behind node_exporter's and systemd_exporter's other unit series.
@@ -52,6 +64,9 @@ pub struct UnitDetail {
     pub refused: Option<u32>,
     /// A timer's LastTriggerUSec (0: never triggered).
     pub last_trigger_us: Option<u64>,
+    /// Whether the unit's properties were read in full once ([`UnitProp::FullyRead`]); until
+    /// then a unit that reaches a [readable](is_readable) state is read.
+    pub read: bool,
 }
 
 /// A unit property value systemd reported, already unwrapped from its D-Bus variant.
@@ -75,6 +90,8 @@ pub(crate) enum UnitProp {
     NConnections(Option<u32>),
     NRefused(Option<u32>),
     LastTriggerUSec(Option<u64>),
+    /// Not a property: marks the end of a full read of the unit.
+    FullyRead,
 }
 
 /// What applying property values did.
@@ -86,7 +103,48 @@ pub(crate) struct Applied {
     pub shown: bool,
 }
 
+impl UnitProp {
+    /// Whether systemd signals changes of it (PropertiesChanged carries it): the properties
+    /// the gateway follows through signals. A service's Type is constant while loaded (a
+    /// mount's is signalled, but either read is as new as any signal).
+    fn is_signalled(&self) -> bool {
+        !matches!(
+            self,
+            UnitProp::Type(_)
+                | UnitProp::FullyRead
+                | UnitProp::UnitFileState(_)
+                | UnitProp::TasksCurrent(_)
+                | UnitProp::TasksMax(_)
+                | UnitProp::NAccepted(_)
+                | UnitProp::NConnections(_)
+                | UnitProp::NRefused(_)
+        )
+    }
+}
+
 impl Unit {
+    /// Applies values a signal carried.
+    pub(crate) fn apply_signal(&mut self, props: &[UnitProp]) -> Applied {
+        let applied = self.apply(props);
+        self.signalled = SIGNALS.fetch_add(1, Ordering::Relaxed) + 1;
+        applied
+    }
+
+    /// Applies values read by a request made after `mark` ([`signal_mark`]): if a signal was
+    /// applied since, it is newer than what the read answered for the signalled properties
+    /// (systemd sends all of them with each change), so only the others are taken.
+    pub(crate) fn apply_read(&mut self, props: &[UnitProp], mark: u64) -> Applied {
+        if self.signalled <= mark {
+            return self.apply(props);
+        }
+        let unsignalled: Vec<UnitProp> = props
+            .iter()
+            .filter(|p| !p.is_signalled())
+            .cloned()
+            .collect();
+        self.apply(&unsignalled)
+    }
+
     /// Applies property values.
     pub(crate) fn apply(&mut self, props: &[UnitProp]) -> Applied {
         let before = self.clone();
@@ -101,6 +159,7 @@ impl Unit {
                 UnitProp::NConnections(n) => d.connections = *n,
                 UnitProp::NRefused(n) => d.refused = *n,
                 UnitProp::LastTriggerUSec(t) => d.last_trigger_us = *t,
+                UnitProp::FullyRead => d.read = true,
                 _ => {}
             }
         }
@@ -140,6 +199,13 @@ pub(crate) const PINNED_STATES: [&str; 4] = ["active", "reloading", "activating"
 
 pub(crate) fn is_pinned(active: &str) -> bool {
     PINNED_STATES.contains(&active)
+}
+
+/// States in which reading a unit's object loads nothing: the pinned ones, and `failed`
+/// (systemd keeps failed units loaded unless `CollectMode=inactive-or-failed`; one collected
+/// meanwhile comes back as a fresh `inactive` unit, which is not read again, so no load loop).
+pub(crate) fn is_readable(active: &str) -> bool {
+    is_pinned(active) || active == "failed"
 }
 
 /// What the gateway knows of a machine's systemd manager.
@@ -379,6 +445,25 @@ mod tests {
         assert!(!u.apply(&[UnitProp::ActiveState("active".into())]).changed);
         assert!(u.apply(&[UnitProp::NRestarts(Some(3))]).shown);
         assert_eq!(u.restarts, Some(3));
+        let mark = signal_mark();
+        u.apply_signal(&[UnitProp::NRestarts(Some(4))]);
+        let late = u.apply_read(
+            &[
+                UnitProp::NRestarts(Some(3)),
+                UnitProp::UnitFileState("enabled".into()),
+            ],
+            mark,
+        );
+        assert_eq!(
+            u.restarts,
+            Some(4),
+            "a read from before a signal does not undo it"
+        );
+        assert!(late.changed && u.detail.unit_file_state == "enabled");
+        assert!(
+            u.apply_read(&[UnitProp::NRestarts(Some(5))], signal_mark())
+                .changed
+        );
         let tasks = u.apply(&[UnitProp::TasksCurrent(Some(4))]);
         assert!(tasks.changed && !tasks.shown, "only /metrics shows tasks");
         assert!(u.apply(&[UnitProp::ActiveState("inactive".into())]).shown);

@@ -35,8 +35,13 @@ pub(crate) enum Join {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum UnitAt {
     /// They were applied to this unit; `failed_changed` when it entered or left `failed` (the
-    /// manager's SystemState may have changed with it).
-    Unit { name: String, failed_changed: bool },
+    /// manager's SystemState may have changed with it); `unread` when it was never read in
+    /// full and may be read now ([`crate::model::is_readable`]).
+    Unit {
+        name: String,
+        failed_changed: bool,
+        unread: bool,
+    },
     /// The machine's units are loaded and none has that path: systemd reports a unit the store
     /// does not follow (yet).
     Unfollowed,
@@ -147,9 +152,10 @@ impl Store {
         }
     }
 
-    /// Replaces a machine's units with a ListUnits result, keeping what signals already told
-    /// about units that are still there.
-    pub(crate) fn replace_units(&self, nkey: &str, list: Vec<Listed>) {
+    /// Replaces a machine's units with a ListUnits result asked for after `mark`
+    /// ([`crate::model::signal_mark`]), keeping what signals told about units that are still
+    /// there (and their states, when a signal came after the list was asked for).
+    pub(crate) fn replace_units(&self, nkey: &str, list: Vec<Listed>, mark: u64) {
         let now = now_ms();
         let mut m = self.write();
         let Some(machine) = m.get_mut(nkey) else {
@@ -163,7 +169,7 @@ impl Store {
             }
             let name = u.name.clone();
             paths.insert(u.path.clone(), name.clone());
-            let unit = with_signalled(machine.units().get(&name), listed(u));
+            let unit = with_signalled(machine.units().get(&name), listed(u), mark);
             units.insert(name, unit);
         }
         *machine.units_mut() = units;
@@ -184,8 +190,9 @@ impl Store {
         self.emit(Change::Machine(row));
     }
 
-    /// Applies property values to units of one machine, in one change.
-    pub(crate) fn patch_units(&self, nkey: &str, patches: &[(String, Vec<UnitProp>)]) {
+    /// Applies property values read from one machine by requests made after `mark`
+    /// ([`crate::model::signal_mark`]), in one change.
+    pub(crate) fn patch_units(&self, nkey: &str, patches: &[(String, Vec<UnitProp>)], mark: u64) {
         let mut m = self.write();
         let Some(machine) = m.get_mut(nkey) else {
             return;
@@ -195,7 +202,7 @@ impl Store {
             let Some(unit) = machine.units_mut().get_mut(name) else {
                 continue;
             };
-            if unit.apply(props).shown {
+            if unit.apply_read(props, mark).shown {
                 let unit = unit.clone();
                 rows.push(machine.unit_row(name, &unit));
             }
@@ -227,8 +234,9 @@ impl Store {
             return UnitAt::Ignored;
         };
         let was_failed = unit.active == "failed";
-        let applied = unit.apply(props);
+        let applied = unit.apply_signal(props);
         let failed_changed = was_failed != (unit.active == "failed");
+        let unread = !unit.detail.read && crate::model::is_readable(&unit.active);
         if applied.shown {
             let unit = unit.clone();
             let row = machine.unit_row(&name, &unit);
@@ -242,6 +250,7 @@ impl Store {
         UnitAt::Unit {
             name,
             failed_changed,
+            unread,
         }
     }
 
@@ -282,7 +291,7 @@ impl Store {
             return false;
         };
         let name = u.name.clone();
-        let unit = with_signalled(machine.units().get(&name), listed(u));
+        let unit = with_signalled(machine.units().get(&name), listed(u), 0);
         machine.paths.insert(unit.path.clone(), name.clone());
         machine.units_mut().insert(name.clone(), unit.clone());
         let row = machine.unit_row(&name, &unit);
@@ -396,6 +405,13 @@ impl Store {
             .unwrap_or_default()
     }
 
+    /// (object path, active state) of one unit.
+    pub(crate) fn unit_state(&self, nkey: &str, name: &str) -> Option<(String, String)> {
+        let m = self.read();
+        let u = m.get(nkey)?.units().get(name)?;
+        Some((u.path.clone(), u.active.clone()))
+    }
+
     /// (name, object path, active state) of a machine's units, once they are loaded.
     pub(crate) fn loaded_units(&self, nkey: &str) -> Option<Vec<(String, String, String)>> {
         let m = self.read();
@@ -424,18 +440,27 @@ impl Store {
     }
 }
 
-/// A listed unit with what signals and reads told of it before (`old`), which ListUnits does not
-/// carry.
-fn with_signalled(old: Option<&Unit>, new: Unit) -> Unit {
+/// A unit listed by a request made after `mark`, with what signals and reads told of it before
+/// (`old`), which ListUnits does not carry; a signal after `mark` is newer than the list.
+fn with_signalled(old: Option<&Unit>, new: Unit, mark: u64) -> Unit {
     match old {
         None => new,
         Some(o) => {
+            let listed = if o.signalled > mark {
+                Unit {
+                    path: new.path,
+                    ..o.clone()
+                }
+            } else {
+                new
+            };
             let mut u = Unit {
                 since_us: o.since_us,
                 active_enter_us: o.active_enter_us,
                 restarts: o.restarts,
                 detail: o.detail.clone(),
-                ..new
+                signalled: o.signalled,
+                ..listed
             };
             if !crate::model::is_pinned(&u.active) {
                 u.detail.tasks_current = None;
@@ -555,6 +580,7 @@ mod tests {
                 listing("a.service", "active", "/u/a"),
                 listing("b.mount", "active", "/u/b"),
             ],
+            crate::model::signal_mark(),
         );
         let units = |c: &Store| c.with_machines(|m| m["A"].units().clone());
         assert_eq!(units(&c).len(), 1, "mounts are excluded by default");
@@ -569,7 +595,8 @@ mod tests {
             ),
             UnitAt::Unit {
                 name: "a.service".into(),
-                failed_changed: false
+                failed_changed: false,
+                unread: false,
             }
         );
         assert_eq!(c.patch_unit_at("A", "/u/x", &[]), UnitAt::Unfollowed);
@@ -580,6 +607,7 @@ mod tests {
         c.patch_units(
             "A",
             &[("a.service".into(), vec![UnitProp::NRestarts(Some(3))])],
+            crate::model::signal_mark(),
         );
         assert_eq!(units(&c)["a.service"].restarts, Some(3));
         assert!(c.wants_unit("A", "c.service"));

@@ -38,7 +38,7 @@ async fn metrics_from_cache_follow_real_units() {
     let port = gateway.port;
 
     let line = |state: &str, v: u8| {
-        format!("cbus_systemd_unit_state{{host=\"gw-1\",name=\"gw-sleeper.service\",type=\"service\",state=\"{state}\"}} {v}")
+        format!("cbus_systemd_unit_state{{host=\"gw-1\",name=\"gw-sleeper.service\",type=\"simple\",state=\"{state}\"}} {v}")
     };
     let seen = cbus_tests::wait_for(Duration::from_secs(20), || async {
         metrics(port).contains(&line("active", 1))

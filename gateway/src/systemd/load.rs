@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 
 use super::props::reads;
 use super::Units;
+use crate::model::signal_mark;
 use crate::requests::{ask, MachineResult};
 
 /// Machines loaded at once.
@@ -116,6 +117,8 @@ impl Units {
                 tracing::warn!(%host, outcome = ?other, "systemd Subscribe failed: unit changes made outside systemctl may arrive late (allow Manager.Subscribe in the agent policy)")
             }
         }
+        // Signals applied after this are newer than the list and the reads below.
+        let mark = signal_mark();
         let list = match ask(&self.fleet, &target, &systemd::list_units(), self.timeout).await {
             MachineResult::Ok(s) => s.value,
             other => {
@@ -132,7 +135,7 @@ impl Units {
             .iter()
             .map(|u| (u.name.clone(), u.active.clone()))
             .collect();
-        self.store.replace_units(nkey, units);
+        self.store.replace_units(nkey, units, mark);
         let mut queries = Vec::new();
         for (name, path) in self.store.unit_paths(nkey) {
             let state = active.get(&name).map(String::as_str).unwrap_or_default();
@@ -142,9 +145,9 @@ impl Units {
         }
         self.read_system(&target, true).await;
         let patches = self
-            .read_units(&target, queries, super::GET_CONCURRENCY)
+            .read_units(&target, queries, super::GET_CONCURRENCY, true)
             .await;
-        self.store.patch_units(nkey, &patches);
+        self.store.patch_units(nkey, &patches, mark);
         self.store.synced(nkey, now_ms());
         tracing::info!(%host, units = patches.len(), "units loaded");
     }

@@ -113,12 +113,14 @@ impl Units {
     }
 
     /// Reads properties of a machine's units ((unit, query) pairs) at bounded concurrency, as
-    /// patches for the store; failed reads are left out.
+    /// patches for the store; failed reads are left out. `full`: the queries are all of
+    /// [`props::reads`]`(.., true)` for each unit, which is marked as read in full.
     async fn read_units(
         &self,
         target: &AgentStatus,
         queries: Vec<(String, Query)>,
         concurrency: usize,
+        full: bool,
     ) -> Vec<(String, Vec<UnitProp>)> {
         let mut by_unit: BTreeMap<String, Vec<UnitProp>> = BTreeMap::new();
         let mut results = stream::iter(queries)
@@ -127,6 +129,11 @@ impl Units {
         while let Some((unit, r)) = results.next().await {
             if let Some(prop) = r.and_then(|(k, v)| unit_prop(&k, &v)) {
                 by_unit.entry(unit).or_default().push(prop);
+            }
+        }
+        if full {
+            for props in by_unit.values_mut() {
+                props.push(UnitProp::FullyRead);
             }
         }
         by_unit.into_iter().collect()

@@ -14,6 +14,7 @@ use tokio::time::MissedTickBehavior;
 
 use super::props::reads;
 use super::Units;
+use crate::model::signal_mark;
 
 /// Reads in flight for the machine being refreshed (under the global bound too), so a refresh
 /// never crowds out the loading of joining machines.
@@ -41,6 +42,7 @@ impl Units {
         else {
             return; // not loaded yet: its load reads everything
         };
+        let mark = signal_mark();
         let mut queries = Vec::new();
         for (name, path, active) in units {
             for (iface, prop) in reads(&name, &active, false) {
@@ -48,8 +50,10 @@ impl Units {
             }
         }
         self.read_system(&target, false).await;
-        let patches = self.read_units(&target, queries, REFRESH_CONCURRENCY).await;
-        self.store.patch_units(nkey, &patches);
+        let patches = self
+            .read_units(&target, queries, REFRESH_CONCURRENCY, false)
+            .await;
+        self.store.patch_units(nkey, &patches, mark);
         self.store.synced(nkey, now_ms());
     }
 }

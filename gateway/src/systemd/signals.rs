@@ -42,10 +42,15 @@ impl Units {
                 UnitAt::Unit {
                     name: unit,
                     failed_changed,
+                    unread,
                 } => {
                     if failed_changed {
                         // running <-> degraded, which systemd does not signal.
                         self.enqueue_system(nkey);
+                    }
+                    if unread {
+                        // Announced while in a state not read (UnitNew of an inactive unit).
+                        self.enqueue_read(nkey, &unit);
                     }
                     self.enqueue_fetch(
                         change

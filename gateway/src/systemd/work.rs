@@ -2,7 +2,7 @@
 //! systemd announced (UnitNew) without loading it, and reading back properties a signal only
 //! invalidated.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use cbus_client::systemd::{self, get_property};
@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::props::{reads, unit_prop};
 use super::Units;
-use crate::model::is_pinned;
+use crate::model::{is_readable, signal_mark};
 use crate::requests::{ask, MachineResult};
 use crate::stats::{self, Dropped};
 
@@ -43,6 +43,8 @@ pub(super) enum Work {
     Fetch(Vec<Fetch>),
     /// The manager's SystemState, which may have changed with a unit's failure.
     System { nkey: String },
+    /// A unit never read in full that reached a readable state.
+    Read { nkey: String, name: String },
 }
 
 /// What happened to a unit since its check was queued.
@@ -61,6 +63,8 @@ pub(super) struct Pending {
     pub checks: HashMap<(String, String), Check>,
     /// (nkey, unit) -> when systemd said it has no such unit.
     pub not_found: HashMap<(String, String), Instant>,
+    /// (nkey, unit) of full reads queued or in flight: at most one per unit.
+    pub reads: HashSet<(String, String)>,
 }
 
 impl Pending {
@@ -133,6 +137,25 @@ impl Units {
         }
     }
 
+    /// Queues a full read of a unit, unless one is queued already.
+    pub(super) fn enqueue_read(&self, nkey: &str, name: &str) {
+        let key = (nkey.to_owned(), name.to_owned());
+        let mut p = self.pending();
+        if p.reads.contains(&key) {
+            return;
+        }
+        let work = Work::Read {
+            nkey: key.0.clone(),
+            name: key.1.clone(),
+        };
+        match self.work.try_send(work) {
+            Ok(()) => {
+                p.reads.insert(key);
+            }
+            Err(_) => stats::dropped(Dropped::WorkQueueFull),
+        }
+    }
+
     /// Queues reads of invalidated properties.
     pub(super) fn enqueue_fetch(&self, fetch: Vec<Fetch>) {
         if !fetch.is_empty() && self.work.try_send(Work::Fetch(fetch)).is_err() {
@@ -151,6 +174,10 @@ impl Units {
                     match w {
                         Work::CheckUnit { nkey, name } => this.check_unit(nkey, name).await,
                         Work::Fetch(f) => this.fetch(f).await,
+                        Work::Read { nkey, name } => {
+                            this.read_unit(&nkey, &name).await;
+                            this.pending().reads.remove(&(nkey, name));
+                        }
                         Work::System { nkey } => {
                             if let Some(target) = this.store.target(&nkey) {
                                 this.read_system(&target, false).await;
@@ -169,6 +196,7 @@ impl Units {
         let Some(target) = self.store.target(&first.machine) else {
             return;
         };
+        let mark = signal_mark();
         let mut patches = Vec::new();
         for f in &fetch {
             let q = get_property(&f.path, f.interface, f.property);
@@ -180,7 +208,7 @@ impl Units {
                 patches.push((f.unit.clone(), vec![prop]));
             }
         }
-        self.store.patch_units(&first.machine, &patches);
+        self.store.patch_units(&first.machine, &patches, mark);
     }
 
     /// Asks systemd about a unit it announced, without loading it (ListUnitsByPatterns lists
@@ -204,11 +232,10 @@ impl Units {
                         None
                     }
                 }
-                .map(|row| (target, row))
             }
         };
         let state = self.pending().checks.remove(&key);
-        let Some((target, row)) = row else {
+        let Some(row) = row else {
             return; // the check failed: the next UnitNew or reload tries again
         };
         if row.as_ref().is_some_and(|u| u.is_not_found()) {
@@ -231,25 +258,30 @@ impl Units {
             return;
         };
         let (nkey, name) = key;
-        let (active, path) = (row.active.clone(), row.path.clone());
         if !self.store.add_unit(&nkey, row) {
             return;
         }
+        self.read_unit(&nkey, &name).await;
+    }
+
+    /// Reads a followed unit in full if it is in a state where that loads nothing.
+    async fn read_unit(&self, nkey: &str, name: &str) {
+        let (Some(target), Some((path, active))) =
+            (self.store.target(nkey), self.store.unit_state(nkey, name))
+        else {
+            return;
+        };
         // Reading an object loads its unit: only units systemd cannot unload meanwhile are read.
-        if !is_pinned(&active) {
+        if !is_readable(&active) {
             return;
         }
-        let mut props = Vec::new();
-        for (iface, prop) in reads(&name, &active, true) {
-            if let Some(p) = self
-                .get(&target, get_property(&path, iface, prop))
-                .await
-                .and_then(|(k, v)| unit_prop(&k, &v))
-            {
-                props.push(p);
-            }
-        }
-        self.store.patch_units(&nkey, &[(name, props)]);
+        let mark = signal_mark();
+        let queries = reads(name, &active, true)
+            .into_iter()
+            .map(|(iface, prop)| (name.to_owned(), get_property(&path, iface, prop)))
+            .collect();
+        let patches = self.read_units(&target, queries, 1, true).await;
+        self.store.patch_units(nkey, &patches, mark);
     }
 }
 
