@@ -392,19 +392,6 @@ impl Store {
         self.read().get(nkey).map(|m| m.status(now_ms()))
     }
 
-    /// (name, object path) of a machine's units.
-    pub(crate) fn unit_paths(&self, nkey: &str) -> Vec<(String, String)> {
-        self.read()
-            .get(nkey)
-            .map(|m| {
-                m.units()
-                    .iter()
-                    .map(|(n, u)| (n.clone(), u.path.clone()))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     /// (object path, active state) of one unit.
     pub(crate) fn unit_state(&self, nkey: &str, name: &str) -> Option<(String, String)> {
         let m = self.read();
@@ -634,6 +621,47 @@ mod tests {
             kinds,
             ["machine", "replace", "machine", "units", "units", "units", "removed"]
         );
+    }
+
+    #[test]
+    fn a_list_or_read_from_before_a_signal_does_not_undo_it() {
+        let (c, _) = store();
+        c.presence(ev(PresenceKind::Hello, "A", 1), now_ms());
+        c.replace_units(
+            "A",
+            vec![listing("a.service", "active", "/u/a")],
+            crate::model::signal_mark(),
+        );
+        let mark = crate::model::signal_mark();
+        // A signal arrives while a ListUnits and reads asked for before it are under way.
+        let at = c.patch_unit_at(
+            "A",
+            "/u/a",
+            &[
+                UnitProp::ActiveState("failed".into()),
+                UnitProp::NRestarts(Some(2)),
+            ],
+        );
+        assert!(matches!(
+            at,
+            UnitAt::Unit {
+                failed_changed: true,
+                unread: true,
+                ..
+            }
+        ));
+        c.replace_units("A", vec![listing("a.service", "active", "/u/a")], mark);
+        c.patch_units(
+            "A",
+            &[(
+                "a.service".into(),
+                vec![UnitProp::NRestarts(Some(1)), UnitProp::TasksMax(Some(9))],
+            )],
+            mark,
+        );
+        let u = c.with_machines(|m| m["A"].units()["a.service"].clone());
+        assert_eq!((u.active.as_str(), u.restarts), ("failed", Some(2)));
+        assert_eq!(u.detail.tasks_max, Some(9), "unsignalled values are taken");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! second (a hello with a new start time each) costs one pending entry, and one load of it at a
 //! time; a reload asked for while it loads runs once after.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use crate::requests::{ask, MachineResult};
 /// Machines loaded at once.
 const MACHINE_CONCURRENCY: usize = 8;
 
-/// Machines to (re)load.
+/// Machines to (re)load, or to read.
 #[derive(Default)]
 pub(super) struct Joins {
     state: Mutex<JoinState>,
@@ -77,28 +77,45 @@ impl Joins {
     }
 }
 
+/// The two stages of a load, each a set of machines served at bounded concurrency: listing
+/// (Subscribe + ListUnits: the units and their states) and reading (the targeted gets). A
+/// machine's list never waits for other machines' reads: after a join storm every machine's
+/// states are right as soon as it is listed, and the slower reads follow.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Stage {
+    List,
+    Read,
+}
+
 impl Units {
-    /// Loads machines that joined or restarted; coalesces bursts and bounds concurrency.
-    pub(super) async fn load_loop(self) {
+    /// Serves one stage: coalesces bursts and bounds concurrency.
+    pub(super) async fn load_loop(self, stage: Stage) {
+        let joins = match stage {
+            Stage::List => Arc::clone(&self.joins),
+            Stage::Read => Arc::clone(&self.full_reads),
+        };
         let machines = Arc::new(Semaphore::new(MACHINE_CONCURRENCY));
         loop {
-            self.joins.wake.notified().await;
+            joins.wake.notified().await;
             tokio::time::sleep(Duration::from_millis(200)).await;
-            for nkey in self.joins.take_ready() {
+            for nkey in joins.take_ready() {
                 let Ok(permit) = machines.clone().acquire_owned().await else {
                     return;
                 };
-                let this = self.clone();
+                let (this, joins) = (self.clone(), Arc::clone(&joins));
                 tokio::spawn(async move {
-                    this.load_machine(&nkey).await;
+                    match stage {
+                        Stage::List => this.load_machine(&nkey).await,
+                        Stage::Read => this.read_machine(&nkey).await,
+                    }
                     drop(permit);
-                    this.joins.done(&nkey);
+                    joins.done(&nkey);
                 });
             }
         }
     }
 
-    /// Subscribe + one ListUnits + targeted gets for one machine.
+    /// Subscribe + one ListUnits for one machine, then its reads are queued.
     async fn load_machine(&self, nkey: &str) {
         let Some(target) = self.store.target(nkey) else {
             return;
@@ -117,7 +134,7 @@ impl Units {
                 tracing::warn!(%host, outcome = ?other, "systemd Subscribe failed: unit changes made outside systemctl may arrive late (allow Manager.Subscribe in the agent policy)")
             }
         }
-        // Signals applied after this are newer than the list and the reads below.
+        // Signals applied after this are newer than the list.
         let mark = signal_mark();
         let list = match ask(&self.fleet, &target, &systemd::list_units(), self.timeout).await {
             MachineResult::Ok(s) => s.value,
@@ -131,15 +148,22 @@ impl Units {
             return;
         };
         let units = systemd::unit_rows(rows);
-        let active: HashMap<String, String> = units
-            .iter()
-            .map(|u| (u.name.clone(), u.active.clone()))
-            .collect();
+        tracing::info!(%host, units = units.len(), "units listed");
         self.store.replace_units(nkey, units, mark);
+        self.full_reads.request(nkey.to_owned());
+    }
+
+    /// Targeted gets of what ListUnits does not carry, for every unit of one machine.
+    async fn read_machine(&self, nkey: &str) {
+        let (Some(target), Some(units)) = (self.store.target(nkey), self.store.loaded_units(nkey))
+        else {
+            return;
+        };
+        // Signals applied after this are newer than the reads.
+        let mark = signal_mark();
         let mut queries = Vec::new();
-        for (name, path) in self.store.unit_paths(nkey) {
-            let state = active.get(&name).map(String::as_str).unwrap_or_default();
-            for (iface, prop) in reads(&name, state, true) {
+        for (name, path, active) in units {
+            for (iface, prop) in reads(&name, &active, true) {
                 queries.push((name.clone(), get_property(&path, iface, prop)));
             }
         }
@@ -149,7 +173,7 @@ impl Units {
             .await;
         self.store.patch_units(nkey, &patches, mark);
         self.store.synced(nkey, now_ms());
-        tracing::info!(%host, units = patches.len(), "units loaded");
+        tracing::debug!(host = %target.info.hostname, units = patches.len(), "units read");
     }
 }
 

@@ -59,6 +59,8 @@ pub(crate) struct Units {
     fleet: Fleet,
     store: Store,
     joins: Arc<Joins>,
+    /// Machines whose units were listed and are to be read ([`load::Stage::Read`]).
+    full_reads: Arc<Joins>,
     gets: Arc<Semaphore>,
     timeout: Duration,
     work: mpsc::Sender<Work>,
@@ -88,13 +90,15 @@ impl Units {
             fleet,
             store,
             joins: Arc::default(),
+            full_reads: Arc::default(),
             gets: Arc::new(Semaphore::new(GET_CONCURRENCY)),
             timeout,
             work,
             pending: Arc::default(),
             refresh,
         };
-        tokio::spawn(units.clone().load_loop());
+        tokio::spawn(units.clone().load_loop(load::Stage::List));
+        tokio::spawn(units.clone().load_loop(load::Stage::Read));
         tokio::spawn(units.clone().refresh_loop());
         tokio::spawn(units.clone().work_loop(work_rx));
         tokio::spawn(units.clone().unit_signal_loop(unit_signals));
