@@ -439,7 +439,13 @@ const SLEEPER: &str = "[Unit]\nDescription=ha sleeper\n[Service]\nExecStart=/bin
 fn fleet_series(text: &str) -> Vec<String> {
     let mut lines: Vec<String> = text
         .lines()
-        .filter(|l| !l.starts_with('#') && !l.starts_with("cbus_gateway_") && !l.is_empty())
+        // The gateway's own counters and how old its reads are differ per gateway by nature.
+        .filter(|l| {
+            !l.starts_with('#')
+                && !l.starts_with("cbus_gateway_")
+                && !l.starts_with("cbus_machine_cache_age_seconds")
+                && !l.is_empty()
+        })
         .map(|l| {
             // `name{labels} value [timestamp]`: keep name, labels and value.
             let (series, rest) = l.rsplit_once('}').map_or((l, ""), |(s, r)| (s, r));

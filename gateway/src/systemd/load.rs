@@ -10,11 +10,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use cbus_client::systemd::{self, get_property};
-use cbus_protocol::presence::now_ms;
+use cbus_client::systemd;
 use tokio::sync::Semaphore;
 
-use super::props::reads;
 use super::Units;
 use crate::model::signal_mark;
 use crate::requests::{ask, MachineResult};
@@ -106,7 +104,7 @@ impl Units {
                 tokio::spawn(async move {
                     match stage {
                         Stage::List => this.load_machine(&nkey).await,
-                        Stage::Read => this.read_machine(&nkey).await,
+                        Stage::Read => this.read_machine(&nkey, true).await,
                     }
                     drop(permit);
                     joins.done(&nkey);
@@ -151,29 +149,6 @@ impl Units {
         tracing::info!(%host, units = units.len(), "units listed");
         self.store.replace_units(nkey, units, mark);
         self.full_reads.request(nkey.to_owned());
-    }
-
-    /// Targeted gets of what ListUnits does not carry, for every unit of one machine.
-    async fn read_machine(&self, nkey: &str) {
-        let (Some(target), Some(units)) = (self.store.target(nkey), self.store.loaded_units(nkey))
-        else {
-            return;
-        };
-        // Signals applied after this are newer than the reads.
-        let mark = signal_mark();
-        let mut queries = Vec::new();
-        for (name, path, active) in units {
-            for (iface, prop) in reads(&name, &active, true) {
-                queries.push((name.clone(), get_property(&path, iface, prop)));
-            }
-        }
-        self.read_system(&target, true).await;
-        let patches = self
-            .read_units(&target, queries, super::GET_CONCURRENCY, true)
-            .await;
-        self.store.patch_units(nkey, &patches, mark);
-        self.store.synced(nkey, now_ms());
-        tracing::debug!(host = %target.info.hostname, units = patches.len(), "units read");
     }
 }
 

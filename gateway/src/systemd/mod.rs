@@ -52,6 +52,9 @@ use work::{Pending, Work, WORK_QUEUE};
 
 /// Property reads in flight at once, over all machines.
 const GET_CONCURRENCY: usize = 32;
+/// Reads in flight for the machine being refreshed (under the global bound too), so a refresh
+/// never crowds out the loading of joining machines.
+const REFRESH_CONCURRENCY: usize = 4;
 
 /// The systemd follower's handles; cheap to clone.
 #[derive(Clone)]
@@ -116,6 +119,29 @@ impl Units {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Reads what signals do not bring of every unit of a loaded machine (`full`: after its
+    /// list), or what changes without a signal (a refresh), and the manager's state.
+    async fn read_machine(&self, nkey: &str, full: bool) {
+        let (Some(target), Some(units)) = (self.store.target(nkey), self.store.loaded_units(nkey))
+        else {
+            return; // not listed yet: its load reads everything
+        };
+        // Signals applied after this are newer than the reads.
+        let mark = crate::model::signal_mark();
+        self.read_system(&target, full).await;
+        let concurrency = if full {
+            GET_CONCURRENCY
+        } else {
+            REFRESH_CONCURRENCY
+        };
+        let patches = self
+            .read_units(&target, queries(units, full), concurrency, full)
+            .await;
+        self.store.patch_units(nkey, &patches, mark);
+        self.store.synced(nkey, cbus_protocol::presence::now_ms());
+        tracing::debug!(host = %target.info.hostname, units = patches.len(), full, "units read");
+    }
+
     /// Reads properties of a machine's units ((unit, query) pairs) at bounded concurrency, as
     /// patches for the store; failed reads are left out. `full`: the queries are all of
     /// [`props::reads`]`(.., true)` for each unit, which is marked as read in full.
@@ -177,4 +203,15 @@ impl Units {
             }
         }
     }
+}
+
+/// The gets of [`props::reads`] for units given as (name, object path, active state).
+fn queries(units: Vec<(String, String, String)>, full: bool) -> Vec<(String, Query)> {
+    let mut q = Vec::new();
+    for (name, path, active) in units {
+        for (iface, prop) in props::reads(&name, &active, full) {
+            q.push((name.clone(), get_property(&path, iface, prop)));
+        }
+    }
+    q
 }

@@ -9,7 +9,7 @@ use cbus_client::systemd::{self, get_property};
 use futures::stream::{self, StreamExt};
 use tokio::sync::mpsc;
 
-use super::props::{reads, unit_prop};
+use super::props::unit_prop;
 use super::Units;
 use crate::model::{is_readable, signal_mark};
 use crate::requests::{ask, MachineResult};
@@ -276,10 +276,7 @@ impl Units {
             return;
         }
         let mark = signal_mark();
-        let queries = reads(name, &active, true)
-            .into_iter()
-            .map(|(iface, prop)| (name.to_owned(), get_property(&path, iface, prop)))
-            .collect();
+        let queries = super::queries(vec![(name.to_owned(), path, active)], true);
         let patches = self.read_units(&target, queries, 1, true).await;
         self.store.patch_units(nkey, &patches, mark);
     }
