@@ -69,6 +69,12 @@ pub struct Config {
     #[arg(long, default_value = crate::model::DEFAULT_EXCLUDE)]
     pub unit_exclude: String,
 
+    /// How often what systemd changes without a signal (tasks, socket connection counts, the
+    /// system state) is read again from each running machine, one machine after the other at
+    /// a few reads at a time; `0s`: only on load. docs/metrics.md.
+    #[arg(long, env = "CBUS_GATEWAY_SYSTEMD_REFRESH", default_value = "60s", value_parser = parse_duration)]
+    pub systemd_refresh: Duration,
+
     /// Interval of server heartbeats on WebSockets.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub ws_heartbeat: Duration,

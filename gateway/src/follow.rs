@@ -46,6 +46,7 @@ pub(crate) async fn start(
     fleet: Fleet,
     store: Store,
     timeout: Duration,
+    refresh: Duration,
     mut reconnected: mpsc::UnboundedReceiver<()>,
 ) -> Result<(), SubscribeError> {
     let client = fleet.client().clone();
@@ -57,7 +58,7 @@ pub(crate) async fn start(
 
     // Subscribe first, then read the registry, so no event falls in between.
     let presence_sub = subscribe(&client, subject::PRESENCE_ALL).await?;
-    let units = Units::start(fleet.clone(), store.clone(), timeout).await?;
+    let units = Units::start(fleet.clone(), store.clone(), timeout, refresh).await?;
     let agent_metrics = subscribe(&client, subject::METRICS_ALL).await?;
     match fleet.registry().await {
         Ok(agents) => {

@@ -201,6 +201,7 @@ pub async fn start(
         fleet.clone(),
         store.clone(),
         config.request_timeout,
+        config.systemd_refresh,
         reconnected,
     )
     .await?;

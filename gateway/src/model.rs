@@ -30,6 +30,43 @@ pub struct Unit {
     pub active_enter_us: Option<u64>,
     /// NRestarts, for services.
     pub restarts: Option<u32>,
+    /// What only `/metrics` shows: a change here is no delta for WebSocket clients.
+    pub detail: UnitDetail,
+    /// The [`signal_mark`] of the last signal applied to the unit, so that a read answered
+    /// from before it does not undo it.
+    pub signalled: u64,
+}
+
+/// Signals applied so far, over all machines.
+static SIGNALS: AtomicU64 = AtomicU64::new(0);
+
+/// A mark to take before reading properties: values read are newer than the signals applied
+/// before it, and maybe older than those after ([`Unit::apply_read`]).
+pub(crate) fn signal_mark() -> u64 {
+    SIGNALS.load(Ordering::Relaxed)
+}
+
+/// The unit properties behind node_exporter's and systemd_exporter's other unit series.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UnitDetail {
+    /// A service's or mount's `Type` (`simple`, `oneshot`, `tmpfs`…): node_exporter's `type`
+    /// label; empty for other units and while unknown.
+    pub kind: String,
+    /// UnitFileState (`enabled`, `static`, `disabled`…); empty while unknown.
+    pub unit_file_state: String,
+    /// A service's TasksCurrent; `None` when unknown or when systemd has no count (no cgroup).
+    pub tasks_current: Option<u64>,
+    /// A service's TasksMax; `None` when unknown or unlimited.
+    pub tasks_max: Option<u64>,
+    /// A socket's NAccepted, NConnections and NRefused.
+    pub accepted: Option<u32>,
+    pub connections: Option<u32>,
+    pub refused: Option<u32>,
+    /// A timer's LastTriggerUSec (0: never triggered).
+    pub last_trigger_us: Option<u64>,
+    /// Whether the unit's properties were read in full once ([`UnitProp::FullyRead`]); until
+    /// then a unit that reaches a [readable](is_readable) state is read.
+    pub read: bool,
 }
 
 /// A unit property value systemd reported, already unwrapped from its D-Bus variant.
@@ -43,12 +80,89 @@ pub(crate) enum UnitProp {
     StateChangeTimestamp(Option<u64>),
     ActiveEnterTimestamp(Option<u64>),
     NRestarts(Option<u32>),
+    /// A service's or mount's `Type`.
+    Type(String),
+    UnitFileState(String),
+    /// `None` for systemd's "no value" (`u64::MAX`).
+    TasksCurrent(Option<u64>),
+    TasksMax(Option<u64>),
+    NAccepted(Option<u32>),
+    NConnections(Option<u32>),
+    NRefused(Option<u32>),
+    LastTriggerUSec(Option<u64>),
+    /// Not a property: marks the end of a full read of the unit.
+    FullyRead,
+}
+
+/// What applying property values did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Applied {
+    /// Anything changed.
+    pub changed: bool,
+    /// Something clients are shown changed (not only [`UnitDetail`]).
+    pub shown: bool,
+}
+
+impl UnitProp {
+    /// Whether systemd signals changes of it (PropertiesChanged carries it): the properties
+    /// the gateway follows through signals. A service's Type is constant while loaded (a
+    /// mount's is signalled, but either read is as new as any signal).
+    fn is_signalled(&self) -> bool {
+        !matches!(
+            self,
+            UnitProp::Type(_)
+                | UnitProp::FullyRead
+                | UnitProp::UnitFileState(_)
+                | UnitProp::TasksCurrent(_)
+                | UnitProp::TasksMax(_)
+                | UnitProp::NAccepted(_)
+                | UnitProp::NConnections(_)
+                | UnitProp::NRefused(_)
+        )
+    }
 }
 
 impl Unit {
-    /// Applies property values; returns whether anything changed.
-    pub(crate) fn apply(&mut self, props: &[UnitProp]) -> bool {
+    /// Applies values a signal carried.
+    pub(crate) fn apply_signal(&mut self, props: &[UnitProp]) -> Applied {
+        let applied = self.apply(props);
+        self.signalled = SIGNALS.fetch_add(1, Ordering::Relaxed) + 1;
+        applied
+    }
+
+    /// Applies values read by a request made after `mark` ([`signal_mark`]): if a signal was
+    /// applied since, it is newer than what the read answered for the signalled properties
+    /// (systemd sends all of them with each change), so only the others are taken.
+    pub(crate) fn apply_read(&mut self, props: &[UnitProp], mark: u64) -> Applied {
+        if self.signalled <= mark {
+            return self.apply(props);
+        }
+        let unsignalled: Vec<UnitProp> = props
+            .iter()
+            .filter(|p| !p.is_signalled())
+            .cloned()
+            .collect();
+        self.apply(&unsignalled)
+    }
+
+    /// Applies property values.
+    pub(crate) fn apply(&mut self, props: &[UnitProp]) -> Applied {
         let before = self.clone();
+        let d = &mut self.detail;
+        for p in props {
+            match p {
+                UnitProp::Type(s) => d.kind.clone_from(s),
+                UnitProp::UnitFileState(s) => d.unit_file_state.clone_from(s),
+                UnitProp::TasksCurrent(n) => d.tasks_current = *n,
+                UnitProp::TasksMax(n) => d.tasks_max = *n,
+                UnitProp::NAccepted(n) => d.accepted = *n,
+                UnitProp::NConnections(n) => d.connections = *n,
+                UnitProp::NRefused(n) => d.refused = *n,
+                UnitProp::LastTriggerUSec(t) => d.last_trigger_us = *t,
+                UnitProp::FullyRead => d.read = true,
+                _ => {}
+            }
+        }
         for p in props {
             match p {
                 UnitProp::ActiveState(s) => self.active.clone_from(s),
@@ -58,11 +172,61 @@ impl Unit {
                 UnitProp::StateChangeTimestamp(t) => self.since_us = *t,
                 UnitProp::ActiveEnterTimestamp(t) => self.active_enter_us = *t,
                 UnitProp::NRestarts(n) => self.restarts = *n,
+                _ => {}
             }
         }
-        *self != before
+        // A unit that stopped has no cgroup, so no task count (systemd reports none); this
+        // needs no read, and no later refresh finds it otherwise.
+        if !is_pinned(&self.active) {
+            self.detail.tasks_current = None;
+        }
+        let changed = *self != before;
+        let shown = changed
+            && Unit {
+                detail: UnitDetail::default(),
+                ..self.clone()
+            } != Unit {
+                detail: UnitDetail::default(),
+                ..before
+            };
+        Applied { changed, shown }
     }
 }
+
+/// Active states in which systemd never unloads a unit, so reading its object loads nothing
+/// (and in which a service has a cgroup, so tasks).
+pub(crate) const PINNED_STATES: [&str; 4] = ["active", "reloading", "activating", "deactivating"];
+
+pub(crate) fn is_pinned(active: &str) -> bool {
+    PINNED_STATES.contains(&active)
+}
+
+/// States in which reading a unit's object loads nothing: the pinned ones, and `failed`
+/// (systemd keeps failed units loaded unless `CollectMode=inactive-or-failed`; one collected
+/// meanwhile comes back as a fresh `inactive` unit, which is not read again, so no load loop).
+pub(crate) fn is_readable(active: &str) -> bool {
+    is_pinned(active) || active == "failed"
+}
+
+/// What the gateway knows of a machine's systemd manager.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SystemInfo {
+    /// The Manager's SystemState (`running`, `degraded`…); empty while unknown.
+    pub state: String,
+    /// The Manager's Version (`252.39-1~deb12u2`); empty while unknown.
+    pub version: String,
+}
+
+/// The manager's SystemStates, as `cbus_systemd_system_state` exports them one-hot.
+pub(crate) const SYSTEM_STATES: [&str; 7] = [
+    "initializing",
+    "starting",
+    "running",
+    "degraded",
+    "maintenance",
+    "stopping",
+    "offline",
+];
 
 /// Generations are unique across machines: two machines' units never share one, so a renderer
 /// keyed by machine cannot mistake a new machine for an old one.
@@ -94,6 +258,11 @@ pub struct Machine {
     pub(crate) mark: Option<Maintenance>,
     /// Whether the mark counted when last published, to notice it expire.
     pub(crate) reported_maintenance: bool,
+    /// The systemd manager's state and version.
+    pub system: SystemInfo,
+    /// When the units were last read in full (a load) or their unsignalled properties last
+    /// refreshed; `None` before the first load.
+    pub synced_ms: Option<u64>,
 }
 
 impl Machine {
@@ -110,6 +279,8 @@ impl Machine {
             reported: AgentState::Running,
             mark: None,
             reported_maintenance: false,
+            system: SystemInfo::default(),
+            synced_ms: None,
         };
         m.reported = m.state(cbus_protocol::presence::now_ms());
         m
@@ -288,9 +459,32 @@ mod tests {
     #[test]
     fn props_apply_and_say_whether_anything_changed() {
         let mut u = Unit::default();
-        assert!(u.apply(&[UnitProp::ActiveState("active".into())]));
-        assert!(!u.apply(&[UnitProp::ActiveState("active".into())]));
-        assert!(u.apply(&[UnitProp::NRestarts(Some(3))]));
+        assert!(u.apply(&[UnitProp::ActiveState("active".into())]).shown);
+        assert!(!u.apply(&[UnitProp::ActiveState("active".into())]).changed);
+        assert!(u.apply(&[UnitProp::NRestarts(Some(3))]).shown);
         assert_eq!(u.restarts, Some(3));
+        let mark = signal_mark();
+        u.apply_signal(&[UnitProp::NRestarts(Some(4))]);
+        let late = u.apply_read(
+            &[
+                UnitProp::NRestarts(Some(3)),
+                UnitProp::UnitFileState("enabled".into()),
+            ],
+            mark,
+        );
+        assert_eq!(
+            u.restarts,
+            Some(4),
+            "a read from before a signal does not undo it"
+        );
+        assert!(late.changed && u.detail.unit_file_state == "enabled");
+        assert!(
+            u.apply_read(&[UnitProp::NRestarts(Some(5))], signal_mark())
+                .changed
+        );
+        let tasks = u.apply(&[UnitProp::TasksCurrent(Some(4))]);
+        assert!(tasks.changed && !tasks.shown, "only /metrics shows tasks");
+        assert!(u.apply(&[UnitProp::ActiveState("inactive".into())]).shown);
+        assert_eq!(u.detail.tasks_current, None, "a stopped unit has no tasks");
     }
 }

@@ -19,7 +19,7 @@ use cbus_client::systemd::Unit as Listed;
 use cbus_protocol::presence::{now_ms, AgentState, PresenceEvent, PresenceKind};
 
 use crate::changes::{Change, Router};
-use crate::model::{Machine, MachineRow, Unit, UnitFilter, UnitProp, UnitRow};
+use crate::model::{Machine, MachineRow, SystemInfo, Unit, UnitFilter, UnitProp, UnitRow};
 
 /// What a presence event means for the caller: whether the machine's units must be (re)loaded.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,8 +35,14 @@ pub(crate) enum Join {
 /// What became of property values reported for a unit's object path.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum UnitAt {
-    /// They were applied to this unit.
-    Unit(String),
+    /// They were applied to this unit; `failed_changed` when it entered or left `failed` (the
+    /// manager's SystemState may have changed with it); `unread` when it was never read in
+    /// full and may be read now ([`crate::model::is_readable`]).
+    Unit {
+        name: String,
+        failed_changed: bool,
+        unread: bool,
+    },
     /// The machine's units are loaded and none has that path: systemd reports a unit the store
     /// does not follow (yet).
     Unfollowed,
@@ -196,9 +202,10 @@ impl Store {
         self.emit(Change::Machine(machine.row(now)));
     }
 
-    /// Replaces a machine's units with a ListUnits result, keeping what signals already told
-    /// about units that are still there.
-    pub(crate) fn replace_units(&self, nkey: &str, list: Vec<Listed>) {
+    /// Replaces a machine's units with a ListUnits result asked for after `mark`
+    /// ([`crate::model::signal_mark`]), keeping what signals told about units that are still
+    /// there (and their states, when a signal came after the list was asked for).
+    pub(crate) fn replace_units(&self, nkey: &str, list: Vec<Listed>, mark: u64) {
         let now = now_ms();
         let mut m = self.write();
         let Some(machine) = m.get_mut(nkey) else {
@@ -210,20 +217,9 @@ impl Store {
             if !self.follows(&u) {
                 continue;
             }
-            let old = machine.units().get(&u.name);
-            let (since_us, active_enter_us, restarts) = (
-                old.and_then(|o| o.since_us),
-                old.and_then(|o| o.active_enter_us),
-                old.and_then(|o| o.restarts),
-            );
             let name = u.name.clone();
             paths.insert(u.path.clone(), name.clone());
-            let unit = Unit {
-                since_us,
-                active_enter_us,
-                restarts,
-                ..listed(u)
-            };
+            let unit = with_signalled(machine.units().get(&name), listed(u), mark);
             units.insert(name, unit);
         }
         *machine.units_mut() = units;
@@ -244,8 +240,9 @@ impl Store {
         self.emit(Change::Machine(row));
     }
 
-    /// Applies property values to units of one machine, in one change.
-    pub(crate) fn patch_units(&self, nkey: &str, patches: &[(String, Vec<UnitProp>)]) {
+    /// Applies property values read from one machine by requests made after `mark`
+    /// ([`crate::model::signal_mark`]), in one change.
+    pub(crate) fn patch_units(&self, nkey: &str, patches: &[(String, Vec<UnitProp>)], mark: u64) {
         let mut m = self.write();
         let Some(machine) = m.get_mut(nkey) else {
             return;
@@ -255,7 +252,7 @@ impl Store {
             let Some(unit) = machine.units_mut().get_mut(name) else {
                 continue;
             };
-            if unit.apply(props) {
+            if unit.apply_read(props, mark).shown {
                 let unit = unit.clone();
                 rows.push(machine.unit_row(name, &unit));
             }
@@ -286,7 +283,11 @@ impl Store {
         let Some(unit) = machine.units_mut().get_mut(&name) else {
             return UnitAt::Ignored;
         };
-        if unit.apply(props) {
+        let was_failed = unit.active == "failed";
+        let applied = unit.apply_signal(props);
+        let failed_changed = was_failed != (unit.active == "failed");
+        let unread = !unit.detail.read && crate::model::is_readable(&unit.active);
+        if applied.shown {
             let unit = unit.clone();
             let row = machine.unit_row(&name, &unit);
             self.emit(Change::Units {
@@ -296,7 +297,25 @@ impl Store {
                 replace: false,
             });
         }
-        UnitAt::Unit(name)
+        UnitAt::Unit {
+            name,
+            failed_changed,
+            unread,
+        }
+    }
+
+    /// Records what the machine's systemd manager reported.
+    pub(crate) fn set_system(&self, nkey: &str, update: impl FnOnce(&mut SystemInfo)) {
+        if let Some(machine) = self.write().get_mut(nkey) {
+            update(&mut machine.system);
+        }
+    }
+
+    /// The machine's units were read in full (or refreshed) as of `at_ms`.
+    pub(crate) fn synced(&self, nkey: &str, at_ms: u64) {
+        if let Some(machine) = self.write().get_mut(nkey) {
+            machine.synced_ms = Some(at_ms);
+        }
     }
 
     /// A `UnitNew(id, path)` signal: whether the unit is worth asking systemd about (followed,
@@ -321,14 +340,8 @@ impl Store {
         let Some(machine) = m.get_mut(nkey) else {
             return false;
         };
-        let old = machine.units().get(&u.name).cloned().unwrap_or_default();
         let name = u.name.clone();
-        let unit = Unit {
-            since_us: old.since_us,
-            active_enter_us: old.active_enter_us,
-            restarts: old.restarts,
-            ..listed(u)
-        };
+        let unit = with_signalled(machine.units().get(&name), listed(u), 0);
         machine.paths.insert(unit.path.clone(), name.clone());
         machine.units_mut().insert(name.clone(), unit.clone());
         let row = machine.unit_row(&name, &unit);
@@ -429,17 +442,24 @@ impl Store {
         self.read().get(nkey).map(|m| m.status(now_ms()))
     }
 
-    /// (name, object path) of a machine's units.
-    pub(crate) fn unit_paths(&self, nkey: &str) -> Vec<(String, String)> {
-        self.read()
-            .get(nkey)
-            .map(|m| {
-                m.units()
-                    .iter()
-                    .map(|(n, u)| (n.clone(), u.path.clone()))
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// (object path, active state) of one unit.
+    pub(crate) fn unit_state(&self, nkey: &str, name: &str) -> Option<(String, String)> {
+        let m = self.read();
+        let u = m.get(nkey)?.units().get(name)?;
+        Some((u.path.clone(), u.active.clone()))
+    }
+
+    /// (name, object path, active state) of a machine's units, once they are loaded.
+    pub(crate) fn loaded_units(&self, nkey: &str) -> Option<Vec<(String, String, String)>> {
+        let m = self.read();
+        let machine = m.get(nkey).filter(|m| m.units_loaded)?;
+        Some(
+            machine
+                .units()
+                .iter()
+                .map(|(n, u)| (n.clone(), u.path.clone(), u.active.clone()))
+                .collect(),
+        )
     }
 
     /// The machines that are running now.
@@ -454,6 +474,36 @@ impl Store {
 
     pub(crate) fn hostname(&self, nkey: &str) -> Option<String> {
         self.read().get(nkey).map(|m| m.info.hostname.clone())
+    }
+}
+
+/// A unit listed by a request made after `mark`, with what signals and reads told of it before
+/// (`old`), which ListUnits does not carry; a signal after `mark` is newer than the list.
+fn with_signalled(old: Option<&Unit>, new: Unit, mark: u64) -> Unit {
+    match old {
+        None => new,
+        Some(o) => {
+            let listed = if o.signalled > mark {
+                Unit {
+                    path: new.path,
+                    ..o.clone()
+                }
+            } else {
+                new
+            };
+            let mut u = Unit {
+                since_us: o.since_us,
+                active_enter_us: o.active_enter_us,
+                restarts: o.restarts,
+                detail: o.detail.clone(),
+                signalled: o.signalled,
+                ..listed
+            };
+            if !crate::model::is_pinned(&u.active) {
+                u.detail.tasks_current = None;
+            }
+            u
+        }
     }
 }
 
@@ -567,6 +617,7 @@ mod tests {
                 listing("a.service", "active", "/u/a"),
                 listing("b.mount", "active", "/u/b"),
             ],
+            crate::model::signal_mark(),
         );
         let units = |c: &Store| c.with_machines(|m| m["A"].units().clone());
         assert_eq!(units(&c).len(), 1, "mounts are excluded by default");
@@ -579,7 +630,11 @@ mod tests {
                     UnitProp::StateChangeTimestamp(Some(1_700_000_000_000_000))
                 ]
             ),
-            UnitAt::Unit("a.service".into())
+            UnitAt::Unit {
+                name: "a.service".into(),
+                failed_changed: false,
+                unread: false,
+            }
         );
         assert_eq!(c.patch_unit_at("A", "/u/x", &[]), UnitAt::Unfollowed);
         assert_eq!(c.patch_unit_at("B", "/u/a", &[]), UnitAt::Ignored);
@@ -589,6 +644,7 @@ mod tests {
         c.patch_units(
             "A",
             &[("a.service".into(), vec![UnitProp::NRestarts(Some(3))])],
+            crate::model::signal_mark(),
         );
         assert_eq!(units(&c)["a.service"].restarts, Some(3));
         assert!(c.wants_unit("A", "c.service"));
@@ -615,6 +671,47 @@ mod tests {
             kinds,
             ["machine", "replace", "machine", "units", "units", "units", "removed"]
         );
+    }
+
+    #[test]
+    fn a_list_or_read_from_before_a_signal_does_not_undo_it() {
+        let (c, _) = store();
+        c.presence(ev(PresenceKind::Hello, "A", 1), now_ms());
+        c.replace_units(
+            "A",
+            vec![listing("a.service", "active", "/u/a")],
+            crate::model::signal_mark(),
+        );
+        let mark = crate::model::signal_mark();
+        // A signal arrives while a ListUnits and reads asked for before it are under way.
+        let at = c.patch_unit_at(
+            "A",
+            "/u/a",
+            &[
+                UnitProp::ActiveState("failed".into()),
+                UnitProp::NRestarts(Some(2)),
+            ],
+        );
+        assert!(matches!(
+            at,
+            UnitAt::Unit {
+                failed_changed: true,
+                unread: true,
+                ..
+            }
+        ));
+        c.replace_units("A", vec![listing("a.service", "active", "/u/a")], mark);
+        c.patch_units(
+            "A",
+            &[(
+                "a.service".into(),
+                vec![UnitProp::NRestarts(Some(1)), UnitProp::TasksMax(Some(9))],
+            )],
+            mark,
+        );
+        let u = c.with_machines(|m| m["A"].units()["a.service"].clone());
+        assert_eq!((u.active.as_str(), u.restarts), ("failed", Some(2)));
+        assert_eq!(u.detail.tasks_max, Some(9), "unsignalled values are taken");
     }
 
     #[test]

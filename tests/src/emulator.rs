@@ -307,8 +307,20 @@ fn answer(agent: &EmulatedAgent, subject: &str, payload: &[u8]) -> Result<Succes
             ok("a(ssssssouso)", json!([rows]))
         }
         (Op::Call, _) => ok("", json!([])),
-        (Op::Get, Some("NRestarts")) => ok("u", json!(0)),
-        (Op::Get, Some(m)) if m.ends_with("Timestamp") => ok("t", json!("1700000000000000")),
+        // What the gateway reads of units and the manager, with values a Debian 12 machine
+        // gives (types by signature, 64-bit numbers as strings).
+        (Op::Get, Some("NRestarts" | "NAccepted" | "NConnections" | "NRefused")) => {
+            ok("u", json!(0))
+        }
+        (Op::Get, Some(m)) if m.ends_with("Timestamp") || m == "LastTriggerUSec" => {
+            ok("t", json!("1700000000000000"))
+        }
+        (Op::Get, Some("TasksCurrent")) => ok("t", json!("2")),
+        (Op::Get, Some("TasksMax")) => ok("t", json!("4915")),
+        (Op::Get, Some("Type")) => ok("s", json!("simple")),
+        (Op::Get, Some("UnitFileState")) => ok("s", json!("enabled")),
+        (Op::Get, Some("SystemState")) => ok("s", json!("running")),
+        (Op::Get, Some("Version")) => ok("s", json!("252.39-1~deb12u2")),
         (Op::Get, _) => ok("s", json!("emulated")),
         (Op::GetAll, _) => ok("a{sv}", json!({"Emulated": {"t": "s", "v": "emulated"}})),
         (Op::Set, _) => ok("", Value::Null),

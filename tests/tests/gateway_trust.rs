@@ -38,7 +38,7 @@ fn metrics(port: u16) -> String {
 
 fn state_line(host: &str, state: &str) -> String {
     format!(
-        "cbus_systemd_unit_state{{host=\"{host}\",name=\"{UNIT}\",type=\"service\",state=\"{state}\"}}"
+        "cbus_systemd_unit_state{{host=\"{host}\",name=\"{UNIT}\",type=\"simple\",state=\"{state}\"}}"
     )
 }
 

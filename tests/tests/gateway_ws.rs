@@ -463,7 +463,7 @@ async fn websocket_api_and_metrics_against_real_machines() {
     // /metrics from the cache, valid for promtool, with both machines' unit states.
     let port = gw.port;
     let line = |host: &str, state: &str| {
-        format!("cbus_systemd_unit_state{{host=\"{host}\",name=\"{UNIT}\",type=\"service\",state=\"{state}\"}} 1")
+        format!("cbus_systemd_unit_state{{host=\"{host}\",name=\"{UNIT}\",type=\"simple\",state=\"{state}\"}} 1")
     };
     let ok = cbus_tests::wait_for(Duration::from_secs(20), || async {
         let m = http_get(port, "/metrics").unwrap_or_default();
@@ -484,7 +484,7 @@ async fn websocket_api_and_metrics_against_real_machines() {
         "cbus_agent_up{{host=\"gw-b\",nkey=\"{nkey_b}\"}} 1"
     )));
     assert!(text.contains(&format!(
-        "cbus_systemd_unit_start_time_seconds{{host=\"gw-a\",name=\"{UNIT}\",type=\"service\"}}"
+        "cbus_systemd_unit_start_time_seconds{{host=\"gw-a\",name=\"{UNIT}\"}}"
     )));
 
     slow_client_gets_resync(&nats.url(), a, &nkey_a).await;

@@ -62,8 +62,12 @@ fn relabel_into(
         families: &'f mut HashMap<String, Family>,
         name: &str,
     ) -> Option<&'f mut Family> {
-        // `cbus_gateway_*` are the gateway's own counters (crate::stats).
-        if OWN_FAMILIES.contains(&name) || name.starts_with("cbus_gateway_") {
+        // `cbus_gateway_*` are the gateway's own counters (crate::stats), `cbus_systemd_*` its
+        // fleet series.
+        if OWN_FAMILIES.contains(&name)
+            || name.starts_with("cbus_gateway_")
+            || name.starts_with("cbus_systemd_")
+        {
             return None;
         }
         if !families.contains_key(name) {

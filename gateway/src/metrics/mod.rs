@@ -8,49 +8,28 @@
 //! the fleet state knows nothing of what is rendered from it.
 
 mod agents;
+mod system;
+mod units;
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cbus_protocol::presence::AgentState;
 
-use crate::model::{unit_type, Machine, UNIT_STATES as STATES};
+use crate::model::Machine;
+use units::UnitSeries;
 
-/// Families the gateway writes itself; agents may not reuse them.
-const OWN_FAMILIES: [&str; 9] = [
-    "cbus_build_info",
-    "cbus_systemd_units",
-    "cbus_systemd_unit_info",
+/// Families the gateway writes itself besides `cbus_systemd_*` and `cbus_gateway_*`; agents
+/// may not reuse any of them.
+const OWN_FAMILIES: [&str; 5] = [
     "cbus_agent_up",
     "cbus_agent_maintenance",
     "cbus_agent_last_seen_timestamp_seconds",
-    "cbus_systemd_unit_state",
-    "cbus_systemd_unit_restarts_total",
-    "cbus_systemd_unit_start_time_seconds",
+    "cbus_build_info",
+    "cbus_machine_cache_age_seconds",
 ];
-
-/// One machine's samples of the unit families.
-#[derive(Debug, Default)]
-struct UnitSeries {
-    /// What they were rendered from: the machine's units generation and hostname.
-    generation: u64,
-    host: String,
-    state: String,
-    restarts: String,
-    start_time: String,
-    /// `cbus_systemd_units`: units per active state.
-    units: String,
-    /// `cbus_systemd_unit_info`: load, active and sub state as labels.
-    info: String,
-}
-
-impl UnitSeries {
-    fn is_of(&self, m: &Machine) -> bool {
-        self.generation == m.units_generation() && self.host == m.info.hostname
-    }
-}
 
 /// Renders `/metrics`, keeping each machine's unit series until its units change.
 #[derive(Default)]
@@ -70,7 +49,7 @@ impl Metrics {
         if let Some(s) = self.memo().get(&m.info.nkey).filter(|s| s.is_of(m)) {
             return Arc::clone(s);
         }
-        let s = Arc::new(render_unit_series(m));
+        let s = Arc::new(units::render(m));
         self.memo().insert(m.info.nkey.clone(), Arc::clone(&s));
         s
     }
@@ -93,12 +72,12 @@ impl Metrics {
             &mut out,
             "cbus_build_info",
             "gauge",
-            "Always 1; the gateway's version as a label.",
+            "Always 1: the gateway's version.",
         );
         let _ = writeln!(
             out,
             "cbus_build_info{{version=\"{}\"}} 1",
-            esc(env!("CARGO_PKG_VERSION"))
+            env!("CARGO_PKG_VERSION")
         );
         family(
             &mut out,
@@ -145,6 +124,7 @@ impl Metrics {
                 m.last_seen_ms as f64 / 1000.0
             );
         }
+        system::render(&mut out, machines, now_ms);
         let series: Vec<Arc<UnitSeries>> = machines.iter().map(|m| self.unit_series(m)).collect();
         if self.memo().len() > machines.len() {
             let known: std::collections::HashSet<&str> =
@@ -156,128 +136,18 @@ impl Metrics {
         // reallocated and copied into fresh pages, which made a 100 x 200 scrape 27 ms instead
         // of 13 (cbus-bench compare, 2026-12-02). Agents' metrics are a few KiB each.
         out.reserve(
-            series
-                .iter()
-                .map(|s| {
-                    s.state.len()
-                        + s.restarts.len()
-                        + s.start_time.len()
-                        + s.units.len()
-                        + s.info.len()
-                })
-                .sum::<usize>()
-                + 64 * 1024
-                + machines.len() * 8 * 1024,
+            series.iter().map(|s| s.len()).sum::<usize>() + 64 * 1024 + machines.len() * 8 * 1024,
         );
-        family(
-            &mut out,
-            "cbus_systemd_unit_state",
-            "gauge",
-            "systemd unit state, one-hot over the states.",
-        );
-        for s in &series {
-            out.push_str(&s.state);
-        }
-        family(
-            &mut out,
-            "cbus_systemd_unit_restarts_total",
-            "counter",
-            "Service restarts (NRestarts), where known.",
-        );
-        for s in &series {
-            out.push_str(&s.restarts);
-        }
-        family(
-            &mut out,
-            "cbus_systemd_unit_start_time_seconds",
-            "gauge",
-            "When an active unit became active (ActiveEnterTimestamp); 0 for units not active.",
-        );
-        for s in &series {
-            out.push_str(&s.start_time);
-        }
-        family(
-            &mut out,
-            "cbus_systemd_units",
-            "gauge",
-            "Units per active state (node_exporter's node_systemd_units), over the filtered units.",
-        );
-        for s in &series {
-            out.push_str(&s.units);
-        }
-        family(
-            &mut out,
-            "cbus_systemd_unit_info",
-            "gauge",
-            "Always 1; the unit's load, active and sub state as labels (systemd_exporter's systemd_unit_info).",
-        );
-        for s in &series {
-            out.push_str(&s.info);
+        for (i, (name, kind, help)) in units::FAMILIES.iter().enumerate() {
+            family(&mut out, name, kind, help);
+            for s in &series {
+                out.push_str(&s.samples[i]);
+            }
         }
         crate::stats::render(&mut out);
         agents::append_agent_metrics(&mut out, machines);
         out
     }
-}
-
-fn render_unit_series(m: &Machine) -> UnitSeries {
-    let host = esc(&m.info.hostname);
-    let mut s = UnitSeries {
-        generation: m.units_generation(),
-        host: m.info.hostname.clone(),
-        state: String::with_capacity(m.units().len() * STATES.len() * 100),
-        ..Default::default()
-    };
-    let mut by_state: BTreeMap<&str, u64> = STATES.iter().map(|st| (*st, 0)).collect();
-    for u in m.units().values() {
-        *by_state.entry(u.active.as_str()).or_default() += 1;
-    }
-    for (state, n) in by_state {
-        let _ = writeln!(
-            s.units,
-            "cbus_systemd_units{{host=\"{host}\",state=\"{}\"}} {n}",
-            esc(state)
-        );
-    }
-    for (name, u) in m.units() {
-        let (name, kind) = (esc(name), esc(unit_type(name)));
-        let _ = writeln!(
-            s.info,
-            "cbus_systemd_unit_info{{host=\"{host}\",name=\"{name}\",type=\"{kind}\",load_state=\"{}\",active_state=\"{}\",sub_state=\"{}\"}} 1",
-            esc(&u.load),
-            esc(&u.active),
-            esc(&u.sub)
-        );
-        // Each unit's label prefix is built once, then plain pushes.
-        let prefix = format!(
-            "cbus_systemd_unit_state{{host=\"{host}\",name=\"{name}\",type=\"{kind}\",state=\""
-        );
-        for state in STATES {
-            s.state.push_str(&prefix);
-            s.state.push_str(state);
-            s.state.push_str(if u.active == state {
-                "\"} 1\n"
-            } else {
-                "\"} 0\n"
-            });
-        }
-        if let Some(r) = u.restarts {
-            let _ = writeln!(
-                s.restarts,
-                "cbus_systemd_unit_restarts_total{{host=\"{host}\",name=\"{name}\"}} {r}"
-            );
-        }
-        let secs = match u.active_enter_us {
-            Some(us) if u.active == "active" => us as f64 / 1e6,
-            _ if u.active != "active" => 0.0,
-            _ => continue,
-        };
-        let _ = writeln!(
-            s.start_time,
-            "cbus_systemd_unit_start_time_seconds{{host=\"{host}\",name=\"{name}\",type=\"{kind}\"}} {secs:.6}"
-        );
-    }
-    s
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -299,7 +169,7 @@ fn esc(v: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::Unit;
+    use crate::model::{SystemInfo, Unit, UnitDetail};
     use cbus_protocol::presence::{AgentInfo, PresenceKind};
     use std::collections::BTreeMap;
 
@@ -322,59 +192,119 @@ pub(crate) mod tests {
         m
     }
 
+    fn loaded(active: &str, kind: &str) -> Unit {
+        Unit {
+            load: "loaded".into(),
+            active: active.into(),
+            sub: "running".into(),
+            detail: UnitDetail {
+                kind: kind.into(),
+                unit_file_state: "enabled".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn exposition_of_units() {
         let mut m = machine("h1", "");
-        m.units_mut().insert(
+        m.system = SystemInfo {
+            state: "degraded".into(),
+            version: "252.39-1~deb12u2".into(),
+        };
+        m.synced_ms = Some(1_000);
+        let units = m.units_mut();
+        units.insert(
             "x.service".into(),
             Unit {
-                active: "failed".into(),
                 restarts: Some(2),
-                ..Default::default()
+                ..loaded("failed", "oneshot")
             },
         );
-        m.units_mut().insert(
-            "y.service".into(),
+        let mut y = Unit {
+            active_enter_us: Some(1_500_000),
+            ..loaded("active", "simple")
+        };
+        y.detail.tasks_current = Some(3);
+        y.detail.tasks_max = Some(100);
+        units.insert("y.service".into(), y);
+        let mut sock = loaded("active", "");
+        (
+            sock.detail.accepted,
+            sock.detail.connections,
+            sock.detail.refused,
+        ) = (Some(5), Some(1), Some(0));
+        units.insert("z.socket".into(), sock);
+        let mut timer = loaded("active", "");
+        timer.detail.last_trigger_us = Some(2_000_000);
+        units.insert("t.timer".into(), timer);
+        units.insert(
+            "m.service".into(),
             Unit {
-                active: "active".into(),
-                active_enter_us: Some(1_500_000),
+                load: "masked".into(),
+                active: "inactive".into(),
                 ..Default::default()
             },
         );
-        let out = Metrics::default().render(&[m], cbus_protocol::presence::now_ms());
-        assert!(out.contains(
-            "cbus_systemd_unit_state{host=\"h1\",name=\"x.service\",type=\"service\",state=\"failed\"} 1"
-        ));
-        assert!(out.contains(
-            "cbus_systemd_unit_state{host=\"h1\",name=\"x.service\",type=\"service\",state=\"active\"} 0"
-        ));
-        assert!(out.contains("cbus_systemd_unit_restarts_total{host=\"h1\",name=\"x.service\"} 2"));
-        assert!(out.contains("cbus_systemd_unit_start_time_seconds{host=\"h1\",name=\"y.service\",type=\"service\"} 1.500000"));
-        assert!(out.contains("cbus_systemd_unit_start_time_seconds{host=\"h1\",name=\"x.service\",type=\"service\"} 0.000000"));
-        assert!(out.contains("cbus_agent_up{host=\"h1\",nkey=\"Uh1\"} 1"));
-        assert!(out.contains("cbus_systemd_units{host=\"h1\",state=\"failed\"} 1"));
-        assert!(out.contains("cbus_systemd_units{host=\"h1\",state=\"active\"} 1"));
-        assert!(out.contains("cbus_systemd_units{host=\"h1\",state=\"inactive\"} 0"));
-        assert!(out.contains("cbus_systemd_unit_info{host=\"h1\",name=\"x.service\",type=\"service\",load_state=\"\",active_state=\"failed\",sub_state=\"\"} 1"));
+        let out = Metrics::default().render(&[m], 11_000);
+        for line in [
+            "cbus_systemd_unit_state{host=\"h1\",name=\"x.service\",type=\"oneshot\",state=\"failed\"} 1",
+            "cbus_systemd_unit_state{host=\"h1\",name=\"x.service\",type=\"oneshot\",state=\"active\"} 0",
+            "cbus_systemd_unit_state{host=\"h1\",name=\"z.socket\",type=\"\",state=\"active\"} 1",
+            "cbus_systemd_unit_restarts_total{host=\"h1\",name=\"x.service\"} 2",
+            "cbus_systemd_unit_start_time_seconds{host=\"h1\",name=\"y.service\"} 1.500000",
+            "cbus_systemd_unit_start_time_seconds{host=\"h1\",name=\"x.service\"} 0",
+            "cbus_systemd_unit_tasks_current{host=\"h1\",name=\"y.service\"} 3",
+            "cbus_systemd_unit_tasks_max{host=\"h1\",name=\"y.service\"} 100",
+            "cbus_systemd_socket_accepted_connections_total{host=\"h1\",name=\"z.socket\"} 5",
+            "cbus_systemd_socket_current_connections{host=\"h1\",name=\"z.socket\"} 1",
+            "cbus_systemd_socket_refused_connections_total{host=\"h1\",name=\"z.socket\"} 0",
+            "cbus_systemd_timer_last_trigger_seconds{host=\"h1\",name=\"t.timer\"} 2.000000",
+            "cbus_systemd_units{host=\"h1\",state=\"active\"} 3",
+            "cbus_systemd_units{host=\"h1\",state=\"failed\"} 1",
+            "cbus_systemd_units{host=\"h1\",state=\"inactive\"} 0",
+            "cbus_systemd_unit_info{host=\"h1\",name=\"y.service\",type=\"service\",service_type=\"simple\",mount_type=\"\",load_state=\"loaded\",active_state=\"active\",sub_state=\"running\",unit_file_state=\"enabled\"} 1",
+            "cbus_systemd_unit_info{host=\"h1\",name=\"m.service\",type=\"service\",service_type=\"\",mount_type=\"\",load_state=\"masked\",active_state=\"inactive\",sub_state=\"\",unit_file_state=\"\"} 1",
+            "cbus_systemd_system_running{host=\"h1\"} 0",
+            "cbus_systemd_system_state{host=\"h1\",state=\"degraded\"} 1",
+            "cbus_systemd_system_state{host=\"h1\",state=\"running\"} 0",
+            "cbus_systemd_version{host=\"h1\",version=\"252.39-1~deb12u2\"} 252.39",
+            "cbus_machine_cache_age_seconds{host=\"h1\"} 10.000",
+            "cbus_agent_up{host=\"h1\",nkey=\"Uh1\"} 1",
+        ] {
+            assert!(out.contains(line), "{line} missing:\n{out}");
+        }
         assert!(out.contains(&format!(
             "cbus_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
         )));
+        // node_exporter exports loaded units only; unit_info names the others.
+        assert!(!out.contains("cbus_systemd_unit_state{host=\"h1\",name=\"m.service\""));
+        for absent in [
+            "tasks_current{host=\"h1\",name=\"x.service\"",
+            "accepted_connections_total{host=\"h1\",name=\"y",
+        ] {
+            assert!(!out.contains(absent), "{absent}");
+        }
+    }
+
+    #[test]
+    fn machines_without_system_state_or_sync_leave_them_out() {
+        let out = Metrics::default().render(&[machine("h1", "")], 0);
+        assert!(!out.contains("cbus_systemd_system_running{"), "{out}");
+        assert!(!out.contains("cbus_machine_cache_age_seconds{"), "{out}");
+        assert!(!out.contains("cbus_systemd_version{"), "{out}");
     }
 
     #[test]
     fn cached_unit_series_follow_changes() {
         let metrics = Metrics::default();
         let mut m = machine("h1", "");
-        m.units_mut().insert(
-            "x.service".into(),
-            Unit {
-                active: "active".into(),
-                ..Default::default()
-            },
-        );
+        m.units_mut()
+            .insert("x.service".into(), loaded("active", "simple"));
         let line = |host: &str, state: &str, v: u8| {
-            format!("cbus_systemd_unit_state{{host=\"{host}\",name=\"x.service\",type=\"service\",state=\"{state}\"}} {v}")
+            format!("cbus_systemd_unit_state{{host=\"{host}\",name=\"x.service\",type=\"simple\",state=\"{state}\"}} {v}")
         };
         let now = cbus_protocol::presence::now_ms();
         assert!(metrics

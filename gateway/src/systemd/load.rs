@@ -1,27 +1,26 @@
-//! Loading a machine's units: `Subscribe`, one `ListUnits`, then the timestamps and restart
-//! counts ListUnits does not carry, read with targeted `get`s.
+//! Loading a machine's units: `Subscribe`, one `ListUnits`, then what ListUnits does not carry
+//! (timestamps, restart counts, types, unit-file states, task, socket and timer counts, the
+//! manager's state and version), read with targeted `get`s ([`super::props::reads`]).
 //!
 //! Machines to load are a set, not a queue: an agent that claims to restart a thousand times a
 //! second (a hello with a new start time each) costs one pending entry, and one load of it at a
 //! time; a reload asked for while it loads runs once after.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use cbus_client::systemd::{self, get_property, SERVICE, UNIT};
-use futures::stream::{self, StreamExt};
+use cbus_client::systemd;
 use tokio::sync::Semaphore;
 
-use super::props::unit_prop;
 use super::Units;
-use crate::model::UnitProp;
+use crate::model::signal_mark;
 use crate::requests::{ask, MachineResult};
 
 /// Machines loaded at once.
 const MACHINE_CONCURRENCY: usize = 8;
 
-/// Machines to (re)load.
+/// Machines to (re)load, or to read.
 #[derive(Default)]
 pub(super) struct Joins {
     state: Mutex<JoinState>,
@@ -76,28 +75,45 @@ impl Joins {
     }
 }
 
+/// The two stages of a load, each a set of machines served at bounded concurrency: listing
+/// (Subscribe + ListUnits: the units and their states) and reading (the targeted gets). A
+/// machine's list never waits for other machines' reads: after a join storm every machine's
+/// states are right as soon as it is listed, and the slower reads follow.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Stage {
+    List,
+    Read,
+}
+
 impl Units {
-    /// Loads machines that joined or restarted; coalesces bursts and bounds concurrency.
-    pub(super) async fn load_loop(self) {
+    /// Serves one stage: coalesces bursts and bounds concurrency.
+    pub(super) async fn load_loop(self, stage: Stage) {
+        let joins = match stage {
+            Stage::List => Arc::clone(&self.joins),
+            Stage::Read => Arc::clone(&self.full_reads),
+        };
         let machines = Arc::new(Semaphore::new(MACHINE_CONCURRENCY));
         loop {
-            self.joins.wake.notified().await;
+            joins.wake.notified().await;
             tokio::time::sleep(Duration::from_millis(200)).await;
-            for nkey in self.joins.take_ready() {
+            for nkey in joins.take_ready() {
                 let Ok(permit) = machines.clone().acquire_owned().await else {
                     return;
                 };
-                let this = self.clone();
+                let (this, joins) = (self.clone(), Arc::clone(&joins));
                 tokio::spawn(async move {
-                    this.load_machine(&nkey).await;
+                    match stage {
+                        Stage::List => this.load_machine(&nkey).await,
+                        Stage::Read => this.read_machine(&nkey, true).await,
+                    }
                     drop(permit);
-                    this.joins.done(&nkey);
+                    joins.done(&nkey);
                 });
             }
         }
     }
 
-    /// Subscribe + one ListUnits + targeted gets for one machine.
+    /// Subscribe + one ListUnits for one machine, then its reads are queued.
     async fn load_machine(&self, nkey: &str) {
         let Some(target) = self.store.target(nkey) else {
             return;
@@ -116,6 +132,8 @@ impl Units {
                 tracing::warn!(%host, outcome = ?other, "systemd Subscribe failed: unit changes made outside systemctl may arrive late (allow Manager.Subscribe in the agent policy)")
             }
         }
+        // Signals applied after this are newer than the list.
+        let mark = signal_mark();
         let list = match ask(&self.fleet, &target, &systemd::list_units(), self.timeout).await {
             MachineResult::Ok(s) => s.value,
             other => {
@@ -128,37 +146,9 @@ impl Units {
             return;
         };
         let units = systemd::unit_rows(rows);
-        // name -> (active, a service)
-        let kinds: HashMap<String, (bool, bool)> = units
-            .iter()
-            .map(|u| (u.name.clone(), (u.is_active(), u.is_service())))
-            .collect();
-        self.store.replace_units(nkey, units);
-        let mut queries = Vec::new();
-        for (name, path) in self.store.unit_paths(nkey) {
-            let q = |iface, prop| (name.clone(), get_property(&path, iface, prop));
-            let (active, service) = kinds.get(&name).copied().unwrap_or_default();
-            queries.push(q(UNIT, "StateChangeTimestamp"));
-            if active {
-                queries.push(q(UNIT, "ActiveEnterTimestamp"));
-            }
-            if service {
-                queries.push(q(SERVICE, "NRestarts"));
-            }
-        }
-        let mut by_unit: BTreeMap<String, Vec<UnitProp>> = BTreeMap::new();
-        let target = &target;
-        let mut results = stream::iter(queries)
-            .map(|(unit, q)| async move { (unit, self.get(target, q).await) })
-            .buffer_unordered(super::GET_CONCURRENCY);
-        while let Some((unit, r)) = results.next().await {
-            if let Some(prop) = r.and_then(|(k, v)| unit_prop(&k, &v)) {
-                by_unit.entry(unit).or_default().push(prop);
-            }
-        }
-        let patches: Vec<_> = by_unit.into_iter().collect();
-        self.store.patch_units(nkey, &patches);
-        tracing::info!(%host, units = patches.len(), "units loaded");
+        tracing::info!(%host, units = units.len(), "units listed");
+        self.store.replace_units(nkey, units, mark);
+        self.full_reads.request(nkey.to_owned());
     }
 }
 

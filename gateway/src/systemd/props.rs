@@ -1,12 +1,23 @@
 //! The unit properties the store follows, read from what systemd sends with the client's
 //! variant rule (`cbus_client::systemd`), as the fleet model's [`UnitProp`]s.
+//!
+//! Which of them systemd signals is its introspection's `EmitsChangedSignal` (systemd 252,
+//! checked with `busctl introspect` on a unit): ActiveState, SubState, the timestamps,
+//! NRestarts, a timer's LastTriggerUSec and a mount's Type emit PropertiesChanged; LoadState and
+//! a service's Type are constant until a daemon-reload; UnitFileState, TasksCurrent, TasksMax, a
+//! socket's NAccepted / NConnections / NRefused and the Manager's SystemState change without
+//! any signal, so they are read on load and refreshed ([`super::refresh`]).
 
 use cbus_client::systemd::{as_u64, unvariant, PropertiesChanged, SERVICE, UNIT};
 use serde_json::Value;
 
-use crate::model::UnitProp;
+use crate::model::{is_pinned, unit_type, UnitProp};
 
-/// Unit properties the store follows, on [`UNIT`].
+pub(super) const SOCKET: &str = "org.freedesktop.systemd1.Socket";
+pub(super) const TIMER: &str = "org.freedesktop.systemd1.Timer";
+pub(super) const MOUNT: &str = "org.freedesktop.systemd1.Mount";
+
+/// Unit properties followed through PropertiesChanged, on [`UNIT`].
 const UNIT_PROPS: [&str; 6] = [
     "ActiveState",
     "SubState",
@@ -15,8 +26,66 @@ const UNIT_PROPS: [&str; 6] = [
     "StateChangeTimestamp",
     "ActiveEnterTimestamp",
 ];
-/// Service properties the store follows, on [`SERVICE`].
+/// Service properties followed through PropertiesChanged, on [`SERVICE`].
 const SERVICE_PROPS: [&str; 1] = ["NRestarts"];
+const TIMER_PROPS: [&str; 1] = ["LastTriggerUSec"];
+const MOUNT_PROPS: [&str; 1] = ["Type"];
+
+/// A `u` property, as node_exporter reads it.
+fn as_u32(v: &Value) -> Option<u32> {
+    as_u64(v).and_then(|n| u32::try_from(n).ok())
+}
+
+/// Label-like values (a Type, a UnitFileState) are a word in systemd; an agent's longer one is
+/// cut here, so a hostile machine cannot make every scrape carry its megabytes.
+const WORD_MAX: usize = 64;
+
+pub(super) fn word(v: &Value) -> String {
+    let s = unvariant(v).as_str().unwrap_or_default();
+    match s.char_indices().nth(WORD_MAX) {
+        Some((end, _)) => s[..end].to_owned(),
+        None => s.to_owned(),
+    }
+}
+
+/// What to read of a unit (interface, property) with targeted gets: everything signals do not
+/// bring (`full`, on load and for a new unit), or only what changes without a signal (a
+/// refresh). A refresh reads only units in a pinned state (reading an object loads its unit;
+/// these systemd cannot unload meanwhile), and those are the ones whose counts move.
+pub(super) fn reads(name: &str, active: &str, full: bool) -> Vec<(&'static str, &'static str)> {
+    let kind = unit_type(name);
+    let pinned = is_pinned(active);
+    let mut r = Vec::new();
+    if full {
+        r.push((UNIT, "StateChangeTimestamp"));
+        r.push((UNIT, "UnitFileState"));
+        if active == "active" {
+            r.push((UNIT, "ActiveEnterTimestamp"));
+        }
+        match kind {
+            "service" => r.extend([
+                (SERVICE, "NRestarts"),
+                (SERVICE, "Type"),
+                (SERVICE, "TasksMax"),
+            ]),
+            "mount" => r.push((MOUNT, "Type")),
+            "timer" => r.push((TIMER, "LastTriggerUSec")),
+            _ => {}
+        }
+    } else if !pinned {
+        return r;
+    }
+    match kind {
+        "service" if pinned => r.push((SERVICE, "TasksCurrent")),
+        "socket" => r.extend([
+            (SOCKET, "NAccepted"),
+            (SOCKET, "NConnections"),
+            (SOCKET, "NRefused"),
+        ]),
+        _ => {}
+    }
+    r
+}
 
 /// A property value the store follows; `None` for other properties.
 pub(super) fn unit_prop(name: &str, v: &Value) -> Option<UnitProp> {
@@ -31,6 +100,17 @@ pub(super) fn unit_prop(name: &str, v: &Value) -> Option<UnitProp> {
         "StateChangeTimestamp" => UnitProp::StateChangeTimestamp(timestamp()),
         "ActiveEnterTimestamp" => UnitProp::ActiveEnterTimestamp(timestamp()),
         "NRestarts" => UnitProp::NRestarts(as_u64(v).map(|n| n.min(u64::from(u32::MAX)) as u32)),
+        "Type" => UnitProp::Type(word(v)),
+        "UnitFileState" => UnitProp::UnitFileState(word(v)),
+        // systemd's "no value" for counts is u64::MAX (no cgroup, no limit): node_exporter
+        // leaves such a series out, so does cbus.
+        "TasksCurrent" => UnitProp::TasksCurrent(as_u64(v).filter(|n| *n != u64::MAX)),
+        "TasksMax" => UnitProp::TasksMax(as_u64(v).filter(|n| *n != u64::MAX)),
+        "NAccepted" => UnitProp::NAccepted(as_u32(v)),
+        "NConnections" => UnitProp::NConnections(as_u32(v)),
+        "NRefused" => UnitProp::NRefused(as_u32(v)),
+        // 0 (never triggered) is a value here: node_exporter exports it as 0.
+        "LastTriggerUSec" => UnitProp::LastTriggerUSec(as_u64(v)),
         _ => return None,
     })
 }
@@ -50,6 +130,8 @@ pub(super) fn unit_change(signal: &PropertiesChanged) -> Option<UnitChange> {
     let (interface, followed): (&'static str, &[&'static str]) = match signal.interface.as_str() {
         UNIT => (UNIT, &UNIT_PROPS),
         SERVICE => (SERVICE, &SERVICE_PROPS),
+        TIMER => (TIMER, &TIMER_PROPS),
+        MOUNT => (MOUNT, &MOUNT_PROPS),
         _ => return None,
     };
     Some(UnitChange {
@@ -57,6 +139,7 @@ pub(super) fn unit_change(signal: &PropertiesChanged) -> Option<UnitChange> {
         changed: signal
             .changed
             .iter()
+            .filter(|(k, _)| followed.contains(&k.as_str()))
             .filter_map(|(k, v)| unit_prop(k, v))
             .collect(),
         invalidated: signal
@@ -94,6 +177,53 @@ mod tests {
             Some(UnitProp::NRestarts(Some(3)))
         );
         assert_eq!(unit_prop("Foo", &json!(3)), None);
+        let max = json!({"t": "t", "v": u64::MAX.to_string()});
+        assert_eq!(
+            unit_prop("TasksCurrent", &max),
+            Some(UnitProp::TasksCurrent(None))
+        );
+        assert_eq!(
+            unit_prop("TasksMax", &json!({"t": "t", "v": "28908"})),
+            Some(UnitProp::TasksMax(Some(28908)))
+        );
+        assert_eq!(
+            unit_prop("LastTriggerUSec", &json!({"t": "t", "v": "0"})),
+            Some(UnitProp::LastTriggerUSec(Some(0)))
+        );
+        assert_eq!(
+            unit_prop("Type", &json!({"t": "s", "v": "oneshot"})),
+            Some(UnitProp::Type("oneshot".into()))
+        );
+    }
+
+    #[test]
+    fn reads_by_kind_and_state() {
+        let full = reads("a.service", "active", true);
+        for p in [
+            "StateChangeTimestamp",
+            "UnitFileState",
+            "ActiveEnterTimestamp",
+            "NRestarts",
+        ] {
+            assert!(full.iter().any(|(_, q)| *q == p), "{p}");
+        }
+        assert!(full.contains(&(SERVICE, "TasksCurrent")));
+        let stopped = reads("a.service", "inactive", true);
+        assert!(!stopped
+            .iter()
+            .any(|(_, q)| *q == "TasksCurrent" || *q == "ActiveEnterTimestamp"));
+        assert_eq!(
+            reads("a.service", "active", false),
+            [(SERVICE, "TasksCurrent")]
+        );
+        assert!(
+            reads("a.service", "inactive", false).is_empty(),
+            "loads nothing"
+        );
+        assert_eq!(reads("a.socket", "active", false).len(), 3);
+        assert!(reads("a.timer", "active", false).is_empty(), "signalled");
+        assert!(reads("a.timer", "active", true).contains(&(TIMER, "LastTriggerUSec")));
+        assert_eq!(word(&json!("x".repeat(1000))).len(), WORD_MAX);
     }
 
     #[test]

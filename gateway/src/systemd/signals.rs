@@ -39,19 +39,33 @@ impl Units {
                 continue;
             };
             match self.store.patch_unit_at(nkey, path, &change.changed) {
-                UnitAt::Unit(unit) => self.enqueue_fetch(
-                    change
-                        .invalidated
-                        .iter()
-                        .map(|property| Fetch {
-                            machine: nkey.to_owned(),
-                            unit: unit.clone(),
-                            path: path.to_owned(),
-                            interface: change.interface,
-                            property,
-                        })
-                        .collect(),
-                ),
+                UnitAt::Unit {
+                    name: unit,
+                    failed_changed,
+                    unread,
+                } => {
+                    if failed_changed {
+                        // running <-> degraded, which systemd does not signal.
+                        self.enqueue_system(nkey);
+                    }
+                    if unread {
+                        // Announced while in a state not read (UnitNew of an inactive unit).
+                        self.enqueue_read(nkey, &unit);
+                    }
+                    self.enqueue_fetch(
+                        change
+                            .invalidated
+                            .iter()
+                            .map(|property| Fetch {
+                                machine: nkey.to_owned(),
+                                unit: unit.clone(),
+                                path: path.to_owned(),
+                                interface: change.interface,
+                                property,
+                            })
+                            .collect(),
+                    )
+                }
                 UnitAt::Unfollowed => self.unfollowed(nkey, path),
                 UnitAt::Ignored => {}
             }
@@ -94,7 +108,14 @@ impl Units {
             };
             match signal {
                 // Unit files may have appeared: names systemd had not found may exist now.
-                ManagerSignal::Reloading { .. } => self.pending().forget_machine(nkey),
+                ManagerSignal::Reloading { active: true } => self.pending().forget_machine(nkey),
+                // Types, load and unit-file states (`systemctl enable` reloads) may have
+                // changed, none of them signalled: the machine is read again, once however
+                // many reloads come (`Joins`).
+                ManagerSignal::Reloading { active: false } => {
+                    self.pending().forget_machine(nkey);
+                    self.reload(nkey.to_owned());
+                }
                 ManagerSignal::UnitNew { name, .. } => self.unit_new(nkey, &name),
                 ManagerSignal::UnitRemoved { name, .. } => {
                     let key = (nkey.to_owned(), name);

@@ -2,15 +2,16 @@
 //! systemd announced (UnitNew) without loading it, and reading back properties a signal only
 //! invalidated.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use cbus_client::systemd::{self, get_property, SERVICE, UNIT};
+use cbus_client::systemd::{self, get_property};
 use futures::stream::{self, StreamExt};
 use tokio::sync::mpsc;
 
 use super::props::unit_prop;
 use super::Units;
+use crate::model::{is_readable, signal_mark};
 use crate::requests::{ask, MachineResult};
 use crate::stats::{self, Dropped};
 
@@ -23,8 +24,6 @@ const WORK_CONCURRENCY: usize = 8;
 const NOT_FOUND_MAX: usize = 4096;
 /// How long such a name is not asked about again (a daemon-reload forgets them at once).
 const NOT_FOUND_TTL: Duration = Duration::from_secs(60);
-/// Active states in which systemd never unloads a unit, so reading its object loads nothing.
-const PINNED_STATES: [&str; 4] = ["active", "reloading", "activating", "deactivating"];
 
 /// A property read the worker should make because a signal only invalidated it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +41,10 @@ pub(super) enum Work {
     CheckUnit { nkey: String, name: String },
     /// Properties a systemd signal only invalidated.
     Fetch(Vec<Fetch>),
+    /// The manager's SystemState, which may have changed with a unit's failure.
+    System { nkey: String },
+    /// A unit never read in full that reached a readable state.
+    Read { nkey: String, name: String },
 }
 
 /// What happened to a unit since its check was queued.
@@ -60,6 +63,8 @@ pub(super) struct Pending {
     pub checks: HashMap<(String, String), Check>,
     /// (nkey, unit) -> when systemd said it has no such unit.
     pub not_found: HashMap<(String, String), Instant>,
+    /// (nkey, unit) of full reads queued or in flight: at most one per unit.
+    pub reads: HashSet<(String, String)>,
 }
 
 impl Pending {
@@ -122,6 +127,35 @@ impl Units {
         }
     }
 
+    /// Queues a read of the machine's SystemState.
+    pub(super) fn enqueue_system(&self, nkey: &str) {
+        let work = Work::System {
+            nkey: nkey.to_owned(),
+        };
+        if self.work.try_send(work).is_err() {
+            stats::dropped(Dropped::WorkQueueFull);
+        }
+    }
+
+    /// Queues a full read of a unit, unless one is queued already.
+    pub(super) fn enqueue_read(&self, nkey: &str, name: &str) {
+        let key = (nkey.to_owned(), name.to_owned());
+        let mut p = self.pending();
+        if p.reads.contains(&key) {
+            return;
+        }
+        let work = Work::Read {
+            nkey: key.0.clone(),
+            name: key.1.clone(),
+        };
+        match self.work.try_send(work) {
+            Ok(()) => {
+                p.reads.insert(key);
+            }
+            Err(_) => stats::dropped(Dropped::WorkQueueFull),
+        }
+    }
+
     /// Queues reads of invalidated properties.
     pub(super) fn enqueue_fetch(&self, fetch: Vec<Fetch>) {
         if !fetch.is_empty() && self.work.try_send(Work::Fetch(fetch)).is_err() {
@@ -140,6 +174,15 @@ impl Units {
                     match w {
                         Work::CheckUnit { nkey, name } => this.check_unit(nkey, name).await,
                         Work::Fetch(f) => this.fetch(f).await,
+                        Work::Read { nkey, name } => {
+                            this.read_unit(&nkey, &name).await;
+                            this.pending().reads.remove(&(nkey, name));
+                        }
+                        Work::System { nkey } => {
+                            if let Some(target) = this.store.target(&nkey) {
+                                this.read_system(&target, false).await;
+                            }
+                        }
                     }
                 }
             })
@@ -153,6 +196,7 @@ impl Units {
         let Some(target) = self.store.target(&first.machine) else {
             return;
         };
+        let mark = signal_mark();
         let mut patches = Vec::new();
         for f in &fetch {
             let q = get_property(&f.path, f.interface, f.property);
@@ -164,7 +208,7 @@ impl Units {
                 patches.push((f.unit.clone(), vec![prop]));
             }
         }
-        self.store.patch_units(&first.machine, &patches);
+        self.store.patch_units(&first.machine, &patches, mark);
     }
 
     /// Asks systemd about a unit it announced, without loading it (ListUnitsByPatterns lists
@@ -188,11 +232,10 @@ impl Units {
                         None
                     }
                 }
-                .map(|row| (target, row))
             }
         };
         let state = self.pending().checks.remove(&key);
-        let Some((target, row)) = row else {
+        let Some(row) = row else {
             return; // the check failed: the next UnitNew or reload tries again
         };
         if row.as_ref().is_some_and(|u| u.is_not_found()) {
@@ -215,32 +258,27 @@ impl Units {
             return;
         };
         let (nkey, name) = key;
-        let (active, path, service) = (row.active.clone(), row.path.clone(), row.is_service());
         if !self.store.add_unit(&nkey, row) {
             return;
         }
+        self.read_unit(&nkey, &name).await;
+    }
+
+    /// Reads a followed unit in full if it is in a state where that loads nothing.
+    async fn read_unit(&self, nkey: &str, name: &str) {
+        let (Some(target), Some((path, active))) =
+            (self.store.target(nkey), self.store.unit_state(nkey, name))
+        else {
+            return;
+        };
         // Reading an object loads its unit: only units systemd cannot unload meanwhile are read.
-        if !PINNED_STATES.contains(&active.as_str()) {
+        if !is_readable(&active) {
             return;
         }
-        let mut queries = vec![
-            get_property(&path, UNIT, "StateChangeTimestamp"),
-            get_property(&path, UNIT, "ActiveEnterTimestamp"),
-        ];
-        if service {
-            queries.push(get_property(&path, SERVICE, "NRestarts"));
-        }
-        let mut props = Vec::new();
-        for q in queries {
-            if let Some(p) = self
-                .get(&target, q)
-                .await
-                .and_then(|(k, v)| unit_prop(&k, &v))
-            {
-                props.push(p);
-            }
-        }
-        self.store.patch_units(&nkey, &[(name, props)]);
+        let mark = signal_mark();
+        let queries = super::queries(vec![(name.to_owned(), path, active)], true);
+        let patches = self.read_units(&target, queries, 1, true).await;
+        self.store.patch_units(nkey, &patches, mark);
     }
 }
 
