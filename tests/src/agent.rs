@@ -55,6 +55,16 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// Starts an agent for a real systemd machine: on its bus, with its host key (so its nkey).
+    pub fn on_machine(nats_url: &str, machine: &crate::Machine, extra: &[&str]) -> Agent {
+        Self::start_with_key(
+            nats_url,
+            &machine.bus_address(),
+            &machine.host_key_path(),
+            extra,
+        )
+    }
+
     /// Starts an agent with a given host key.
     pub fn start_with_key(nats_url: &str, bus: &str, key: &Path, extra: &[&str]) -> Agent {
         let rust_log = std::env::var("CBUS_AGENT_LOG").unwrap_or_else(|_| "warn".into());

@@ -26,11 +26,9 @@ async fn real_systemd_machine() {
     .await
     .unwrap();
     let m = &machines.machines[0];
-    let agent = Agent::start_with_key(
+    let agent = Agent::on_machine(
         &nats.url(),
-        &m.bus_address(),
-        &m.host_key_path(),
-        // The example policy shipped with the agent: unit control yes, anything else no.
+        m, // The example policy shipped with the agent: unit control yes, anything else no.
         &["--policy", EXAMPLE_POLICY, "--hostname", "agent-1"],
     );
     assert_eq!(agent.nkey, m.nkey());
@@ -183,10 +181,9 @@ async fn reads_do_not_load_units_and_the_example_policy_refuses_reboot() {
     .await
     .unwrap();
     let m = &machines.machines[0];
-    let agent = Agent::start_with_key(
+    let agent = Agent::on_machine(
         &nats.url(),
-        &m.bus_address(),
-        &m.host_key_path(),
+        m,
         &["--policy", EXAMPLE_POLICY, "--hostname", "agent-r"],
     );
     let client = nats.connect().await;

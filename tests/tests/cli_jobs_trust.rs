@@ -38,12 +38,7 @@ async fn job_results_come_from_systemd_and_job_waits_end_by_their_deadline() {
     .await
     .unwrap();
     let m = machines.get("jobs-m1");
-    let _agent = Agent::start_with_key(
-        &url,
-        &m.bus_address(),
-        &m.host_key_path(),
-        &["--allow-all", "--hostname", &m.name],
-    );
+    let _agent = Agent::on_machine(&url, m, &["--allow-all", "--hostname", &m.name]);
     wait_agents(&nats, 1).await;
 
     // 1. A forged JobRemoved with result "failed", sent by nobody while the real job runs.

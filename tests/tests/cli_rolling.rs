@@ -89,7 +89,7 @@ async fn rolling_restarts_stop_at_max_fail_and_resume() {
             if !z.is_empty() {
                 extra.extend(["--label", z]);
             }
-            Agent::start_with_key(&url, &m.bus_address(), &m.host_key_path(), &extra)
+            Agent::on_machine(&url, m, &extra)
         })
         .collect();
     wait_agents(&nats, 4).await;

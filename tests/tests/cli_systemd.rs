@@ -66,14 +66,7 @@ async fn systemd_shortcuts_change_real_units() {
     let (m1, m2) = (machines.get("cli-m1"), machines.get("cli-m2"));
     let agents: Vec<Agent> = [m1, m2]
         .iter()
-        .map(|m| {
-            Agent::start_with_key(
-                &url,
-                &m.bus_address(),
-                &m.host_key_path(),
-                &["--allow-all", "--hostname", &m.name],
-            )
-        })
+        .map(|m| Agent::on_machine(&url, m, &["--allow-all", "--hostname", &m.name]))
         .collect();
     wait_agents(&nats, 2).await;
 

@@ -125,14 +125,7 @@ async fn watch_shows_changes_pushed_by_signals() {
     let (m1, m2): (&Machine, &Machine) = (machines.get("watch-m1"), machines.get("watch-m2"));
     let agents: Vec<Agent> = [m1, m2]
         .iter()
-        .map(|m| {
-            Agent::start_with_key(
-                &url,
-                &m.bus_address(),
-                &m.host_key_path(),
-                &["--allow-all", "--hostname", &m.name],
-            )
-        })
+        .map(|m| Agent::on_machine(&url, m, &["--allow-all", "--hostname", &m.name]))
         .collect();
     wait_agents(&nats, 2).await;
     for m in [m1, m2] {

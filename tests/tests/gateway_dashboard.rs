@@ -108,14 +108,8 @@ async fn dashboard_in_headless_chromium() {
     .await
     .expect("boot machines");
     let (a, b) = (fleet.get("dash-a"), fleet.get("dash-b"));
-    let start_agent = |m: &Machine| {
-        Agent::start_with_key(
-            &nats.url(),
-            &m.bus_address(),
-            &m.host_key_path(),
-            &["--hostname", &m.name, "--allow-all"],
-        )
-    };
+    let start_agent =
+        |m: &Machine| Agent::on_machine(&nats.url(), m, &["--hostname", &m.name, "--allow-all"]);
     let _agent_a = start_agent(a);
     let mut agent_b = start_agent(b);
     let mut gw = GatewayProcess::start(&nats.url(), TOKEN, &["--ws-heartbeat", "1s"]);

@@ -28,10 +28,9 @@ async fn metrics_from_cache_follow_real_units() {
     .await
     .unwrap();
     let m = &machines.machines[0];
-    let mut agent = Agent::start_with_key(
+    let mut agent = Agent::on_machine(
         &nats.url(),
-        &m.bus_address(),
-        &m.host_key_path(),
+        m,
         &["--hostname", "gw-1", "--metrics-interval", "300ms"],
     );
     let gateway = GatewayProcess::start(&nats.url(), "metrics-test-token", &[]);

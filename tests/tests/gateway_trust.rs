@@ -75,12 +75,7 @@ async fn a_read_of_a_missing_unit_starts_no_signal_storm() {
     let nats = NatsServer::start();
     let fleet = boot("gt-storm").await;
     let m = &fleet.machines[0];
-    let agent = Agent::start_with_key(
-        &nats.url(),
-        &m.bus_address(),
-        &m.host_key_path(),
-        &["--hostname", "gt-storm"],
-    );
+    let agent = Agent::on_machine(&nats.url(), m, &["--hostname", "gt-storm"]);
     let gw = GatewayProcess::start(&nats.url(), TOKEN, &[]);
     wait_active(gw.port, "gt-storm").await;
     // Let the machine's load (ListUnits, then a read per unit) finish.
@@ -177,12 +172,7 @@ async fn unit_signals_forged_by_a_local_user_change_nothing() {
     let nats = NatsServer::start();
     let fleet = boot("gt-forge").await;
     let m = &fleet.machines[0];
-    let _agent = Agent::start_with_key(
-        &nats.url(),
-        &m.bus_address(),
-        &m.host_key_path(),
-        &["--hostname", "gt-forge"],
-    );
+    let _agent = Agent::on_machine(&nats.url(), m, &["--hostname", "gt-forge"]);
     let gw = GatewayProcess::start(&nats.url(), TOKEN, &[]);
     wait_active(gw.port, "gt-forge").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -259,12 +249,7 @@ async fn a_signal_belongs_to_the_machine_of_its_subject() {
     let nats = NatsServer::start();
     let fleet = boot("gt-victim").await;
     let m = &fleet.machines[0];
-    let victim = Agent::start_with_key(
-        &nats.url(),
-        &m.bus_address(),
-        &m.host_key_path(),
-        &["--hostname", "gt-victim"],
-    );
+    let victim = Agent::on_machine(&nats.url(), m, &["--hostname", "gt-victim"]);
     let gw = GatewayProcess::start(&nats.url(), TOKEN, &[]);
     wait_active(gw.port, "gt-victim").await;
 
@@ -479,12 +464,7 @@ async fn clients_that_do_not_read_cost_a_bounded_number_of_bytes() {
     let nats = NatsServer::start();
     let fleet = boot("gt-bytes").await;
     let m = &fleet.machines[0];
-    let _agent = Agent::start_with_key(
-        &nats.url(),
-        &m.bus_address(),
-        &m.host_key_path(),
-        &["--hostname", "gt-bytes"],
-    );
+    let _agent = Agent::on_machine(&nats.url(), m, &["--hostname", "gt-bytes"]);
     let budget = 256 * 1024;
     let budget_text = budget.to_string();
     let gw = GatewayProcess::start_with(cbus_tests::GatewayStart {

@@ -225,10 +225,9 @@ async fn websocket_api_and_metrics_against_real_machines() {
     let _agents: Vec<Agent> = [a, b]
         .iter()
         .map(|m| {
-            Agent::start_with_key(
+            Agent::on_machine(
                 &nats.url(),
-                &m.bus_address(),
-                &m.host_key_path(),
+                m,
                 &[
                     "--hostname",
                     &m.name,

@@ -571,10 +571,9 @@ async fn two_gateways_on_two_nodes_serve_the_same_fleet() {
         .machines
         .iter()
         .map(|m| {
-            Agent::start_with_key(
+            Agent::on_machine(
                 &urls,
-                &m.bus_address(),
-                &m.host_key_path(),
+                m,
                 &["--hostname", &m.name, "--metrics-interval", "300ms"],
             )
         })

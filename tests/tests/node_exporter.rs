@@ -315,12 +315,7 @@ async fn gateway_series_equal_node_exporters_on_a_real_machine() {
     .await
     .unwrap();
     let m = &machines.machines[0];
-    let _agent = Agent::start_with_key(
-        &nats.url(),
-        &m.bus_address(),
-        &m.host_key_path(),
-        &["--hostname", HOST],
-    );
+    let _agent = Agent::on_machine(&nats.url(), m, &["--hostname", HOST]);
     // A short refresh: what systemd does not signal (socket counts, the system state) is read
     // again every second, so the pairs can agree soon after a change.
     let gateway = GatewayProcess::start(

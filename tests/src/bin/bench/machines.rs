@@ -311,10 +311,9 @@ pub async fn fan_out_machines(sizes: &[usize]) {
                 port: ports[agents.len()],
                 name: m.name.clone(),
             });
-            agents.push(Agent::start_with_key(
+            agents.push(Agent::on_machine(
                 &url,
-                &m.bus_address(),
-                &m.host_key_path(),
+                m,
                 &["--no-signals", "--hostname", &m.name],
             ));
         }
@@ -424,12 +423,7 @@ pub async fn node_exporter() {
         .expect("boot machine");
     let m = &fleet.machines[0];
     let nats = NatsServer::start();
-    let _agent = Agent::start_with_key(
-        &nats.url(),
-        &m.bus_address(),
-        &m.host_key_path(),
-        &["--no-signals", "--hostname", &m.name],
-    );
+    let _agent = Agent::on_machine(&nats.url(), m, &["--no-signals", "--hostname", &m.name]);
     let gw = GatewayProcess::start(&nats.url(), "bench-token", &[]);
     let gw_port = gw.port;
     let ok = cbus_tests::wait_for(Duration::from_secs(60), || async {
