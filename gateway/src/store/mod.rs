@@ -12,11 +12,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use cbus_client::fleet::{AgentStatus, Maintenance};
 use cbus_client::systemd::Unit as Listed;
 use cbus_protocol::presence::{now_ms, AgentState, PresenceEvent, PresenceKind};
+
+mod marks;
 
 use crate::changes::{Change, Router};
 use crate::model::{Machine, MachineRow, SystemInfo, Unit, UnitFilter, UnitProp, UnitRow};
@@ -49,9 +51,6 @@ pub(crate) enum UnitAt {
     /// Unknown machine, or its units are not loaded yet: nothing to do.
     Ignored,
 }
-
-/// The most maintenance marks kept for machines not seen yet (a fleet's worth).
-const EARLY_MARKS_MAX: usize = 100_000;
 
 /// Shared fleet state; cheap to clone.
 #[derive(Clone)]
@@ -172,34 +171,6 @@ impl Store {
                 self.emit(Change::Machine(machine.row(now_ms)));
             }
         }
-    }
-
-    fn early_marks(&self) -> MutexGuard<'_, HashMap<String, Maintenance>> {
-        self.early_marks.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Sets (or with `None` clears) a machine's maintenance mark.
-    pub(crate) fn set_maintenance(&self, nkey: &str, mark: Option<Maintenance>) {
-        let now = now_ms();
-        let mut m = self.write();
-        let Some(machine) = m.get_mut(nkey) else {
-            let mut early = self.early_marks();
-            match mark {
-                // Bounded: only operators write marks, but a bucket full of marks for machines
-                // that never come must not grow the gateway without end.
-                Some(mark) if early.len() < EARLY_MARKS_MAX => {
-                    early.insert(nkey.to_owned(), mark);
-                }
-                Some(_) => tracing::warn!(nkey, "too many marks of unknown machines; ignored"),
-                None => {
-                    early.remove(nkey);
-                }
-            }
-            return;
-        };
-        machine.mark = mark;
-        machine.reported_maintenance = machine.maintenance(now).is_some();
-        self.emit(Change::Machine(machine.row(now)));
     }
 
     /// Replaces a machine's units with a ListUnits result asked for after `mark`
