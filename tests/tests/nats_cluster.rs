@@ -67,7 +67,7 @@ fn states_of(doc: &Value) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// The registry's stream, as seen through one node: (replicas, entries).
+/// The registry's stream, as seen through one node: (replicas, machine entries).
 async fn registry_stream(url: &str) -> (usize, u64) {
     let client = async_nats::connect(url).await.expect("connect");
     let js = async_nats::jetstream::new(client);
@@ -75,8 +75,25 @@ async fn registry_stream(url: &str) -> (usize, u64) {
         .get_stream(format!("KV_{REGISTRY_BUCKET}"))
         .await
         .expect("registry stream");
-    let info = stream.info().await.expect("registry stream info");
-    (info.config.num_replicas, info.state.messages)
+    let replicas = stream
+        .info()
+        .await
+        .expect("registry stream info")
+        .config
+        .num_replicas;
+    // Machines' entries only: the bucket also holds each machine's host index key.
+    let mut subjects = stream
+        .info_with_subjects(cbus_protocol::presence::registry_entries_filter())
+        .await
+        .expect("registry subjects");
+    let mut entries = 0u64;
+    while let Some((_, count)) = futures::TryStreamExt::try_next(&mut subjects)
+        .await
+        .expect("registry subject")
+    {
+        entries += count as u64;
+    }
+    (replicas, entries)
 }
 
 /// Checks one `cbus get --json` document over `expected` hosts: each host at most once, and
