@@ -417,8 +417,9 @@ async fn websocket_api_and_metrics_against_real_machines() {
     // running for a moment), and the change reached the client.
     assert!(
         wait_for(t, || async { is_active(a) == "active" }).await,
-        "{UNIT} on gw-a is {} after the restart",
-        is_active(a)
+        "{UNIT} on gw-a is {} after the restart:\n{}",
+        is_active(a),
+        a.exec_stdout(&["journalctl", "--no-pager", "-n", "40", "-u", UNIT])
     );
     while c.units.active(&nkey_a, UNIT).as_deref() != Some("active") {
         c.expect("delta back to active", t, |v| v["sub"] == "u")
