@@ -13,7 +13,7 @@ use async_nats::jetstream;
 use async_nats::Client;
 use cbus_protocol::presence::{self, AgentInfo, PresenceEvent, PresenceKind};
 use cbus_protocol::subject;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::Mutex;
 
 use crate::bus::BusLink;
@@ -64,19 +64,18 @@ impl Presence {
         agent
     }
 
-    /// Publishes one event and records it in the registry.
-    pub async fn announce(&self, event: PresenceKind) {
-        let agent = self.current();
+    /// Publishes one event on the agent's own presence subject, and returns its payload.
+    async fn publish(&self, event: PresenceKind) -> Option<bytes::Bytes> {
         let ev = PresenceEvent {
             event,
             sent_at_ms: presence::now_ms(),
-            agent,
+            agent: self.current(),
         };
         let payload = match serde_json::to_vec(&ev) {
             Ok(p) => bytes::Bytes::from(p),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot encode presence");
-                return;
+                return None;
             }
         };
         if let Err(e) = self
@@ -86,6 +85,14 @@ impl Presence {
         {
             tracing::debug!(error = %e, "cannot publish presence");
         }
+        Some(payload)
+    }
+
+    /// Publishes one event and records it in the registry.
+    pub async fn announce(&self, event: PresenceKind) {
+        let Some(payload) = self.publish(event).await else {
+            return;
+        };
         let mut registry = self.registry.lock().await;
         let (retry, pause) = match &*registry {
             Registry::Open(_) => (false, REGISTRY_RETRY_FIRST),
@@ -153,7 +160,13 @@ impl Presence {
         }
     }
 
-    /// Answers `dbus.ping` with the agent's info until the client closes.
+    /// Answers `dbus.ping` until the client closes, with a heartbeat on the agent's own
+    /// presence subject rather than on the ping's reply subject: only this agent may publish
+    /// there, so the pinger can trust the nkey, while a reply inbox is shared by every agent and
+    /// its body would be a claim (docs/security.md). Answers are coalesced to one per
+    /// [`PING_ANSWER_GAP`]: a ping that arrives within the gap of the last answer is answered
+    /// once at its end, so every ping is followed by an answer sent after it, and a flood of
+    /// pings costs at most 10 answers a second.
     pub async fn answer_pings(self: Arc<Self>) {
         let mut sub = match self.client.subscribe(subject::PING).await {
             Ok(s) => s,
@@ -162,11 +175,19 @@ impl Presence {
                 return;
             }
         };
-        while let Some(msg) = sub.next().await {
-            let Some(reply) = msg.reply else { continue };
-            if let Ok(payload) = serde_json::to_vec(&self.current()) {
-                let _ = self.client.publish(reply, payload.into()).await;
+        let mut last: Option<Instant> = None;
+        while sub.next().await.is_some() {
+            if let Some(at) = last {
+                let next = at + PING_ANSWER_GAP;
+                // Pings that came while waiting are answered by the answer below.
+                tokio::time::sleep_until(next.into()).await;
+                while let Some(Some(_)) = sub.next().now_or_never() {}
             }
+            self.publish(PresenceKind::Heartbeat).await;
+            last = Some(Instant::now());
         }
     }
 }
+
+/// The least time between two answers to pings ([`Presence::answer_pings`]).
+pub const PING_ANSWER_GAP: Duration = Duration::from_millis(100);

@@ -329,15 +329,21 @@ fn answer(agent: &EmulatedAgent, subject: &str, payload: &[u8]) -> Result<Succes
     }
 }
 
+/// Answers each ping as an agent does: a heartbeat on each agent's own presence subject.
 async fn answer_pings(client: async_nats::Client, agents: Vec<Arc<EmulatedAgent>>) {
     let Ok(mut pings) = client.subscribe(subject::PING).await else {
         return;
     };
-    while let Some(msg) = pings.next().await {
-        let Some(reply_to) = msg.reply else { continue };
+    while pings.next().await.is_some() {
         for agent in agents.iter().filter(|a| !a.is_frozen()) {
-            if let Ok(body) = serde_json::to_vec(&agent.info) {
-                let _ = client.publish(reply_to.clone(), body.into()).await;
+            let ev = PresenceEvent {
+                event: PresenceKind::Heartbeat,
+                sent_at_ms: now_ms(),
+                agent: agent.info.clone(),
+            };
+            if let Ok(body) = serde_json::to_vec(&ev) {
+                let presence = subject::presence(&agent.info.nkey);
+                let _ = client.publish(presence, body.into()).await;
             }
         }
     }

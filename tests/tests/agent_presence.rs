@@ -132,10 +132,15 @@ async fn hello_heartbeat_ping_goodbye() {
     ));
     assert_eq!(stored.agent.labels, hello.agent.labels);
 
-    // Ping answers with the agent's info.
-    let reply = client.request("dbus.ping", "".into()).await.unwrap();
-    let info: AgentInfo = serde_json::from_slice(&reply.payload).unwrap();
-    assert_eq!(info.nkey, agent.nkey);
+    // A ping finds it, with its own info.
+    let fleet = Fleet::new(client.clone(), "test@ping");
+    let found = fleet.ping(Duration::from_secs(1)).await.unwrap();
+    let info: &AgentInfo = &found
+        .iter()
+        .find(|a| a.info.nkey == agent.nkey)
+        .unwrap()
+        .info;
+    assert_eq!(info.hostname, "pres-host");
     assert!(info.bus_connected);
 
     // SIGTERM: goodbye on the subject and in the registry.
@@ -203,4 +208,65 @@ async fn plain_nats_without_jetstream() {
         Outcome::Replied(r) => assert_eq!(ok(r).1, json!("hello")),
         other => panic!("{other:?}"),
     }
+}
+
+/// A ping is answered on the agent's own presence subject (where only it may publish), never on
+/// the ping's reply inbox (which every agent could write to); a flood of pings is answered at
+/// most ten times a second, and still after the last ping.
+#[tokio::test]
+async fn pings_are_answered_on_the_agents_own_presence_subject() {
+    use cbus_protocol::presence::{now_ms, PresenceKind};
+
+    let nats = NatsServer::start_plain();
+    let bus = PrivateBus::start();
+    let client = nats.connect().await;
+    let mut presence = client.subscribe("dbus.presence.*").await.unwrap();
+    client.flush().await.unwrap();
+    // Heartbeats a minute apart: any presence event after the hello is a ping's answer.
+    let agent = Agent::start(&nats.url(), bus.address(), &["--heartbeat", "60s"]);
+    assert_eq!(next(&mut presence).await.event, PresenceKind::Hello);
+
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+    client.flush().await.unwrap();
+    let pinged_at = now_ms();
+    client
+        .publish_with_reply("dbus.ping", inbox.clone(), "".into())
+        .await
+        .unwrap();
+    let pong = next(&mut presence).await;
+    assert_eq!(pong.event, PresenceKind::Heartbeat);
+    assert_eq!(pong.agent.nkey, agent.nkey);
+    assert!(pong.sent_at_ms >= pinged_at, "{pong:?}");
+    let on_inbox = tokio::time::timeout(Duration::from_millis(300), replies.next()).await;
+    assert!(
+        on_inbox.is_err(),
+        "an answer on the reply inbox: {on_inbox:?}"
+    );
+
+    // 50 pings at once: a few answers, the last one sent after the last ping.
+    let mut last_ping = 0;
+    for _ in 0..50 {
+        last_ping = now_ms();
+        client
+            .publish_with_reply("dbus.ping", inbox.clone(), "".into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    let mut answers = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(Some(msg)) = tokio::time::timeout_at(until, presence.next()).await {
+        let ev: cbus_protocol::presence::PresenceEvent =
+            serde_json::from_slice(&msg.payload).unwrap();
+        answers.push(ev.sent_at_ms);
+    }
+    assert!(
+        !answers.is_empty() && answers.len() <= 3,
+        "answers to 50 pings within 1.5 s: {answers:?}"
+    );
+    assert!(
+        answers.iter().any(|&at| at >= last_ping),
+        "no answer after the last ping at {last_ping}: {answers:?}"
+    );
 }

@@ -280,6 +280,36 @@ async fn a_compromised_agent_cannot_impersonate_hide_or_wipe_others() {
         other => panic!("expected the forged reply to be seen and refused: {other:?}"),
     }
     assert_eq!(fleet.rejected().replies.load(Ordering::Relaxed), 1);
+    // 8. Answering pings on the reply inbox with another machine's nkey under a false name,
+    //    and with an nkey no agent holds: a ping takes answers only from each machine's own
+    //    presence subject, so neither shows.
+    let mut pings = evil.subscribe("dbus.ping").await.unwrap();
+    evil.flush().await.unwrap();
+    let liar = tokio::spawn({
+        let evil = evil.clone();
+        let lies = [
+            cbus_tests::synthetic_agent_info(&v, "evil-victim"),
+            cbus_tests::synthetic_agent_info(&m, "ghost"),
+        ];
+        async move {
+            while let Some(ping) = pings.next().await {
+                for lie in &lies {
+                    let body = serde_json::to_vec(lie).unwrap();
+                    let _ = evil.publish(ping.reply.clone().unwrap(), body.into()).await;
+                }
+            }
+        }
+    });
+    let found = fleet.ping(Duration::from_secs(1)).await.unwrap();
+    liar.abort();
+    let victim = found
+        .iter()
+        .find(|s| s.info.nkey == v)
+        .expect("victim answers");
+    assert_ne!(victim.info.hostname, "evil-victim", "{found:?}");
+    assert!(found.iter().all(|s| s.info.nkey != m), "{found:?}");
+    assert!(found.iter().any(|s| s.info.nkey == a), "{found:?}");
+
     println!(
         "refused by the server: {} violations; ignored: registry {}, replies {}",
         seen.len(),

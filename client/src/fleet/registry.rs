@@ -13,7 +13,7 @@ use futures::StreamExt;
 use tokio::time::{timeout_at, Instant};
 
 use cbus_protocol::codec;
-use cbus_protocol::presence::{self, AgentInfo, AgentState, PresenceEvent, RegistrySpec};
+use cbus_protocol::presence::{self, AgentState, PresenceEvent, RegistrySpec};
 use cbus_protocol::subject;
 
 use super::kv::replay_latest;
@@ -316,45 +316,78 @@ impl Fleet {
         .map_err(registry_err)
     }
 
-    /// Asks every connected agent for its info; waits `window` for answers.
+    /// Asks every connected agent for its info; waits `window` for answers. Agents answer on
+    /// their own presence subject, which only each agent may publish to, so a machine found
+    /// here is vouched for by the server's permissions: the nkey comes from the subject, and a
+    /// body naming another nkey is dropped (a reply inbox would be shared by all agents, and
+    /// its bodies mere claims). Any presence event in the window counts: a heartbeat is as good
+    /// an answer as the ping's, and a goodbye means stopped.
     pub async fn ping(&self, window: Duration) -> Result<Vec<AgentStatus>, FleetError> {
+        let nats = |e: &dyn std::fmt::Display| FleetError::Nats(format!("ping: {e}"));
+        let deadline = Instant::now() + window;
+        let mut answers = timeout_at(deadline, self.client.subscribe(subject::PRESENCE_ALL))
+            .await
+            .map_err(|_| nats(&"no connection to subscribe on"))?
+            .map_err(|e| nats(&e))?;
+        // The inbox only hears the server's "no responders" (no agent at all), to end early.
         let inbox = self.client.new_inbox();
-        let mut sub = self
+        let mut none = self
             .client
             .subscribe(inbox.clone())
             .await
-            .map_err(|e| FleetError::Nats(e.to_string()))?;
+            .map_err(|e| nats(&e))?;
+        // The subscription must be in place at the server before any agent answers.
+        flush_until(&self.client, deadline).await?;
         // The window bounds the publish and flush too: while the client reconnects, both wait
         // for a connection that may never come back.
-        let deadline = Instant::now() + window;
         timeout_at(
             deadline,
             self.client
                 .publish_with_reply(subject::PING, inbox, Bytes::new()),
         )
         .await
-        .map_err(|_| FleetError::Nats("ping: no connection to publish on".into()))?
-        .map_err(|e| FleetError::Nats(e.to_string()))?;
+        .map_err(|_| nats(&"no connection to publish on"))?
+        .map_err(|e| nats(&e))?;
         flush_until(&self.client, deadline).await?;
         let mut found = BTreeMap::new();
-        while let Ok(Some(msg)) = timeout_at(deadline, sub.next()).await {
-            if msg.status == Some(StatusCode::NO_RESPONDERS) {
-                break;
-            }
-            if let Ok(info) = serde_json::from_slice::<AgentInfo>(&msg.payload) {
-                found.insert(
-                    info.nkey.clone(),
-                    AgentStatus {
-                        info,
-                        state: AgentState::Running,
-                        last_seen_ms: presence::now_ms(),
-                        maintenance: None,
-                    },
-                );
+        loop {
+            let msg = tokio::select! {
+                m = answers.next() => m,
+                m = none.next() => match m {
+                    Some(m) if m.status == Some(StatusCode::NO_RESPONDERS) => break,
+                    _ => continue,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            };
+            let Some(msg) = msg else { break };
+            if let Some((nkey, status)) = pong(&msg.subject, &msg.payload) {
+                found.insert(nkey, status);
             }
         }
         Ok(found.into_values().collect())
     }
+}
+
+/// A machine's status from a presence event that came on `subject`: `None` for one that does
+/// not parse or whose body names another machine than the subject.
+fn pong(subject: &str, payload: &[u8]) -> Option<(String, AgentStatus)> {
+    let nkey = subject::nkey_of(subject)?;
+    let ev = serde_json::from_slice::<PresenceEvent>(payload).ok()?;
+    if ev.agent.nkey != nkey {
+        tracing::debug!(subject, claimed = %ev.agent.nkey, "presence naming another machine dropped");
+        return None;
+    }
+    let state = match ev.event {
+        presence::PresenceKind::Goodbye => AgentState::Stopped,
+        _ => AgentState::Running,
+    };
+    let status = AgentStatus {
+        info: ev.agent,
+        state,
+        last_seen_ms: presence::now_ms(),
+        maintenance: None,
+    };
+    Some((nkey.to_owned(), status))
 }
 
 /// The registry bucket's stream configuration, as [`presence::registry_spec`] specifies it, with
