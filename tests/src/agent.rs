@@ -119,6 +119,11 @@ impl Agent {
         }
     }
 
+    /// SIGSTOP, as a hung host looks, once every thread has stopped ([`crate::procs::freeze`]).
+    pub fn freeze(&self) {
+        crate::procs::freeze(self.pid().expect("agent running"));
+    }
+
     /// SIGKILL: no goodbye, as a crash.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -6,14 +6,37 @@ use std::time::{Duration, Instant};
 
 /// Whether `pid` runs. A zombie does not: PID 1 of a container may not reap its orphans.
 pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // The state follows the command name, which may itself hold spaces and parentheses.
-            let after = stat.rsplit_once(") ")?.1;
-            after.split_whitespace().next().map(|s| s != "Z")
-        })
-        .unwrap_or(false)
+    state(std::path::Path::new(&format!("/proc/{pid}/stat"))).is_some_and(|s| s != 'Z')
+}
+
+/// The state letter of a process or thread from its `stat` file.
+fn state(stat_path: &std::path::Path) -> Option<char> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // The state follows the command name, which may itself hold spaces and parentheses.
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// SIGSTOPs `pid`, as a hung host looks, and waits until every one of its threads has stopped:
+/// `kill` returns before that, and on a loaded machine a thread may take a while to be
+/// scheduled and stop. Panics if they have not within 5 s.
+pub fn freeze(pid: u32) {
+    // SAFETY: sending a signal; no memory is shared.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGSTOP);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let stopped = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks
+            .flatten()
+            .all(|t| matches!(state(&t.path().join("stat")), Some('T' | 't') | None))
+    };
+    while !stopped() {
+        assert!(Instant::now() < deadline, "process {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Every pid in /proc.

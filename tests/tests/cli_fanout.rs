@@ -348,7 +348,7 @@ async fn silent_crashed_and_stopped_machines_are_named() {
 
     // A frozen agent keeps its NATS subscription but never answers: timed out, by name, and
     // the command returns at the timeout, not later (--no-grace: the grace is tested below).
-    signal(&b.agent, libc::SIGSTOP);
+    b.agent.freeze();
     let started = Instant::now();
     let out = get(&url, &["--timeout", "1s", "--no-grace", "--json"], "String");
     let wall = started.elapsed();
@@ -428,7 +428,7 @@ async fn an_unresponsive_machine_is_reported_at_once() {
 
     // 500 ms heartbeats: unresponsive more than 3 intervals after the last heartbeat, so 1 to
     // 1.5 s after the freeze (plus a registry read).
-    signal(&b.agent, libc::SIGSTOP);
+    b.agent.freeze();
     let frozen = Instant::now();
     let ok = cbus_tests::wait_for(Duration::from_secs(10), || async {
         let doc = json_of(&cbus(&url, &["agents", "--json"]));
@@ -566,7 +566,7 @@ async fn a_machine_frozen_mid_query_holds_the_others_only_for_the_grace() {
         Some(0)
     );
 
-    signal(&b.agent, libc::SIGSTOP);
+    b.agent.freeze();
     let doc = json_of(&cbus(&url, &["agents", "--json"]));
     assert_eq!(doc["agents"][1]["hostname"], "mid-b");
     assert_eq!(doc["agents"][1]["state"], "running", "{doc}");
@@ -635,7 +635,7 @@ async fn group_folds_identical_answers_and_counts_outcomes() {
     assert!(stderr(&out).contains("3 machines: 3 ok"), "{}", both(&out));
 
     // A machine that stops answering is its own group, named; the count says how it ended.
-    signal(&b.agent, libc::SIGSTOP);
+    b.agent.freeze();
     let out = get(
         &url,
         &["--group", "--timeout", "1s", "--no-grace"],

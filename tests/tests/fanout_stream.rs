@@ -50,7 +50,7 @@ async fn outcomes_stream_in_as_they_are_known() {
     assert_eq!(targets[1].info.hostname, "stream-b");
 
     // stream-b hangs while the registry still calls it running: it is asked and stays silent.
-    signal(&agents[1], libc::SIGSTOP);
+    agents[1].freeze();
     let query = Query {
         destination: "org.cbus.Test".into(),
         path: "/org/cbus/Test".into(),
