@@ -138,7 +138,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
         link.clone(),
         config.js_domain.clone(),
     ));
-    tokio::spawn(presence.clone().answer_pings());
+    // Subscribed before the hello is sent on this connection, so the server has the
+    // subscription by the time anyone sees the hello.
+    match client.subscribe(subject::PING).await {
+        Ok(pings) => drop(tokio::spawn(presence.clone().answer_pings(pings))),
+        Err(e) => tracing::warn!(error = %e, "cannot subscribe to pings"),
+    }
     // Hello, then heartbeats, on their own task: a slow registry write while NATS is away never
     // delays metrics or the reaction to SIGTERM.
     let beating = tokio::spawn(heartbeats(presence.clone(), link, config.heartbeat));

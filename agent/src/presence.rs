@@ -167,21 +167,16 @@ impl Presence {
     /// [`PING_ANSWER_GAP`]: a ping that arrives within the gap of the last answer is answered
     /// once at its end, so every ping is followed by an answer sent after it, and a flood of
     /// pings costs at most 10 answers a second.
-    pub async fn answer_pings(self: Arc<Self>) {
-        let mut sub = match self.client.subscribe(subject::PING).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to pings");
-                return;
-            }
-        };
+    /// `pings` is the subscription to `dbus.ping`, made before the hello: whoever saw the
+    /// hello can ping this agent.
+    pub async fn answer_pings(self: Arc<Self>, mut pings: async_nats::Subscriber) {
         let mut last: Option<Instant> = None;
-        while sub.next().await.is_some() {
+        while pings.next().await.is_some() {
             if let Some(at) = last {
                 let next = at + PING_ANSWER_GAP;
                 // Pings that came while waiting are answered by the answer below.
                 tokio::time::sleep_until(next.into()).await;
-                while let Some(Some(_)) = sub.next().now_or_never() {}
+                while let Some(Some(_)) = pings.next().now_or_never() {}
             }
             self.publish(PresenceKind::Heartbeat).await;
             last = Some(Instant::now());

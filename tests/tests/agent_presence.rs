@@ -234,6 +234,7 @@ async fn pings_are_answered_on_the_agents_own_presence_subject() {
         .publish_with_reply("dbus.ping", inbox.clone(), "".into())
         .await
         .unwrap();
+    // The agent subscribed to pings before it said hello.
     let pong = next(&mut presence).await;
     assert_eq!(pong.event, PresenceKind::Heartbeat);
     assert_eq!(pong.agent.nkey, agent.nkey);

@@ -336,8 +336,8 @@ impl Fleet {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| nats(&e))?;
-        // The subscription must be in place at the server before any agent answers.
-        flush_until(&self.client, deadline).await?;
+        // No flush needed before the ping: the server takes the subscriptions and the ping in
+        // the order this one connection sent them, so they are in place before any answer.
         // The window bounds the publish and flush too: while the client reconnects, both wait
         // for a connection that may never come back.
         timeout_at(
