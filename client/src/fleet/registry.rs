@@ -73,13 +73,26 @@ impl Fleet {
     ) -> Result<Vec<AgentStatus>, FleetError> {
         let deadline = Instant::now() + registry_wait.min(REGISTRY_WAIT);
         let mut agents = match self.registry_within(registry_wait).await {
-            Ok(agents) => agents,
+            Ok(mut agents) => {
+                self.apply_marks(&mut agents, deadline).await;
+                agents
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "registry unavailable; falling back to ping");
-                self.ping(ping_window).await?
+                // The marks are in JetStream too, and as likely to be slow now: read them
+                // beside the ping, within its window, so the fallback costs one window.
+                let (found, marks) =
+                    tokio::join!(self.ping(ping_window), self.maintenance_within(ping_window));
+                let mut agents = found?;
+                match marks {
+                    Ok(marks) => attach_maintenance(&mut agents, &marks),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read maintenance marks; none applied")
+                    }
+                }
+                agents
             }
         };
-        self.apply_marks(&mut agents, deadline).await;
         sort_by_host(&mut agents);
         Ok(agents)
     }
@@ -350,12 +363,17 @@ impl Fleet {
         .map_err(|e| nats(&e))?;
         flush_until(&self.client, deadline).await?;
         let mut found = BTreeMap::new();
+        let mut inbox_open = true;
         loop {
             let msg = tokio::select! {
                 m = answers.next() => m,
-                m = none.next() => match m {
+                m = none.next(), if inbox_open => match m {
                     Some(m) if m.status == Some(StatusCode::NO_RESPONDERS) => break,
-                    _ => continue,
+                    Some(_) => continue,
+                    None => {
+                        inbox_open = false;
+                        continue;
+                    }
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
             };
