@@ -75,6 +75,24 @@ pub(crate) enum Resource {
         member: Option<String>,
         #[serde(default)]
         path_prefix: Option<String>,
+        /// Start this far back (ms) in the signal stream, when it exists: the recent past, then
+        /// live signals with no gap or duplicate between them.
+        #[serde(default)]
+        since_ms: Option<u64>,
+        /// At most this many signals of the past.
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    /// The audit trail: a page of the newest entries, then new ones as they are stored.
+    Audit {
+        #[serde(default)]
+        machine: Option<String>,
+        /// How far back the page looks (ms).
+        #[serde(default)]
+        since_ms: Option<u64>,
+        /// Entries in the page at most.
+        #[serde(default)]
+        limit: Option<usize>,
     },
 }
 
