@@ -336,6 +336,32 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
+            parse(r#"{"type":"subscribe","id":"a","resource":"audit","machine":"U1","since_ms":3600000,"limit":5}"#)
+                .unwrap(),
+            ClientMsg::Subscribe {
+                id: "a".into(),
+                resource: Resource::Audit {
+                    machine: Some("U1".into()),
+                    since_ms: Some(3_600_000),
+                    limit: Some(5)
+                }
+            }
+        );
+        match parse(r#"{"type":"subscribe","id":"s","resource":"signals","since_ms":60000}"#)
+            .unwrap()
+        {
+            ClientMsg::Subscribe {
+                resource:
+                    Resource::Signals {
+                        since_ms: Some(60_000),
+                        limit: None,
+                        ..
+                    },
+                ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
             parse(r#"{"type":"unsubscribe","id":"m"}"#).unwrap(),
             ClientMsg::Unsubscribe { id: "m".into() }
         );
@@ -377,6 +403,8 @@ mod tests {
             r#"{"type":"subscribe","id":"m","resource":"tables"}"#,
             r#"{"type":"subscribe","id":"m","resource":"machines","x":1}"#,
             r#"{"type":"subscribe","id":"o","resource":"object","machine":"U"}"#,
+            r#"{"type":"subscribe","id":"a","resource":"audit","since_ms":-1}"#,
+            r#"{"type":"subscribe","id":"a","resource":"audit","host":"x"}"#,
             r#"{"type":"request","id":{},"op":"get","targets":"all"}"#,
             r#"{"type":"request","id":1,"op":"reboot","targets":"all"}"#,
             r#"{"type":"request","id":1,"op":"get","targets":"some"}"#,
