@@ -148,6 +148,20 @@ pub async fn history(
     filter: &str,
     since: Duration,
 ) -> Result<History, StreamError> {
+    history_after(js, stream, filter, since, 0).await
+}
+
+/// [`history`], starting after the stream sequence `after` when that is later than `since`
+/// ago: a reader that wants only the recent end of a long stream (the gateway's page of the
+/// last N entries) starts at [`Tail::after`] instead of reading everything since the start
+/// time. Nothing stored before `since` ago is returned either way.
+pub async fn history_after(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    since: Duration,
+    after: u64,
+) -> Result<History, StreamError> {
     let start = time::OffsetDateTime::now_utc() - since;
     let mut h = History {
         js: js.clone(),
@@ -158,12 +172,55 @@ pub async fn history(
         messages: None,
         connects: 0,
         pending_at_start: 0,
-        last_sequence: 0,
+        last_sequence: after,
         skipped: 0,
         recreated: 0,
     };
     h.pending_at_start = h.open().await?;
     Ok(h)
+}
+
+/// Where a stream ends, for a reader that wants its last messages only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tail {
+    /// The first sequence the stream still holds.
+    pub first_sequence: u64,
+    /// The last sequence stored (0 when nothing ever was).
+    pub last_sequence: u64,
+}
+
+impl Tail {
+    /// The sequence to start after so that at most `n` of the stream's last messages are read
+    /// (0: from the start time).
+    pub fn after(&self, n: u64) -> u64 {
+        let after = self.last_sequence.saturating_sub(n);
+        if after < self.first_sequence {
+            0
+        } else {
+            after
+        }
+    }
+}
+
+/// The stream's first and last sequences; `Ok(None)` when the stream does not exist (history
+/// is optional: a reader shows "no history" rather than an error).
+pub async fn tail(js: &jetstream::Context, stream: &str) -> Result<Option<Tail>, StreamError> {
+    match js.get_stream(stream).await {
+        Ok(mut s) => {
+            let info = s.info().await.map_err(|e| err(stream, e))?;
+            Ok(Some(Tail {
+                first_sequence: info.state.first_sequence,
+                last_sequence: info.state.last_sequence,
+            }))
+        }
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(err(stream, e)),
+    }
 }
 
 fn unix_ms(t: time::OffsetDateTime) -> u64 {
@@ -277,5 +334,31 @@ impl History {
     /// The stream sequence of the last message returned (0 before the first).
     pub fn last_sequence(&self) -> u64 {
         self.last_sequence
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tail;
+
+    #[test]
+    fn a_tail_starts_after_the_last_n_messages() {
+        let t = Tail {
+            first_sequence: 1,
+            last_sequence: 100,
+        };
+        assert_eq!(t.after(10), 90, "reads 91..=100");
+        assert_eq!(t.after(100), 0, "the whole stream: from the start time");
+        assert_eq!(t.after(1000), 0);
+        let aged = Tail {
+            first_sequence: 95,
+            last_sequence: 100,
+        };
+        assert_eq!(aged.after(10), 0, "fewer than n left");
+        let empty = Tail {
+            first_sequence: 0,
+            last_sequence: 0,
+        };
+        assert_eq!(empty.after(10), 0);
     }
 }

@@ -10,6 +10,7 @@ use axum::Router;
 
 const INDEX: &str = include_str!("../web/index.html");
 const APP_JS: &str = include_str!("../web/app.js");
+const AUDIT_JS: &str = include_str!("../web/audit.js");
 const STYLE: &str = include_str!("../web/style.css");
 
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
@@ -46,6 +47,10 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
             "/app.js",
             get(|| async { file(APP_JS, "text/javascript; charset=utf-8") }),
         )
+        .route(
+            "/audit.js",
+            get(|| async { file(AUDIT_JS, "text/javascript; charset=utf-8") }),
+        )
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route(
             "/style.css",
@@ -59,7 +64,7 @@ mod tests {
 
     #[test]
     fn no_inner_html_and_no_remote_sources() {
-        for text in [INDEX, APP_JS, STYLE] {
+        for text in [INDEX, APP_JS, AUDIT_JS, STYLE] {
             assert!(!text.contains("innerHTML"), "render with textContent");
             assert!(!text.contains("outerHTML"));
             assert!(!text.contains("insertAdjacentHTML"));

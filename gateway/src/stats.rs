@@ -26,10 +26,13 @@ pub enum Dropped {
     ClientQueueFull,
     /// A signal for a WebSocket client that did not fit its queue.
     ClientSignal,
+    /// An audit entry read for a client that was not one: not an entry, over 16 KiB, or its
+    /// body names another machine than its subject (`dbus.audit.<nkey>`).
+    AuditRefused,
 }
 
 impl Dropped {
-    const ALL: [Dropped; 7] = [
+    const ALL: [Dropped; 8] = [
         Dropped::NotFromSystemd,
         Dropped::NkeyMismatch,
         Dropped::WorkQueueFull,
@@ -37,6 +40,7 @@ impl Dropped {
         Dropped::UnauthenticatedLimit,
         Dropped::ClientQueueFull,
         Dropped::ClientSignal,
+        Dropped::AuditRefused,
     ];
 
     /// The `reason` label.
@@ -49,6 +53,7 @@ impl Dropped {
             Dropped::UnauthenticatedLimit => "unauthenticated_limit",
             Dropped::ClientQueueFull => "client_queue_full",
             Dropped::ClientSignal => "client_signal",
+            Dropped::AuditRefused => "audit_refused",
         }
     }
 }

@@ -399,6 +399,7 @@ function renderUnits() {
         { class: `machine m-${m.state}`, dataset: { machine: m.nkey, host: m.hostname }, title: `${m.nkey}\nagent ${m.version}, bus ${m.bus}${m.bus_connected ? '' : ' (disconnected)'}\nlast seen ${relTime(m.last_seen_ms)}` },
         el('label', {}, cb, ` ${m.hostname}`),
         el('span', { class: `badge m-${m.state}`, text: m.bus_connected || m.state !== 'running' ? m.state : 'bus down' }),
+        m.maintenance ? el('span', { class: 'badge m-maintenance', title: `${m.maintenance.reason || ''} (by ${m.maintenance.by || '?'}, a claim)`, text: 'maintenance' }) : null,
       ),
     );
   }
@@ -448,14 +449,15 @@ function renderUnits() {
 }
 
 function renderBanner() {
-  const bad = [...state.machines.values()].filter((m) => m.state !== 'running' || !m.bus_connected);
+  // Machines under maintenance are expected away: not a reason for attention.
+  const bad = [...state.machines.values()].filter((m) => !m.maintenance && (m.state !== 'running' || !m.bus_connected));
   const b = $('banner');
   b.hidden = bad.length === 0;
   b.textContent = bad.length
     ? `Attention: ${bad.map((m) => `${m.hostname} is ${m.state === 'running' ? 'running without its bus' : m.state}`).join('; ')}`
     : '';
   const counts = {};
-  for (const m of state.machines.values()) counts[m.state] = (counts[m.state] || 0) + 1;
+  for (const m of state.machines.values()) counts[m.maintenance ? 'maintenance' : m.state] = (counts[m.maintenance ? 'maintenance' : m.state] || 0) + 1;
   $('fleet-summary').textContent = `${state.machines.size} machines${Object.entries(counts)
     .map(([k, v]) => `, ${v} ${k}`)
     .join('')}`;
@@ -478,7 +480,9 @@ function onSignals(msg) {
     return;
   }
   if (msg.type === 'snapshot') {
-    $('sig-info').textContent = msg.resync ? 'some signals were dropped (client too slow)' : 'following';
+    const h = msg.schema?.history; // the recent past, from the signal stream (audit.js has the Audit view)
+    if (h && !msg.resync) $('signals-body').replaceChildren();
+    $('sig-info').textContent = msg.resync ? 'some signals were dropped (client too slow)' : !h ? 'following' : h.available ? `up to ${h.replayed} signal(s) of the last ${Math.round(h.since_ms / 60000)} min from ${h.stream}, then following` : `no signal history (${h.error}); following`;
     return;
   }
   const s = msg.data;
@@ -487,7 +491,7 @@ function onSignals(msg) {
   body.prepend(
     el(
       'tr',
-      {},
+      { class: s.replayed ? 'replayed' : '', title: s.replayed ? 'from the signal stream (before this page followed)' : '' },
       el('td', { class: 'nowrap', text: time }),
       el('td', { class: 'nowrap', text: s.host || s.machine || '' }),
       el('td', { text: s.sender_name ? `${s.sender_name} (${s.sender})` : s.sender || '' }),
@@ -512,6 +516,7 @@ function followSignals() {
     const v = $(id).value.trim();
     if (v) p[key] = v;
   }
+  if ($('sig-since').value) p.since_ms = Number($('sig-since').value);
   sigParams = p;
   gw.unsubscribe('sig');
   gw.subscribe('sig', p, onSignals);
@@ -923,3 +928,6 @@ function init() {
 }
 
 init();
+
+// For the views in their own modules (audit.js).
+export { gw, el, state };

@@ -75,6 +75,24 @@ pub(crate) enum Resource {
         member: Option<String>,
         #[serde(default)]
         path_prefix: Option<String>,
+        /// Start this far back (ms) in the signal stream, when it exists: the recent past, then
+        /// live signals with no gap or duplicate between them.
+        #[serde(default)]
+        since_ms: Option<u64>,
+        /// At most this many signals of the past.
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    /// The audit trail: a page of the newest entries, then new ones as they are stored.
+    Audit {
+        #[serde(default)]
+        machine: Option<String>,
+        /// How far back the page looks (ms).
+        #[serde(default)]
+        since_ms: Option<u64>,
+        /// Entries in the page at most.
+        #[serde(default)]
+        limit: Option<usize>,
     },
 }
 
@@ -318,6 +336,32 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
+            parse(r#"{"type":"subscribe","id":"a","resource":"audit","machine":"U1","since_ms":3600000,"limit":5}"#)
+                .unwrap(),
+            ClientMsg::Subscribe {
+                id: "a".into(),
+                resource: Resource::Audit {
+                    machine: Some("U1".into()),
+                    since_ms: Some(3_600_000),
+                    limit: Some(5)
+                }
+            }
+        );
+        match parse(r#"{"type":"subscribe","id":"s","resource":"signals","since_ms":60000}"#)
+            .unwrap()
+        {
+            ClientMsg::Subscribe {
+                resource:
+                    Resource::Signals {
+                        since_ms: Some(60_000),
+                        limit: None,
+                        ..
+                    },
+                ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
             parse(r#"{"type":"unsubscribe","id":"m"}"#).unwrap(),
             ClientMsg::Unsubscribe { id: "m".into() }
         );
@@ -359,6 +403,8 @@ mod tests {
             r#"{"type":"subscribe","id":"m","resource":"tables"}"#,
             r#"{"type":"subscribe","id":"m","resource":"machines","x":1}"#,
             r#"{"type":"subscribe","id":"o","resource":"object","machine":"U"}"#,
+            r#"{"type":"subscribe","id":"a","resource":"audit","since_ms":-1}"#,
+            r#"{"type":"subscribe","id":"a","resource":"audit","host":"x"}"#,
             r#"{"type":"request","id":{},"op":"get","targets":"all"}"#,
             r#"{"type":"request","id":1,"op":"reboot","targets":"all"}"#,
             r#"{"type":"request","id":1,"op":"get","targets":"some"}"#,

@@ -9,15 +9,20 @@
 //!   and deltas;
 //! - [`request`]: requests checked, sent to each machine, answered per machine;
 //! - [`signals`]: the tasks that forward signals to signal subscriptions;
+//! - [`history`]: the audit trail and the recent past of signals, read from their JetStream
+//!   streams (a page, then new entries; a replay, then live signals, with no seam);
 //! - [`frames`] parses what clients send, [`outgoing`] is what the gateway sends;
 //! - [`context`] holds what all sessions share.
 //!
 //! Within `ws`: `upgrade` uses `session`, which uses every other module but `upgrade`;
-//! `subscription` uses `signals`; `request`, `signals` and `subscription` use `outgoing`;
+//! `subscription` uses `history` and `signals`; `history` uses `signals`; `request` and
+//! `subscription` use `context`; `request`, `signals`, `history` and `subscription` use
+//! `outgoing`;
 //! `writer` and `outgoing` use only `frames`, which uses no other.
 
 mod context;
 mod frames;
+mod history;
 mod outgoing;
 mod request;
 mod session;

@@ -74,7 +74,7 @@ pub(super) enum ServerFrame<'a> {
         server: &'static str,
         version: &'static str,
         heartbeat_ms: u64,
-        resources: [&'static str; 5],
+        resources: [&'static str; 6],
         ops: [&'static str; 8],
     },
     Ping {
@@ -135,7 +135,7 @@ pub(super) enum ServerFrame<'a> {
 }
 
 /// What a client may subscribe to and ask for, as `hello` announces it.
-const RESOURCES: [&str; 5] = ["machines", "units", "fleet", "object", "signals"];
+const RESOURCES: [&str; 6] = ["machines", "units", "fleet", "object", "signals", "audit"];
 const OPS: [&str; 8] = [
     "get",
     "set",
@@ -197,7 +197,12 @@ pub(super) enum Schema {
     Object(Box<ObjectSchema>),
     Signals {
         fields: [&'static str; 9],
+        /// Only when the subscription asked for the recent past (`since_ms`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        history: Option<Box<HistoryInfo>>,
     },
+    /// The audit trail: the fields of an entry and who vouches for which (docs/security.md).
+    Audit(Box<AuditSchema>),
     /// A fleet aggregate: its limits.
     Fleet {
         max_failed_units: usize,
@@ -235,11 +240,50 @@ impl Schema {
         }
     }
 
-    pub(super) fn signals() -> Schema {
+    pub(super) fn signals(history: Option<HistoryInfo>) -> Schema {
         Schema::Signals {
             fields: SIGNAL_FIELDS,
+            history: history.map(Box::new),
         }
     }
+
+    pub(super) fn audit(history: Option<HistoryInfo>) -> Schema {
+        Schema::Audit(Box::new(AuditSchema {
+            fields: AUDIT_FIELDS,
+            server_vouches: ["machine", "seq", "stored_ms"],
+            agent_vouches: [
+                "time_ms",
+                "hostname",
+                "broadcast",
+                "op",
+                "destination",
+                "path",
+                "interface",
+                "member",
+                "args_bytes",
+                "args_sha256",
+                "policy",
+            ],
+            claimed: ["requester", "reply_to"],
+            history,
+        }))
+    }
+}
+
+/// The schema of an audit subscription: the fields of an entry and who vouches for which
+/// (docs/security.md).
+#[derive(Debug, Serialize)]
+pub(super) struct AuditSchema {
+    fields: [&'static str; 18],
+    /// Vouched for by the NATS server: only that machine's agent may publish on its subject,
+    /// and the server stamps the time it stored the entry.
+    server_vouches: [&'static str; 3],
+    /// Vouched for by the machine's agent (true unless that machine is compromised).
+    agent_vouches: [&'static str; 11],
+    /// The requester's claims: nobody vouches for them.
+    claimed: [&'static str; 2],
+    /// `null` when the subscription's reader did not answer in time.
+    history: Option<HistoryInfo>,
 }
 
 /// A snapshot's rows.
@@ -252,6 +296,8 @@ pub(super) enum SnapshotData {
     Object(BTreeMap<String, Map<String, Value>>),
     /// Signals have no state: always `[]`.
     Signals([(); 0]),
+    /// The newest audit entries, oldest first.
+    Audit(Vec<AuditRow>),
     Fleet(Box<crate::aggregate::Summary>),
     /// `null`: an object that failed to load.
     Absent,
@@ -281,6 +327,7 @@ pub(super) enum Delta<'a> {
         changed: &'a Map<String, Value>,
     },
     Signal(&'a SignalData),
+    Audit(&'a AuditRow),
 }
 
 /// One signal as a client sees it.
@@ -296,7 +343,78 @@ pub(super) struct SignalData {
     pub member: Option<String>,
     pub signature: Option<String>,
     pub args: Value,
+    /// When the gateway received it; for a signal read from the signal stream, when the NATS
+    /// server stored it.
     pub received_ms: u64,
+    /// Read from the signal stream (`since_ms`): when the server stored it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stored_ms: Option<u64>,
+    /// Stored before the subscription began: part of the replay, not live.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
+}
+
+/// The fields of an audit row, as in each audit snapshot and delta.
+const AUDIT_FIELDS: [&str; 18] = [
+    "machine",
+    "host",
+    "seq",
+    "stored_ms",
+    "time_ms",
+    "hostname",
+    "requester",
+    "reply_to",
+    "op",
+    "destination",
+    "path",
+    "interface",
+    "member",
+    "args_bytes",
+    "args_sha256",
+    "broadcast",
+    "policy",
+    "result",
+];
+
+/// One audit entry as a client sees it: the agent's entry with what the gateway knows of it.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct AuditRow {
+    /// The nkey of the entry's subject, which only that machine's agent may publish on.
+    pub machine: String,
+    /// The name the machine's presence gave.
+    pub host: Option<String>,
+    /// The stream sequence (0 for an entry heard live, without the audit stream).
+    pub seq: u64,
+    /// When the NATS server stored it (the gateway's clock for an entry heard live).
+    pub stored_ms: u64,
+    #[serde(flatten)]
+    pub entry: cbus_protocol::audit::AuditEntry,
+    /// Its size on the wire, for the byte bounds.
+    #[serde(skip)]
+    pub bytes: usize,
+}
+
+/// What a subscription's reader of a history stream found (docs/protocol.md).
+#[derive(Debug, Clone, Default, Serialize)]
+pub(super) struct HistoryInfo {
+    pub stream: &'static str,
+    /// Whether the stream exists and could be read; else the subscription is live only.
+    pub available: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// How far back it reads (ms), after the gateway's bounds.
+    pub since_ms: u64,
+    /// At most this many entries in a page, or signals replayed.
+    pub limit: usize,
+    /// Audit: entries in the page; signals: signals the replay holds at most.
+    pub replayed: u64,
+    /// Older entries read but not in the page (it keeps the newest `limit`).
+    pub older: u64,
+    /// Whether the read began at the stream's last messages rather than at `since_ms` ago, so
+    /// that older ones within `since_ms` were not read.
+    pub truncated: bool,
+    /// Entries dropped: unreadable, or naming another machine than their subject.
+    pub dropped: u64,
 }
 
 #[cfg(test)]
@@ -359,7 +477,7 @@ mod tests {
                 json!({
                     "type": "hello", "v": 1, "server": "cbus-gateway",
                     "version": cbus_protocol::VERSION, "heartbeat_ms": 15000,
-                    "resources": ["machines", "units", "fleet", "object", "signals"],
+                    "resources": ["machines", "units", "fleet", "object", "signals", "audit"],
                     "ops": ["get", "set", "call", "start", "stop", "restart", "introspect", "list-names"],
                 }),
             ),
@@ -440,7 +558,7 @@ mod tests {
                     sub: "s",
                     resource: "signals",
                     seq: 0,
-                    schema: Schema::signals(),
+                    schema: Schema::signals(None),
                     data: SnapshotData::Signals([]),
                     resync: false,
                     error: None,
@@ -520,6 +638,8 @@ mod tests {
             signature: Some("s".into()),
             args: json!(["a"]),
             received_ms: 9,
+            stored_ms: None,
+            replayed: false,
         };
         let cases: Vec<(Delta, Value)> = vec![
             (Delta::Machine { upsert: [&m] }, json!({"upsert": [m]})),

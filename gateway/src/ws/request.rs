@@ -3,6 +3,8 @@
 //! machine delays nobody else's result, and is reported by name as timed out when the deadline
 //! passes.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cbus_client::fleet::{AgentStatus, FanOutOptions, Fleet, Query};
@@ -12,7 +14,8 @@ use cbus_protocol::{ErrorBody, ErrorCode, Op, Request};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use super::frames::{RequestMsg, RequestOp};
+use super::context::WsContext;
+use super::frames::{RequestMsg, RequestOp, Targets};
 use super::outgoing::ServerFrame;
 use super::writer::{Frame, Outbox};
 use crate::requests::{self, result_of, MachineResult};
@@ -25,6 +28,34 @@ const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub(super) struct Prepared {
     query: Query,
     timeout: Duration,
+}
+
+/// Checks a request and runs it in a task of its own, at most `max_inflight` per connection;
+/// the error, with the request's id, says why it cannot go.
+pub(super) fn start(
+    ctx: &WsContext,
+    r: RequestMsg,
+    inflight: &Arc<AtomicUsize>,
+    max_inflight: usize,
+    out: Outbox,
+) -> Result<(), (Value, String)> {
+    let prepared = prepare(&r, ctx.request_timeout).map_err(|m| (r.id.clone(), m))?;
+    if inflight.load(Ordering::SeqCst) >= max_inflight {
+        let message = format!("at most {max_inflight} requests in flight per connection");
+        return Err((r.id, message));
+    }
+    let (targets, unknown) = match &r.targets {
+        Targets::All => ctx.store.targets(None),
+        Targets::Some(list) => ctx.store.targets(Some(list)),
+    };
+    inflight.fetch_add(1, Ordering::SeqCst);
+    let inflight = inflight.clone();
+    let fleet = ctx.fleet.clone();
+    tokio::spawn(async move {
+        run(fleet, r.id, prepared, targets, unknown, out).await;
+        inflight.fetch_sub(1, Ordering::SeqCst);
+    });
+    Ok(())
 }
 
 /// Builds the query of a request, or says what is wrong with it.

@@ -12,7 +12,7 @@
 //! too (with 1,000 clients, that polling was a tenth of the gateway's CPU).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,12 +28,12 @@ use tokio::time::Instant;
 
 use super::context::WsContext;
 use super::frames::{
-    self, ClientMsg, RequestMsg, Resource, Targets, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR,
+    self, ClientMsg, RequestMsg, Resource, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR,
     CLOSE_UNAUTHORIZED,
 };
 use super::outgoing::{Delta, ServerFrame};
 use super::request;
-use super::signals::{SignalEvent, SignalSink, SIGNAL_QUEUE, SUBSCRIBE_TIMEOUT};
+use super::signals::{EventData, SignalEvent, SignalSink, SIGNAL_QUEUE, SUBSCRIBE_TIMEOUT};
 use super::subscription::{self, Sub, Update};
 use super::writer::{writer, Frame, Generations, Outbox};
 use crate::changes::{Change, ChangeReceiver, Interest, InterestHandle, Lagged};
@@ -306,6 +306,7 @@ impl Session {
             sub: internal,
             tx: self.sig_tx.clone(),
             bytes: self.out.bytes(),
+            budget: self.ctx.queue_bytes.min(u32::MAX as usize) as u32,
         };
         let compiled = match subscription::compile(&self.ctx, &resource, sink) {
             Ok(c) => c,
@@ -332,7 +333,11 @@ impl Session {
         );
         self.update_interest();
         if let Some(ready) = compiled.ready {
-            let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, ready).await;
+            if let Ok(Ok(r)) = tokio::time::timeout(SUBSCRIBE_TIMEOUT, ready).await {
+                if let Some(sub) = self.subs.get_mut(&internal) {
+                    sub.kind.ready(r);
+                }
+            }
         }
         self.send_snapshot(internal, false);
     }
@@ -453,43 +458,29 @@ impl Session {
     }
 
     fn signal(&mut self, ev: SignalEvent) {
-        if !self.subs.contains_key(&ev.sub) {
+        let Some(sub) = self.subs.get_mut(&ev.sub) else {
             return;
+        };
+        if let EventData::Audit(row) = &ev.data {
+            sub.kind.keep(row);
         }
         if ev.dropped > 0 {
-            // The client missed signals: say so with a resync snapshot.
+            // The client missed signals or entries: say so with a resync snapshot.
             self.mark_pending(ev.sub);
             return;
         }
-        self.send_delta(ev.sub, &Delta::Signal(&ev.data));
+        match &ev.data {
+            EventData::Signal(data) => self.send_delta(ev.sub, &Delta::Signal(data)),
+            EventData::Audit(row) => self.send_delta(ev.sub, &Delta::Audit(row)),
+        }
     }
 
     async fn request(&mut self, r: RequestMsg) {
-        let prepared = match request::prepare(&r, self.ctx.request_timeout) {
-            Ok(p) => p,
-            Err(message) => {
-                return self
-                    .error(Some(&r.id), None, ErrorCode::InvalidArgument, message)
-                    .await
-            }
-        };
-        if self.inflight.load(Ordering::SeqCst) >= MAX_INFLIGHT {
-            let message = format!("at most {MAX_INFLIGHT} requests in flight per connection");
-            return self
-                .error(Some(&r.id), None, ErrorCode::InvalidArgument, message)
-                .await;
-        }
-        let (targets, unknown) = match &r.targets {
-            Targets::All => self.ctx.store.targets(None),
-            Targets::Some(list) => self.ctx.store.targets(Some(list)),
-        };
-        self.inflight.fetch_add(1, Ordering::SeqCst);
-        let inflight = self.inflight.clone();
         let out = self.out.clone();
-        let fleet = self.ctx.fleet.clone();
-        tokio::spawn(async move {
-            request::run(fleet, r.id, prepared, targets, unknown, out).await;
-            inflight.fetch_sub(1, Ordering::SeqCst);
-        });
+        if let Err((id, message)) = request::start(&self.ctx, r, &self.inflight, MAX_INFLIGHT, out)
+        {
+            self.error(Some(&id), None, ErrorCode::InvalidArgument, message)
+                .await
+        }
     }
 }

@@ -2,17 +2,23 @@
 //! with the snapshot and the deltas each kind sends.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use cbus_protocol::presence::now_ms;
-use cbus_protocol::subject::{validate_nkey, SignalFilter};
+use cbus_protocol::subject::{self, validate_nkey, SignalFilter};
 use cbus_protocol::{names, ErrorBody};
 use regex::Regex;
 use tokio::sync::oneshot;
 
 use super::context::WsContext;
 use super::frames::{glob_regex, Resource};
-use super::outgoing::{Delta, Schema, SnapshotData};
-use super::signals::{forward_signals, SignalMatch, SignalSink};
+use super::history::{
+    forward_audit, forward_signal_history, AuditQuery, AuditRing, SignalHistory, AUDIT_LIMIT,
+    AUDIT_SINCE, MAX_AUDIT_LIMIT, MAX_AUDIT_SINCE, MAX_SIGNAL_REPLAY, MAX_SIGNAL_SINCE,
+    SIGNAL_REPLAY,
+};
+use super::outgoing::{AuditRow, Delta, HistoryInfo, Schema, SnapshotData};
+use super::signals::{forward_signals, Ready, SignalMatch, SignalSink};
 use crate::aggregate::{Builder, Query, MAX_PAGE};
 use crate::changes::{Change, Interest, ObjectChangeKind, ObjectKey};
 
@@ -32,6 +38,14 @@ pub(super) enum Kind {
     },
     Signals {
         task: tokio::task::AbortHandle,
+        /// What its history reader found, when it asked for the recent past.
+        history: Option<HistoryInfo>,
+    },
+    /// The audit trail: the newest entries the session received, for its snapshots.
+    Audit {
+        task: tokio::task::AbortHandle,
+        ring: AuditRing,
+        history: Option<HistoryInfo>,
     },
 }
 
@@ -49,7 +63,7 @@ pub(super) struct Sub {
 /// NATS subscription is in place on the server, so no signal sent after the snapshot is missed.
 pub(super) struct Compiled {
     pub kind: Kind,
-    pub ready: Option<oneshot::Receiver<()>>,
+    pub ready: Option<oneshot::Receiver<Ready>>,
 }
 
 /// Checks a resource and starts what it needs (an object followed, a signals task); the error
@@ -116,12 +130,47 @@ pub(super) fn compile(
             ctx.objects.acquire(&key);
             Kind::Object { key, loaded: false }
         }
+        Resource::Audit {
+            machine,
+            since_ms,
+            limit,
+        } => {
+            if let Some(m) = machine {
+                validate_nkey(m).map_err(|e| text(&e))?;
+            }
+            let since = since_ms.map_or(AUDIT_SINCE, Duration::from_millis);
+            let q = AuditQuery {
+                machine: machine.clone(),
+                since: since.min(MAX_AUDIT_SINCE),
+                limit: limit.unwrap_or(AUDIT_LIMIT).clamp(1, MAX_AUDIT_LIMIT),
+            };
+            let ring = AuditRing::new(q.limit);
+            let (ready_tx, ready_rx) = oneshot::channel();
+            let client = ctx.fleet.client().clone();
+            let task = tokio::spawn(forward_audit(
+                client,
+                ctx.store.clone(),
+                q,
+                signals(),
+                ready_tx,
+            ));
+            return Ok(Compiled {
+                kind: Kind::Audit {
+                    task: task.abort_handle(),
+                    ring,
+                    history: None,
+                },
+                ready: Some(ready_rx),
+            });
+        }
         Resource::Signals {
             machine,
             sender,
             interface,
             member,
             path_prefix,
+            since_ms,
+            limit,
         } => {
             if let Some(s) = sender {
                 names::validate_bus_name(s).map_err(|e| text(&e))?;
@@ -143,19 +192,45 @@ pub(super) fn compile(
                 sender: sender.clone(),
                 interface: interface.clone(),
                 member: member.clone(),
+                path_prefix: path_prefix.clone(),
             };
             let (ready_tx, ready_rx) = oneshot::channel();
-            let task = tokio::spawn(forward_signals(
-                ctx.fleet.client().clone(),
-                ctx.store.clone(),
-                subjects,
-                m,
-                signals(),
-                ready_tx,
-            ));
+            let client = ctx.fleet.client().clone();
+            let store = ctx.store.clone();
+            let task = match since_ms {
+                None => tokio::spawn(forward_signals(
+                    client,
+                    store,
+                    subjects,
+                    m,
+                    signals(),
+                    ready_tx,
+                    Ready::default(),
+                )),
+                Some(ms) => {
+                    let q = SignalHistory {
+                        filter: match machine {
+                            Some(n) => format!("{}.signals.{n}.>", subject::PREFIX),
+                            None => subject::SIGNALS_ALL.to_owned(),
+                        },
+                        subjects,
+                        since: Duration::from_millis(*ms).min(MAX_SIGNAL_SINCE),
+                        limit: limit.unwrap_or(SIGNAL_REPLAY).clamp(1, MAX_SIGNAL_REPLAY),
+                    };
+                    tokio::spawn(forward_signal_history(
+                        client,
+                        store,
+                        q,
+                        m,
+                        signals(),
+                        ready_tx,
+                    ))
+                }
+            };
             return Ok(Compiled {
                 kind: Kind::Signals {
                     task: task.abort_handle(),
+                    history: None,
                 },
                 ready: Some(ready_rx),
             });
@@ -168,7 +243,7 @@ pub(super) fn compile(
 pub(super) fn release(ctx: &WsContext, sub: Sub) {
     match sub.kind {
         Kind::Object { key, .. } => ctx.objects.release(&key),
-        Kind::Signals { task } => task.abort(),
+        Kind::Signals { task, .. } | Kind::Audit { task, .. } => task.abort(),
         _ => {}
     }
 }
@@ -187,7 +262,7 @@ pub(super) fn interest<'a>(subs: impl Iterator<Item = &'a Sub>) -> Interest {
             Kind::Object { key, .. } => {
                 interest.machines.insert(key.machine.clone());
             }
-            Kind::Signals { .. } | Kind::Fleet(_) => {}
+            Kind::Signals { .. } | Kind::Audit { .. } | Kind::Fleet(_) => {}
         }
     }
     interest
@@ -211,7 +286,31 @@ pub(super) enum Update<'a> {
 impl Kind {
     /// Whether the subscription is fed by the change hub (and so resyncs when it lagged).
     pub(super) fn follows_changes(&self) -> bool {
-        !matches!(self, Kind::Signals { .. } | Kind::Fleet(_))
+        !matches!(
+            self,
+            Kind::Signals { .. } | Kind::Audit { .. } | Kind::Fleet(_)
+        )
+    }
+
+    /// What the subscription's task said once in place.
+    pub(super) fn ready(&mut self, r: Ready) {
+        match self {
+            Kind::Signals { history, .. } => *history = r.history,
+            Kind::Audit { ring, history, .. } => {
+                *history = r.history;
+                for row in r.page {
+                    ring.push(row);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Keeps an audit row for the next (resync) snapshot.
+    pub(super) fn keep(&mut self, row: &AuditRow) {
+        if let Kind::Audit { ring, .. } = self {
+            ring.push(row.clone());
+        }
     }
 
     pub(super) fn is_fleet(&self) -> bool {
@@ -261,10 +360,16 @@ impl Kind {
                     None,
                 )
             }
-            Kind::Signals { .. } => (
+            Kind::Signals { history, .. } => (
                 "signals",
-                Schema::signals(),
+                Schema::signals(history.clone()),
                 SnapshotData::Signals([]),
+                None,
+            ),
+            Kind::Audit { ring, history, .. } => (
+                "audit",
+                Schema::audit(history.clone()),
+                SnapshotData::Audit(ring.rows()),
                 None,
             ),
         };
