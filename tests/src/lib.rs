@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod ask;
 pub mod bins;
+pub mod browser;
 pub mod cli;
 pub mod cluster;
 pub mod dbus;

@@ -146,6 +146,12 @@ pub(crate) struct RequestMsg {
     pub value: Option<Value>,
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Rolling start/stop/restart: machines in flight at most (`3`, `25%`).
+    #[serde(default)]
+    pub batch: Option<String>,
+    /// Rolling: failed or unreachable machines tolerated before no more start (`0`, `10%`).
+    #[serde(default)]
+    pub max_fail: Option<String>,
 }
 
 #[derive(Deserialize)]

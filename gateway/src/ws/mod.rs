@@ -8,18 +8,21 @@
 //! - [`subscription`]: resources compiled into what a session follows, with their snapshots
 //!   and deltas;
 //! - [`request`]: requests checked, sent to each machine, answered per machine;
+//! - [`rolling`]: rolling start/stop/restart (`batch`, `max_fail`) by the CLI's planner;
 //! - [`signals`]: the tasks that forward signals to signal subscriptions;
 //! - [`frames`] parses what clients send, [`outgoing`] is what the gateway sends;
 //! - [`context`] holds what all sessions share.
 //!
 //! Within `ws`: `upgrade` uses `session`, which uses every other module but `upgrade`;
-//! `subscription` uses `signals`; `request`, `signals` and `subscription` use `outgoing`;
+//! `subscription` uses `signals`; `request`, `signals` and `subscription` use `outgoing`; `request` uses `rolling`, which uses
+//! no other;
 //! `writer` and `outgoing` use only `frames`, which uses no other.
 
 mod context;
 mod frames;
 mod outgoing;
 mod request;
+mod rolling;
 mod session;
 mod signals;
 mod subscription;
