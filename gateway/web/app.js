@@ -8,7 +8,7 @@
 
 import { $ } from './dom.js';
 import { Gateway } from './gateway.js';
-import { ctx, scheduleRender, sortedMachines } from './ctx.js';
+import { ctx, scheduleRender, redrawAll, sortedMachines } from './ctx.js';
 import { initFleet, fleetParams, onFleet } from './fleet.js';
 import { initUnits, follow as followUnits, resetUnits } from './units.js';
 import { initMachines, follow as followMachine, resetMachines } from './machines.js';
@@ -24,7 +24,7 @@ ctx.gw = new Gateway((kind, text) => {
   c.className = `conn conn-${kind}`;
   ctx.connected = kind === 'up';
   document.body.classList.toggle('stale', kind !== 'up');
-  scheduleRender(); // action buttons follow the connection state
+  redrawAll(); // action buttons follow the connection state
   if (kind === 'unauthorized') {
     sessionStorage.removeItem(TOKEN_KEY);
     showLogin(`The gateway refused the token: ${text}`);
@@ -63,7 +63,7 @@ function selectTab(name) {
   for (const p of document.querySelectorAll('.panel')) p.hidden = p.id !== `tab-${name}`;
   followUnits();
   followMachine();
-  scheduleRender();
+  redrawAll();
 }
 
 function showLogin(error = '') {
@@ -113,7 +113,7 @@ function init() {
   for (const b of document.querySelectorAll('#tabs .tab')) b.addEventListener('click', () => selectTab(b.dataset.tab));
   // Relative times ("since 3m ago") move on without deltas.
   setInterval(() => {
-    if (!$('app').hidden) scheduleRender();
+    if (!$('app').hidden) redrawAll();
   }, 5000);
 
   const token = sessionStorage.getItem(TOKEN_KEY);

@@ -6,7 +6,14 @@ export const ctx = {
   machines: new Map(), // nkey -> machine row
   connected: false,
   renderers: [], // called once per animation frame when something changed
+  epoch: 0, // moves when everything must be drawn again (connection state, relative times)
 };
+
+/** Everything is drawn again at the next frame. */
+export function redrawAll() {
+  ctx.epoch += 1;
+  scheduleRender();
+}
 
 let queued = false;
 export function scheduleRender() {

@@ -8,8 +8,14 @@ import { ctx, scheduleRender, currentTab } from './ctx.js';
 import { actionButtons } from './bulk.js';
 
 const FLEET_PAGE = 100;
-const fleet = { summary: null, offset: 0, detail: null, detailRows: new Map() };
-const detailPager = new Pager(100, scheduleRender, 'fleet-detail');
+// `drawn` is what the DOM shows: [summary object, epoch] and [detail version, epoch], so a
+// frame redraws only the part that changed (unit deltas do not rebuild the aggregate).
+const fleet = { summary: null, offset: 0, detail: null, detailRows: new Map(), detailVersion: 0, drawn: [null, -1, -1, -1] };
+function detailChanged() {
+  fleet.detailVersion += 1;
+  scheduleRender();
+}
+const detailPager = new Pager(100, detailChanged, 'fleet-detail');
 
 export function fleetParams() {
   const p = { resource: 'fleet', offset: fleet.offset, limit: FLEET_PAGE };
@@ -45,6 +51,13 @@ export function renderFleet() {
   if (currentTab() !== 'fleet') return;
   const s = fleet.summary;
   if (!s) return;
+  const [summary, epoch] = fleet.drawn;
+  if (summary === s && epoch === ctx.epoch) {
+    renderUnitDetail();
+    return;
+  }
+  fleet.drawn[0] = s;
+  fleet.drawn[1] = ctx.epoch;
   $('fleet-counts').replaceChildren(
     el('span', { id: 'fleet-machines', text: `machines ${s.machines_total}: ${counts(s.machines)}` }),
     el('span', { id: 'fleet-system', text: `system: ${counts(s.system)}` }),
@@ -75,6 +88,7 @@ export function renderFleet() {
       return tr;
     }),
   );
+  fleet.drawn[2] = -1; // the label filter may have changed the selection
   renderUnitDetail();
 }
 
@@ -83,6 +97,7 @@ export function openUnit(name) {
   fleet.detail = name;
   fleet.detailRows.clear();
   detailPager.offset = 0;
+  fleet.detailVersion += 1;
   $('fleet-unit-detail').hidden = false;
   ctx.gw.unsubscribe('fleet-unit');
   const glob = name.replace(/[*?]/g, '?');
@@ -97,7 +112,7 @@ export function openUnit(name) {
       for (const r of d.upsert || []) if (r[2] === name) fleet.detailRows.set(key(r), r);
       for (const [m, n] of d.remove || []) fleet.detailRows.delete(`${m}\0${n}`);
     }
-    scheduleRender();
+    detailChanged();
   });
 }
 
@@ -117,6 +132,9 @@ function rolling() {
 function renderUnitDetail() {
   const name = fleet.detail;
   if (!name) return;
+  if (fleet.drawn[2] === fleet.detailVersion && fleet.drawn[3] === ctx.epoch) return;
+  fleet.drawn[2] = fleet.detailVersion;
+  fleet.drawn[3] = ctx.epoch;
   $('fleet-detail-title').textContent = name;
   const rows = [...fleet.detailRows.values()].sort((a, b) => a[1].localeCompare(b[1]) || a[0].localeCompare(b[0]));
   const chosen = chosenRows(rows).map((r) => r[0]);
@@ -150,7 +168,7 @@ export function initFleet() {
       followFleet();
     });
   }
-  for (const id of ['sel-state', 'sel-label']) $(id).addEventListener('input', scheduleRender);
+  for (const id of ['sel-state', 'sel-label']) $(id).addEventListener('input', detailChanged);
   $('fleet-prev').addEventListener('click', () => {
     fleet.offset = Math.max(0, fleet.offset - FLEET_PAGE);
     followFleet();

@@ -8,7 +8,9 @@ import { ctx, scheduleRender, sortedMachines, currentTab } from './ctx.js';
 import { actionButtons } from './bulk.js';
 
 const COLUMNS = 12;
-const units = { rows: new Map(), cols: {}, subKey: '', selected: new Set() };
+// `cells` maps machine\0unit to its <td> while the table's shape (`shape`) stays: a delta then
+// replaces only the cells it changed, not the 1,200 cells of the page.
+const units = { rows: new Map(), cols: {}, subKey: '', selected: new Set(), cells: new Map(), changed: new Set(), shape: '' };
 const machinePager = new Pager(COLUMNS, () => { follow(); scheduleRender(); }, 'units-machines');
 const unitPager = new Pager(100, scheduleRender, 'units-rows');
 
@@ -28,13 +30,22 @@ function onUnits(msg) {
     });
     units.rows.clear();
     for (const r of msg.data || []) units.rows.set(unitKey(col(r, 'machine'), col(r, 'name')), r);
+    units.shape = '';
   } else if (msg.type === 'delta') {
     const d = msg.data;
     if (d.replace) {
       for (const k of [...units.rows.keys()]) if (k.startsWith(`${d.replace}\u0000`)) units.rows.delete(k);
+      units.shape = '';
     }
-    for (const r of d.upsert || []) units.rows.set(unitKey(col(r, 'machine'), col(r, 'name')), r);
-    for (const [m, n] of d.remove || []) units.rows.delete(unitKey(m, n));
+    for (const r of d.upsert || []) {
+      const k = unitKey(col(r, 'machine'), col(r, 'name'));
+      units.rows.set(k, r);
+      units.changed.add(k);
+    }
+    for (const [m, n] of d.remove || []) {
+      units.rows.delete(unitKey(m, n));
+      units.changed.add(unitKey(m, n));
+    }
   }
   scheduleRender();
 }
@@ -77,6 +88,41 @@ export function follow() {
   ctx.gw.subscribe('units', p, onUnits);
 }
 
+/** One machine's state of one unit, with its actions. */
+function cell(m, name, r) {
+  if (!r) return el('td', { class: `cell missing m-${m.state}`, dataset: { machine: m.nkey, host: m.hostname, unit: name }, text: '—' });
+  const active = String(col(r, 'active') || '');
+  const sinceUs = col(r, 'since_us');
+  const sinceMs = typeof sinceUs === 'number' ? sinceUs / 1000 : 0;
+  const restarts = col(r, 'restarts');
+  return el(
+    'td',
+    { class: `cell m-${m.state}`, dataset: { machine: m.nkey, host: m.hostname, unit: name, active } },
+    el('span', { class: `state st-${active}`, text: active || '?' }),
+    el('span', { class: 'sub', text: String(col(r, 'sub') || '') }),
+    sinceMs ? el('div', { class: 'since muted', title: new Date(sinceMs).toISOString(), text: `since ${relTime(sinceMs)}` }) : null,
+    typeof restarts === 'number' && restarts > 0 ? el('div', { class: 'muted', text: `${restarts} restarts` }) : null,
+    actionButtons(name, () => [m.nkey]),
+  );
+}
+
+/** Replaces the cells deltas changed; false when the table's shape moved (a full draw). */
+function patchCells(shape) {
+  if (shape !== units.shape) return false;
+  for (const k of units.changed) {
+    const td = units.cells.get(k);
+    if (!td) continue; // not on this page
+    const [nkey, name] = k.split('\u0000');
+    const m = ctx.machines.get(nkey);
+    if (!m) return false;
+    const fresh = cell(m, name, units.rows.get(k));
+    td.replaceWith(fresh);
+    units.cells.set(k, fresh);
+  }
+  units.changed.clear();
+  return true;
+}
+
 export function renderUnits() {
   if (currentTab() !== 'units') return;
   follow();
@@ -95,6 +141,9 @@ export function renderUnits() {
     return !hideInactive || rows.some(([, r]) => col(r, 'active') !== 'inactive');
   });
   const shown = unitPager.slice(names);
+  const shape = JSON.stringify([machines.map((m) => [m.nkey, m.state, m.bus_connected]), shown, [...units.selected], ctx.epoch, ctx.connected, units.subKey]);
+  if (patchCells(shape)) return;
+  units.shape = shape;
   $('units-pagers').replaceChildren(el('span', { class: 'muted', text: 'machines' }), machinePager.controls(), el('span', { class: 'muted', text: 'units' }), unitPager.controls());
 
   const head = $('units-head');
@@ -122,6 +171,8 @@ export function renderUnits() {
   }
 
   const rows = [];
+  units.cells.clear();
+  units.changed.clear();
   for (const name of shown) {
     const per = byUnit.get(name);
     const anyRow = per.values().next().value;
@@ -136,26 +187,9 @@ export function renderUnits() {
     }
     const tr = el('tr', { dataset: { unit: name } }, th);
     for (const m of machines) {
-      const r = per.get(m.nkey);
-      if (!r) {
-        tr.append(el('td', { class: `cell missing m-${m.state}`, dataset: { machine: m.nkey, host: m.hostname, unit: name }, text: '—' }));
-        continue;
-      }
-      const active = String(col(r, 'active') || '');
-      const sinceUs = col(r, 'since_us');
-      const sinceMs = typeof sinceUs === 'number' ? sinceUs / 1000 : 0;
-      const restarts = col(r, 'restarts');
-      tr.append(
-        el(
-          'td',
-          { class: `cell m-${m.state}`, dataset: { machine: m.nkey, host: m.hostname, unit: name, active } },
-          el('span', { class: `state st-${active}`, text: active || '?' }),
-          el('span', { class: 'sub', text: String(col(r, 'sub') || '') }),
-          sinceMs ? el('div', { class: 'since muted', title: new Date(sinceMs).toISOString(), text: `since ${relTime(sinceMs)}` }) : null,
-          typeof restarts === 'number' && restarts > 0 ? el('div', { class: 'muted', text: `${restarts} restarts` }) : null,
-          actionButtons(name, () => [m.nkey]),
-        ),
-      );
+      const td = cell(m, name, per.get(m.nkey));
+      units.cells.set(unitKey(m.nkey, name), td);
+      tr.append(td);
     }
     rows.push(tr);
   }

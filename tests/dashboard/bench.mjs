@@ -36,9 +36,19 @@ try {
   await cdp.send('Network.enable');
   let wsBytes = 0;
   let wsFrames = 0;
+  let bySub = {};
   cdp.on('Network.webSocketFrameReceived', (e) => {
-    wsBytes += e.response.payloadData.length;
+    const data = e.response.payloadData;
+    wsBytes += data.length;
     wsFrames += 1;
+    let key = 'other';
+    try {
+      const m = JSON.parse(data);
+      key = m.sub ? `${m.sub}:${m.type}` : m.type;
+    } catch (_) {
+      // not JSON
+    }
+    bySub[key] = (bySub[key] || 0) + data.length;
   });
   await page.goto(GATEWAY_URL);
   await page.fill('#token', TOKEN);
@@ -80,6 +90,7 @@ try {
       requestAnimationFrame(tick);
     });
     const [bytes0, frames0] = [wsBytes, wsFrames];
+    bySub = {};
     let heapPeak = 0;
     for (let s = 0; s < Number(SECS); s += 1) {
       await page.waitForTimeout(1000);
@@ -97,7 +108,7 @@ try {
     await cdp.send('HeapProfiler.collectGarbage');
     const m = await cdp.send('Performance.getMetrics');
     const heapAfterGc = m.metrics.find((x) => x.name === 'JSHeapUsedSize')?.value || 0;
-    console.log(`RESULT ${JSON.stringify({ view: name, secs: Number(SECS), ...r, heap_peak: heapPeak, heap_after_gc: heapAfterGc, ws_bytes: wsBytes - bytes0, ws_frames: wsFrames - frames0 })}`);
+    console.log(`RESULT ${JSON.stringify({ view: name, secs: Number(SECS), ...r, heap_peak: heapPeak, heap_after_gc: heapAfterGc, ws_bytes: wsBytes - bytes0, ws_frames: wsFrames - frames0, by_sub: bySub })}`);
   }
   console.log('DONE');
 } catch (e) {

@@ -119,7 +119,7 @@ try {
   console.log(`RESULTS ${chosen}`);
   await step('RESTARTED'); // the test checks the emulator's truth
   await page.waitForSelector(`#fleet-failed li[data-unit="${UNIT}"][data-count="2"]`, { timeout: T });
-  await page.screenshot({ path: `${SHOTS}-bulk.png`, fullPage: true });
+  await page.screenshot({ path: `${SHOTS}-bulk.png` });
   await page.fill('#fleet-unit', '');
   log('bulk restart on the label');
 

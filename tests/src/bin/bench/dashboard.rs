@@ -82,6 +82,7 @@ pub(crate) async fn dashboard() {
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let mut churning: Option<(Instant, tokio::task::JoinHandle<()>)> = None;
+    let mut by_sub = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     println!("| view | frames | frame p50 | frame p99 | frame max | long tasks | JS heap peak | JS heap after GC | DOM nodes | WebSocket in |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
@@ -119,6 +120,11 @@ pub(crate) async fn dashboard() {
                 f("ws_bytes") / 1024.0 / secs,
                 f("ws_frames") / secs,
             );
+            by_sub.push(format!(
+                "{}: {}",
+                r["view"].as_str().unwrap_or("?"),
+                r["by_sub"]
+            ));
         } else if line == "DONE" {
             break;
         } else if line.starts_with("FAIL") {
@@ -135,6 +141,10 @@ pub(crate) async fn dashboard() {
             started.elapsed().as_secs_f64(),
             n as f64 / started.elapsed().as_secs_f64()
         );
+    }
+    println!("\nWebSocket bytes by subscription and frame type, per view:");
+    for line in by_sub {
+        println!("- {line}");
     }
     let _ = node.wait().await;
 }
