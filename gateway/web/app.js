@@ -2,14 +2,14 @@
 // Plain ES modules, no build step, no third-party code. Everything agents send is data: it is
 // put in the page with textContent / attributes only, never parsed as HTML.
 //
-// This module wires the views together: login, tabs, the `machines` and `fleet`
-// subscriptions every view shares, and the banner of machines that need attention. Each view
-// subscribes to unit rows only for what it shows (a unit, a machine, a page of machines).
+// This module wires the views together: login, tabs, the `machines` subscription every view
+// shares, and the banner of machines that need attention. Each view subscribes only while it
+// is shown, and to unit rows only for what it shows (a unit, a machine, a page of machines).
 
 import { $ } from './dom.js';
 import { Gateway } from './gateway.js';
 import { ctx, scheduleRender, redrawAll, sortedMachines } from './ctx.js';
-import { initFleet, fleetParams, onFleet } from './fleet.js';
+import { initFleet, followWhileShown as followFleet, resetFleet } from './fleet.js';
 import { initUnits, follow as followUnits, resetUnits } from './units.js';
 import { initMachines, follow as followMachine, resetMachines } from './machines.js';
 import { initSignals, refreshMachineSelect as refreshSignalMachines, resumeSignals } from './signals.js';
@@ -61,6 +61,7 @@ function renderBanner() {
 function selectTab(name) {
   for (const x of document.querySelectorAll('#tabs .tab')) x.classList.toggle('active', x.dataset.tab === name);
   for (const p of document.querySelectorAll('.panel')) p.hidden = p.id !== `tab-${name}`;
+  followFleet();
   followUnits();
   followMachine();
   redrawAll();
@@ -80,10 +81,11 @@ function startApp(token) {
   $('app').hidden = false;
   $('logout').hidden = false;
   ctx.gw.subs.clear();
+  resetFleet();
   resetUnits();
   resetMachines();
+  followFleet(); // first: the overview's aggregate is small and is what the page opens on
   ctx.gw.subscribe('machines', { resource: 'machines' }, onMachines);
-  ctx.gw.subscribe('fleet', fleetParams(), onFleet);
   resumeSignals();
   followUnits();
   followMachine();

@@ -10,7 +10,7 @@ import { actionButtons } from './bulk.js';
 const FLEET_PAGE = 100;
 // `drawn` is what the DOM shows: [summary object, epoch] and [detail version, epoch], so a
 // frame redraws only the part that changed (unit deltas do not rebuild the aggregate).
-const fleet = { summary: null, offset: 0, detail: null, detailRows: new Map(), detailVersion: 0, drawn: [null, -1, -1, -1] };
+const fleet = { summary: null, offset: 0, following: false, detail: null, detailRows: new Map(), detailVersion: 0, drawn: [null, -1, -1, -1] };
 function detailChanged() {
   fleet.detailVersion += 1;
   scheduleRender();
@@ -39,6 +39,29 @@ export function onFleet(msg) {
 export function followFleet() {
   ctx.gw.unsubscribe('fleet');
   ctx.gw.subscribe('fleet', fleetParams(), onFleet);
+}
+
+/**
+ * The aggregate and the open unit are followed only while the Fleet view is shown: elsewhere
+ * their snapshots (the failed list grows to 100 units x 50 machines) would be parsed for
+ * nothing.
+ */
+export function followWhileShown() {
+  const shown = currentTab() === 'fleet';
+  if (shown === fleet.following) return;
+  fleet.following = shown;
+  if (!shown) {
+    ctx.gw.unsubscribe('fleet');
+    ctx.gw.unsubscribe('fleet-unit');
+    return;
+  }
+  followFleet();
+  if (fleet.detail) openUnit(fleet.detail);
+}
+
+/** Forgets what was followed (after a login: the connection's subscriptions are new). */
+export function resetFleet() {
+  fleet.following = false;
 }
 
 const intoResults = () => $('fleet-results');

@@ -70,7 +70,13 @@ function pageMachines() {
 /** (Re)subscribes when the page's machines or the unit glob changed; unsubscribes when hidden. */
 export function follow() {
   if (currentTab() !== 'units' || !ctx.gw) {
-    if (units.subKey) ctx.gw.unsubscribe('units');
+    if (units.subKey) {
+      ctx.gw.unsubscribe('units');
+      // The hidden matrix's thousands of nodes go too.
+      $('units-body').replaceChildren();
+      units.cells.clear();
+      units.shape = '';
+    }
     units.subKey = '';
     units.rows.clear();
     return;

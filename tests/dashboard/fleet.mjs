@@ -2,7 +2,8 @@
 // following the fleet emulator (>= 1,000 emulated machines), for tests/tests/dashboard_fleet.rs.
 // Protocol with the Rust test as in dashboard.mjs: "STEP <name>" then a line on stdin; "TIME
 // <what> <ms>" lines are the measured figures, which the test checks.
-// Environment: GATEWAY_URL, TOKEN, MACHINES, UNIT (the unit failed on 3 machines), FAILED_HOST
+// Environment: GATEWAY_URL, TOKEN, MACHINES, UNIT (the unit failed on 3 machines), MORE_UNITS
+// (two more, comma-separated, failed the same way for the timing), FAILED_HOST
 // (one of them), FROZEN_HOST (a machine the test freezes), LABEL (key=value), SHOTS.
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -10,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 
-const { GATEWAY_URL, TOKEN, MACHINES, UNIT, FAILED_HOST, FROZEN_HOST, LABEL, SHOTS } = process.env;
+const { GATEWAY_URL, TOKEN, MACHINES, UNIT, MORE_UNITS, FAILED_HOST, FROZEN_HOST, LABEL, SHOTS } = process.env;
 const lines = createInterface({ input: process.stdin });
 const waiting = [];
 lines.on('line', (l) => {
@@ -50,21 +51,27 @@ try {
   await page.waitForSelector(allMachines, { timeout: 60000 });
   await page.waitForSelector('#fleet-system:has-text("running")', { timeout: 60000 });
 
-  // First useful paint: from navigation to the counts of every machine and the unit rows.
-  await page.reload();
-  await page.waitForSelector(allMachines, { timeout: T });
-  await page.waitForSelector('#fleet-body tr', { timeout: T });
-  const paint = await page.evaluate(() => performance.now());
-  console.log(`TIME first_paint ${Math.round(paint)}`);
+  // First useful paint: from navigation to the counts of every machine and the unit rows, on
+  // three reloads (the test takes the median: this machine is shared and noisy).
+  for (let i = 0; i < 3; i += 1) {
+    await page.reload();
+    await page.waitForSelector(allMachines, { timeout: T });
+    await page.waitForSelector('#fleet-body tr', { timeout: T });
+    const paint = await page.evaluate(() => performance.now());
+    console.log(`TIME first_paint ${Math.round(paint)}`);
+  }
   const rows = await page.locator('#fleet-body tr').count();
   if (rows !== 100) throw new Error(`fleet page has ${rows} unit rows, not 100`);
 
   // A unit fails on 3 machines: the failed list names it with 3 machines within a second.
   await page.waitForSelector('#fleet-failed li.ok:has-text("no failed units")', { timeout: T });
-  await step('FAIL3');
-  const t0 = Date.now();
-  await page.waitForSelector(`#fleet-failed li[data-unit="${UNIT}"][data-count="3"]`, { timeout: T });
-  console.log(`TIME failed_shown ${Date.now() - t0}`);
+  // Three units in turn, UNIT first (the test takes the median).
+  for (const unit of [UNIT, ...MORE_UNITS.split(',')]) {
+    await step(`FAIL3 ${unit}`);
+    const t0 = Date.now();
+    await page.waitForSelector(`#fleet-failed li[data-unit="${unit}"][data-count="3"]`, { timeout: T });
+    console.log(`TIME failed_shown ${Date.now() - t0}`);
+  }
   await page.waitForSelector(`#fleet-failed li[data-unit="${UNIT}"] a:has-text("${FAILED_HOST}")`, { timeout: T });
   await page.waitForSelector('#fleet-system:has-text("degraded 3")', { timeout: T });
   await page.screenshot({ path: `${SHOTS}-fleet.png` });

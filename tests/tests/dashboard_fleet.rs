@@ -2,8 +2,8 @@
 //! tests/dashboard/fleet.mjs) against a real gateway and a real nats-server following 1,000
 //! machines x 20 units of the **fleet emulator** (emulated agents speaking the agent's wire protocol,
 //! `cbus_tests::emulator`; their unit changes are systemd's PropertiesChanged signals). Checks
-//! issue 17's figures: first useful paint under 2 s, a unit failing on 3 machines in the failed
-//! list within 1 s, a rolling bulk restart on a label's machines with one result per machine
+//! issue 17's figures, each the median of three timings: first useful paint under 2 s, a unit
+//! failing on 3 machines in the failed list within 1 s, a rolling bulk restart on a label's machines with one result per machine
 //! and the summary (and the emulator's truth after it); plus the Units matrix holding one page
 //! of machines, the Machine view, the object browser and the signal log reached from it, and
 //! a frozen machine shown unresponsive. Screenshots of each view go to
@@ -23,6 +23,8 @@ const MACHINES: usize = 1_000;
 /// loaded 2-core machine (cbus-bench `dashboard` runs 200).
 const UNITS: usize = 20;
 const UNIT: &str = "emu-005.service";
+/// Failed on the same machines after UNIT, for two more timings.
+const MORE_UNITS: &str = "emu-006.service,emu-007.service";
 /// The unit fails on these machines; 2 has the label `role=web` (even indexes), 1 and 3 not.
 const FAILING: [usize; 3] = [1, 2, 3];
 const FROZEN: usize = 7;
@@ -50,6 +52,7 @@ async fn fleet_dashboard_with_a_thousand_emulated_machines() {
         .env("TOKEN", TOKEN)
         .env("MACHINES", MACHINES.to_string())
         .env("UNIT", UNIT)
+        .env("MORE_UNITS", MORE_UNITS)
         .env("FAILED_HOST", host(2))
         .env("FROZEN_HOST", host(FROZEN))
         .env("LABEL", LABEL)
@@ -62,7 +65,7 @@ async fn fleet_dashboard_with_a_thousand_emulated_machines() {
     let mut stdin = node.stdin.take().expect("node stdin");
     let mut out = BufReader::new(node.stdout.take().expect("node stdout")).lines();
     let mut transcript = Vec::new();
-    let mut times = std::collections::BTreeMap::new();
+    let mut times: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     let mut results = None;
     let mut done = false;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
@@ -75,10 +78,13 @@ async fn fleet_dashboard_with_a_thousand_emulated_machines() {
         transcript.push(line.clone());
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
-            ["STEP", "FAIL3"] => {
+            ["STEP", "FAIL3", unit] => {
                 emulator.freeze(FROZEN);
                 for i in FAILING {
-                    assert!(emulator.change_unit(i, UNIT, "failed").await, "unit of {i}");
+                    assert!(
+                        emulator.change_unit(i, unit, "failed").await,
+                        "{unit} of {i}"
+                    );
                 }
                 emulator.flush().await;
             }
@@ -96,7 +102,8 @@ async fn fleet_dashboard_with_a_thousand_emulated_machines() {
                 }
             }
             ["TIME", what, ms] => {
-                times.insert(what.to_string(), ms.parse::<u64>().expect("ms"));
+                let ms = ms.parse::<u64>().expect("ms");
+                times.entry(what.to_string()).or_default().push(ms);
             }
             ["RESULTS", n] => results = Some(n.parse::<usize>().expect("count")),
             ["DONE"] => done = true,
@@ -123,14 +130,22 @@ async fn fleet_dashboard_with_a_thousand_emulated_machines() {
         .filter(|a| a.info.labels.get("role").map(String::as_str) == Some("web"))
         .count();
     assert_eq!(results, Some(web), "one result per machine with {LABEL}");
-    let first_paint = times["first_paint"];
-    let failed_shown = times["failed_shown"];
+    // Medians of three: the machine is shared with other builds, and one stall says little.
+    let median = |what: &str| {
+        let mut v = times.get(what).cloned().unwrap_or_default();
+        assert_eq!(v.len(), 3, "three timings of {what}");
+        v.sort_unstable();
+        v[1]
+    };
+    let first_paint = median("first_paint");
+    let failed_shown = median("failed_shown");
+    println!("median first paint {first_paint} ms, failed unit shown {failed_shown} ms");
     assert!(
         first_paint < 2_000,
-        "first useful paint took {first_paint} ms"
+        "first useful paint took {first_paint} ms (median)"
     );
     assert!(
         failed_shown < 1_000,
-        "the failed unit took {failed_shown} ms to show"
+        "the failed unit took {failed_shown} ms to show (median)"
     );
 }
