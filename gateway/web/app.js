@@ -8,7 +8,7 @@
 
 import { $ } from './dom.js';
 import { Gateway } from './gateway.js';
-import { ctx, scheduleRender, redrawAll, sortedMachines } from './ctx.js';
+import { ctx, scheduleRender, redrawAll, sortedMachines, putMachines } from './ctx.js';
 import { initFleet, followWhileShown as followFleet, resetFleet } from './fleet.js';
 import { initUnits, follow as followUnits, resetUnits } from './units.js';
 import { initMachines, follow as followMachine, resetMachines } from './machines.js';
@@ -32,12 +32,8 @@ ctx.gw = new Gateway((kind, text) => {
 });
 
 function onMachines(msg) {
-  if (msg.type === 'snapshot') {
-    ctx.machines.clear();
-    for (const m of msg.data || []) ctx.machines.set(m.nkey, m);
-  } else if (msg.type === 'delta') {
-    for (const m of msg.data.upsert || []) ctx.machines.set(m.nkey, m);
-  }
+  if (msg.type === 'snapshot') putMachines(msg.data || [], true);
+  else if (msg.type === 'delta') putMachines(msg.data.upsert || [], false);
   refreshSignalMachines();
   refreshObjectMachines();
   scheduleRender();
@@ -45,7 +41,7 @@ function onMachines(msg) {
 
 // Machines that are not running, or running without their bus, by name (the first few).
 function renderBanner() {
-  const bad = sortedMachines([...ctx.machines.values()].filter((m) => m.state !== 'running' || !m.bus_connected));
+  const bad = sortedMachines().filter((m) => m.state !== 'running' || !m.bus_connected);
   const b = $('banner');
   b.hidden = bad.length === 0;
   const named = bad.slice(0, BANNER_MACHINES).map((m) => `${m.hostname} is ${m.state === 'running' ? 'running without its bus' : m.state}`);

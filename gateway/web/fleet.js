@@ -159,7 +159,8 @@ function renderUnitDetail() {
   fleet.drawn[2] = fleet.detailVersion;
   fleet.drawn[3] = ctx.epoch;
   $('fleet-detail-title').textContent = name;
-  const rows = [...fleet.detailRows.values()].sort((a, b) => a[1].localeCompare(b[1]) || a[0].localeCompare(b[0]));
+  const cmp = (x, y) => (x < y ? -1 : x > y ? 1 : 0);
+  const rows = [...fleet.detailRows.values()].sort((a, b) => cmp(a[1], b[1]) || cmp(a[0], b[0]));
   const chosen = chosenRows(rows).map((r) => r[0]);
   const states = {};
   for (const r of rows) states[r[6]] = (states[r[6]] || 0) + 1;

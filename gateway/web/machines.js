@@ -21,13 +21,11 @@ function filtered() {
   const f = $('mach-filter').value.trim().toLowerCase();
   const label = parseLabel(f);
   const st = $('mach-state').value;
-  return sortedMachines(
-    [...ctx.machines.values()].filter((m) => {
-      if (st === 'degraded' ? m.system_state !== 'degraded' : st && m.state !== st) return false;
-      if (label) return String(m.labels?.[label[0]] ?? '').toLowerCase() === label[1];
-      return !f || m.hostname.toLowerCase().includes(f) || m.nkey.toLowerCase().includes(f);
-    }),
-  );
+  return sortedMachines().filter((m) => {
+    if (st === 'degraded' ? m.system_state !== 'degraded' : st && m.state !== st) return false;
+    if (label) return String(m.labels?.[label[0]] ?? '').toLowerCase() === label[1];
+    return !f || m.hostname.toLowerCase().includes(f) || m.nkey.toLowerCase().includes(f);
+  });
 }
 
 function labelsText(m) {
@@ -107,7 +105,7 @@ function renderDetail(m) {
   const states = {};
   for (const r of all) states[r[6]] = (states[r[6]] || 0) + 1;
   $('mach-unit-counts').textContent = `${all.length} units: ${counts(states)}`;
-  const rows = all.filter((r) => (!f || r[2].toLowerCase().includes(f)) && (!st || r[6] === st)).sort((a, b) => a[2].localeCompare(b[2]));
+  const rows = all.filter((r) => (!f || r[2].toLowerCase().includes(f)) && (!st || r[6] === st)).sort((a, b) => (a[2] < b[2] ? -1 : a[2] > b[2] ? 1 : 0));
   const page = unitPager.slice(rows);
   $('mach-unit-pager').replaceChildren(unitPager.controls());
   $('mach-units-body').replaceChildren(

@@ -2,7 +2,7 @@
 // `set`, then `get` to read the value back).
 
 import { $, el, relTime, showValue, truncate } from './dom.js';
-import { ctx } from './ctx.js';
+import { ctx, sortedMachines } from './ctx.js';
 
 let objKey = null;
 let objState = null;
@@ -178,7 +178,7 @@ function listNames() {
 let selectKey = '';
 /** The machine list; rebuilt only when machines or their states change. */
 export function refreshMachineSelect() {
-  const ms = [...ctx.machines.values()].sort((a, b) => a.hostname.localeCompare(b.hostname));
+  const ms = sortedMachines();
   const key = ms.map((m) => `${m.nkey}:${m.state}`).join(',');
   if (key === selectKey) return;
   selectKey = key;

@@ -1,7 +1,7 @@
 // Signals view: the signal log (resource `signals`), newest first, at most 500 rows.
 
 import { $, el, truncate } from './dom.js';
-import { ctx } from './ctx.js';
+import { ctx, sortedMachines } from './ctx.js';
 
 const MAX_SIGNALS = 500;
 let sigPaused = false;
@@ -64,7 +64,7 @@ export function openSignals(nkey) {
 let selectKey = '';
 /** The machine list of the filter; rebuilt only when machines or their states change. */
 export function refreshMachineSelect() {
-  const ms = [...ctx.machines.values()].sort((a, b) => a.hostname.localeCompare(b.hostname));
+  const ms = sortedMachines();
   const key = ms.map((m) => `${m.nkey}:${m.state}`).join(',');
   if (key === selectKey) return;
   selectKey = key;

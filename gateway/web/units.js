@@ -54,13 +54,11 @@ function onUnits(msg) {
 function filteredMachines() {
   const f = $('machine-filter').value.trim().toLowerCase();
   const [lk, lv] = f.includes('=') ? [f.slice(0, f.indexOf('=')), f.slice(f.indexOf('=') + 1)] : [null, null];
-  return sortedMachines(
-    [...ctx.machines.values()].filter((m) => {
-      if (!f) return true;
-      if (lk !== null) return String(m.labels?.[lk] ?? '').toLowerCase() === lv;
-      return m.hostname.toLowerCase().includes(f) || m.nkey.toLowerCase().includes(f);
-    }),
-  );
+  return sortedMachines().filter((m) => {
+    if (!f) return true;
+    if (lk !== null) return String(m.labels?.[lk] ?? '').toLowerCase() === lv;
+    return m.hostname.toLowerCase().includes(f) || m.nkey.toLowerCase().includes(f);
+  });
 }
 
 function pageMachines() {
