@@ -18,7 +18,9 @@ function detailChanged() {
 const detailPager = new Pager(100, detailChanged, 'fleet-detail');
 
 export function fleetParams() {
-  const p = { resource: 'fleet', offset: fleet.offset, limit: FLEET_PAGE };
+  // The failed list is the heaviest part of the aggregate: 20 units x 10 machines is what the
+  // view shows (counts say how many more).
+  const p = { resource: 'fleet', offset: fleet.offset, limit: FLEET_PAGE, failed_limit: 20, failed_machines: 10 };
   const unit = $('fleet-unit').value.trim();
   const label = $('fleet-label').value.trim();
   if (unit) p.unit = unit;

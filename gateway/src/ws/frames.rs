@@ -53,6 +53,12 @@ pub(crate) enum Resource {
         offset: Option<usize>,
         #[serde(default)]
         limit: Option<usize>,
+        /// Failed units listed at most (default and cap: 100).
+        #[serde(default)]
+        failed_limit: Option<usize>,
+        /// Machines listed per failed unit at most (default and cap: 50).
+        #[serde(default)]
+        failed_machines: Option<usize>,
     },
     /// One D-Bus object on one machine: schema and property values.
     Object {
