@@ -30,6 +30,10 @@ pub(crate) struct Query {
     pub label: Option<(String, String)>,
     pub offset: usize,
     pub limit: usize,
+    /// Failed units listed, at most (capped by [`MAX_FAILED_UNITS`]).
+    pub failed_limit: usize,
+    /// Machines listed per failed unit, at most (capped by [`MAX_FAILED_MACHINES`]).
+    pub failed_machines: usize,
 }
 
 /// One machine a unit failed on.
@@ -159,7 +163,7 @@ impl Builder {
                 machines.sort_by_key(|f| (f.since_us.is_none(), f.since_us));
                 let count = machines.len();
                 let since_us = machines.first().and_then(|f| f.since_us);
-                machines.truncate(MAX_FAILED_MACHINES);
+                machines.truncate(q.failed_machines.min(MAX_FAILED_MACHINES));
                 Failed {
                     unit,
                     count,
@@ -169,7 +173,7 @@ impl Builder {
             })
             .collect();
         failed.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.unit.cmp(&b.unit)));
-        failed.truncate(MAX_FAILED_UNITS);
+        failed.truncate(q.failed_limit.min(MAX_FAILED_UNITS));
         s.failed = failed;
         s
     }
@@ -243,6 +247,8 @@ mod tests {
         ];
         let q = Query {
             limit: 2,
+            failed_limit: MAX_FAILED_UNITS,
+            failed_machines: 1,
             ..Query::default()
         };
         let s = summary(&ms, &q);
@@ -256,11 +262,24 @@ mod tests {
         assert_eq!(s.failed[0].count, 2);
         assert_eq!(s.failed[0].since_us, Some(3));
         assert_eq!(s.failed[0].machines[0].machine, "B");
+        assert_eq!(
+            s.failed[0].machines.len(),
+            1,
+            "failed_machines bounds the list"
+        );
         assert_eq!(s.rows_total, 3);
         assert_eq!(s.rows.len(), 2);
         assert_eq!(s.rows[0].unit, "a.service");
         assert_eq!(s.rows[0].states.get("active"), Some(&2));
         assert_eq!(s.rows[0].machines, 3);
+
+        let q = Query {
+            failed_limit: 1,
+            failed_machines: 50,
+            ..Query::default()
+        };
+        let s = summary(&ms, &q);
+        assert_eq!((s.failed.len(), s.failed_total), (1, 2), "failed_limit");
 
         let q = Query {
             label: Some(("role".into(), "db".into())),

@@ -393,6 +393,7 @@ mod tests {
             units: 0,
             units_loaded: false,
             maintenance: None,
+            system_state: None,
         }));
         assert!(units_only.try_recv().is_none());
         assert!(matches!(

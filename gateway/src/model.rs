@@ -348,6 +348,7 @@ impl Machine {
             units: self.units.len(),
             units_loaded: self.units_loaded,
             maintenance: self.maintenance(now_ms).cloned(),
+            system_state: (!self.system.state.is_empty()).then(|| self.system.state.clone()),
         }
     }
 
@@ -379,6 +380,9 @@ pub(crate) struct MachineRow {
     /// The maintenance mark in force (absent when none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<Maintenance>,
+    /// The systemd manager's SystemState (`running`, `degraded`…); absent while unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_state: Option<String>,
 }
 
 /// A unit with the machine it runs on, as sent to WebSocket clients (a compact array, see

@@ -7,9 +7,8 @@
 // the answer went) is only the requester's claim. Everything here is agent-sent data: rendered
 // with textContent and attributes only (el() below), never parsed as markup.
 
-import { gw, el, state } from '/app.js';
-
-const $ = (id) => document.getElementById(id);
+import { ctx } from './ctx.js';
+import { $, el } from './dom.js';
 const SUB = 'audit';
 const MAX_ROWS = 500;
 const SINCE = [
@@ -83,7 +82,7 @@ function refreshMachines() {
   const sel = $('audit-machine');
   if (!sel) return;
   const cur = sel.value;
-  const ms = [...state.machines.values()].sort((a, b) => a.hostname.localeCompare(b.hostname));
+  const ms = [...ctx.machines.values()].sort((a, b) => a.hostname.localeCompare(b.hostname));
   sel.replaceChildren(el('option', { value: '', text: 'all' }), ...ms.map((m) => el('option', { value: m.nkey, text: m.hostname })));
   if ([...sel.options].some((o) => o.value === cur)) sel.value = cur;
 }
@@ -159,8 +158,8 @@ function follow() {
   audit.history = null;
   audit.rows = [];
   render();
-  gw.unsubscribe(SUB);
-  gw.subscribe(SUB, p, onAudit);
+  ctx.gw.unsubscribe(SUB);
+  ctx.gw.subscribe(SUB, p, onAudit);
 }
 
 function init() {
@@ -169,7 +168,7 @@ function init() {
   tab.addEventListener('click', () => {
     build();
     refreshMachines();
-    if (!gw.subs.has(SUB)) follow();
+    if (!ctx.gw.subs.has(SUB)) follow();
   });
 }
 

@@ -60,6 +60,8 @@ try {
   await page.click('#login-form button[type=submit]');
   await page.waitForSelector('#conn.conn-up', { timeout: T });
   await page.waitForSelector('#login', { state: 'hidden', timeout: T });
+  // The Fleet view opens first; the machines x units matrix is the Units tab.
+  await page.click('button[data-tab=units]');
   for (const host of [HOST_A, HOST_B]) {
     await page.waitForSelector(`${cell(host)}[data-active="active"]`, { timeout: T });
   }

@@ -1,6 +1,7 @@
-//! Headless Chromium for the dashboard tests: Chromium (Debian package) and playwright-core
-//! (npm, pinned, into target/playwright) are installed when missing, so a test runs from a
-//! fresh clone; the driving script (`tests/dashboard/*.mjs`) is copied next to node_modules.
+//! Real headless Chromium for the dashboard's tests and the bench: Chromium (Debian package)
+//! and playwright-core (npm, pinned, into `target/playwright`) are installed when missing, so
+//! the tests run from a fresh clone; the scripts of `tests/dashboard/` are copied next to
+//! `node_modules` so that their `import 'playwright-core'` resolves.
 
 use std::path::{Path, PathBuf};
 
@@ -18,9 +19,9 @@ fn run(cmd: &mut std::process::Command) {
     );
 }
 
-/// Installs what is missing and copies `tests/dashboard/<script>` beside node_modules;
-/// returns that directory (run `node <dir>/<script>` there).
-pub fn deps(script: &str) -> PathBuf {
+/// Installs Chromium and playwright-core when missing; returns the directory holding
+/// node_modules/playwright-core and the scripts.
+pub fn browser_deps() -> PathBuf {
     if !Path::new(CHROMIUM).exists() {
         run(std::process::Command::new("apt-get")
             .args(["install", "-y", "-qq", "chromium"])
@@ -40,12 +41,13 @@ pub fn deps(script: &str) -> PathBuf {
             .arg(&dir)
             .arg(PLAYWRIGHT));
     }
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("dashboard")
-            .join(script),
-        dir.join(script),
-    )
-    .unwrap_or_else(|e| panic!("copy {script} next to node_modules: {e}"));
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboard");
+    for entry in std::fs::read_dir(&scripts).expect("tests/dashboard") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().is_some_and(|e| e == "mjs") {
+            let name = path.file_name().expect("file name");
+            std::fs::copy(&path, dir.join(name)).expect("copy script next to node_modules");
+        }
+    }
     dir
 }

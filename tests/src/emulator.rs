@@ -12,15 +12,22 @@
 //! `ListUnits` / `ListUnitsByPatterns` / `Subscribe` with a unit list of its own
 //! ([`EmulatedAgent::units`], the truth a gateway's cache is checked against).
 //!
+//! Units change like systemd's: [`Emulator::change_unit`] (and a `StartUnit`, `StopUnit` or
+//! `RestartUnit` call) changes the truth and emits the `PropertiesChanged` signal systemd's
+//! manager would, from the unique name that owns `org.freedesktop.systemd1` (`Sender-Name`),
+//! so a gateway follows it as it follows a real machine; [`Emulator::set_unit`] changes it
+//! silently (as while NATS is away).
+//!
 //! One difference, stated: N agents share `connections` NATS connections (real agents have
 //! one each), because one process cannot hold 50,000 sockets to a local server comfortably.
 //! Subjects, subscriptions, message counts and sizes are the same.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cbus_client::headers;
 use cbus_protocol::envelope::{ErrorBody, ErrorCode, Reply, Request, Success};
 use cbus_protocol::presence::{
     host_index_key, now_ms, AgentInfo, PresenceEvent, PresenceKind, REGISTRY_BUCKET,
@@ -60,6 +67,10 @@ pub struct EmulatedAgent {
     frozen: AtomicBool,
     /// (name, active state) of each unit; the emulator's truth.
     units: Mutex<Vec<(String, String)>>,
+    /// unit name -> when its state last changed (µs since the epoch); the emulator's start
+    /// for units never changed.
+    since: Mutex<HashMap<String, u64>>,
+    started_us: u64,
 }
 
 impl EmulatedAgent {
@@ -80,12 +91,15 @@ pub struct Sent {
     pub heartbeats: AtomicU64,
     pub heartbeat_bytes: AtomicU64,
     pub replies: AtomicU64,
+    pub signals: AtomicU64,
 }
 
 /// A running emulated fleet; its tasks end when it is dropped.
 pub struct Emulator {
     pub agents: Vec<Arc<EmulatedAgent>>,
     pub sent: Arc<Sent>,
+    /// Agent `i` publishes on `clients[i % clients.len()]`.
+    clients: Vec<async_nats::Client>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -170,6 +184,8 @@ impl Emulator {
                     info,
                     frozen: AtomicBool::new(false),
                     units: Mutex::new(unit_names(i, spec.units)),
+                    since: Mutex::new(HashMap::new()),
+                    started_us: now_ms() * 1000,
                 })
             })
             .collect();
@@ -203,6 +219,7 @@ impl Emulator {
         Emulator {
             agents,
             sent,
+            clients,
             tasks,
         }
     }
@@ -224,6 +241,96 @@ impl Emulator {
         if let Some(u) = units.iter_mut().find(|(n, _)| n == unit) {
             u.1 = active.to_owned();
         }
+    }
+}
+
+impl Emulator {
+    /// Changes unit `unit` of agent `i` to `active` as systemd would: the truth, then the
+    /// unit's `PropertiesChanged` signal (ActiveState, SubState, StateChangeTimestamp). False
+    /// when the machine has no such unit or the publish failed.
+    pub async fn change_unit(&self, i: usize, unit: &str, active: &str) -> bool {
+        let agent = &self.agents[i];
+        let client = &self.clients[i % self.clients.len()];
+        change_and_signal(client, agent, unit, active, &self.sent).await
+    }
+
+    /// Waits until everything published so far reached the server.
+    pub async fn flush(&self) {
+        for c in &self.clients {
+            let _ = c.flush().await;
+        }
+    }
+}
+
+/// The unique name the emulated systemd manager sends from.
+const SYSTEMD_UNIQUE: &str = ":1.1";
+
+/// Sets the unit's state and publishes its PropertiesChanged; false when unknown or unsent.
+async fn change_and_signal(
+    client: &async_nats::Client,
+    agent: &EmulatedAgent,
+    unit: &str,
+    active: &str,
+    sent: &Sent,
+) -> bool {
+    {
+        let mut units = agent.units.lock().expect("units lock");
+        match units.iter_mut().find(|(n, _)| n == unit) {
+            Some(u) => u.1 = active.to_owned(),
+            None => return false,
+        }
+    }
+    let path = cbus_protocol::names::systemd_unit_path(unit);
+    let Ok(subject) = subject::SignalSubject::new(&agent.info.nkey, SYSTEMD_UNIQUE, &path)
+        .and_then(|s| s.encode())
+    else {
+        return false;
+    };
+    let now_us = now_ms() * 1000;
+    agent
+        .since
+        .lock()
+        .expect("since lock")
+        .insert(unit.to_owned(), now_us);
+    let args = json!([
+        "org.freedesktop.systemd1.Unit",
+        {
+            "ActiveState": {"t": "s", "v": active},
+            "SubState": {"t": "s", "v": sub_state(active)},
+            "StateChangeTimestamp": {"t": "t", "v": now_us.to_string()},
+        },
+        []
+    ]);
+    let mut h = async_nats::HeaderMap::new();
+    for (name, value) in [
+        (headers::NKEY, agent.info.nkey.as_str()),
+        (headers::HOSTNAME, agent.info.hostname.as_str()),
+        (headers::SENDER, SYSTEMD_UNIQUE),
+        (headers::SENDER_NAME, "org.freedesktop.systemd1"),
+        (headers::PATH, path.as_str()),
+        (headers::INTERFACE, "org.freedesktop.DBus.Properties"),
+        (headers::MEMBER, "PropertiesChanged"),
+        (headers::SIGNATURE, "sa{sv}as"),
+    ] {
+        headers::set(&mut h, name, value);
+    }
+    let ok = client
+        .publish_with_headers(subject, h, args.to_string().into())
+        .await
+        .is_ok();
+    if ok {
+        sent.signals.fetch_add(1, Ordering::Relaxed);
+    }
+    ok
+}
+
+fn sub_state(active: &str) -> &'static str {
+    match active {
+        "active" => "running",
+        "failed" => "failed",
+        "activating" => "start",
+        "deactivating" => "stop",
+        _ => "dead",
     }
 }
 
@@ -255,6 +362,10 @@ async fn serve_requests(client: async_nats::Client, agent: Arc<EmulatedAgent>, s
             continue;
         };
         let result = answer(&agent, &msg.subject, &msg.payload);
+        let job = result
+            .as_ref()
+            .ok()
+            .and_then(|_| unit_job(&msg.subject, &msg.payload));
         let reply = Reply {
             nkey: nkey.clone(),
             hostname: agent.info.hostname.clone(),
@@ -263,7 +374,23 @@ async fn serve_requests(client: async_nats::Client, agent: Arc<EmulatedAgent>, s
         if client.publish(reply_to, reply.to_payload()).await.is_ok() {
             sent.replies.fetch_add(1, Ordering::Relaxed);
         }
+        // The job runs after its reply, as systemd's: the unit's new state is signalled.
+        if let Some((unit, active)) = job {
+            change_and_signal(&client, &agent, &unit, active, &sent).await;
+        }
     }
+}
+
+/// The unit and the state a StartUnit / RestartUnit / StopUnit call leaves it in.
+fn unit_job(subject: &str, payload: &[u8]) -> Option<(String, &'static str)> {
+    let s = RequestSubject::parse(subject).ok()?;
+    let active = match (s.op, s.member.as_deref()?) {
+        (Op::Call, "StartUnit" | "RestartUnit") => "active",
+        (Op::Call, "StopUnit") => "inactive",
+        _ => return None,
+    };
+    let args = Request::from_payload(payload).ok()?.args?;
+    Some((args.get(0)?.as_str()?.to_owned(), active))
 }
 
 fn answer(agent: &EmulatedAgent, subject: &str, payload: &[u8]) -> Result<Success, ErrorBody> {
@@ -306,6 +433,9 @@ fn answer(agent: &EmulatedAgent, subject: &str, payload: &[u8]) -> Result<Succes
                 .collect();
             ok("a(ssssssouso)", json!([rows]))
         }
+        (Op::Call, Some("StartUnit" | "RestartUnit" | "StopUnit")) => {
+            ok("o", json!("/org/freedesktop/systemd1/job/1"))
+        }
         (Op::Call, _) => ok("", json!([])),
         // What the gateway reads of units and the manager, with values a Debian 12 machine
         // gives (types by signature, 64-bit numbers as strings).
@@ -313,20 +443,63 @@ fn answer(agent: &EmulatedAgent, subject: &str, payload: &[u8]) -> Result<Succes
             ok("u", json!(0))
         }
         (Op::Get, Some(m)) if m.ends_with("Timestamp") || m == "LastTriggerUSec" => {
-            ok("t", json!("1700000000000000"))
+            let unit = cbus_protocol::token::systemd_unit_of_path(&s.path);
+            let since = unit
+                .and_then(|u| agent.since.lock().expect("since lock").get(&u).copied())
+                .unwrap_or(agent.started_us);
+            ok("t", json!(since.to_string()))
         }
         (Op::Get, Some("TasksCurrent")) => ok("t", json!("2")),
         (Op::Get, Some("TasksMax")) => ok("t", json!("4915")),
         (Op::Get, Some("Type")) => ok("s", json!("simple")),
         (Op::Get, Some("UnitFileState")) => ok("s", json!("enabled")),
-        (Op::Get, Some("SystemState")) => ok("s", json!("running")),
+        (Op::Get, Some("SystemState")) => {
+            let failed = agent.units().iter().any(|(_, a)| a == "failed");
+            ok("s", json!(if failed { "degraded" } else { "running" }))
+        }
         (Op::Get, Some("Version")) => ok("s", json!("252.39-1~deb12u2")),
         (Op::Get, _) => ok("s", json!("emulated")),
-        (Op::GetAll, _) => ok("a{sv}", json!({"Emulated": {"t": "s", "v": "emulated"}})),
+        (Op::GetAll, _) => {
+            let failed = agent.units().iter().any(|(_, a)| a == "failed");
+            let props = json!({
+                "Version": {"t": "s", "v": "252.39-1~deb12u2"},
+                "SystemState": {"t": "s", "v": if failed { "degraded" } else { "running" }},
+                "LogLevel": {"t": "s", "v": "info"},
+            });
+            // Without an interface, every interface's properties, by interface.
+            match request.interface {
+                Some(_) => ok("a{sv}", props),
+                None => ok(
+                    "a{sa{sv}}",
+                    json!({"org.freedesktop.systemd1.Manager": props}),
+                ),
+            }
+        }
         (Op::Set, _) => ok("", Value::Null),
-        (Op::Introspect, _) => ok("", json!({"interfaces": [], "children": []})),
+        (Op::Introspect, _) => ok("", introspection()),
         (Op::ListNames, _) => ok("a{ss}", json!({"org.freedesktop.systemd1": ":1.1"})),
     }
+}
+
+/// What introspecting any object gives: a few of systemd's Manager members (an
+/// `ObjectSchema`, as an agent sends it).
+fn introspection() -> Value {
+    let arg = |name: &str, ty: &str| json!({"name": name, "type": ty});
+    let prop = |name: &str, access: &str| json!({"name": name, "type": "s", "access": access});
+    json!({
+        "xml": "",
+        "interfaces": [{
+            "name": "org.freedesktop.systemd1.Manager",
+            "methods": [{
+                "name": "RestartUnit",
+                "in": [arg("name", "s"), arg("mode", "s")],
+                "out": [arg("job", "o")],
+            }],
+            "properties": [prop("Version", "read"), prop("SystemState", "read"), prop("LogLevel", "readwrite")],
+            "signals": [{"name": "UnitNew", "args": [arg("id", "s"), arg("unit", "o")]}],
+        }],
+        "children": ["unit"],
+    })
 }
 
 /// Answers each ping as an agent does: a heartbeat on each agent's own presence subject.

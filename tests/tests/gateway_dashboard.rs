@@ -6,12 +6,12 @@
 //! /tmp/cbus-dashboard-*.png.
 //!
 //! Chromium (Debian package) and playwright-core (npm, into target/playwright) are installed
-//! when missing, so this runs from a fresh clone.
+//! when missing (`cbus_tests::browser`), so this runs from a fresh clone.
 
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use cbus_tests::browser::browser_deps;
 use cbus_tests::{Agent, GatewayProcess, Machine, MachineSpec, NatsServer};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -19,49 +19,6 @@ const TOKEN: &str = "dashboard-test-token-42";
 const UNIT: &str = "gw-sleeper.service";
 const UNIT_PATH: &str = "/org/freedesktop/systemd1/unit/gw_2dsleeper_2eservice";
 const SLEEPER: &str = "[Unit]\nDescription=gateway sleeper\n[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n";
-const CHROMIUM: &str = "/usr/bin/chromium";
-/// Pinned: the version this test was written against (a newer one may change the API).
-const PLAYWRIGHT: &str = "playwright-core@1.65.1";
-
-fn run(cmd: &mut std::process::Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Installs Chromium and playwright-core when missing; returns the directory holding
-/// node_modules/playwright-core.
-fn browser_deps() -> PathBuf {
-    if !Path::new(CHROMIUM).exists() {
-        run(std::process::Command::new("apt-get")
-            .args(["install", "-y", "-qq", "chromium"])
-            .env("DEBIAN_FRONTEND", "noninteractive"));
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let dir = target.join("playwright");
-    if !dir
-        .join("node_modules/playwright-core/package.json")
-        .exists()
-    {
-        std::fs::create_dir_all(&dir).expect("create playwright dir");
-        run(std::process::Command::new("npm")
-            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
-            .arg(&dir)
-            .arg(PLAYWRIGHT));
-    }
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboard/dashboard.mjs"),
-        dir.join("dashboard.mjs"),
-    )
-    .expect("copy dashboard.mjs next to node_modules");
-    dir
-}
 
 async fn property(m: &Machine, path: &str, iface: &str, name: &str) -> String {
     let conn = zbus::connection::Builder::address(m.bus_address().as_str())

@@ -124,7 +124,7 @@ async fn send(ws: &mut Ws, v: Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_trail_and_signal_history_in_the_gateway_and_the_dashboard() {
     cbus_tests::init_tracing();
-    let pw_dir = tokio::task::spawn_blocking(|| cbus_tests::browser::deps("audit.mjs"));
+    let pw_dir = tokio::task::spawn_blocking(cbus_tests::browser::browser_deps);
     let dir = tempfile::tempdir().unwrap();
     let key = cbus_tests::agent::generate_host_key(dir.path());
     let nkey = cbus_protocol::nkey::from_ssh_host_key(&key)

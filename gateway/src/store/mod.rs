@@ -275,10 +275,16 @@ impl Store {
         }
     }
 
-    /// Records what the machine's systemd manager reported.
+    /// Records what the machine's systemd manager reported; a new system state is a visible
+    /// change of the machine's row.
     pub(crate) fn set_system(&self, nkey: &str, update: impl FnOnce(&mut SystemInfo)) {
-        if let Some(machine) = self.write().get_mut(nkey) {
+        let mut m = self.write();
+        if let Some(machine) = m.get_mut(nkey) {
+            let before = machine.system.state.clone();
             update(&mut machine.system);
+            if machine.system.state != before {
+                self.emit(Change::Machine(machine.row(now_ms())));
+            }
         }
     }
 

@@ -53,6 +53,12 @@ pub(crate) enum Resource {
         offset: Option<usize>,
         #[serde(default)]
         limit: Option<usize>,
+        /// Failed units listed at most (default and cap: 100).
+        #[serde(default)]
+        failed_limit: Option<usize>,
+        /// Machines listed per failed unit at most (default and cap: 50).
+        #[serde(default)]
+        failed_machines: Option<usize>,
     },
     /// One D-Bus object on one machine: schema and property values.
     Object {
@@ -164,6 +170,12 @@ pub(crate) struct RequestMsg {
     pub value: Option<Value>,
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Rolling start/stop/restart: machines in flight at most (`3`, `25%`).
+    #[serde(default)]
+    pub batch: Option<String>,
+    /// Rolling: failed or unreachable machines tolerated before no more start (`0`, `10%`).
+    #[serde(default)]
+    pub max_fail: Option<String>,
 }
 
 #[derive(Deserialize)]

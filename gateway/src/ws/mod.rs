@@ -8,6 +8,7 @@
 //! - [`subscription`]: resources compiled into what a session follows, with their snapshots
 //!   and deltas;
 //! - [`request`]: requests checked, sent to each machine, answered per machine;
+//! - [`rolling`]: rolling start/stop/restart (`batch`, `max_fail`) by the CLI's planner;
 //! - [`signals`]: the tasks that forward signals to signal subscriptions;
 //! - [`history`]: the audit trail and the recent past of signals, read from their JetStream
 //!   streams (a page, then new entries; a replay, then live signals, with no seam);
@@ -17,7 +18,7 @@
 //! Within `ws`: `upgrade` uses `session`, which uses every other module but `upgrade`;
 //! `subscription` uses `history` and `signals`; `history` uses `signals`; `request` and
 //! `subscription` use `context`; `request`, `signals`, `history` and `subscription` use
-//! `outgoing`;
+//! `outgoing`; `request` uses `rolling`, which uses no other;
 //! `writer` and `outgoing` use only `frames`, which uses no other.
 
 mod context;
@@ -25,6 +26,7 @@ mod frames;
 mod history;
 mod outgoing;
 mod request;
+mod rolling;
 mod session;
 mod signals;
 mod subscription;

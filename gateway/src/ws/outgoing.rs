@@ -131,6 +131,12 @@ pub(super) enum ServerFrame<'a> {
         ok: usize,
         failed: usize,
         timed_out: usize,
+        /// Rolling requests only: machines never asked because `max_fail` was exceeded.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        not_started: Option<usize>,
+        /// Rolling requests only: whether `max_fail` was exceeded.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        halted: Option<bool>,
     },
 }
 
@@ -440,6 +446,7 @@ mod tests {
             units: 3,
             units_loaded: true,
             maintenance: None,
+            system_state: None,
         }
     }
 
@@ -614,6 +621,8 @@ mod tests {
                     ok: 1,
                     failed: 2,
                     timed_out: 3,
+                    not_started: None,
+                    halted: None,
                 },
                 json!({"type": "done", "id": 7, "ok": 1, "failed": 2, "timed_out": 3}),
             ),

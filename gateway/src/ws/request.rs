@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use super::context::WsContext;
 use super::frames::{RequestMsg, RequestOp, Targets};
 use super::outgoing::ServerFrame;
+use super::rolling::{Driver, Ended, Rolling};
 use super::writer::{Frame, Outbox};
 use crate::requests::{self, result_of, MachineResult};
 
@@ -28,6 +29,7 @@ const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub(super) struct Prepared {
     query: Query,
     timeout: Duration,
+    rolling: Option<Rolling>,
 }
 
 /// Checks a request and runs it in a task of its own, at most `max_inflight` per connection;
@@ -147,7 +149,20 @@ pub(super) fn prepare(r: &RequestMsg, default_timeout: Duration) -> Result<Prepa
     )
     .map_err(|e| e.to_string())?;
     query.request.check_for(query.op)?;
-    Ok(Prepared { query, timeout })
+    let rolling = Rolling::parse(r.batch.as_deref(), r.max_fail.as_deref())?;
+    if rolling.is_some()
+        && !matches!(
+            r.op,
+            RequestOp::Start | RequestOp::Stop | RequestOp::Restart
+        )
+    {
+        return Err("batch and max_fail are for start, stop and restart".into());
+    }
+    Ok(Prepared {
+        query,
+        timeout,
+        rolling,
+    })
 }
 
 fn op_name(op: RequestOp) -> &'static str {
@@ -234,6 +249,30 @@ pub(super) async fn run(
         ask_maintenance: true,
         grace: false,
     };
+    if let Some(rolling) = p.rolling {
+        let (fleet, query) = (&fleet, &p.query);
+        let mut driver = Driver::new(targets.len(), rolling, |i| {
+            requests::ask(fleet, &targets[i], query, timeout)
+        });
+        while let Some((i, r)) = driver.next().await {
+            let text = report(&targets[i], r);
+            let _ = out.send(Frame::control(text)).await;
+        }
+        let Ended {
+            not_started,
+            halted,
+        } = driver.ended();
+        drop(driver);
+        return send(ServerFrame::Done {
+            id: &id,
+            ok,
+            failed,
+            timed_out,
+            not_started: Some(not_started),
+            halted: Some(halted),
+        })
+        .await;
+    }
     let mut reported = vec![false; targets.len()];
     let outcomes = if targets.is_empty() {
         // Only unknown machines: nothing to send, no subscription to make.
@@ -268,6 +307,8 @@ pub(super) async fn run(
         ok,
         failed,
         timed_out,
+        not_started: None,
+        halted: None,
     })
     .await;
 }

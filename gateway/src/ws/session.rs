@@ -50,6 +50,7 @@ const INCOMING_QUEUE: usize = 8;
 /// Fleet aggregates go out at most this often per subscription, and only when the store
 /// changed: a browser following 1,000 machines x 1,000 updates/s gets 2 small frames a second.
 const FLEET_INTERVAL: Duration = Duration::from_millis(500);
+const FLEET_POLL: Duration = Duration::from_millis(100); // how often the version is compared
 /// Changes handled in one wake before the session looks at its other inputs.
 const CHANGE_BATCH: usize = 256;
 
@@ -133,9 +134,11 @@ impl Session {
         let mut heartbeat = tokio::time::interval(self.ctx.heartbeat);
         heartbeat.tick().await;
         let mut retry = tokio::time::interval(Duration::from_millis(50));
-        let mut fleet = tokio::time::interval(FLEET_INTERVAL);
+        // A change after a quiet spell goes out at once; a storm is throttled.
+        let mut fleet = tokio::time::interval(FLEET_POLL);
         fleet.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut fleet_version = self.ctx.store.version();
+        let mut fleet_sent = Instant::now();
         let mut last_heard = Instant::now();
         while self.closing.is_none() {
             tokio::select! {
@@ -174,8 +177,9 @@ impl Session {
                 _ = retry.tick(), if !self.pending.is_empty() => self.flush_pending(),
                 _ = fleet.tick() => {
                     let v = self.ctx.store.version();
-                    if v != fleet_version {
+                    if v != fleet_version && fleet_sent.elapsed() >= FLEET_INTERVAL {
                         fleet_version = v;
+                        fleet_sent = Instant::now();
                         self.send_fleet();
                     }
                 }

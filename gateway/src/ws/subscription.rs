@@ -19,7 +19,7 @@ use super::history::{
 };
 use super::outgoing::{AuditRow, Delta, HistoryInfo, Schema, SnapshotData};
 use super::signals::{forward_signals, Ready, SignalMatch, SignalSink};
-use crate::aggregate::{Builder, Query, MAX_PAGE};
+use crate::aggregate::{Builder, Query, MAX_FAILED_MACHINES, MAX_FAILED_UNITS, MAX_PAGE};
 use crate::changes::{Change, Interest, ObjectChangeKind, ObjectKey};
 
 /// A subscription, compiled.
@@ -88,6 +88,8 @@ pub(super) fn compile(
             label,
             offset,
             limit,
+            failed_limit,
+            failed_machines,
         } => {
             let label = match label {
                 None => None,
@@ -107,6 +109,8 @@ pub(super) fn compile(
                 label,
                 offset: offset.unwrap_or(0),
                 limit: limit.unwrap_or(100).min(MAX_PAGE),
+                failed_limit: failed_limit.unwrap_or(MAX_FAILED_UNITS),
+                failed_machines: failed_machines.unwrap_or(MAX_FAILED_MACHINES),
             })
         }
         Resource::Object {

@@ -19,6 +19,8 @@ use futures::StreamExt;
 mod cluster;
 #[path = "bench/compare.rs"]
 mod compare;
+#[path = "bench/dashboard.rs"]
+mod dashboard;
 #[path = "bench/gateway.rs"]
 mod gateway;
 #[path = "bench/machines.rs"]
@@ -62,6 +64,10 @@ const SECTIONS: &[(&str, &str)] = &[
     (
         "scale",
         "fleet emulator: cbus at 1,000 / 10,000 machines (--scale), 200 real vs 200 emulated",
+    ),
+    (
+        "dashboard",
+        "Chromium page at 1,000 emulated machines, 1,000 unit updates/s: frame time, JS heap",
     ),
     (
         "compare",
@@ -166,6 +172,9 @@ async fn main() {
     }
     if want("scale") {
         scale::scale(&scale_sizes).await;
+    }
+    if want("dashboard") {
+        dashboard::dashboard().await;
     }
     // Only when named: it needs another build.
     if args.iter().any(|a| a == "compare") {
