@@ -10,7 +10,9 @@
 //! before it, then follows live ones with no duplicate at the seam, also across a NATS restart
 //! (audit entries too); the dashboard shows all of
 //! that, and a requester claim that is markup stays text; a machine marked for maintenance is
-//! shown so in the units table, the summary and the fleet counts.
+//! shown so in the units table, the summary and the fleet counts. Without JetStream, both are
+//! live only and say why, and an audit entry naming another machine than its subject is
+//! dropped.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -454,4 +456,95 @@ async fn audit_trail_and_signal_history_in_the_gateway_and_the_dashboard() {
         "dashboard script failed:\n{}",
         transcript.join("\n")
     );
+}
+
+/// Without JetStream (or before `cbus streams init`), history is live only and says why: the
+/// `audit` and `signals` snapshots carry `history.available: false` with the error, entries and
+/// signals come live from plain subscriptions, and an entry whose body names another machine
+/// than its subject is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_streams_history_is_live_only() {
+    cbus_tests::init_tracing();
+    let nats = NatsServer::start_without_jetstream("");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let gw = GatewayProcess::start(&nats.url(), TOKEN, &[]);
+    let mut req = format!("ws://127.0.0.1:{}/ws", gw.port)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws");
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"a","resource":"audit"}),
+    )
+    .await;
+    let a = expect(&mut ws, "audit snapshot", |v| v["sub"] == "a").await;
+    assert_eq!(a["schema"]["history"]["available"], false, "{a}");
+    assert!(a["schema"]["history"]["error"].is_string(), "{a}");
+    assert_eq!(a["data"], json!([]));
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"s","resource":"signals","member":"Message","since_ms":60000}),
+    )
+    .await;
+    let s = expect(&mut ws, "signals snapshot", |v| v["sub"] == "s").await;
+    assert_eq!(s["schema"]["history"]["available"], false, "{s}");
+
+    let a_key = "UBQUIKYGFC7CH5XMF52P2NN4ESI4XTXGAKT3WTG3XGU3352DMHGZQAX7";
+    let b_key = nkeys::KeyPair::new_user().public_key();
+    let entry = |nkey: &str, member: &str| cbus_protocol::audit::AuditEntry {
+        time_ms: 1,
+        nkey: nkey.into(),
+        hostname: "h".into(),
+        requester: Some("someone".into()),
+        reply_to: None,
+        broadcast: false,
+        op: Op::Call,
+        destination: "org.x".into(),
+        path: "/".into(),
+        interface: None,
+        member: member.into(),
+        args_bytes: Some(2),
+        args_sha256: Some("00".repeat(32)),
+        policy: cbus_protocol::audit::PolicyVerdict::Denied,
+        result: "access-denied".into(),
+    };
+    let subject = cbus_protocol::subject::audit(a_key);
+    // On A's subject, a body naming B: dropped. Then A's own.
+    for e in [entry(&b_key, "Forged"), entry(a_key, "Real")] {
+        client
+            .publish(subject.clone(), e.to_payload().into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    let live = expect(&mut ws, "live audit entry", |v| {
+        v["sub"] == "a" && v["type"] == "delta"
+    })
+    .await;
+    assert_eq!(
+        live["data"]["member"], "Real",
+        "the forged one was taken: {live}"
+    );
+    assert_eq!(live["data"]["machine"], a_key);
+    assert_eq!(live["data"]["seq"], 0, "heard live, not from the stream");
+
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(cbus_protocol::headers::MEMBER, "Message");
+    let signal = cbus_protocol::subject::SignalSubject::new(a_key, ":1.5", "/org/x")
+        .unwrap()
+        .encode()
+        .unwrap();
+    client
+        .publish_with_headers(signal, headers, r#"["live"]"#.into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let sig = expect(&mut ws, "live signal", |v| {
+        v["sub"] == "s" && v["type"] == "delta"
+    })
+    .await;
+    assert_eq!(sig["data"]["args"], json!(["live"]), "{sig}");
+    assert!(sig["data"].get("replayed").is_none(), "{sig}");
 }
