@@ -145,7 +145,7 @@ export function renderUnits() {
     return !hideInactive || rows.some(([, r]) => col(r, 'active') !== 'inactive');
   });
   const shown = unitPager.slice(names);
-  const shape = JSON.stringify([machines.map((m) => [m.nkey, m.state, m.bus_connected]), shown, [...units.selected], ctx.epoch, ctx.connected, units.subKey]);
+  const shape = JSON.stringify([machines.map((m) => [m.nkey, m.state, m.bus_connected, Boolean(m.maintenance)]), shown, [...units.selected], ctx.epoch, ctx.connected, units.subKey]);
   if (patchCells(shape)) return;
   units.shape = shape;
   $('units-pagers').replaceChildren(el('span', { class: 'muted', text: 'machines' }), machinePager.controls(), el('span', { class: 'muted', text: 'units' }), unitPager.controls());
@@ -170,6 +170,7 @@ export function renderUnits() {
         { class: `machine m-${m.state}`, dataset: { machine: m.nkey, host: m.hostname }, title: `${m.nkey}\nagent ${m.version}, bus ${m.bus}${m.bus_connected ? '' : ' (disconnected)'}\nlast seen ${relTime(m.last_seen_ms)}` },
         el('label', {}, cb, ` ${m.hostname}`),
         el('span', { class: `badge m-${m.state}`, text: m.bus_connected || m.state !== 'running' ? m.state : 'bus down' }),
+        m.maintenance ? el('span', { class: 'badge m-maintenance', title: `${m.maintenance.reason || ''} (by ${m.maintenance.by || '?'}, a claim)`, text: 'maintenance' }) : null,
       ),
     );
   }
