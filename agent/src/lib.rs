@@ -101,14 +101,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
             max_concurrent_calls: config.max_concurrent_calls,
         },
     ));
-    let serving = tokio::spawn({
-        let r = requests.clone();
-        async move {
-            if let Err(e) = r.serve().await {
-                tracing::error!(error = %e, "cannot subscribe to request subjects");
-            }
+    // Subscribed before the hello (sent later on this connection): an agent anyone can see in
+    // the registry can be asked at once.
+    let serving = match requests.subscribe().await {
+        Ok(subs) => tokio::spawn(requests.clone().serve(subs)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe to request subjects");
+            tokio::spawn(async {})
         }
-    });
+    };
 
     // Name owners: for the Sender-Name header, and to drop cached introspection.
     let owners = bus::NameOwners::default();

@@ -13,10 +13,17 @@ use super::errors::invalid;
 use super::guard::{Asker, Audit};
 use super::{Outcome, RequestServer};
 
+/// The agent's request subscriptions: its own subject, and broadcasts in its queue group.
+pub struct Subscriptions {
+    targeted: async_nats::Subscriber,
+    broadcast: async_nats::Subscriber,
+}
+
 impl RequestServer {
     /// Subscribes to this agent's targeted subjects and to broadcasts (queue group = nkey, so a
-    /// machine answers a broadcast once), and serves until the NATS client is closed.
-    pub async fn serve(self: Arc<Self>) -> Result<(), async_nats::SubscribeError> {
+    /// machine answers a broadcast once). Done before the agent says hello on the same
+    /// connection, so the server has the subscriptions before anyone can see the agent.
+    pub async fn subscribe(&self) -> Result<Subscriptions, async_nats::SubscribeError> {
         let targeted = self
             .client
             .subscribe(subject::agent_requests(&self.me.nkey))
@@ -25,7 +32,15 @@ impl RequestServer {
             .client
             .queue_subscribe(subject::BROADCAST_ALL, self.me.nkey.clone())
             .await?;
-        let mut messages = futures::stream::select(targeted, broadcast);
+        Ok(Subscriptions {
+            targeted,
+            broadcast,
+        })
+    }
+
+    /// Serves the requests of `subs` until the NATS client is closed.
+    pub async fn serve(self: Arc<Self>, subs: Subscriptions) {
+        let mut messages = futures::stream::select(subs.targeted, subs.broadcast);
         while let Some(msg) = messages.next().await {
             let server = self.clone();
             match self.pending.clone().try_acquire_owned() {
@@ -40,7 +55,6 @@ impl RequestServer {
                 }
             }
         }
-        Ok(())
     }
 
     /// Answers without queueing: too many requests are waiting already.
