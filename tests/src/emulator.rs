@@ -237,9 +237,18 @@ impl Emulator {
     /// Changes the truth: unit `unit` of agent `i` is now in `active` state, as the next
     /// ListUnits reports it (no signal is sent, as when a change happens while NATS is away).
     pub fn set_unit(&self, i: usize, unit: &str, active: &str) {
-        let mut units = self.agents[i].units.lock().expect("units lock");
+        let agent = &self.agents[i];
+        let mut units = agent.units.lock().expect("units lock");
         if let Some(u) = units.iter_mut().find(|(n, _)| n == unit) {
             u.1 = active.to_owned();
+            // Silent, but a change all the same: systemd moves StateChangeTimestamp, and a
+            // reader that keeps the newest state by it must see this one as newer.
+            let now_us = now_ms() * 1000;
+            agent
+                .since
+                .lock()
+                .expect("since lock")
+                .insert(unit.to_owned(), now_us);
         }
     }
 }
