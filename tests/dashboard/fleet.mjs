@@ -4,14 +4,15 @@
 // <what> <ms>" lines are the measured figures, which the test checks.
 // Environment: GATEWAY_URL, TOKEN, MACHINES, UNIT (the unit failed on 3 machines), MORE_UNITS
 // (two more, comma-separated, failed the same way for the timing), FAILED_HOST
-// (one of them), FROZEN_HOST (a machine the test freezes), LABEL (key=value), SHOTS.
+// (one of them), FROZEN_HOST (a machine the test freezes, fourth of HALT_LABEL's), LABEL and
+// HALT_LABEL (key=value), SHOTS.
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 
-const { GATEWAY_URL, TOKEN, MACHINES, UNIT, MORE_UNITS, FAILED_HOST, FROZEN_HOST, LABEL, SHOTS } = process.env;
+const { GATEWAY_URL, TOKEN, MACHINES, UNIT, MORE_UNITS, FAILED_HOST, FROZEN_HOST, LABEL, HALT_LABEL, SHOTS } = process.env;
 const lines = createInterface({ input: process.stdin });
 const waiting = [];
 lines.on('line', (l) => {
@@ -145,6 +146,27 @@ try {
   await page.waitForSelector(`#banner:has-text("${FROZEN_HOST} is unresponsive")`, { timeout: T });
   log('unresponsive machine shown');
   await page.screenshot({ path: `${SHOTS}-machines.png` });
+
+  // A rolling restart one machine at a time on the other label's machines, failures tolerated
+  // 0: the frozen machine (fourth in host order) cannot be reached, so the gateway halts there.
+  await page.click('button[data-tab=fleet]');
+  await page.fill('#fleet-unit', UNIT);
+  await page.click(`${frow} a`);
+  await page.fill('#sel-label', '');
+  await page.waitForSelector(`#sel-count[data-count="${MACHINES}"]`, { timeout: T });
+  await page.fill('#sel-label', HALT_LABEL);
+  await page.fill('#sel-batch', '1');
+  await page.fill('#sel-maxfail', '0');
+  const others = Number(await page.getAttribute('#sel-count', 'data-count'));
+  page.once('dialog', (d) => d.accept());
+  await page.click('#fleet-detail-actions button[data-action=restart]');
+  const halted = `#fleet-results .result-block[data-op="restart"]:first-child .summary-line.failed`;
+  await page.waitForSelector(`${halted}:has-text("3 ok")`, { timeout: 60000 });
+  const text = await page.textContent(halted);
+  if (!text.includes(`${others - 4} not started (halted: max-fail exceeded)`)) throw new Error(`rolling summary: ${text}`);
+  const asked = await page.$$eval('#fleet-results .result-block:first-child li[data-machine]', (ls) => ls.length);
+  if (asked !== 4) throw new Error(`${asked} machines asked before the halt, not 4`);
+  console.log(`HALTED ${text}`);
 
   if (consoleErrors.length) throw new Error(`console errors: ${JSON.stringify(consoleErrors)}`);
   console.log('DONE');

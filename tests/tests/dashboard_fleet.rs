@@ -4,7 +4,8 @@
 //! `cbus_tests::emulator`; their unit changes are systemd's PropertiesChanged signals). Checks
 //! issue 17's figures, each the median of three timings: first useful paint under 2 s, a unit
 //! failing on 3 machines in the failed list within 1 s, a rolling bulk restart on a label's machines with one result per machine
-//! and the summary (and the emulator's truth after it); plus the Units matrix holding one page
+//! and the summary (and the emulator's truth after it), and a rolling restart one at a time
+//! that halts at the frozen machine (max-fail 0: three restarted, the rest not started); plus the Units matrix holding one page
 //! of machines, the Machine view, the object browser and the signal log reached from it, and
 //! a frozen machine shown unresponsive. Screenshots of each view go to
 //! /tmp/cbus-fleet-*.png (docs/img/ holds copies).
@@ -29,6 +30,9 @@ const MORE_UNITS: &str = "emu-006.service,emu-007.service";
 const FAILING: [usize; 3] = [1, 2, 3];
 const FROZEN: usize = 7;
 const LABEL: &str = "role=web";
+/// The other machines (odd indexes): 1, 3, 5, then the frozen 7, where a rolling restart with
+/// batch 1 and max-fail 0 halts.
+const HALT_LABEL: &str = "role=db";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_dashboard_with_a_thousand_emulated_machines() {
@@ -56,6 +60,7 @@ async fn fleet_dashboard_with_a_thousand_emulated_machines() {
         .env("FAILED_HOST", host(2))
         .env("FROZEN_HOST", host(FROZEN))
         .env("LABEL", LABEL)
+        .env("HALT_LABEL", HALT_LABEL)
         .env("SHOTS", "/tmp/cbus-fleet")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -67,6 +72,7 @@ async fn fleet_dashboard_with_a_thousand_emulated_machines() {
     let mut transcript = Vec::new();
     let mut times: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     let mut results = None;
+    let mut halted = None;
     let mut done = false;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
@@ -106,6 +112,7 @@ async fn fleet_dashboard_with_a_thousand_emulated_machines() {
                 times.entry(what.to_string()).or_default().push(ms);
             }
             ["RESULTS", n] => results = Some(n.parse::<usize>().expect("count")),
+            ["HALTED", ..] => halted = Some(line.clone()),
             ["DONE"] => done = true,
             [first, ..] if first.starts_with("FAIL") => {
                 panic!("fleet dashboard: {line}\n{}", transcript.join("\n"))
@@ -130,6 +137,11 @@ async fn fleet_dashboard_with_a_thousand_emulated_machines() {
         .filter(|a| a.info.labels.get("role").map(String::as_str) == Some("web"))
         .count();
     assert_eq!(results, Some(web), "one result per machine with {LABEL}");
+    let halted = halted.expect("the rolling restart's summary");
+    assert!(
+        halted.contains(&format!("{} not started", MACHINES - web - 4)),
+        "{halted}"
+    );
     // Medians of three: the machine is shared with other builds, and one stall says little.
     let median = |what: &str| {
         let mut v = times.get(what).cloned().unwrap_or_default();
