@@ -18,7 +18,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 const TOKEN: &str = "dashboard-test-token-42";
 const UNIT: &str = "gw-sleeper.service";
 const UNIT_PATH: &str = "/org/freedesktop/systemd1/unit/gw_2dsleeper_2eservice";
-const SLEEPER: &str = "[Unit]\nDescription=gateway sleeper\n[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n";
+// No start rate limit: the test starts and restarts it several times in a few seconds, and a
+// start past systemd's default limit (5 in 10 s) would fail it with start-limit-hit.
+const SLEEPER: &str = "[Unit]\nDescription=gateway sleeper\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n";
 
 async fn property(m: &Machine, path: &str, iface: &str, name: &str) -> String {
     let conn = zbus::connection::Builder::address(m.bus_address().as_str())

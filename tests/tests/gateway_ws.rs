@@ -17,7 +17,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const TOKEN: &str = "ws-test-token-0123456789";
 const UNIT: &str = "gw-sleeper.service";
-const SLEEPER: &str = "[Unit]\nDescription=gateway sleeper\n[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n";
+// No start rate limit: the test starts and restarts it several times in a few seconds, and a
+// start past systemd's default limit (5 in 10 s) would fail it with start-limit-hit.
+const SLEEPER: &str = "[Unit]\nDescription=gateway sleeper\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n";
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
