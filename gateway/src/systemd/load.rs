@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cbus_client::systemd;
+use cbus_protocol::envelope::ErrorCode;
+use cbus_protocol::presence::AgentState;
 use tokio::sync::Semaphore;
 
 use super::Units;
@@ -19,6 +21,10 @@ use crate::requests::{ask, MachineResult};
 
 /// Machines loaded at once.
 const MACHINE_CONCURRENCY: usize = 8;
+
+/// The pause before a machine whose units could not be listed (no answer, agent away) is
+/// listed again: agents reconnect with jitter over a few seconds after a NATS restart.
+const LIST_AGAIN_AFTER: Duration = Duration::from_secs(2);
 
 /// Machines to (re)load, or to read.
 #[derive(Default)]
@@ -138,6 +144,12 @@ impl Units {
             MachineResult::Ok(s) => s.value,
             other => {
                 tracing::info!(%host, outcome = ?other, "could not list units");
+                if matches!(&other, MachineResult::TimedOut)
+                    || matches!(&other, MachineResult::Failed(e)
+                        if matches!(e.code, ErrorCode::Timeout | ErrorCode::Disconnected))
+                {
+                    self.list_again_later(nkey);
+                }
                 return;
             }
         };
@@ -149,6 +161,23 @@ impl Units {
         tracing::info!(%host, units = units.len(), "units listed");
         self.store.replace_units(nkey, units, mark);
         self.full_reads.request(nkey.to_owned());
+    }
+
+    /// Lists a machine again after [`LIST_AGAIN_AFTER`] if it is still running: a list that
+    /// could not be had (after a NATS restart the gateway is often back before the agents, or
+    /// the agent timed out) would otherwise leave its units as they were until each unit's next
+    /// signal. At most one list per machine per interval, for as long as it runs and fails.
+    fn list_again_later(&self, nkey: &str) {
+        let (joins, store, nkey) = (Arc::clone(&self.joins), self.store.clone(), nkey.to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep(LIST_AGAIN_AFTER).await;
+            if store
+                .target(&nkey)
+                .is_some_and(|t| t.state == AgentState::Running)
+            {
+                joins.request(nkey);
+            }
+        });
     }
 }
 
