@@ -25,6 +25,8 @@ mod gateway;
 mod machines;
 #[path = "bench/scale.rs"]
 mod scale;
+#[path = "bench/scale_gateway.rs"]
+mod scale_gateway;
 
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -62,6 +64,10 @@ const SECTIONS: &[(&str, &str)] = &[
     (
         "scale",
         "fleet emulator: cbus at 1,000 / 10,000 machines (--scale), 200 real vs 200 emulated",
+    ),
+    (
+        "scale-gateway",
+        "only when named: a real gateway over the fleet emulator at the first --scale size x 200 units: RSS, units snapshot of a glob, /metrics scraped by Prometheus",
     ),
     (
         "compare",
@@ -166,6 +172,10 @@ async fn main() {
     }
     if want("scale") {
         scale::scale(&scale_sizes).await;
+    }
+    // Only when named: at 10,000 machines it holds 2,000,000 units for several minutes.
+    if args.iter().any(|a| a == "scale-gateway") {
+        scale_gateway::scale_gateway(scale_sizes[0]).await;
     }
     // Only when named: it needs another build.
     if args.iter().any(|a| a == "compare") {
