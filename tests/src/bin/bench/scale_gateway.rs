@@ -150,7 +150,9 @@ pub async fn scale_gateway(n: usize) {
         "| units glob over all {n} machines | rows | snapshot median (p95), {RUNS} runs | load |"
     );
     println!("|---|---|---|---|");
-    for glob in ["emu-001.*", "emu-00*"] {
+    // One unit on every machine. (A glob of nine, 90,000 rows, is a frame larger than the test
+    // WebSocket client's 16 MiB frame limit: not measured.)
+    for glob in ["emu-001.*"] {
         let mut took = Vec::new();
         let mut rows = 0;
         for i in 0..RUNS {
