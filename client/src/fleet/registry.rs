@@ -95,7 +95,8 @@ impl Fleet {
         let deadline = Instant::now() + wait.min(REGISTRY_WAIT);
         let now = presence::now_ms();
         // Entries in arrival order, and where each nkey's is: an entry rewritten by a heartbeat
-        // during the read comes again and replaces the first. Not a map of the entries: an
+        // during the read comes again and replaces the first (so a writer rewriting its entry
+        // fast during the read still holds one place, not one per write). Not a map of the entries: an
         // ordered map moved every (large) entry around as it grew, a tenth of a 10,000-machine
         // read's own CPU (perf, docs/benchmarks.md).
         let mut agents: Vec<AgentStatus> = Vec::new();
