@@ -189,13 +189,56 @@ impl PresenceKind {
 }
 
 /// A message on `dbus.presence.<nkey>`, also the value stored in the registry.
+///
+/// On the wire the agent's fields are flat beside `event` and `sent_at_ms`. It is read through
+/// [`PresenceWire`], a plain struct of the same fields, not with `#[serde(flatten)]`: flatten
+/// buffers every field of a message into serde's generic content tree before sorting it out, and
+/// a CLI reads one of these per machine (50,000 in a registry read at scale; docs/benchmarks.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PresenceWire")]
 pub struct PresenceEvent {
     pub event: PresenceKind,
     /// Unix time in milliseconds, by the agent's clock.
     pub sent_at_ms: u64,
     #[serde(flatten)]
     pub agent: AgentInfo,
+}
+
+/// [`PresenceEvent`]'s wire form, flat: what it is deserialized from. Unknown fields are
+/// ignored, as the flattened form ignored them.
+#[derive(Deserialize)]
+struct PresenceWire {
+    event: PresenceKind,
+    sent_at_ms: u64,
+    nkey: String,
+    hostname: String,
+    version: String,
+    bus: String,
+    started_at_ms: u64,
+    heartbeat_ms: u64,
+    #[serde(default)]
+    bus_connected: bool,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+impl From<PresenceWire> for PresenceEvent {
+    fn from(w: PresenceWire) -> Self {
+        PresenceEvent {
+            event: w.event,
+            sent_at_ms: w.sent_at_ms,
+            agent: AgentInfo {
+                nkey: w.nkey,
+                hostname: w.hostname,
+                version: w.version,
+                bus: w.bus,
+                started_at_ms: w.started_at_ms,
+                heartbeat_ms: w.heartbeat_ms,
+                bus_connected: w.bus_connected,
+                labels: w.labels,
+            },
+        }
+    }
 }
 
 /// The life-cycle state of an agent as seen by a listener.

@@ -155,7 +155,7 @@ impl Fleet {
         flush_until(&self.client, until).await?;
         let wait = Wait {
             sub,
-            targets: targets.to_vec(),
+            targets: targets.iter().cloned().map(Some).collect(),
             answered,
             known,
             waiting,
@@ -179,7 +179,9 @@ pub type OutcomeStream = BoxStream<'static, Result<(usize, TargetOutcome), Fleet
 /// The state of a fan-out waiting for its answers.
 struct Wait {
     sub: async_nats::Subscriber,
-    targets: Vec<AgentStatus>,
+    /// Each target until its outcome is yielded: moved out then (each is yielded once), not
+    /// cloned again, which at 50,000 machines was a second copy of the whole selection.
+    targets: Vec<Option<AgentStatus>>,
     /// Whose outcome is known (yielded or queued in `known`).
     answered: Vec<bool>,
     /// Outcomes known and not yet yielded.
@@ -202,7 +204,9 @@ impl Wait {
     async fn next_outcome(mut self) -> Option<(Result<(usize, TargetOutcome), FleetError>, Wait)> {
         loop {
             if let Some((i, outcome)) = self.known.pop_front() {
-                let agent = self.targets[i].clone();
+                let Some(agent) = self.targets[i].take() else {
+                    continue;
+                };
                 return Some((Ok((i, TargetOutcome { agent, outcome })), self));
             }
             if self.ended {
@@ -255,21 +259,23 @@ impl Wait {
             if self.answered[i] {
                 continue;
             }
-            let outcome = self.outcome_of(i, &msg);
+            let Some(agent) = self.targets[i].take() else {
+                continue;
+            };
+            let outcome = Self::outcome_of(&agent, &self.rejected, &msg);
             self.answered[i] = true;
             self.waiting -= 1;
             if self.grace {
                 let now = Instant::now();
                 self.deadline = self.until.min(now + grace_after(now - self.started));
             }
-            let agent = self.targets[i].clone();
             return Some((Ok((i, TargetOutcome { agent, outcome })), self));
         }
     }
 
-    /// What target `i`'s reply (or NATS's "no responders" in its place) says.
-    fn outcome_of(&self, i: usize, msg: &async_nats::Message) -> Outcome {
-        let target = &self.targets[i].info;
+    /// What `agent`'s reply (or NATS's "no responders" in its place) says.
+    fn outcome_of(agent: &AgentStatus, rejected: &Rejected, msg: &async_nats::Message) -> Outcome {
+        let target = &agent.info;
         if msg.status == Some(StatusCode::NO_RESPONDERS) {
             return Outcome::NoResponders;
         }
@@ -284,7 +290,7 @@ impl Wait {
             // Only the agent asked could answer on this reply subject (allow_responses); an
             // envelope naming another machine is a forgery, never that machine's word.
             Ok(reply) if reply.nkey != target.nkey => {
-                Rejected::count(&self.rejected.replies);
+                Rejected::count(&rejected.replies);
                 tracing::warn!(agent = %target.hostname, claims = %codec::quote(&reply.nkey), "reply names another machine");
                 failed("the agent's reply names another machine; ignored".into())
             }

@@ -27,6 +27,8 @@ mod gateway;
 mod machines;
 #[path = "bench/scale.rs"]
 mod scale;
+#[path = "bench/scale_gateway.rs"]
+mod scale_gateway;
 
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -68,6 +70,10 @@ const SECTIONS: &[(&str, &str)] = &[
     (
         "dashboard",
         "Chromium page at 1,000 emulated machines, 1,000 unit updates/s: frame time, JS heap",
+    ),
+    (
+        "scale-gateway",
+        "only when named: a real gateway over the fleet emulator at the first --scale size x 200 units: RSS, units snapshot of a glob, /metrics scraped by Prometheus",
     ),
     (
         "compare",
@@ -175,6 +181,10 @@ async fn main() {
     }
     if want("dashboard") {
         dashboard::dashboard().await;
+    }
+    // Only when named: at 10,000 machines it holds 2,000,000 units for several minutes.
+    if args.iter().any(|a| a == "scale-gateway") {
+        scale_gateway::scale_gateway(scale_sizes[0]).await;
     }
     // Only when named: it needs another build.
     if args.iter().any(|a| a == "compare") {

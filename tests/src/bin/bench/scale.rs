@@ -128,7 +128,17 @@ pub async fn scale(sizes: &[usize]) {
         let beat_rate = (beats() - h0) as f64 / secs;
 
         let runs = if n >= 50_000 { 5 } else { 10 };
-        let get = ["-s", "get", PROPERTY[0], PROPERTY[1], PROPERTY[2]];
+        // A timeout that a loaded host's 50,000-machine get fits in (the 5 s default ended one
+        // with `disconnected` at load 9); the grace, not the timeout, ends the frozen runs.
+        let get = [
+            "-s",
+            "--timeout",
+            "30s",
+            "get",
+            PROPERTY[0],
+            PROPERTY[1],
+            PROPERTY[2],
+        ];
         let mut not_ok = 0;
         let mut get_rss = 0;
         let all = median_of(runs, || {
@@ -158,7 +168,7 @@ pub async fn scale(sizes: &[usize]) {
         });
         let mut agents_rss = 0;
         let agents = median_of(runs, || {
-            let r = cbus(&url, &["agents", "-s"]);
+            let r = cbus(&url, &["agents", "-s", "--timeout", "30s"]);
             assert!(r.lines >= n, "{}", r.lines);
             agents_rss = agents_rss.max(r.rss_kib);
             r.took
