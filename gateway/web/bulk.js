@@ -1,6 +1,7 @@
 // Unit actions (start / stop / restart) on one machine or a selection, through the WebSocket
 // request protocol: one result per machine as it arrives, then the summary. Rolling options
-// (batch, max-fail) are sent with the request and run by the gateway with the CLI's planner.
+// (batch, max-fail, hold, order) are sent with the request and run by the gateway with the
+// CLI's planner.
 
 import { $, el } from './dom.js';
 import { ctx, hostOf } from './ctx.js';
@@ -12,7 +13,9 @@ const MAX_LINES = 2000; // result lines per block (one per machine)
 export function unitAction(op, unit, machines, into, rolling = null) {
   const shown = machines.slice(0, 5).map(hostOf).join(', ');
   const more = machines.length > 5 ? ` and ${machines.length - 5} more` : '';
-  const how = rolling ? ` (batch ${rolling.batch}, max-fail ${rolling.max_fail})` : '';
+  const how = rolling
+    ? ` (batch ${rolling.batch}, max-fail ${rolling.max_fail}${rolling.hold_ms !== undefined ? `, hold ${rolling.hold_ms / 1000}s` : ''}${rolling.order ? `, order ${rolling.order}` : ''})`
+    : '';
   const block = el('div', { class: 'result-block', dataset: { op, unit } });
   const list = el('ul', { class: 'result-lines' });
   const summary = el('div', { class: 'muted summary-line', text: `waiting for ${machines.length} machine(s)…` });
@@ -29,7 +32,9 @@ export function unitAction(op, unit, machines, into, rolling = null) {
       summary.textContent = `${seen} of ${machines.length} answered…`;
       if (list.children.length >= MAX_LINES) return;
       const host = r.host || r.machine;
-      const text = r.ok ? 'ok' : `${r.timed_out ? 'timed out' : r.error?.code || 'failed'}: ${r.error?.message || ''}`;
+      const held = r.value?.held_ms;
+      const ok = typeof held === 'number' ? `ok, held ${held / 1000}s` : 'ok';
+      const text = r.ok ? ok : `${r.timed_out ? 'timed out' : r.error?.code || 'failed'}: ${r.error?.message || ''}`;
       list.append(el('li', { class: r.ok ? 'ok' : 'failed', dataset: { machine: r.machine } }, el('b', { text: host }), ` ${text}`));
     },
     (d) => {

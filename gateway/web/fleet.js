@@ -151,7 +151,12 @@ function chosenRows(rows) {
 function rolling() {
   const batch = $('sel-batch').value.trim();
   if (!batch) return null;
-  return { batch, max_fail: $('sel-maxfail').value.trim() || '0' };
+  const r = { batch, max_fail: $('sel-maxfail').value.trim() || '0' };
+  const hold = $('sel-hold').value.trim();
+  if (hold) r.hold_ms = Math.round(Number(hold) * 1000);
+  const order = $('sel-order').value.trim();
+  if (order) r.order = order;
+  return r;
 }
 
 function renderUnitDetail() {

@@ -157,6 +157,10 @@ try {
   await page.fill('#sel-label', HALT_LABEL);
   await page.fill('#sel-batch', '1');
   await page.fill('#sel-maxfail', '0');
+  // Each machine done only once its unit was active again and stayed so for 0.3 s (the
+  // emulator's restart signals it), in host order.
+  await page.fill('#sel-hold', '0.3');
+  await page.fill('#sel-order', 'host');
   const others = Number(await page.getAttribute('#sel-count', 'data-count'));
   page.once('dialog', (d) => d.accept());
   await page.click('#fleet-detail-actions button[data-action=restart]');
@@ -166,6 +170,8 @@ try {
   if (!text.includes(`${others - 4} not started (halted: max-fail exceeded)`)) throw new Error(`rolling summary: ${text}`);
   const asked = await page.$$eval('#fleet-results .result-block:first-child li[data-machine]', (ls) => ls.length);
   if (asked !== 4) throw new Error(`${asked} machines asked before the halt, not 4`);
+  const heldRows = await page.$$eval('#fleet-results .result-block:first-child li[data-machine]', (ls) => ls.map((l) => l.textContent));
+  if (heldRows.filter((t) => t.includes('ok, held 0.3s')).length !== 3) throw new Error(`not 3 machines held: ${heldRows.join(' | ')}`);
   console.log(`HALTED ${text}`);
 
   if (consoleErrors.length) throw new Error(`console errors: ${JSON.stringify(consoleErrors)}`);

@@ -419,11 +419,15 @@ impl Store {
         self.read().get(nkey).map(|m| m.status(now_ms()))
     }
 
-    /// (object path, active state) of one unit.
-    pub(crate) fn unit_state(&self, nkey: &str, name: &str) -> Option<(String, String)> {
+    /// (object path, active state, StateChangeTimestamp) of one unit.
+    pub(crate) fn unit_state(
+        &self,
+        nkey: &str,
+        name: &str,
+    ) -> Option<(String, String, Option<u64>)> {
         let m = self.read();
         let u = m.get(nkey)?.units().get(name)?;
-        Some((u.path.clone(), u.active.clone()))
+        Some((u.path.clone(), u.active.clone(), u.since_us))
     }
 
     /// (name, object path, active state) of a machine's units, once they are loaded.
@@ -497,7 +501,7 @@ fn listed(u: Listed) -> Unit {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::changes::Interest;
     use crate::model::DEFAULT_EXCLUDE;

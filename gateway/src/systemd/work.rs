@@ -266,7 +266,7 @@ impl Units {
 
     /// Reads a followed unit in full if it is in a state where that loads nothing.
     async fn read_unit(&self, nkey: &str, name: &str) {
-        let (Some(target), Some((path, active))) =
+        let (Some(target), Some((path, active, _))) =
             (self.store.target(nkey), self.store.unit_state(nkey, name))
         else {
             return;

@@ -176,6 +176,13 @@ pub(crate) struct RequestMsg {
     /// Rolling: failed or unreachable machines tolerated before no more start (`0`, `10%`).
     #[serde(default)]
     pub max_fail: Option<String>,
+    /// Rolling: a machine is done once its unit reached the job's state and stayed in it this
+    /// long (the CLI's `--hold`), judged from the gateway's cache, which signals keep.
+    #[serde(default)]
+    pub hold_ms: Option<u64>,
+    /// Rolling: `host` (the default) or `label:KEY` (the CLI's `--order`).
+    #[serde(default)]
+    pub order: Option<String>,
 }
 
 #[derive(Deserialize)]

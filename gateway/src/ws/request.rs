@@ -17,9 +17,10 @@ use serde_json::{json, Value};
 use super::context::WsContext;
 use super::frames::{RequestMsg, RequestOp, Targets};
 use super::outgoing::ServerFrame;
-use super::rolling::{Driver, Ended, Rolling};
+use super::rolling::{self, Driver, Ended, Options, Rolling};
 use super::writer::{Frame, Outbox};
 use crate::requests::{self, result_of, MachineResult};
+use crate::store::Store;
 
 /// Longest timeout a request may ask for.
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -30,6 +31,9 @@ pub(super) struct Prepared {
     query: Query,
     timeout: Duration,
     rolling: Option<Rolling>,
+    /// The unit of a start, stop or restart, and whether the job is a stop or a restart (what
+    /// a rolling hold waits for).
+    unit: Option<(String, bool, bool)>,
 }
 
 /// Checks a request and runs it in a task of its own, at most `max_inflight` per connection;
@@ -52,9 +56,9 @@ pub(super) fn start(
     };
     inflight.fetch_add(1, Ordering::SeqCst);
     let inflight = inflight.clone();
-    let fleet = ctx.fleet.clone();
+    let (fleet, store) = (ctx.fleet.clone(), ctx.store.clone());
     tokio::spawn(async move {
-        run(fleet, r.id, prepared, targets, unknown, out).await;
+        run(fleet, store, r.id, prepared, targets, unknown, out).await;
         inflight.fetch_sub(1, Ordering::SeqCst);
     });
     Ok(())
@@ -149,19 +153,27 @@ pub(super) fn prepare(r: &RequestMsg, default_timeout: Duration) -> Result<Prepa
     )
     .map_err(|e| e.to_string())?;
     query.request.check_for(query.op)?;
-    let rolling = Rolling::parse(r.batch.as_deref(), r.max_fail.as_deref())?;
-    if rolling.is_some()
-        && !matches!(
-            r.op,
-            RequestOp::Start | RequestOp::Stop | RequestOp::Restart
-        )
-    {
-        return Err("batch and max_fail are for start, stop and restart".into());
-    }
+    let rolling = Rolling::parse(Options {
+        batch: r.batch.as_deref(),
+        max_fail: r.max_fail.as_deref(),
+        hold_ms: r.hold_ms,
+        order: r.order.as_deref(),
+    })?;
+    let unit = match r.op {
+        RequestOp::Start | RequestOp::Stop | RequestOp::Restart => r.unit.clone().map(|u| {
+            let (stop, restart) = (r.op == RequestOp::Stop, r.op == RequestOp::Restart);
+            (u, stop, restart)
+        }),
+        _ if rolling.is_some() => {
+            return Err("batch, max_fail, hold_ms and order are for start, stop and restart".into())
+        }
+        _ => None,
+    };
     Ok(Prepared {
         query,
         timeout,
         rolling,
+        unit,
     })
 }
 
@@ -181,9 +193,10 @@ fn op_name(op: RequestOp) -> &'static str {
 /// Asks every target and sends each machine's result, then the `done`.
 pub(super) async fn run(
     fleet: Fleet,
+    store: Store,
     id: Value,
     p: Prepared,
-    targets: Vec<AgentStatus>,
+    mut targets: Vec<AgentStatus>,
     unknown: Vec<String>,
     out: Outbox,
 ) {
@@ -250,9 +263,21 @@ pub(super) async fn run(
         grace: false,
     };
     if let Some(rolling) = p.rolling {
-        let (fleet, query) = (&fleet, &p.query);
-        let mut driver = Driver::new(targets.len(), rolling, |i| {
-            requests::ask(fleet, &targets[i], query, timeout)
+        rolling.sort(&mut targets);
+        let (fleet, store, query, targets) = (&fleet, &store, &p.query, &targets);
+        let (unit, hold) = (p.unit.as_ref(), rolling.hold);
+        let mut driver = Driver::new(targets.len(), &rolling, |i| async move {
+            let nkey = &targets[i].info.nkey;
+            let sent = tokio::time::Instant::now();
+            let before = unit.and_then(|(u, ..)| rolling::before(store, nkey, u));
+            let r = requests::ask(fleet, &targets[i], query, timeout).await;
+            match (r, unit, hold) {
+                (MachineResult::Ok(_), Some((u, stop, restart)), Some(h)) => {
+                    let deadline = sent + timeout;
+                    rolling::hold(store, nkey, u, (*stop, *restart), before, h, deadline).await
+                }
+                (r, ..) => r,
+            }
         });
         while let Some((i, r)) = driver.next().await {
             let text = report(&targets[i], r);
