@@ -21,6 +21,9 @@ use cbus_protocol::presence::{now_ms, AgentState, PresenceEvent, PresenceKind};
 mod marks;
 
 use crate::changes::{Change, Router};
+
+/// A unit's object path, active state and StateChangeTimestamp ([`Store::unit_state`]).
+pub(crate) type UnitState = (String, String, Option<u64>);
 use crate::model::{Machine, MachineRow, SystemInfo, Unit, UnitFilter, UnitProp, UnitRow};
 
 /// What a presence event means for the caller: whether the machine's units must be (re)loaded.
@@ -420,11 +423,7 @@ impl Store {
     }
 
     /// (object path, active state, StateChangeTimestamp) of one unit.
-    pub(crate) fn unit_state(
-        &self,
-        nkey: &str,
-        name: &str,
-    ) -> Option<(String, String, Option<u64>)> {
+    pub(crate) fn unit_state(&self, nkey: &str, name: &str) -> Option<UnitState> {
         let m = self.read();
         let u = m.get(nkey)?.units().get(name)?;
         Some((u.path.clone(), u.active.clone(), u.since_us))
