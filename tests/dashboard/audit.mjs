@@ -3,34 +3,13 @@
 // stdout/stdin lines: "STEP <name>" when the test must act, then waits for a line on stdin.
 // Environment: GATEWAY_URL, TOKEN, HOST (the agent's hostname), HOSTILE (a requester claim
 // that is markup), SHOT (screenshot path).
-import { chromium } from 'playwright-core';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { createInterface } from 'node:readline';
+
+import { step, log, launch } from './driver.mjs';
 
 const { GATEWAY_URL, TOKEN, HOST, HOSTILE, SHOT } = process.env;
-const lines = createInterface({ input: process.stdin });
-const waiting = [];
-lines.on('line', (l) => {
-  const w = waiting.shift();
-  if (w) w(l);
-});
-const step = (name) =>
-  new Promise((resolve) => {
-    waiting.push(resolve);
-    console.log(`STEP ${name}`);
-  });
-const log = (...a) => console.log('LOG', ...a);
 const T = 20000;
 
-const dir = mkdtempSync(join(tmpdir(), 'cbus-chromium-'));
-const ctx = await chromium.launchPersistentContext(dir, {
-  executablePath: '/usr/bin/chromium',
-  headless: true,
-  viewport: { width: 1680, height: 640 },
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--no-first-run', '--disable-sync'],
-});
+const { ctx, close } = await launch({ viewport: { width: 1680, height: 640 } });
 let failed = false;
 const consoleErrors = [];
 try {
@@ -118,8 +97,6 @@ try {
     // no page
   }
 } finally {
-  await ctx.close();
-  rmSync(dir, { recursive: true, force: true });
-  lines.close();
+  await close();
 }
 process.exit(failed ? 1 : 0);

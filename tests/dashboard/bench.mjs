@@ -2,32 +2,12 @@
 // fleet emulator and the emulator changes units at a given rate. Protocol with cbus-bench as
 // fleet.mjs: "STEP <name>" waits for a line on stdin; prints one "RESULT <json>" per view.
 // Environment: GATEWAY_URL, TOKEN, MACHINES, SECS (measuring time per view).
-import { chromium } from 'playwright-core';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { createInterface } from 'node:readline';
+
+import { step, launch } from './driver.mjs';
 
 const { GATEWAY_URL, TOKEN, MACHINES, SECS } = process.env;
-const lines = createInterface({ input: process.stdin });
-const waiting = [];
-lines.on('line', (l) => {
-  const w = waiting.shift();
-  if (w) w(l);
-});
-const step = (name) =>
-  new Promise((resolve) => {
-    waiting.push(resolve);
-    console.log(`STEP ${name}`);
-  });
 
-const dir = mkdtempSync(join(tmpdir(), 'cbus-chromium-'));
-const ctx = await chromium.launchPersistentContext(dir, {
-  executablePath: '/usr/bin/chromium',
-  headless: true,
-  viewport: { width: 1400, height: 900 },
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--no-first-run', '--disable-sync', '--enable-precise-memory-info'],
-});
+const { ctx, close } = await launch({ viewport: { width: 1400, height: 900 }, args: ['--enable-precise-memory-info'] });
 let failed = false;
 try {
   const page = ctx.pages()[0] || (await ctx.newPage());
@@ -115,8 +95,6 @@ try {
   failed = true;
   console.log(`FAIL ${e && e.stack ? e.stack.split('\n').slice(0, 3).join(' | ') : e}`);
 } finally {
-  await ctx.close();
-  rmSync(dir, { recursive: true, force: true });
-  lines.close();
+  await close();
 }
 process.exit(failed ? 1 : 0);

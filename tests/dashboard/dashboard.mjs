@@ -2,44 +2,15 @@
 // tests/tests/gateway_dashboard.rs. Talks to the Rust test over stdout/stdin lines:
 // it prints "STEP <name>" when it needs the test to act and waits for a line on stdin.
 // Environment: GATEWAY_URL, TOKEN, UNIT, HOST_A, HOST_B, SHOTS (screenshot path prefix).
-import { chromium } from 'playwright-core';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { createInterface } from 'node:readline';
+
+import { step, log, launch } from './driver.mjs';
 
 const { GATEWAY_URL, TOKEN, UNIT, HOST_A, HOST_B, SHOTS } = process.env;
-const lines = createInterface({ input: process.stdin });
-const waiting = [];
-lines.on('line', (l) => {
-  const w = waiting.shift();
-  if (w) w(l);
-});
-const step = (name) =>
-  new Promise((resolve) => {
-    waiting.push(resolve);
-    console.log(`STEP ${name}`);
-  });
-const log = (...a) => console.log('LOG', ...a);
 
 const cell = (host) => `#units-body td[data-host="${host}"][data-unit="${UNIT}"]`;
 const T = 30000;
 
-const dir = mkdtempSync(join(tmpdir(), 'cbus-chromium-'));
-const ctx = await chromium.launchPersistentContext(dir, {
-  executablePath: '/usr/bin/chromium',
-  headless: true,
-  viewport: { width: 1400, height: 900 },
-  args: [
-    '--headless',
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--no-first-run',
-    '--disable-sync',
-  ],
-});
+const { ctx, close } = await launch({ viewport: { width: 1400, height: 900 } });
 let failed = false;
 const consoleErrors = [];
 try {
@@ -178,8 +149,6 @@ try {
     // no page
   }
 } finally {
-  await ctx.close();
-  rmSync(dir, { recursive: true, force: true });
-  lines.close();
+  await close();
 }
 process.exit(failed ? 1 : 0);

@@ -6,34 +6,13 @@
 // (two more, comma-separated, failed the same way for the timing), FAILED_HOST
 // (one of them), FROZEN_HOST (a machine the test freezes, fourth of HALT_LABEL's), LABEL and
 // HALT_LABEL (key=value), SHOTS.
-import { chromium } from 'playwright-core';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { createInterface } from 'node:readline';
+
+import { step, log, launch } from './driver.mjs';
 
 const { GATEWAY_URL, TOKEN, MACHINES, UNIT, MORE_UNITS, FAILED_HOST, FROZEN_HOST, LABEL, HALT_LABEL, SHOTS } = process.env;
-const lines = createInterface({ input: process.stdin });
-const waiting = [];
-lines.on('line', (l) => {
-  const w = waiting.shift();
-  if (w) w(l);
-});
-const step = (name) =>
-  new Promise((resolve) => {
-    waiting.push(resolve);
-    console.log(`STEP ${name}`);
-  });
-const log = (...a) => console.log('LOG', ...a);
 const T = 30000;
 
-const dir = mkdtempSync(join(tmpdir(), 'cbus-chromium-'));
-const ctx = await chromium.launchPersistentContext(dir, {
-  executablePath: '/usr/bin/chromium',
-  headless: true,
-  viewport: { width: 1400, height: 900 },
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--no-first-run', '--disable-sync'],
-});
+const { ctx, close } = await launch({ viewport: { width: 1400, height: 900 } });
 let failed = false;
 const consoleErrors = [];
 try {
@@ -185,8 +164,6 @@ try {
     // no page
   }
 } finally {
-  await ctx.close();
-  rmSync(dir, { recursive: true, force: true });
-  lines.close();
+  await close();
 }
 process.exit(failed ? 1 : 0);
