@@ -19,12 +19,13 @@ use cbus_client::systemd::Unit as Listed;
 use cbus_protocol::presence::{now_ms, AgentState, PresenceEvent, PresenceKind};
 
 mod marks;
+mod rows;
 
 use crate::changes::{Change, Router};
 
 /// A unit's object path, active state and StateChangeTimestamp ([`Store::unit_state`]).
 pub(crate) type UnitState = (String, String, Option<u64>);
-use crate::model::{Machine, MachineRow, SystemInfo, Unit, UnitFilter, UnitProp, UnitRow};
+use crate::model::{Machine, MachineRow, SystemInfo, Unit, UnitFilter, UnitProp};
 
 /// What a presence event means for the caller: whether the machine's units must be (re)loaded.
 #[derive(Debug, PartialEq, Eq)]
@@ -378,25 +379,6 @@ impl Store {
         self.read().values().map(|m| m.row(now_ms)).collect()
     }
 
-    /// Units of the machines `keep_machine` accepts, whose names `keep_unit` accepts.
-    pub(crate) fn unit_rows(
-        &self,
-        keep_machine: impl Fn(&str) -> bool,
-        keep_unit: impl Fn(&str) -> bool,
-    ) -> Vec<UnitRow> {
-        let m = self.read();
-        m.values()
-            .filter(|m| keep_machine(&m.info.nkey))
-            .flat_map(|machine| {
-                machine
-                    .units()
-                    .iter()
-                    .filter(|(n, _)| keep_unit(n))
-                    .map(|(n, u)| machine.unit_row(n, u))
-            })
-            .collect()
-    }
-
     /// Fan-out targets: the named machines (unknown nkeys are returned separately), or all.
     pub(crate) fn targets(&self, nkeys: Option<&[String]>) -> (Vec<AgentStatus>, Vec<String>) {
         let now = now_ms();
@@ -583,6 +565,23 @@ pub(crate) mod tests {
         let (c, _) = store();
         c.presence(ev(PresenceKind::Hello, "A", 1), now_ms());
         assert_eq!(c.running_nkeys(), vec!["A".to_owned()]);
+    }
+
+    #[test]
+    fn unit_rows_by_prefix_are_the_names_that_start_with_it() {
+        let (c, _) = store();
+        c.presence(ev(PresenceKind::Hello, "A", 1), now_ms());
+        let names = ["a.service", "ab.service", "b.service", "ssh.service"];
+        let list = names.iter().map(|n| listing(n, "active", "/u")).collect();
+        c.replace_units("A", list, crate::model::signal_mark());
+        let rows = |prefix: &str| -> Vec<String> {
+            let rows = c.unit_rows(|_| true, prefix, |n| !n.ends_with("b.service"));
+            rows.into_iter().map(|r| r.name).collect()
+        };
+        assert_eq!(rows("a"), ["a.service"], "the filter still applies");
+        assert_eq!(rows(""), ["a.service", "ssh.service"]);
+        assert_eq!(rows("ssh."), ["ssh.service"]);
+        assert!(rows("z").is_empty());
     }
 
     #[test]

@@ -7,11 +7,10 @@ use std::time::Duration;
 use cbus_protocol::presence::now_ms;
 use cbus_protocol::subject::{self, validate_nkey, SignalFilter};
 use cbus_protocol::{names, ErrorBody};
-use regex::Regex;
 use tokio::sync::oneshot;
 
 use super::context::WsContext;
-use super::frames::{glob_regex, Resource};
+use super::frames::{glob_regex, Glob, Resource};
 use super::history::{
     forward_audit, forward_signal_history, AuditQuery, AuditRing, SignalHistory, AUDIT_LIMIT,
     AUDIT_SINCE, MAX_AUDIT_LIMIT, MAX_AUDIT_SINCE, MAX_SIGNAL_REPLAY, MAX_SIGNAL_SINCE,
@@ -27,7 +26,7 @@ pub(super) enum Kind {
     Machines,
     Units {
         machines: Option<HashSet<String>>,
-        unit: Option<Regex>,
+        unit: Option<Glob>,
     },
     /// Sent again, whole, by the session's throttle when the store changed.
     Fleet(Query),
@@ -79,7 +78,7 @@ pub(super) fn compile(
         Resource::Units { machines, unit } => Kind::Units {
             machines: machines.as_ref().map(|m| m.iter().cloned().collect()),
             unit: match unit {
-                Some(g) => Some(glob_regex(g).map_err(|e| format!("invalid unit pattern: {e}"))?),
+                Some(g) => Some(Glob::new(g).map_err(|e| format!("invalid unit pattern: {e}"))?),
                 None => None,
             },
         },
@@ -334,7 +333,8 @@ impl Kind {
             Kind::Units { machines, unit } => {
                 let rows = ctx.store.unit_rows(
                     |m| machines.as_ref().is_none_or(|set| set.contains(m)),
-                    |n| unit.as_ref().is_none_or(|re| re.is_match(n)),
+                    unit.as_ref().map_or("", |g| g.prefix()),
+                    |n| unit.as_ref().is_none_or(|g| g.is_match(n)),
                 );
                 ("units", Schema::units(), SnapshotData::Units(rows), None)
             }
@@ -472,7 +472,7 @@ mod tests {
     fn unit_changes_are_filtered_by_machine_and_glob() {
         let ssh = Kind::Units {
             machines: Some(HashSet::from(["A".to_owned()])),
-            unit: Some(glob_regex("ssh*").unwrap()),
+            unit: Some(Glob::new("ssh*").unwrap()),
         };
         let change = units(false, &[("A", "sshd.service"), ("A", "cron.service")], &[]);
         let t = text(ssh.update(&change)).unwrap();
