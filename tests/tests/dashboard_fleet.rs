@@ -10,13 +10,11 @@
 //! a frozen machine shown unresponsive. Screenshots of each view go to
 //! /tmp/cbus-fleet-*.png (docs/img/ holds copies).
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use cbus_tests::browser::browser_deps;
+use cbus_tests::browser::{browser_deps, Script};
 use cbus_tests::emulator::{Emulator, EmulatorSpec};
 use cbus_tests::{GatewayProcess, NatsServer};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const TOKEN: &str = "fleet-dashboard-token-17";
 const MACHINES: usize = 1_000;
@@ -49,39 +47,23 @@ async fn fleet_dashboard_with_a_thousand_emulated_machines() {
     let emulator = Emulator::start(&nats.url(), &spec).await;
     let host = |i: usize| emulator.agents[i].info.hostname.clone();
 
-    let mut node = tokio::process::Command::new("node")
-        .arg(pw_dir.join("fleet.mjs"))
-        .current_dir(&pw_dir)
-        .env("GATEWAY_URL", gw.base_url())
-        .env("TOKEN", TOKEN)
-        .env("MACHINES", MACHINES.to_string())
-        .env("UNIT", UNIT)
-        .env("MORE_UNITS", MORE_UNITS)
-        .env("FAILED_HOST", host(2))
-        .env("FROZEN_HOST", host(FROZEN))
-        .env("LABEL", LABEL)
-        .env("HALT_LABEL", HALT_LABEL)
-        .env("SHOTS", "/tmp/cbus-fleet")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run node (apt-get install nodejs npm)");
-    let mut stdin = node.stdin.take().expect("node stdin");
-    let mut out = BufReader::new(node.stdout.take().expect("node stdout")).lines();
-    let mut transcript = Vec::new();
+    let env = [
+        ("GATEWAY_URL", gw.base_url()),
+        ("TOKEN", TOKEN.into()),
+        ("MACHINES", MACHINES.to_string()),
+        ("UNIT", UNIT.into()),
+        ("MORE_UNITS", MORE_UNITS.into()),
+        ("FAILED_HOST", host(2)),
+        ("FROZEN_HOST", host(FROZEN)),
+        ("LABEL", LABEL.into()),
+        ("HALT_LABEL", HALT_LABEL.into()),
+        ("SHOTS", "/tmp/cbus-fleet".into()),
+    ];
+    let mut script = Script::start(&pw_dir, "fleet.mjs", env, Duration::from_secs(180));
     let mut times: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     let mut results = None;
     let mut halted = None;
-    let mut done = false;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    loop {
-        let line = match tokio::time::timeout_at(deadline, out.next_line()).await {
-            Ok(Ok(Some(l))) => l,
-            Ok(_) => break,
-            Err(_) => panic!("fleet script timed out:\n{}", transcript.join("\n")),
-        };
-        transcript.push(line.clone());
+    while let Some(line) = script.next_line().await {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["STEP", "FAIL3", unit] => {
@@ -113,24 +95,10 @@ async fn fleet_dashboard_with_a_thousand_emulated_machines() {
             }
             ["RESULTS", n] => results = Some(n.parse::<usize>().expect("count")),
             ["HALTED", ..] => halted = Some(line.clone()),
-            ["DONE"] => done = true,
-            [first, ..] if first.starts_with("FAIL") => {
-                panic!("fleet dashboard: {line}\n{}", transcript.join("\n"))
-            }
             _ => {}
         }
-        if line.starts_with("STEP ") {
-            stdin.write_all(b"go\n").await.expect("write to node");
-            stdin.flush().await.expect("flush node stdin");
-        }
     }
-    let status = node.wait().await.expect("wait for node");
-    println!("{}", transcript.join("\n"));
-    assert!(
-        done && status.success(),
-        "fleet script failed:\n{}",
-        transcript.join("\n")
-    );
+    script.finish().await;
     let web = emulator
         .agents
         .iter()

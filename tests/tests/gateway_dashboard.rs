@@ -8,12 +8,10 @@
 //! Chromium (Debian package) and playwright-core (npm, into target/playwright) are installed
 //! when missing (`cbus_tests::browser`), so this runs from a fresh clone.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use cbus_tests::browser::browser_deps;
+use cbus_tests::browser::{browser_deps, Script};
 use cbus_tests::{Agent, GatewayProcess, Machine, MachineSpec, NatsServer};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const TOKEN: &str = "dashboard-test-token-42";
 const UNIT: &str = "gw-sleeper.service";
@@ -74,32 +72,16 @@ async fn dashboard_in_headless_chromium() {
     let mut gw = GatewayProcess::start(&nats.url(), TOKEN, &["--ws-heartbeat", "1s"]);
     let port = gw.port;
 
-    let mut node = tokio::process::Command::new("node")
-        .arg(pw_dir.join("dashboard.mjs"))
-        .current_dir(&pw_dir)
-        .env("GATEWAY_URL", gw.base_url())
-        .env("TOKEN", TOKEN)
-        .env("UNIT", UNIT)
-        .env("HOST_A", &a.name)
-        .env("HOST_B", &b.name)
-        .env("SHOTS", "/tmp/cbus-dashboard")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run node (apt-get install nodejs npm)");
-    let mut stdin = node.stdin.take().expect("node stdin");
-    let mut out = BufReader::new(node.stdout.take().expect("node stdout")).lines();
-    let mut transcript = Vec::new();
-    let mut done = false;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
-    loop {
-        let line = match tokio::time::timeout_at(deadline, out.next_line()).await {
-            Ok(Ok(Some(l))) => l,
-            Ok(_) => break,
-            Err(_) => panic!("dashboard script timed out:\n{}", transcript.join("\n")),
-        };
-        transcript.push(line.clone());
+    let env = [
+        ("GATEWAY_URL", gw.base_url()),
+        ("TOKEN", TOKEN.into()),
+        ("UNIT", UNIT.into()),
+        ("HOST_A", a.name.clone()),
+        ("HOST_B", b.name.clone()),
+        ("SHOTS", "/tmp/cbus-dashboard".into()),
+    ];
+    let mut script = Script::start(&pw_dir, "dashboard.mjs", env, Duration::from_secs(240));
+    while let Some(line) = script.next_line().await {
         match line.as_str() {
             "STEP STOPPED" => {
                 assert_eq!(active_state(a).await, "inactive", "stop reached machine A");
@@ -121,24 +103,10 @@ async fn dashboard_in_headless_chromium() {
             "STEP START_GATEWAY" => {
                 gw = GatewayProcess::start_on(&nats.url(), TOKEN, port, &["--ws-heartbeat", "1s"]);
             }
-            "DONE" => done = true,
-            l if l.starts_with("FAIL") => {
-                panic!("dashboard: {l}\n{}", transcript.join("\n"))
-            }
-            _ => continue,
-        }
-        if line.starts_with("STEP ") {
-            stdin.write_all(b"go\n").await.expect("write to node");
-            stdin.flush().await.expect("flush node stdin");
+            _ => {}
         }
     }
-    let status = node.wait().await.expect("wait for node");
-    println!("{}", transcript.join("\n"));
-    assert!(
-        done && status.success(),
-        "dashboard script failed:\n{}",
-        transcript.join("\n")
-    );
+    script.finish().await;
     assert_eq!(
         active_state(a).await,
         "active",

@@ -14,16 +14,15 @@
 //! live only and say why, and an audit entry naming another machine than its subject is
 //! dropped.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use cbus_protocol::permissions;
 use cbus_protocol::subject::{Op, RequestSubject, Target};
+use cbus_tests::browser::Script;
 use cbus_tests::cli::*;
 use cbus_tests::{Agent, GatewayProcess, NatsServer, PrivateBus, TestService};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -408,31 +407,15 @@ async fn audit_trail_and_signal_history_in_the_gateway_and_the_dashboard() {
     // The dashboard.
     let pw_dir = pw_dir.await.expect("browser deps");
     let shot = "/tmp/cbus-dashboard-audit.png";
-    let mut node = tokio::process::Command::new("node")
-        .arg(pw_dir.join("audit.mjs"))
-        .current_dir(&pw_dir)
-        .env("GATEWAY_URL", gw.base_url())
-        .env("TOKEN", TOKEN)
-        .env("HOST", HOST)
-        .env("HOSTILE", HOSTILE)
-        .env("SHOT", shot)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run node (apt-get install nodejs npm)");
-    let mut stdin = node.stdin.take().expect("node stdin");
-    let mut out = BufReader::new(node.stdout.take().expect("node stdout")).lines();
-    let mut transcript = Vec::new();
-    let mut done = false;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let line = match tokio::time::timeout_at(deadline, out.next_line()).await {
-            Ok(Ok(Some(l))) => l,
-            Ok(_) => break,
-            Err(_) => panic!("dashboard script timed out:\n{}", transcript.join("\n")),
-        };
-        transcript.push(line.clone());
+    let env = [
+        ("GATEWAY_URL", gw.base_url()),
+        ("TOKEN", TOKEN.into()),
+        ("HOST", HOST.into()),
+        ("HOSTILE", HOSTILE.into()),
+        ("SHOT", shot.into()),
+    ];
+    let mut script = Script::start(&pw_dir, "audit.mjs", env, Duration::from_secs(120));
+    while let Some(line) = script.next_line().await {
         match line.as_str() {
             "STEP CALL" => emit(&url, "live-call"),
             "STEP EMIT" => emit(&url, "page-live"),
@@ -440,22 +423,10 @@ async fn audit_trail_and_signal_history_in_the_gateway_and_the_dashboard() {
                 let on = op(&url, &["maintenance", "on", HOST, "--reason", "disk swap"]);
                 assert!(on.status.success(), "{}", both(&on));
             }
-            "DONE" => done = true,
-            l if l.starts_with("FAIL") => panic!("dashboard: {l}\n{}", transcript.join("\n")),
-            _ => continue,
-        }
-        if line.starts_with("STEP ") {
-            stdin.write_all(b"go\n").await.expect("write to node");
-            stdin.flush().await.expect("flush node stdin");
+            _ => {}
         }
     }
-    let status = node.wait().await.expect("wait for node");
-    println!("{}", transcript.join("\n"));
-    assert!(
-        done && status.success(),
-        "dashboard script failed:\n{}",
-        transcript.join("\n")
-    );
+    script.finish().await;
 }
 
 /// Without JetStream (or before `cbus streams init`), history is live only and says why: the
