@@ -13,7 +13,7 @@ use futures::StreamExt;
 use tokio::time::{timeout_at, Instant};
 
 use cbus_protocol::codec;
-use cbus_protocol::presence::{self, AgentState, PresenceEvent, RegistrySpec};
+use cbus_protocol::presence::{self, PresenceEvent, RegistrySpec};
 use cbus_protocol::subject;
 
 use super::kv::replay_latest;
@@ -410,17 +410,9 @@ fn pong(subject: &str, payload: &[u8]) -> Option<(String, AgentStatus)> {
         tracing::debug!(subject, claimed = %ev.agent.nkey, "presence naming another machine dropped");
         return None;
     }
-    let state = match ev.event {
-        presence::PresenceKind::Goodbye => AgentState::Stopped,
-        _ => AgentState::Running,
-    };
-    let status = AgentStatus {
-        info: ev.agent,
-        state,
-        last_seen_ms: presence::now_ms(),
-        maintenance: None,
-    };
-    Some((nkey.to_owned(), status))
+    // Heard just now: running, or stopped after a goodbye, as a registry entry would say.
+    let now = presence::now_ms();
+    Some((nkey.to_owned(), status_from(ev, now, now)))
 }
 
 /// The registry bucket's stream configuration, as [`presence::registry_spec`] specifies it, with
