@@ -121,16 +121,19 @@ impl Builder {
             bump(&mut s.units, &u.active);
             let states = match self.per_unit.get_mut(name.as_str()) {
                 Some(s) => s,
-                None => self.per_unit.entry(name.clone()).or_default(),
+                None => self.per_unit.entry(name.to_string()).or_default(),
             };
             bump(states, &u.active);
             if u.active == "failed" {
                 degraded = true;
-                self.failed.entry(name.clone()).or_default().push(FailedOn {
-                    machine: m.info.nkey.clone(),
-                    host: m.info.hostname.clone(),
-                    since_us: u.since_us,
-                });
+                self.failed
+                    .entry(name.to_string())
+                    .or_default()
+                    .push(FailedOn {
+                        machine: m.info.nkey.clone(),
+                        host: m.info.hostname.clone(),
+                        since_us: u.since_us,
+                    });
             }
         }
         if m.units_loaded {

@@ -310,7 +310,7 @@ mod tests {
 
     fn name(c: &Change) -> String {
         match c {
-            Change::Units { rows, .. } => rows[0].name.clone(),
+            Change::Units { rows, .. } => rows[0].name.to_string(),
             other => format!("{other:?}"),
         }
     }

@@ -3,8 +3,9 @@
 //!
 //! # Modules, by concern
 //!
-//! - fleet state: `model` (a machine and its units, no locking, no I/O) and `store` (the
-//!   shared machines, changed only through typed updates);
+//! - fleet state: `model` (a machine and its units, no locking, no I/O), `store` (the
+//!   shared machines, changed only through typed updates) and `intern` (the bounded table of
+//!   words units share: names, descriptions, states);
 //! - the change hub: `changes` (what changed, routed to the sessions that follow it, with
 //!   bounded queues);
 //! - ingestion: `follow` (presence, the registry, agents' metrics, the tick) and `systemd`
@@ -23,12 +24,12 @@
 //! (`gateway/tests/module_graph.rs` checks that, and that no module has more than 500 lines of
 //! code):
 //!
-//! 1. leaves, using no other module of the crate: `auth`, `stats`, `model`, `requests`,
-//!    `dashboard`;
+//! 1. leaves, using no other module of the crate: `auth`, `stats`, `intern`, `requests`,
+//!    `dashboard`; then `model` (uses `intern`);
 //! 2. `aggregate` (uses `model`); `config` and `changes` (use `model`); `metrics` (`model`, `stats`); `nats` and `server`
 //!    (`stats`);
-//! 3. `tls` (`server`); `store` (`model`, `changes`);
-//! 4. `systemd` (`store`, `model`, `requests`, `nats`, `stats`); `objects` (`store`, `changes`,
+//! 3. `tls` (`server`); `store` (`model`, `intern`, `changes`);
+//! 4. `systemd` (`store`, `model`, `intern`, `requests`, `nats`, `stats`); `objects` (`store`, `changes`,
 //!    `requests`, `nats`);
 //! 5. `follow` (`store`, `systemd`, `nats`); `ws` (`store`, `changes`, `objects`, `requests`, `aggregate`,
 //!    `nats`, `auth`, `model`, `stats`);
@@ -38,7 +39,7 @@
 //! knows the wire format of the WebSocket API.
 //!
 //! The public surface is [`run`], [`start`] and [`Config`] for the binary, plus what the bench
-//! needs to measure `/metrics` without a fleet: [`Machine`], [`Unit`] and [`Metrics`].
+//! needs to measure `/metrics` without a fleet: [`Machine`], [`Unit`], [`Text`] and [`Metrics`].
 
 mod aggregate;
 mod auth;
@@ -46,6 +47,7 @@ mod changes;
 mod config;
 mod dashboard;
 mod follow;
+mod intern;
 mod metrics;
 mod model;
 mod nats;
@@ -74,6 +76,7 @@ use cbus_protocol::presence;
 
 pub use auth::AuthError;
 pub use config::Config;
+pub use intern::Text;
 pub use metrics::Metrics;
 pub use model::{Machine, Unit};
 pub use nats::SubscribeError;

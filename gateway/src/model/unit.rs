@@ -1,19 +1,28 @@
 //! A unit as the gateway knows it: its state, what systemd's property values do to it, and
-//! which units are followed.
+//! which units are followed. Its words are [`Text`]s, shared between units
+//! ([`crate::intern`]), and its object path is derived from its name unless the machine
+//! reported another.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use cbus_client::systemd::unit_path;
 use regex::Regex;
 
-/// One unit's state.
+use crate::intern::Text;
+
+/// One unit's state. Its words are [`Text`]s, shared with every other unit that has the same
+/// ones (a fleet's units mostly do).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Unit {
-    pub description: String,
-    pub load: String,
-    pub active: String,
-    pub sub: String,
-    /// The unit's object path (from ListUnits).
-    pub path: String,
+    pub description: Text,
+    pub load: Text,
+    pub active: Text,
+    pub sub: Text,
+    /// The object path the machine reported for the unit (ListUnits) when it is not the one
+    /// systemd gives the unit's name ([`Unit::path`]); `None` for that one, which is derived
+    /// from the name instead of kept: every unit on a real systemd.
+    pub odd_path: Option<Box<str>>,
     /// StateChangeTimestamp in microseconds since the epoch: "since" in the dashboard.
     pub since_us: Option<u64>,
     /// ActiveEnterTimestamp in microseconds, for `cbus_systemd_unit_start_time_seconds`.
@@ -41,9 +50,9 @@ pub(crate) fn signal_mark() -> u64 {
 pub struct UnitDetail {
     /// A service's or mount's `Type` (`simple`, `oneshot`, `tmpfs`…): node_exporter's `type`
     /// label; empty for other units and while unknown.
-    pub kind: String,
+    pub kind: Text,
     /// UnitFileState (`enabled`, `static`, `disabled`…); empty while unknown.
-    pub unit_file_state: String,
+    pub unit_file_state: Text,
     /// A service's TasksCurrent; `None` when unknown or when systemd has no count (no cgroup).
     pub tasks_current: Option<u64>,
     /// A service's TasksMax; `None` when unknown or unlimited.
@@ -62,17 +71,17 @@ pub struct UnitDetail {
 /// A unit property value systemd reported, already unwrapped from its D-Bus variant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum UnitProp {
-    ActiveState(String),
-    SubState(String),
-    LoadState(String),
-    Description(String),
+    ActiveState(Text),
+    SubState(Text),
+    LoadState(Text),
+    Description(Text),
     /// Microseconds since the epoch; `None` for 0 (never) or an unreadable value.
     StateChangeTimestamp(Option<u64>),
     ActiveEnterTimestamp(Option<u64>),
     NRestarts(Option<u32>),
     /// A service's or mount's `Type`.
-    Type(String),
-    UnitFileState(String),
+    Type(Text),
+    UnitFileState(Text),
     /// `None` for systemd's "no value" (`u64::MAX`).
     TasksCurrent(Option<u64>),
     TasksMax(Option<u64>),
@@ -113,6 +122,21 @@ impl UnitProp {
 }
 
 impl Unit {
+    /// The unit's object path, given its name: the one the machine reported, which is
+    /// systemd's for the name ([`unit_path`]) unless [`Unit::odd_path`] says otherwise.
+    pub fn path(&self, name: &str) -> Cow<'_, str> {
+        match &self.odd_path {
+            Some(path) => Cow::Borrowed(path),
+            None => Cow::Owned(unit_path(name)),
+        }
+    }
+
+    /// Records `path` as the object path the machine reported for the unit `name`: kept only
+    /// when it is not systemd's for that name.
+    pub(crate) fn set_path(&mut self, name: &str, path: &str) {
+        self.odd_path = (unit_path(name) != path).then(|| path.into());
+    }
+
     /// Applies values a signal carried.
     pub(crate) fn apply_signal(&mut self, props: &[UnitProp]) -> Applied {
         let applied = self.apply(props);

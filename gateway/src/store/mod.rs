@@ -25,6 +25,7 @@ use crate::changes::{Change, Router};
 
 /// A unit's object path, active state and StateChangeTimestamp ([`Store::unit_state`]).
 pub(crate) type UnitState = (String, String, Option<u64>);
+use crate::intern::Text;
 use crate::model::{Machine, MachineRow, SystemInfo, Unit, UnitFilter, UnitProp};
 
 /// What a presence event means for the caller: whether the machine's units must be (re)loaded.
@@ -182,23 +183,26 @@ impl Store {
     /// there (and their states, when a signal came after the list was asked for).
     pub(crate) fn replace_units(&self, nkey: &str, list: Vec<Listed>, mark: u64) {
         let now = now_ms();
+        // Words shared before the lock is taken.
+        let list: Vec<(Text, Unit)> = list
+            .into_iter()
+            .filter(|u| self.follows(u))
+            .map(listed)
+            .collect();
         let mut m = self.write();
         let Some(machine) = m.get_mut(nkey) else {
             return;
         };
-        let mut units = BTreeMap::new();
-        let mut paths = HashMap::new();
-        for u in list {
-            if !self.follows(&u) {
-                continue;
-            }
-            let name = u.name.clone();
-            paths.insert(u.path.clone(), name.clone());
-            let unit = with_signalled(machine.units().get(&name), listed(u), mark);
-            units.insert(name, unit);
-        }
-        *machine.units_mut() = units;
-        machine.paths = paths;
+        // Collected at once (sorted, then built with full nodes; of two rows of one name the
+        // last counts, as inserting them in turn would).
+        let units = list
+            .into_iter()
+            .map(|(name, unit)| {
+                let unit = with_signalled(machine.units().get(&name), unit, mark);
+                (name, unit)
+            })
+            .collect();
+        machine.set_units(units);
         machine.units_loaded = true;
         let rows = machine
             .units()
@@ -224,12 +228,12 @@ impl Store {
         };
         let mut rows = Vec::new();
         for (name, props) in patches {
-            let Some(unit) = machine.units_mut().get_mut(name) else {
+            let Some(unit) = machine.units_mut().get_mut(name.as_str()) else {
                 continue;
             };
             if unit.apply_read(props, mark).shown {
                 let unit = unit.clone();
-                rows.push(machine.unit_row(name, &unit));
+                rows.push(machine.unit_row(&Text::from(name.as_str()), &unit));
             }
         }
         if !rows.is_empty() {
@@ -248,7 +252,7 @@ impl Store {
         let Some(machine) = m.get_mut(nkey) else {
             return UnitAt::Ignored;
         };
-        let Some(name) = machine.paths.get(path).cloned() else {
+        let Some(name) = machine.unit_at(path).cloned() else {
             return if machine.units_loaded {
                 UnitAt::Unfollowed
             } else {
@@ -273,7 +277,7 @@ impl Store {
             });
         }
         UnitAt::Unit {
-            name,
+            name: name.to_string(),
             failed_changed,
             unread,
         }
@@ -317,14 +321,13 @@ impl Store {
         if !self.follows(&u) {
             return false;
         }
+        let (name, unit) = listed(u);
         let mut m = self.write();
         let Some(machine) = m.get_mut(nkey) else {
             return false;
         };
-        let name = u.name.clone();
-        let unit = with_signalled(machine.units().get(&name), listed(u), 0);
-        machine.paths.insert(unit.path.clone(), name.clone());
-        machine.units_mut().insert(name.clone(), unit.clone());
+        let unit = with_signalled(machine.units().get(&name), unit, 0);
+        machine.insert_unit(name.clone(), unit.clone());
         let row = machine.unit_row(&name, &unit);
         self.emit(Change::Units {
             machine: nkey.to_owned(),
@@ -341,10 +344,9 @@ impl Store {
         let Some(machine) = m.get_mut(nkey) else {
             return;
         };
-        let Some(unit) = machine.units_mut().remove(name) else {
+        if machine.remove_unit(name).is_none() {
             return;
-        };
-        machine.paths.remove(&unit.path);
+        }
         self.emit(Change::Units {
             machine: nkey.to_owned(),
             rows: Vec::new(),
@@ -408,7 +410,7 @@ impl Store {
     pub(crate) fn unit_state(&self, nkey: &str, name: &str) -> Option<UnitState> {
         let m = self.read();
         let u = m.get(nkey)?.units().get(name)?;
-        Some((u.path.clone(), u.active.clone(), u.since_us))
+        Some((u.path(name).into_owned(), u.active.to_string(), u.since_us))
     }
 
     /// (name, object path, active state) of a machine's units, once they are loaded.
@@ -419,7 +421,7 @@ impl Store {
             machine
                 .units()
                 .iter()
-                .map(|(n, u)| (n.clone(), u.path.clone(), u.active.clone()))
+                .map(|(n, u)| (n.to_string(), u.path(n).into_owned(), u.active.to_string()))
                 .collect(),
         )
     }
@@ -447,7 +449,7 @@ fn with_signalled(old: Option<&Unit>, new: Unit, mark: u64) -> Unit {
         Some(o) => {
             let listed = if o.signalled > mark {
                 Unit {
-                    path: new.path,
+                    odd_path: new.odd_path,
                     ..o.clone()
                 }
             } else {
@@ -469,16 +471,18 @@ fn with_signalled(old: Option<&Unit>, new: Unit, mark: u64) -> Unit {
     }
 }
 
-/// A unit as ListUnits describes it (what signals add comes on top).
-fn listed(u: Listed) -> Unit {
-    Unit {
-        description: u.description,
-        load: u.load,
-        active: u.active,
-        sub: u.sub,
-        path: u.path,
+/// A unit as ListUnits describes it (what signals add comes on top), and its name.
+fn listed(u: Listed) -> (Text, Unit) {
+    let name = Text::from(u.name);
+    let mut unit = Unit {
+        description: u.description.into(),
+        load: u.load.into(),
+        active: u.active.into(),
+        sub: u.sub.into(),
         ..Default::default()
-    }
+    };
+    unit.set_path(&name, &u.path);
+    (name, unit)
 }
 
 #[cfg(test)]
@@ -576,7 +580,7 @@ pub(crate) mod tests {
         c.replace_units("A", list, crate::model::signal_mark());
         let rows = |prefix: &str| -> Vec<String> {
             let rows = c.unit_rows(|_| true, prefix, |n| !n.ends_with("b.service"));
-            rows.into_iter().map(|r| r.name).collect()
+            rows.into_iter().map(|r| r.name.to_string()).collect()
         };
         assert_eq!(rows("a"), ["a.service"], "the filter still applies");
         assert_eq!(rows(""), ["a.service", "ssh.service"]);
@@ -650,6 +654,54 @@ pub(crate) mod tests {
             kinds,
             ["machine", "replace", "machine", "units", "units", "units", "removed"]
         );
+    }
+
+    /// systemd's paths are derived from the names, other reported paths kept: signals find
+    /// their unit either way, and rows show the path the machine reported.
+    #[test]
+    fn signals_find_units_by_the_path_their_machine_reported() {
+        let (c, _) = store();
+        c.presence(ev(PresenceKind::Hello, "A", 1), now_ms());
+        let usual = cbus_client::systemd::unit_path("a.service");
+        c.replace_units(
+            "A",
+            vec![
+                listing("a.service", "active", &usual),
+                listing("b.service", "active", "/u/b"),
+            ],
+            crate::model::signal_mark(),
+        );
+        let failed = [UnitProp::ActiveState("failed".into())];
+        for (path, name) in [(usual.as_str(), "a.service"), ("/u/b", "b.service")] {
+            assert!(
+                matches!(c.patch_unit_at("A", path, &failed), UnitAt::Unit { name: n, .. } if n == name),
+                "{path}"
+            );
+            let (at, active, _) = c.unit_state("A", name).unwrap();
+            assert_eq!((at.as_str(), active.as_str()), (path, "failed"));
+        }
+        let b_usual = cbus_client::systemd::unit_path("b.service");
+        assert_eq!(c.patch_unit_at("A", &b_usual, &failed), UnitAt::Unfollowed);
+        let paths: Vec<String> = c
+            .unit_rows(|_| true, "", |_| true)
+            .iter()
+            .map(|r| r.unit.path(&r.name).into_owned())
+            .collect();
+        assert_eq!(paths, [usual.as_str(), "/u/b"]);
+        let loaded = c.loaded_units("A").unwrap();
+        assert_eq!(
+            loaded[1],
+            ("b.service".into(), "/u/b".into(), "failed".into())
+        );
+        // Listed again at systemd's path, then removed: found by that, then by nothing.
+        assert!(c.add_unit("A", listing("b.service", "active", &b_usual)));
+        assert!(matches!(
+            c.patch_unit_at("A", &b_usual, &[]),
+            UnitAt::Unit { .. }
+        ));
+        assert_eq!(c.patch_unit_at("A", "/u/b", &[]), UnitAt::Unfollowed);
+        c.unit_removed("A", "b.service");
+        assert_eq!(c.patch_unit_at("A", &b_usual, &[]), UnitAt::Unfollowed);
     }
 
     #[test]

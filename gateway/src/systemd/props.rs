@@ -11,6 +11,7 @@
 use cbus_client::systemd::{as_u64, unvariant, PropertiesChanged, SERVICE, UNIT};
 use serde_json::Value;
 
+use crate::intern::Text;
 use crate::model::{is_pinned, unit_type, UnitProp};
 
 pub(super) const SOCKET: &str = "org.freedesktop.systemd1.Socket";
@@ -89,7 +90,7 @@ pub(super) fn reads(name: &str, active: &str, full: bool) -> Vec<(&'static str, 
 
 /// A property value the store follows; `None` for other properties.
 pub(super) fn unit_prop(name: &str, v: &Value) -> Option<UnitProp> {
-    let text = || unvariant(v).as_str().unwrap_or_default().to_owned();
+    let text = || Text::from(unvariant(v).as_str().unwrap_or_default());
     // 0 means "never" for systemd's timestamps.
     let timestamp = || as_u64(v).filter(|t| *t > 0);
     Some(match name {
@@ -100,8 +101,8 @@ pub(super) fn unit_prop(name: &str, v: &Value) -> Option<UnitProp> {
         "StateChangeTimestamp" => UnitProp::StateChangeTimestamp(timestamp()),
         "ActiveEnterTimestamp" => UnitProp::ActiveEnterTimestamp(timestamp()),
         "NRestarts" => UnitProp::NRestarts(as_u64(v).map(|n| n.min(u64::from(u32::MAX)) as u32)),
-        "Type" => UnitProp::Type(word(v)),
-        "UnitFileState" => UnitProp::UnitFileState(word(v)),
+        "Type" => UnitProp::Type(word(v).into()),
+        "UnitFileState" => UnitProp::UnitFileState(word(v).into()),
         // systemd's "no value" for counts is u64::MAX (no cgroup, no limit): node_exporter
         // leaves such a series out, so does cbus.
         "TasksCurrent" => UnitProp::TasksCurrent(as_u64(v).filter(|n| *n != u64::MAX)),

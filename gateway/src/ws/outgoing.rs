@@ -59,7 +59,7 @@ impl Serialize for UnitRow {
             &u.sub,
             u.since_us,
             u.restarts,
-            &u.path,
+            u.path(&self.name),
         )
             .serialize(s)
     }
@@ -458,7 +458,7 @@ mod tests {
             unit: Unit {
                 active: "active".into(),
                 since_us: Some(5),
-                path: "/u/x".into(),
+                odd_path: Some("/u/x".into()),
                 ..Default::default()
             },
         }
@@ -471,6 +471,14 @@ mod tests {
         assert_eq!(v[3], "service");
         assert_eq!(v[8], 5);
         assert_eq!(v[9], Value::Null);
+        assert_eq!(v[10], "/u/x", "the path the machine reported");
+        let mut usual = unit_row();
+        usual.unit.odd_path = None;
+        let v = serde_json::to_value(usual).unwrap();
+        assert_eq!(
+            v[10], "/org/freedesktop/systemd1/unit/x_2eservice",
+            "systemd's path for the name"
+        );
     }
 
     /// Each frame is the text the `json!` frames before it were.

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cbus_client::fleet::Fleet;
-use cbus_gateway::{Machine, Metrics, Unit};
+use cbus_gateway::{Machine, Metrics, Text, Unit};
 use cbus_protocol::presence::PresenceKind;
 use cbus_tests::{bin_path, Agent, NatsServer, PrivateBus, TestService};
 use futures::StreamExt;
@@ -387,12 +387,12 @@ fn metrics_render() {
     println!("\n## /metrics render from cache: 100 machines x 200 units");
     let machines: Vec<Machine> = (0..100)
         .map(|i| {
-            let units: BTreeMap<String, Unit> = (0..200)
+            let units: BTreeMap<Text, Unit> = (0..200)
                 .map(|u| {
                     (
-                        format!("unit-{u}.service"),
+                        format!("unit-{u}.service").into(),
                         Unit {
-                            description: format!("unit {u}"),
+                            description: format!("unit {u}").into(),
                             load: "loaded".into(),
                             active: if u % 7 == 0 { "failed" } else { "active" }.into(),
                             sub: "running".into(),
