@@ -141,8 +141,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
     ));
     // Subscribed before the hello is sent on this connection, so the server has the
     // subscription by the time anyone sees the hello.
-    match client.subscribe(subject::PING).await {
-        Ok(pings) => drop(tokio::spawn(presence.clone().answer_pings(pings))),
+    // Pings to every agent, and probes to this one (a fan-out asking whether a silent machine
+    // is alive): answered alike.
+    match futures::future::try_join(
+        client.subscribe(subject::PING),
+        client.subscribe(subject::ping_one(&me.nkey)),
+    )
+    .await
+    {
+        Ok((pings, probes)) => drop(tokio::spawn(
+            presence
+                .clone()
+                .answer_pings(futures::stream::select(pings, probes)),
+        )),
         Err(e) => tracing::warn!(error = %e, "cannot subscribe to pings"),
     }
     // Hello, then heartbeats, on their own task: a slow registry write while NATS is away never

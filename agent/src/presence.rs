@@ -167,9 +167,12 @@ impl Presence {
     /// [`PING_ANSWER_GAP`]: a ping that arrives within the gap of the last answer is answered
     /// once at its end, so every ping is followed by an answer sent after it, and a flood of
     /// pings costs at most 10 answers a second.
-    /// `pings` is the subscription to `dbus.ping`, made before the hello: whoever saw the
-    /// hello can ping this agent.
-    pub async fn answer_pings(self: Arc<Self>, mut pings: async_nats::Subscriber) {
+    /// `pings` are the subscriptions to `dbus.ping` and to this agent's own `dbus.ping.<nkey>`,
+    /// made before the hello: whoever saw the hello can ping this agent.
+    pub async fn answer_pings(
+        self: Arc<Self>,
+        mut pings: impl futures::Stream<Item = async_nats::Message> + Unpin,
+    ) {
         let mut last: Option<Instant> = None;
         while pings.next().await.is_some() {
             if let Some(at) = last {

@@ -257,6 +257,7 @@ impl Context {
                     outcome: Outcome::TimedOut {
                         waited: Duration::ZERO,
                         after_grace: false,
+                        probed: false,
                     },
                 })
                 .collect()
@@ -289,6 +290,7 @@ impl Context {
                                 outcome: Outcome::TimedOut {
                                     waited: Duration::ZERO,
                                     after_grace: false,
+                                    probed: false,
                                 },
                             })
                         })
@@ -331,6 +333,7 @@ pub fn verdict(outcomes: &[TargetOutcome], timeout: Duration) -> Result<(), Fail
             Outcome::TimedOut {
                 waited,
                 after_grace: true,
+                ..
             } => Some(waited),
             _ => None,
         })

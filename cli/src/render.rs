@@ -170,11 +170,17 @@ pub fn outcome_error(o: &Outcome, timeout: Duration) -> Option<ErrorBody> {
         Outcome::TimedOut {
             waited,
             after_grace: true,
+            probed,
         } => Some(ErrorBody::new(
             ErrorCode::Timeout,
             format!(
-                "no answer within {} (the others had answered; grace ended)",
-                duration(*waited)
+                "no answer within {} (the others had answered; {})",
+                duration(*waited),
+                if *probed {
+                    "silent to a liveness probe too"
+                } else {
+                    "grace ended"
+                }
             ),
         )),
         Outcome::TimedOut { .. } => Some(ErrorBody::new(
@@ -602,16 +608,27 @@ mod tests {
         let full = Outcome::TimedOut {
             waited: Duration::from_millis(4_990),
             after_grace: false,
+            probed: false,
         };
         assert_eq!(outcome_error(&full, t).unwrap().code, ErrorCode::Timeout);
         assert_eq!(problem(&full, t).unwrap(), "no answer within 5s");
         let cut = Outcome::TimedOut {
             waited: Duration::from_millis(300),
             after_grace: true,
+            probed: false,
         };
         assert_eq!(
             problem(&cut, t).unwrap(),
             "no answer within 300ms (the others had answered; grace ended)"
+        );
+        let stuck = Outcome::TimedOut {
+            waited: Duration::from_millis(450),
+            after_grace: true,
+            probed: true,
+        };
+        assert_eq!(
+            problem(&stuck, t).unwrap(),
+            "no answer within 450ms (the others had answered; silent to a liveness probe too)"
         );
         let frozen = Outcome::Unresponsive {
             silent: Duration::from_millis(17_400),

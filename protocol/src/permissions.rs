@@ -99,6 +99,7 @@ fn request_subjects() -> Vec<String> {
         format!("{}.agent.>", subject::PREFIX),
         subject::BROADCAST_ALL.to_owned(),
         subject::PING.to_owned(),
+        subject::PING_ONE_ALL.to_owned(),
     ]
 }
 
@@ -153,6 +154,7 @@ pub fn agent_in_domain(nkey: &str, domain: Option<&str>) -> Permissions {
                 subject::agent_requests(nkey),
                 format!("{} {nkey}", subject::BROADCAST_ALL),
                 subject::PING.to_owned(),
+                subject::ping_one(nkey),
                 format!("{}.>", agent_inbox_prefix(nkey)),
             ],
         },

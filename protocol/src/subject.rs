@@ -6,6 +6,7 @@
 //! dbus.broadcast.<dest>.<path tokens>.<op>.<member>              a request to every agent (queue group = nkey)
 //! dbus.presence.<nkey>                                           hello / heartbeat / goodbye
 //! dbus.ping                                                      every agent replies with its AgentInfo
+//! dbus.ping.<nkey>                                               that agent alone replies (a liveness probe)
 //! dbus.metrics.<nkey>                                            the agent's own Prometheus text
 //! dbus.audit.<nkey>                                              the agent's audit entries
 //! ```
@@ -27,6 +28,8 @@ pub const PREFIX: &str = "dbus";
 pub const MAX_SUBJECT_LEN: usize = 1024;
 /// Subject every agent answers with its [`crate::presence::AgentInfo`].
 pub const PING: &str = "dbus.ping";
+/// Where a liveness probe is sent to every agent (`dbus.ping.<nkey>`, [`ping_one`]).
+pub const PING_ONE_ALL: &str = "dbus.ping.*";
 /// Subscribe here for every agent's presence events.
 pub const PRESENCE_ALL: &str = "dbus.presence.*";
 /// Subscribe here for every agent's metrics.
@@ -336,6 +339,12 @@ impl SignalFilter {
 /// Presence events of one agent.
 pub fn presence(nkey: &str) -> String {
     format!("{PREFIX}.presence.{nkey}")
+}
+
+/// A ping for one agent only: it answers as to [`PING`], on its own presence subject. A
+/// fan-out probes its silent machines this way, without waking the whole fleet.
+pub fn ping_one(nkey: &str) -> String {
+    format!("{PING}.{nkey}")
 }
 
 /// The agent's own metrics.

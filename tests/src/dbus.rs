@@ -130,6 +130,11 @@ impl TestService {
     pub const PATH: &'static str = "/org/cbus/Test";
     pub const IFACE: &'static str = "org.cbus.Test1";
 
+    /// The service's process id (to freeze it: a D-Bus service that hangs).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts the service and waits until it owns its name.
     pub fn start(address: &str) -> TestService {
         Self::start_named(address, Self::NAME)

@@ -511,13 +511,25 @@ fn introspection() -> Value {
     })
 }
 
-/// Answers each ping as an agent does: a heartbeat on each agent's own presence subject.
+/// Answers each ping as an agent does: a heartbeat on each agent's own presence subject; a
+/// probe (`dbus.ping.<nkey>`) is answered by that agent alone, unless it is frozen.
 async fn answer_pings(client: async_nats::Client, agents: Vec<Arc<EmulatedAgent>>) {
-    let Ok(mut pings) = client.subscribe(subject::PING).await else {
+    let (Ok(pings), Ok(probes)) = (
+        client.subscribe(subject::PING).await,
+        client.subscribe(subject::PING_ONE_ALL).await,
+    ) else {
         return;
     };
-    while pings.next().await.is_some() {
-        for agent in agents.iter().filter(|a| !a.is_frozen()) {
+    let by_nkey: HashMap<&str, &Arc<EmulatedAgent>> =
+        agents.iter().map(|a| (a.info.nkey.as_str(), a)).collect();
+    let mut pings = futures::stream::select(pings, probes);
+    while let Some(ping) = pings.next().await {
+        // Every connection hears every probe; each answers for its own agents only.
+        let asked: Vec<&Arc<EmulatedAgent>> = match subject::nkey_of(&ping.subject) {
+            Some(nkey) => by_nkey.get(nkey).copied().into_iter().collect(),
+            None => agents.iter().collect(),
+        };
+        for agent in asked.into_iter().filter(|a| !a.is_frozen()) {
             let ev = PresenceEvent {
                 event: PresenceKind::Heartbeat,
                 sent_at_ms: now_ms(),

@@ -14,7 +14,7 @@ const PATH: &str = "/org/cbus/Test";
 /// One machine: a private bus, the test service on it, an agent.
 struct Machine {
     agent: Agent,
-    _svc: TestService,
+    svc: TestService,
     _bus: PrivateBus,
 }
 
@@ -34,7 +34,7 @@ fn machine(url: &str, host: &str, role: &str) -> Machine {
     );
     Machine {
         agent,
-        _svc: svc,
+        svc,
         _bus: bus,
     }
 }
@@ -537,7 +537,9 @@ async fn an_unresponsive_machine_is_reported_at_once() {
 }
 
 /// A machine that freezes while the registry still says running (5 s heartbeats, frozen right
-/// after one) is asked, stays silent, and holds the others only for the grace, not --timeout.
+/// after one) is asked, stays silent, is probed, and is cut off when it is silent to the probe
+/// too: before the grace's second, far from --timeout. A machine alive but slow (its agent
+/// answers the probe while its D-Bus service hangs) is held to the grace instead.
 #[tokio::test]
 async fn a_machine_frozen_mid_query_holds_the_others_only_for_the_grace() {
     let nats = NatsServer::start();
@@ -552,7 +554,7 @@ async fn a_machine_frozen_mid_query_holds_the_others_only_for_the_grace() {
         );
         Machine {
             agent,
-            _svc: svc,
+            svc,
             _bus: bus,
         }
     };
@@ -582,14 +584,18 @@ async fn a_machine_frozen_mid_query_holds_the_others_only_for_the_grace() {
         r["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("the others had answered; grace ended"),
+            .contains("the others had answered; silent to a liveness probe too"),
         "{r}"
     );
     assert_eq!(result_of(&doc, "mid-a")["value"], "hello");
     assert_eq!(result_of(&doc, "mid-c")["value"], "hello");
     let elapsed = doc["summary"]["elapsed_ms"].as_u64().unwrap();
     println!("fan-out elapsed_ms {elapsed}");
-    assert!(elapsed < 2000, "{doc}");
+    // The probe, not the grace (at least GRACE_MIN after the last answer), ended it.
+    assert!(
+        elapsed < cbus_client::fleet::GRACE_MIN.as_millis() as u64,
+        "{doc}"
+    );
     assert!(wall < Duration::from_secs(3), "{wall:?}");
     assert!(
         stderr(&out).contains("1 of 3 machine(s) did not succeed; timed out after "),
@@ -603,6 +609,31 @@ async fn a_machine_frozen_mid_query_holds_the_others_only_for_the_grace() {
     assert_eq!(out.status.code(), Some(3), "{}", both(&out));
     assert!(wall >= Duration::from_secs(2), "{wall:?}");
     signal(&b.agent, libc::SIGCONT);
+
+    // Alive but slow: the agent runs and answers the probe, its D-Bus service hangs. The probe
+    // must not cut it off; the grace does, as it would without probes.
+    cbus_tests::procs::freeze(b.svc.pid());
+    let out = get(&url, &["--timeout", "10s", "--json"], "String");
+    let doc = json_of(&out);
+    let r = result_of(&doc, "mid-b");
+    assert_eq!(r["status"], "timed-out", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the others had answered; grace ended"),
+        "{r}"
+    );
+    let elapsed = doc["summary"]["elapsed_ms"].as_u64().unwrap();
+    println!("alive but slow: fan-out elapsed_ms {elapsed}");
+    assert!(
+        (cbus_client::fleet::GRACE_MIN.as_millis() as u64..5_000).contains(&elapsed),
+        "{doc}"
+    );
+    // SAFETY: sending a signal to a child process we started.
+    unsafe {
+        libc::kill(b.svc.pid() as i32, libc::SIGCONT);
+    }
 }
 
 /// Without JetStream, cbus learns the fleet by ping and still works.

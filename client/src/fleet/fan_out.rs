@@ -11,9 +11,10 @@ use futures::StreamExt;
 use tokio::time::{timeout_at, Instant};
 
 use cbus_protocol::presence::{self, AgentState};
-use cbus_protocol::subject::{RequestSubject, Target};
+use cbus_protocol::subject::{self, RequestSubject, Target};
 use cbus_protocol::{codec, ErrorBody, ErrorCode, Reply};
 
+use super::probe::{Probe, PROBE_MAX, PROBE_QUIET};
 use super::{
     flush_until, grace_after, AgentStatus, FanOutOptions, Fleet, FleetError, Outcome, Query,
     Rejected, TargetOutcome,
@@ -62,6 +63,7 @@ impl Fleet {
                 outcome: outcome.unwrap_or(Outcome::TimedOut {
                     waited: timeout,
                     after_grace: false,
+                    probed: false,
                 }),
             })
             .collect())
@@ -167,6 +169,14 @@ impl Fleet {
             grace: options.grace && query.op.is_read(),
             rejected: self.rejected.clone(),
             ended: false,
+            client: self.client.clone(),
+            // Reads only, as the grace: probes shorten it.
+            probe: if options.grace && query.op.is_read() {
+                Probe::Idle
+            } else {
+                Probe::Done
+            },
+            last_answer: None,
         };
         Ok(futures::stream::unfold(wait, Wait::next_outcome).boxed())
     }
@@ -198,6 +208,20 @@ struct Wait {
     rejected: Arc<Rejected>,
     /// Nothing more will be known.
     ended: bool,
+    /// For probes (module `probe`): the connection, the round's state, and when the latest
+    /// answer came.
+    client: async_nats::Client,
+    probe: Probe,
+    last_answer: Option<Instant>,
+}
+
+/// What woke a waiting fan-out.
+enum Event {
+    Reply(Option<async_nats::Message>),
+    /// A presence message while probing (a probed machine is alive).
+    Presence(async_nats::Message),
+    /// The deadline, a probe due, or a probe's window ended.
+    Tick,
 }
 
 impl Wait {
@@ -217,33 +241,40 @@ impl Wait {
                 continue;
             }
             // Until the first answer only the timeout ends the wait (all silent says nothing
-            // about how long answers take); after each answer, the silent get a grace.
-            let msg = match timeout_at(self.deadline, self.sub.next()).await {
-                Ok(Some(msg)) => msg,
-                Ok(None) => {
+            // about how long answers take); after each answer, the silent get a grace, and once
+            // the answers pause, a probe (module `probe`).
+            let wake = self.wake();
+            let event = {
+                let presence = match &mut self.probe {
+                    Probe::Sent { presence, .. } => Some(presence),
+                    _ => None,
+                };
+                tokio::select! {
+                    m = self.sub.next() => Event::Reply(m),
+                    Some(m) = async {
+                        match presence {
+                            Some(p) => p.next().await,
+                            None => std::future::pending().await,
+                        }
+                    } => Event::Presence(m),
+                    _ = tokio::time::sleep_until(wake) => Event::Tick,
+                }
+            };
+            let msg = match event {
+                Event::Reply(Some(msg)) => msg,
+                Event::Reply(None) => {
                     self.ended = true;
                     return Some((
                         Err(FleetError::Nats("reply subscription closed".into())),
                         self,
                     ));
                 }
-                Err(_) => {
-                    let waited = self.started.elapsed().min(self.timeout);
-                    let after_grace = self.deadline < self.until;
-                    for (i, answered) in self.answered.iter_mut().enumerate() {
-                        if !*answered {
-                            *answered = true;
-                            self.known.push_back((
-                                i,
-                                Outcome::TimedOut {
-                                    waited,
-                                    after_grace,
-                                },
-                            ));
-                        }
-                    }
-                    self.waiting = 0;
-                    self.ended = true;
+                Event::Presence(m) => {
+                    self.alive(&m.subject);
+                    continue;
+                }
+                Event::Tick => {
+                    self.tick().await;
                     continue;
                 }
             };
@@ -268,8 +299,104 @@ impl Wait {
             if self.grace {
                 let now = Instant::now();
                 self.deadline = self.until.min(now + grace_after(now - self.started));
+                self.last_answer = Some(now);
             }
             return Some((Ok((i, TargetOutcome { agent, outcome })), self));
+        }
+    }
+
+    /// When to wake without a message: the deadline, or earlier for the probe's next step.
+    fn wake(&self) -> Instant {
+        let step = match (&self.probe, self.last_answer) {
+            (Probe::Idle, Some(last)) => last + PROBE_QUIET,
+            (Probe::Sent { at, window, .. }, _) => *at + *window,
+            _ => self.deadline,
+        };
+        step.min(self.deadline)
+    }
+
+    /// The deadline passed (every silent machine timed out), or the probe's next step is due:
+    /// send it, or end its window (every probed machine still silent is cut off).
+    async fn tick(&mut self) {
+        let now = Instant::now();
+        let waited = self.started.elapsed().min(self.timeout);
+        if now >= self.deadline {
+            let after_grace = self.deadline < self.until;
+            for (i, answered) in self.answered.iter_mut().enumerate() {
+                if !*answered {
+                    *answered = true;
+                    self.known.push_back((
+                        i,
+                        Outcome::TimedOut {
+                            waited,
+                            after_grace,
+                            probed: false,
+                        },
+                    ));
+                }
+            }
+            self.waiting = 0;
+            self.ended = true;
+            return;
+        }
+        match &self.probe {
+            Probe::Idle if self.last_answer.is_some_and(|l| now >= l + PROBE_QUIET) => {
+                if self.waiting > PROBE_MAX {
+                    self.probe = Probe::Done;
+                    return;
+                }
+                let silent = (0..self.answered.len()).filter(|&i| !self.answered[i]);
+                self.probe = match Probe::send(
+                    &self.client,
+                    &self.targets,
+                    silent,
+                    now - self.started,
+                    self.deadline,
+                )
+                .await
+                {
+                    Ok(sent) => sent,
+                    Err(e) => {
+                        // Without a probe the grace still ends the wait.
+                        tracing::debug!(error = %e, "cannot probe the silent machines");
+                        Probe::Done
+                    }
+                };
+            }
+            Probe::Sent { at, window, .. } if now >= *at + *window => {
+                let Probe::Sent { probed, .. } = std::mem::replace(&mut self.probe, Probe::Done)
+                else {
+                    return;
+                };
+                for i in probed.into_values() {
+                    if !self.answered[i] {
+                        self.answered[i] = true;
+                        self.waiting -= 1;
+                        self.known.push_back((
+                            i,
+                            Outcome::TimedOut {
+                                waited,
+                                after_grace: true,
+                                probed: true,
+                            },
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A presence message while probing: the machine it came from (by its subject, which only
+    /// that machine may publish on) is alive, and is left to the grace.
+    fn alive(&mut self, presence_subject: &str) {
+        if let Probe::Sent { probed, .. } = &mut self.probe {
+            if let Some(nkey) = subject::nkey_of(presence_subject) {
+                probed.remove(nkey);
+            }
+            if probed.is_empty() {
+                self.probe = Probe::Done;
+            }
         }
     }
 

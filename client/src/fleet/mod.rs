@@ -14,10 +14,12 @@
 mod fan_out;
 mod kv;
 mod maintenance;
+mod probe;
 mod registry;
 
 pub use fan_out::OutcomeStream;
 pub use maintenance::{attach_maintenance, ensure_maintenance};
+pub use probe::{PROBE_MAX, PROBE_QUIET, PROBE_WINDOW_MIN};
 pub use registry::{close_registry, ensure_registry, registry_config, Selection};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -122,8 +124,13 @@ pub enum Outcome {
     /// Nobody listens on the agent's subject: it is not connected to NATS.
     NoResponders,
     /// No answer before the fan-out ended: at its timeout, or (`after_grace`) at the grace after
-    /// the others answered ([`FanOutOptions::grace`]); `waited` is how long it waited.
-    TimedOut { waited: Duration, after_grace: bool },
+    /// the others answered ([`FanOutOptions::grace`]), or (`probed`, with `after_grace`) when it
+    /// did not answer a liveness probe either (module `probe`); `waited` is how long it waited.
+    TimedOut {
+        waited: Duration,
+        after_grace: bool,
+        probed: bool,
+    },
     /// Not asked, because the agent said goodbye.
     Stopped,
     /// Not asked, because the registry says its heartbeats stopped

@@ -161,6 +161,7 @@ async fn poll_jobs(ctx: &Context, rows: &mut [JobRow]) -> Result<(), Failure> {
                 Outcome::TimedOut {
                     waited: Duration::ZERO,
                     after_grace: false,
+                    probed: false,
                 },
                 |o| o.outcome,
             );
