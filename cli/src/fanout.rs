@@ -12,6 +12,7 @@
 //! at the deadline it exits with [`Failure::Disconnected`]. Machines that did not answer while
 //! the connection was down are not reported as timed out (the silence was NATS's, not theirs).
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::future::Future;
 use std::time::Duration;
@@ -223,8 +224,15 @@ impl Context {
     }
 
     /// Sends one query to every target, with a spinner (counting answers as they arrive) when
-    /// stderr is a terminal.
-    pub async fn ask(&self, targets: &[AgentStatus], query: &Query) -> Result<Asked, Failure> {
+    /// stderr is a terminal. Targets given by value (`Vec`) become the outcomes' agents as they
+    /// are; borrowed ones (`&targets`) are copied into them, a second copy of the selection
+    /// while the answers come in: a command that asks the whole fleet once gives them away.
+    pub async fn ask(
+        &self,
+        targets: impl Into<Cow<'_, [AgentStatus]>>,
+        query: &Query,
+    ) -> Result<Asked, Failure> {
+        let targets = targets.into();
         let spinner = Spinner::start(targets.len());
         self.ask_with(targets, query, Some(&spinner)).await
     }
@@ -232,15 +240,15 @@ impl Context {
     /// Like [`Context::ask`], without a spinner (for polls inside a longer wait).
     pub async fn ask_quietly(
         &self,
-        targets: &[AgentStatus],
+        targets: impl Into<Cow<'_, [AgentStatus]>>,
         query: &Query,
     ) -> Result<Asked, Failure> {
-        self.ask_with(targets, query, None).await
+        self.ask_with(targets.into(), query, None).await
     }
 
     async fn ask_with(
         &self,
-        targets: &[AgentStatus],
+        targets: Cow<'_, [AgentStatus]>,
         query: &Query,
         spinner: Option<&Spinner>,
     ) -> Result<Asked, Failure> {
@@ -248,19 +256,10 @@ impl Context {
         let (fleet, health) = self.link().await?;
         let remaining = self.remaining();
         let mark = health.mark();
-        let outcomes = if remaining.is_zero() {
+        // Each target's outcome by its index; the targets are paired with them at the end.
+        let mut found: Vec<Option<Outcome>> = vec![None; targets.len()];
+        if remaining.is_zero() {
             // Nothing would wait for the answers (an earlier step used the time up): not sent.
-            targets
-                .iter()
-                .map(|agent| TargetOutcome {
-                    agent: agent.clone(),
-                    outcome: Outcome::TimedOut {
-                        waited: Duration::ZERO,
-                        after_grace: false,
-                        probed: false,
-                    },
-                })
-                .collect()
         } else {
             tracing::debug!(
                 machines = targets.len(),
@@ -269,33 +268,18 @@ impl Context {
             );
             let asked = async {
                 let mut stream = fleet
-                    .fan_out_stream(targets, query, self.timeout.min(remaining), self.options)
+                    .fan_out_stream(&targets, query, self.timeout.min(remaining), self.options)
                     .await?;
-                let mut outcomes: Vec<Option<TargetOutcome>> = vec![None; targets.len()];
                 while let Some(item) = stream.next().await {
                     let (i, outcome) = item?;
                     if let Some(s) = spinner {
                         s.answered();
                     }
-                    outcomes[i] = Some(outcome);
+                    if let Some(slot) = found.get_mut(i) {
+                        *slot = Some(outcome);
+                    }
                 }
-                // The stream yields every target once; the fallback is never taken.
-                Ok::<_, FleetError>(
-                    targets
-                        .iter()
-                        .zip(outcomes)
-                        .map(|(agent, o)| {
-                            o.unwrap_or_else(|| TargetOutcome {
-                                agent: agent.clone(),
-                                outcome: Outcome::TimedOut {
-                                    waited: Duration::ZERO,
-                                    after_grace: false,
-                                    probed: false,
-                                },
-                            })
-                        })
-                        .collect::<Vec<_>>(),
-                )
+                Ok::<_, FleetError>(())
             };
             tokio::time::timeout_at(self.deadline() + FAN_OUT_SLACK, asked)
                 .await
@@ -303,7 +287,20 @@ impl Context {
                 .map_err(|e| match e {
                     FleetError::Subject(e) => usage(e),
                     other => Failure::Disconnected(other.to_string()),
-                })?
+                })?;
+        }
+        // The stream yields every target once; the fallback is taken only when nothing was sent.
+        let pair = |(agent, outcome): (AgentStatus, Option<Outcome>)| TargetOutcome {
+            agent,
+            outcome: outcome.unwrap_or(Outcome::TimedOut {
+                waited: Duration::ZERO,
+                after_grace: false,
+                probed: false,
+            }),
+        };
+        let outcomes: Vec<TargetOutcome> = match targets {
+            Cow::Owned(targets) => targets.into_iter().zip(found).map(pair).collect(),
+            Cow::Borrowed(targets) => targets.iter().cloned().zip(found).map(pair).collect(),
         };
         let silent = outcomes
             .iter()

@@ -74,9 +74,9 @@ async fn outcomes_stream_in_as_they_are_known() {
     let (i, first) = stream.next().await.expect("a first outcome").unwrap();
     let first_at = started.elapsed();
     assert_eq!(i, 0);
-    assert_eq!(first.agent.info.hostname, "stream-a");
+    assert_eq!(targets[i].info.hostname, "stream-a");
     assert!(
-        matches!(&first.outcome, Outcome::Replied(r) if r.result.is_ok()),
+        matches!(&first, Outcome::Replied(r) if r.result.is_ok() && r.nkey == targets[i].info.nkey),
         "{first:?}"
     );
     let (i, second) = stream.next().await.expect("a second outcome").unwrap();
@@ -84,7 +84,7 @@ async fn outcomes_stream_in_as_they_are_known() {
     assert_eq!(i, 1);
     assert!(
         matches!(
-            second.outcome,
+            second,
             Outcome::TimedOut {
                 after_grace: true,
                 ..

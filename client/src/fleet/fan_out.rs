@@ -51,8 +51,10 @@ impl Fleet {
             .await?;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; targets.len()];
         while let Some(item) = stream.next().await {
-            let (i, o) = item?;
-            outcomes[i] = Some(o.outcome);
+            let (i, outcome) = item?;
+            if let Some(slot) = outcomes.get_mut(i) {
+                *slot = Some(outcome);
+            }
         }
         Ok(targets
             .iter()
@@ -74,9 +76,16 @@ impl Fleet {
     /// the order they arrive, and the silent last, at the end of the wait (the timeout or the
     /// grace). Every target comes exactly once; an error ends the stream.
     ///
+    /// The stream yields the index, not the target: the caller pairs each outcome with its own
+    /// `targets[i]`. It keeps no copy of the targets, only the nkey and hostname of each one
+    /// asked (what a reply is checked against), so a fan-out to 50,000 machines holds the
+    /// selection once, in the caller (a copy here was ~40 MB of the CLI's peak,
+    /// docs/benchmarks.md).
+    ///
     /// One subscription serves the whole fan-out, so a caller that shows each machine's result
     /// when it arrives (the gateway's requests) needs no subscription per machine. The requests
-    /// are sent before this returns; the stream owns what it needs and may outlive `self`.
+    /// are sent before this returns; the stream owns what it needs and may outlive `self` and
+    /// `targets`.
     pub async fn fan_out_stream(
         &self,
         targets: &[AgentStatus],
@@ -104,6 +113,7 @@ impl Fleet {
             .map_err(|e| FleetError::Nats(e.to_string()))?;
         let mut known = VecDeque::new();
         let mut answered = vec![false; targets.len()];
+        let mut asked = Asked::with_capacity(targets.len());
         let mut waiting = 0usize;
         for (i, agent) in targets.iter().enumerate() {
             if let Some(mark) = agent
@@ -152,12 +162,13 @@ impl Fleet {
                 FleetError::Nats("no connection to publish on before the deadline".into())
             })?
             .map_err(|e| FleetError::Nats(e.to_string()))?;
+            asked.push(i, &agent.info.nkey, &agent.info.hostname);
             waiting += 1;
         }
         flush_until(&self.client, until).await?;
         let wait = Wait {
             sub,
-            targets: targets.iter().cloned().map(Some).collect(),
+            asked,
             answered,
             known,
             waiting,
@@ -184,15 +195,56 @@ impl Fleet {
 
 /// A fan-out's outcomes as they become known, each with its target's index
 /// ([`Fleet::fan_out_stream`]).
-pub type OutcomeStream = BoxStream<'static, Result<(usize, TargetOutcome), FleetError>>;
+pub type OutcomeStream = BoxStream<'static, Result<(usize, Outcome), FleetError>>;
+
+/// The nkey and hostname of each target asked, by its index, in two strings: what a reply is
+/// checked against (and named by in a log), without a copy of each target's status or a heap
+/// allocation per target.
+struct Asked {
+    /// Index in the targets of each target asked, ascending.
+    index: Vec<usize>,
+    /// Where each one's nkey and hostname end in `text`.
+    ends: Vec<(usize, usize)>,
+    /// Every asked target's nkey then hostname, one after the other.
+    text: String,
+}
+
+impl Asked {
+    fn with_capacity(targets: usize) -> Self {
+        Asked {
+            index: Vec::with_capacity(targets),
+            ends: Vec::with_capacity(targets),
+            text: String::new(),
+        }
+    }
+
+    /// Records target `i`, asked; `i` grows with each call.
+    fn push(&mut self, i: usize, nkey: &str, hostname: &str) {
+        self.text.push_str(nkey);
+        let nkey_end = self.text.len();
+        self.text.push_str(hostname);
+        self.index.push(i);
+        self.ends.push((nkey_end, self.text.len()));
+    }
+
+    /// Target `i`'s nkey and hostname, when it was asked.
+    fn get(&self, i: usize) -> Option<(&str, &str)> {
+        let at = self.index.binary_search(&i).ok()?;
+        let start = match at {
+            0 => 0,
+            _ => self.ends[at - 1].1,
+        };
+        let (nkey_end, end) = self.ends[at];
+        Some((&self.text[start..nkey_end], &self.text[nkey_end..end]))
+    }
+}
 
 /// The state of a fan-out waiting for its answers.
 struct Wait {
     sub: async_nats::Subscriber,
-    /// Each target until its outcome is yielded: moved out then (each is yielded once), not
-    /// cloned again, which at 50,000 machines was a second copy of the whole selection.
-    targets: Vec<Option<AgentStatus>>,
-    /// Whose outcome is known (yielded or queued in `known`).
+    /// Who was asked, to check each reply against.
+    asked: Asked,
+    /// Whose outcome is known (yielded or queued in `known`), by index in the targets.
     answered: Vec<bool>,
     /// Outcomes known and not yet yielded.
     known: VecDeque<(usize, Outcome)>,
@@ -225,13 +277,10 @@ enum Event {
 }
 
 impl Wait {
-    async fn next_outcome(mut self) -> Option<(Result<(usize, TargetOutcome), FleetError>, Wait)> {
+    async fn next_outcome(mut self) -> Option<(Result<(usize, Outcome), FleetError>, Wait)> {
         loop {
             if let Some((i, outcome)) = self.known.pop_front() {
-                let Some(agent) = self.targets[i].take() else {
-                    continue;
-                };
-                return Some((Ok((i, TargetOutcome { agent, outcome })), self));
+                return Some((Ok((i, outcome)), self));
             }
             if self.ended {
                 return None;
@@ -283,17 +332,18 @@ impl Wait {
                 .rsplit('.')
                 .next()
                 .and_then(|t| t.parse::<usize>().ok())
-                .filter(|i| *i < self.targets.len())
+                .filter(|i| *i < self.answered.len())
             else {
                 continue;
             };
             if self.answered[i] {
                 continue;
             }
-            let Some(agent) = self.targets[i].take() else {
+            // Only a target that was asked has a reply subject to answer on.
+            let Some((nkey, hostname)) = self.asked.get(i) else {
                 continue;
             };
-            let outcome = Self::outcome_of(&agent, &self.rejected, &msg);
+            let outcome = Self::outcome_of(nkey, hostname, &self.rejected, &msg);
             self.answered[i] = true;
             self.waiting -= 1;
             if self.grace {
@@ -301,7 +351,7 @@ impl Wait {
                 self.deadline = self.until.min(now + grace_after(now - self.started));
                 self.last_answer = Some(now);
             }
-            return Some((Ok((i, TargetOutcome { agent, outcome })), self));
+            return Some((Ok((i, outcome)), self));
         }
     }
 
@@ -345,10 +395,12 @@ impl Wait {
                     self.probe = Probe::Done;
                     return;
                 }
-                let silent = (0..self.answered.len()).filter(|&i| !self.answered[i]);
+                let asked = &self.asked;
+                let silent = (0..self.answered.len())
+                    .filter(|&i| !self.answered[i])
+                    .filter_map(|i| Some((asked.get(i)?.0, i)));
                 self.probe = match Probe::send(
                     &self.client,
-                    &self.targets,
                     silent,
                     now - self.started,
                     self.deadline,
@@ -400,32 +452,56 @@ impl Wait {
         }
     }
 
-    /// What `agent`'s reply (or NATS's "no responders" in its place) says.
-    fn outcome_of(agent: &AgentStatus, rejected: &Rejected, msg: &async_nats::Message) -> Outcome {
-        let target = &agent.info;
+    /// What the reply of the agent `nkey` on `hostname` (or NATS's "no responders" in its
+    /// place) says.
+    fn outcome_of(
+        nkey: &str,
+        hostname: &str,
+        rejected: &Rejected,
+        msg: &async_nats::Message,
+    ) -> Outcome {
         if msg.status == Some(StatusCode::NO_RESPONDERS) {
             return Outcome::NoResponders;
         }
         let failed = |message: String| {
             Outcome::Replied(Reply {
-                nkey: target.nkey.clone(),
-                hostname: target.hostname.clone(),
+                nkey: nkey.to_owned(),
+                hostname: hostname.to_owned(),
                 result: Err(ErrorBody::new(ErrorCode::InternalError, message)),
             })
         };
         match Reply::from_payload(&msg.payload) {
             // Only the agent asked could answer on this reply subject (allow_responses); an
             // envelope naming another machine is a forgery, never that machine's word.
-            Ok(reply) if reply.nkey != target.nkey => {
+            Ok(reply) if reply.nkey != nkey => {
                 Rejected::count(&rejected.replies);
-                tracing::warn!(agent = %target.hostname, claims = %codec::quote(&reply.nkey), "reply names another machine");
+                tracing::warn!(agent = %hostname, claims = %codec::quote(&reply.nkey), "reply names another machine");
                 failed("the agent's reply names another machine; ignored".into())
             }
             Ok(reply) => Outcome::Replied(reply),
             Err(e) => {
-                tracing::warn!(agent = %target.hostname, error = %e, "malformed reply");
+                tracing::warn!(agent = %hostname, error = %e, "malformed reply");
                 failed(format!("malformed reply from agent: {e}"))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Asked;
+
+    #[test]
+    fn asked_targets_are_found_by_index_and_the_others_are_not() {
+        let mut asked = Asked::with_capacity(4);
+        asked.push(0, "UA", "web-1");
+        // 1 not asked (stopped, unresponsive or under maintenance).
+        asked.push(2, "UC", "");
+        asked.push(3, "UD", "db-4");
+        assert_eq!(asked.get(0), Some(("UA", "web-1")));
+        assert_eq!(asked.get(1), None);
+        assert_eq!(asked.get(2), Some(("UC", "")));
+        assert_eq!(asked.get(3), Some(("UD", "db-4")));
+        assert_eq!(asked.get(4), None);
     }
 }

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use cbus_protocol::subject;
 
-use super::{AgentStatus, FleetError};
+use super::FleetError;
 
 /// How long no answer must come before the silent are probed: answers of a healthy fleet
 /// arrive in one burst (1,000 machines within ~40 ms on 2 cores), so a pause this long means
@@ -63,20 +63,18 @@ pub(super) enum Probe {
 }
 
 impl Probe {
-    /// Probes `silent` (indexes into `targets`): subscribes to their presence first, so that
-    /// no answer can come before the subscription (one connection keeps the order), then
-    /// pings each on its own subject. `elapsed` is the time since the requests went out.
+    /// Probes `silent` (each machine's nkey and its index in the targets): subscribes to their
+    /// presence first, so that no answer can come before the subscription (one connection keeps
+    /// the order), then pings each on its own subject. `elapsed` is the time since the requests
+    /// went out.
     pub(super) async fn send(
         client: &Client,
-        targets: &[Option<AgentStatus>],
-        silent: impl Iterator<Item = usize>,
+        silent: impl Iterator<Item = (&str, usize)>,
         elapsed: Duration,
         deadline: Instant,
     ) -> Result<Probe, FleetError> {
         let nats = |e: &dyn std::fmt::Display| FleetError::Nats(format!("probe: {e}"));
-        let probed: HashMap<String, usize> = silent
-            .filter_map(|i| Some((targets.get(i)?.as_ref()?.info.nkey.clone(), i)))
-            .collect();
+        let probed: HashMap<String, usize> = silent.map(|(nkey, i)| (nkey.to_owned(), i)).collect();
         // One wildcard subscription rather than one per machine: at most PROBE_MAX are asked,
         // and the window is short, so the other machines' heartbeats heard meanwhile are few.
         let presence = tokio::time::timeout_at(deadline, client.subscribe(subject::PRESENCE_ALL))

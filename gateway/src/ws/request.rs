@@ -313,9 +313,12 @@ pub(super) async fn run(
             match outcomes.next().await {
                 None => break None,
                 Some(Err(e)) => break Some(e),
-                Some(Ok((i, o))) => {
+                Some(Ok((i, outcome))) => {
+                    let Some(target) = targets.get(i) else {
+                        continue;
+                    };
                     reported[i] = true;
-                    let text = report(&o.agent, result_of(o.outcome));
+                    let text = report(target, result_of(outcome));
                     let _ = out.send(Frame::control(text)).await;
                 }
             }

@@ -14,10 +14,7 @@ pub async fn names(ctx: &Context, all: bool) -> Result<(), Failure> {
     )?;
     let targets = ctx.targets().await?;
     let asked = ctx
-        .ask(
-            &targets,
-            &obj.query(Op::ListNames, None, Request::default()),
-        )
+        .ask(targets, &obj.query(Op::ListNames, None, Request::default()))
         .await?;
     if let Some(done) = json_document(ctx, &asked) {
         return done;

@@ -16,7 +16,7 @@ pub async fn introspect(ctx: &Context, obj: Object, xml: bool) -> Result<(), Fai
     let targets = ctx.targets().await?;
     let asked = ctx
         .ask(
-            &targets,
+            targets,
             &obj.query(Op::Introspect, None, Request::default()),
         )
         .await?;

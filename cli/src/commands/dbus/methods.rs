@@ -25,7 +25,7 @@ pub async fn invoke(
     };
     let targets = ctx.targets().await?;
     let asked = ctx
-        .ask(&targets, &obj.query(Op::Call, Some(member), request))
+        .ask(targets, &obj.query(Op::Call, Some(member), request))
         .await?;
     print_values(ctx, &asked, Shape::Results)
 }

@@ -18,7 +18,7 @@ pub async fn get(ctx: &Context, obj: Object, property: &str) -> Result<(), Failu
     };
     let targets = ctx.targets().await?;
     let asked = ctx
-        .ask(&targets, &obj.query(Op::Get, Some(member), request))
+        .ask(targets, &obj.query(Op::Get, Some(member), request))
         .await?;
     print_values(ctx, &asked, Shape::Single)
 }
@@ -44,7 +44,7 @@ pub async fn set(
     };
     let targets = ctx.targets().await?;
     let asked = ctx
-        .ask(&targets, &obj.query(Op::Set, Some(member), request))
+        .ask(targets, &obj.query(Op::Set, Some(member), request))
         .await?;
     print_values(ctx, &asked, Shape::Single)
 }
@@ -82,7 +82,7 @@ pub async fn get_all(ctx: &Context, obj: Object, interface: Option<String>) -> R
     };
     let targets = ctx.targets().await?;
     let asked = ctx
-        .ask(&targets, &obj.query(Op::GetAll, None, request))
+        .ask(targets, &obj.query(Op::GetAll, None, request))
         .await?;
     if let Some(done) = json_document(ctx, &asked) {
         return done;

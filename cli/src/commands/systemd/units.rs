@@ -30,7 +30,7 @@ pub async fn units(ctx: &Context, pattern: Option<String>) -> Result<(), Failure
         Some(p) => systemd::list_units_by_patterns(&[], &[p]),
         None => systemd::list_units(),
     };
-    let asked = ctx.ask_quietly(&targets, &q).await?;
+    let asked = ctx.ask_quietly(targets, &q).await?;
     let listed: Vec<(&TargetOutcome, Vec<Unit>)> = asked
         .outcomes
         .iter()
