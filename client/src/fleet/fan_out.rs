@@ -197,7 +197,7 @@ impl Fleet {
 /// ([`Fleet::fan_out_stream`]).
 pub type OutcomeStream = BoxStream<'static, Result<(usize, Outcome), FleetError>>;
 
-/// The nkey and hostname of each target asked, by its index, in two strings: what a reply is
+/// The nkey and hostname of each target asked, by its index, in one string: what a reply is
 /// checked against (and named by in a log), without a copy of each target's status or a heap
 /// allocation per target.
 struct Asked {
