@@ -536,6 +536,20 @@ async fn an_unresponsive_machine_is_reported_at_once() {
     assert!(ok, "frz-b did not come back");
 }
 
+/// The fan-out's elapsed ms of a `get --json` in which `host` timed out after the others had
+/// answered, for the reason `why` (the grace, or the liveness probe).
+fn timed_out_for(out: &std::process::Output, host: &str, why: &str) -> u64 {
+    let doc = json_of(out);
+    let r = result_of(&doc, host);
+    assert_eq!(r["status"], "timed-out", "{r}");
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("the others had answered; {why}")),
+        "{r}"
+    );
+    doc["summary"]["elapsed_ms"].as_u64().expect("elapsed_ms")
+}
+
 /// A machine that freezes while the registry still says running (5 s heartbeats, frozen right
 /// after one) is asked, stays silent, is probed, and is cut off when it is silent to the probe
 /// too: before the grace's second, far from --timeout. A machine alive but slow (its agent
@@ -577,19 +591,10 @@ async fn a_machine_frozen_mid_query_holds_the_others_only_for_the_grace() {
     let wall = started.elapsed();
     println!("get --timeout 10s with mid-b frozen mid-query: {wall:?}");
     assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+    let elapsed = timed_out_for(&out, "mid-b", "silent to a liveness probe too");
     let doc = json_of(&out);
-    let r = result_of(&doc, "mid-b");
-    assert_eq!(r["status"], "timed-out", "{r}");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("the others had answered; silent to a liveness probe too"),
-        "{r}"
-    );
     assert_eq!(result_of(&doc, "mid-a")["value"], "hello");
     assert_eq!(result_of(&doc, "mid-c")["value"], "hello");
-    let elapsed = doc["summary"]["elapsed_ms"].as_u64().unwrap();
     println!("fan-out elapsed_ms {elapsed}");
     // The probe, not the grace (at least GRACE_MIN after the last answer), ended it.
     assert!(
@@ -602,7 +607,7 @@ async fn a_machine_frozen_mid_query_holds_the_others_only_for_the_grace() {
         "{}",
         both(&out)
     );
-    // The grace is what ended it: without, the same get waits its timeout.
+    // Without the grace (and so without the probe), the same get waits its timeout.
     let started = Instant::now();
     let out = get(&url, &["--timeout", "2s", "--no-grace"], "String");
     let wall = started.elapsed();
@@ -614,21 +619,12 @@ async fn a_machine_frozen_mid_query_holds_the_others_only_for_the_grace() {
     // must not cut it off; the grace does, as it would without probes.
     cbus_tests::procs::freeze(b.svc.pid());
     let out = get(&url, &["--timeout", "10s", "--json"], "String");
-    let doc = json_of(&out);
-    let r = result_of(&doc, "mid-b");
-    assert_eq!(r["status"], "timed-out", "{r}");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("the others had answered; grace ended"),
-        "{r}"
-    );
-    let elapsed = doc["summary"]["elapsed_ms"].as_u64().unwrap();
+    let elapsed = timed_out_for(&out, "mid-b", "grace ended");
     println!("alive but slow: fan-out elapsed_ms {elapsed}");
     assert!(
         (cbus_client::fleet::GRACE_MIN.as_millis() as u64..5_000).contains(&elapsed),
-        "{doc}"
+        "{}",
+        both(&out)
     );
     // SAFETY: sending a signal to a child process we started.
     unsafe {

@@ -82,8 +82,11 @@ impl Units {
             let key = (nkey.to_owned(), name);
             let mut p = self.pending();
             p.not_found.remove(&key);
-            if !p.checks.contains_key(&key) {
-                self.enqueue_check(&mut p, key);
+            match p.checks.get_mut(&key) {
+                None => self.enqueue_check(&mut p, key),
+                // Its answer may predate this change (`Check::Changed`).
+                Some(c @ Check::Queued) => *c = Check::Changed,
+                Some(_) => {}
             }
         }
     }

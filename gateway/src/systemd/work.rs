@@ -55,6 +55,10 @@ pub(super) enum Check {
     Removed,
     /// UnitNew came again after a UnitRemoved: check once more when this one is done.
     Renewed,
+    /// A change of the unit was signalled while it was checked (a service that started and
+    /// failed at once): the answer may predate it, so the unit is followed with it and checked
+    /// once more. Signals after that patch the followed unit, so this ends.
+    Changed,
 }
 
 #[derive(Default)]
@@ -243,8 +247,9 @@ impl Units {
             self.pending().remember_not_found(key);
             return;
         }
-        match state {
-            Some(Check::Queued) => {}
+        let again = match state {
+            Some(Check::Queued) => false,
+            Some(Check::Changed) => true,
             Some(Check::Renewed) => {
                 // Loaded again after it was removed: this answer may predate that.
                 let mut p = self.pending();
@@ -252,15 +257,19 @@ impl Units {
                 return;
             }
             Some(Check::Removed) | None => return,
-        }
+        };
         // Not loaded (any more): nothing to follow until systemd loads it again (UnitNew).
         let Some(row) = row else {
             return;
         };
-        let (nkey, name) = key;
-        if !self.store.add_unit(&nkey, row) {
+        if !self.store.add_unit(&key.0, row) {
             return;
         }
+        if again {
+            let mut p = self.pending();
+            self.enqueue_check(&mut p, key.clone());
+        }
+        let (nkey, name) = key;
         self.read_unit(&nkey, &name).await;
     }
 
