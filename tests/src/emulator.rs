@@ -79,6 +79,21 @@ impl EmulatedAgent {
         self.units.lock().expect("units lock").clone()
     }
 
+    /// Sets unit `unit` to `active` in the truth and moves its StateChangeTimestamp to now, as
+    /// systemd does for every change, signalled or not (a reader keeping the newest state by it
+    /// must see this one as newer). The new timestamp, or `None` for a unit it does not have.
+    fn set_state(&self, unit: &str, active: &str) -> Option<u64> {
+        let mut units = self.units.lock().expect("units lock");
+        let u = units.iter_mut().find(|(n, _)| n == unit)?;
+        u.1 = active.to_owned();
+        let now_us = now_ms() * 1000;
+        self.since
+            .lock()
+            .expect("since lock")
+            .insert(unit.to_owned(), now_us);
+        Some(now_us)
+    }
+
     /// Whether it is frozen (silent: no heartbeat, no answers), as a SIGSTOPped agent.
     pub fn is_frozen(&self) -> bool {
         self.frozen.load(Ordering::Relaxed)
@@ -237,19 +252,7 @@ impl Emulator {
     /// Changes the truth: unit `unit` of agent `i` is now in `active` state, as the next
     /// ListUnits reports it (no signal is sent, as when a change happens while NATS is away).
     pub fn set_unit(&self, i: usize, unit: &str, active: &str) {
-        let agent = &self.agents[i];
-        let mut units = agent.units.lock().expect("units lock");
-        if let Some(u) = units.iter_mut().find(|(n, _)| n == unit) {
-            u.1 = active.to_owned();
-            // Silent, but a change all the same: systemd moves StateChangeTimestamp, and a
-            // reader that keeps the newest state by it must see this one as newer.
-            let now_us = now_ms() * 1000;
-            agent
-                .since
-                .lock()
-                .expect("since lock")
-                .insert(unit.to_owned(), now_us);
-        }
+        self.agents[i].set_state(unit, active);
     }
 }
 
@@ -282,25 +285,15 @@ async fn change_and_signal(
     active: &str,
     sent: &Sent,
 ) -> bool {
-    {
-        let mut units = agent.units.lock().expect("units lock");
-        match units.iter_mut().find(|(n, _)| n == unit) {
-            Some(u) => u.1 = active.to_owned(),
-            None => return false,
-        }
-    }
+    let Some(now_us) = agent.set_state(unit, active) else {
+        return false;
+    };
     let path = cbus_protocol::names::systemd_unit_path(unit);
     let Ok(subject) = subject::SignalSubject::new(&agent.info.nkey, SYSTEMD_UNIQUE, &path)
         .and_then(|s| s.encode())
     else {
         return false;
     };
-    let now_us = now_ms() * 1000;
-    agent
-        .since
-        .lock()
-        .expect("since lock")
-        .insert(unit.to_owned(), now_us);
     let args = json!([
         "org.freedesktop.systemd1.Unit",
         {
