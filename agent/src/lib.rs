@@ -132,6 +132,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         heartbeat_ms: config.heartbeat.as_millis() as u64,
         bus_connected: false,
         labels: config.labels.iter().cloned().collect(),
+        rtt_ms: None,
     };
     let presence = Arc::new(presence::Presence::new(
         client.clone(),
@@ -266,6 +267,12 @@ async fn heartbeats(presence: Arc<presence::Presence>, link: bus::BusLink, perio
     // Give the bus a moment, so the hello usually says it is connected.
     link.wait_up(Duration::from_secs(1)).await;
     presence.announce(PresenceKind::Hello).await;
+    // The hello's own write is what measured the round trip, so the hello could not state it:
+    // a heartbeat says it now rather than a period later, so that a fan-out's probe knows how
+    // long to wait for this machine from the start (`cbus_client::fleet::probe`).
+    if presence.rtt_ms().is_some() {
+        presence.announce(PresenceKind::Heartbeat).await;
+    }
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;

@@ -5,7 +5,7 @@
 //! so once, carries on, and tries the registry again now and then (JetStream may be enabled
 //! later) rather than on every heartbeat.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,9 @@ pub struct Presence {
     /// it was, and again whenever the registry had to be reopened.
     indexed: Mutex<Option<Instant>>,
     warned: AtomicBool,
+    /// The round trip claimed in the next event ([`presence::rtt_claim`]); 0 until a registry
+    /// write was acknowledged.
+    rtt_ms: AtomicU32,
 }
 
 impl Presence {
@@ -54,6 +57,7 @@ impl Presence {
             registry: Mutex::new(Registry::Unknown),
             indexed: Mutex::new(None),
             warned: AtomicBool::new(false),
+            rtt_ms: AtomicU32::new(0),
         }
     }
 
@@ -61,7 +65,13 @@ impl Presence {
     pub fn current(&self) -> AgentInfo {
         let mut agent = self.info.clone();
         agent.bus_connected = self.bus.is_up();
+        agent.rtt_ms = self.rtt_ms();
         agent
+    }
+
+    /// The round trip the next event claims, once a registry write was acknowledged.
+    pub fn rtt_ms(&self) -> Option<u32> {
+        Some(self.rtt_ms.load(Ordering::Relaxed)).filter(|&ms| ms > 0)
     }
 
     /// Publishes one event on the agent's own presence subject, and returns its payload.
@@ -133,8 +143,13 @@ impl Presence {
             // heartbeat, so a write that waits for a leader does not hold the next heartbeat.
             let patience =
                 Duration::from_millis(self.info.heartbeat_ms).max(Duration::from_millis(500));
+            let sent = Instant::now();
             match tokio::time::timeout(patience, store.put(&self.info.nkey, payload)).await {
-                Ok(Ok(_)) => self.write_index(store, patience).await,
+                Ok(Ok(_)) => {
+                    let claim = presence::rtt_claim(self.rtt_ms(), sent.elapsed());
+                    self.rtt_ms.store(claim, Ordering::Relaxed);
+                    self.write_index(store, patience).await
+                }
                 Ok(Err(e)) => tracing::debug!(error = %e, "cannot write registry entry"),
                 Err(_) => tracing::debug!(?patience, "registry write not acknowledged in time"),
             }
@@ -163,29 +178,47 @@ impl Presence {
     /// Answers `dbus.ping` until the client closes, with a heartbeat on the agent's own
     /// presence subject rather than on the ping's reply subject: only this agent may publish
     /// there, so the pinger can trust the nkey, while a reply inbox is shared by every agent and
-    /// its body would be a claim (docs/security.md). Answers are coalesced to one per
-    /// [`PING_ANSWER_GAP`]: a ping that arrives within the gap of the last answer is answered
-    /// once at its end, so every ping is followed by an answer sent after it, and a flood of
-    /// pings costs at most 10 answers a second.
+    /// its body would be a claim (docs/security.md). A ping that arrives within the gap of the
+    /// last answer is answered once at its end, so every ping is followed by an answer sent
+    /// after it. The gap is [`PING_ANSWER_GAP`] for the fleet-wide `dbus.ping` (one message
+    /// makes every agent answer, so a flood costs at most 10 answers a second per agent) and
+    /// [`PROBE_ANSWER_GAP`] for this agent's own `dbus.ping.<nkey>` (a fan-out's liveness probe
+    /// waits tens of milliseconds, and one such ping buys one answer).
     /// `pings` are the subscriptions to `dbus.ping` and to this agent's own `dbus.ping.<nkey>`,
     /// made before the hello: whoever saw the hello can ping this agent.
     pub async fn answer_pings(
         self: Arc<Self>,
         mut pings: impl futures::Stream<Item = async_nats::Message> + Unpin,
     ) {
+        // The latest answer, and the latest that also answered a fleet-wide ping.
         let mut last: Option<Instant> = None;
-        while pings.next().await.is_some() {
-            if let Some(at) = last {
-                let next = at + PING_ANSWER_GAP;
-                // Pings that came while waiting are answered by the answer below.
+        let mut last_all: Option<Instant> = None;
+        while let Some(ping) = pings.next().await {
+            let mut all = ping.subject.as_str() == subject::PING;
+            let next = [
+                last.map(|at| at + PROBE_ANSWER_GAP),
+                last_all.filter(|_| all).map(|at| at + PING_ANSWER_GAP),
+            ]
+            .into_iter()
+            .flatten()
+            .max();
+            if let Some(next) = next {
                 tokio::time::sleep_until(next.into()).await;
-                while let Some(Some(_)) = pings.next().now_or_never() {}
+                // Pings that came while waiting are answered by the answer below.
+                while let Some(Some(p)) = pings.next().now_or_never() {
+                    all |= p.subject.as_str() == subject::PING;
+                }
             }
             self.publish(PresenceKind::Heartbeat).await;
             last = Some(Instant::now());
+            if all {
+                last_all = last;
+            }
         }
     }
 }
 
-/// The least time between two answers to pings ([`Presence::answer_pings`]).
+/// The least time between two answers to fleet-wide pings ([`Presence::answer_pings`]).
 pub const PING_ANSWER_GAP: Duration = Duration::from_millis(100);
+/// The least time between two answers to pings of this agent alone.
+pub const PROBE_ANSWER_GAP: Duration = Duration::from_millis(10);

@@ -207,6 +207,7 @@ mod tests {
             heartbeat_ms: 60_000,
             bus_connected: true,
             labels: BTreeMap::from([("role".to_owned(), role.to_owned())]),
+            rtt_ms: None,
         };
         let mut m = Machine::new(info, PresenceKind::Hello, now_ms());
         for (name, active, since) in units {

@@ -167,6 +167,23 @@ pub struct AgentInfo {
     /// Operator-defined labels (`--label role=web`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// How long the agent's recent registry writes took to be acknowledged, in ms, rounded up
+    /// ([`rtt_claim`]): how far it is from the fleet's JetStream. A claim, used only to size
+    /// how long a liveness probe waits for this agent's answer; absent until its first write
+    /// was acknowledged, and from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<u32>,
+}
+
+/// The round trip an agent claims after a registry write acknowledged in `sample`, given its
+/// previous claim: the sample rounded up to a power of two of milliseconds, or half the
+/// previous claim when that is larger. Powers of two keep the entry the same from one
+/// heartbeat to the next (readers that compare entries see no churn); halving lets a slow spell
+/// be forgotten over a few heartbeats rather than at once, so a probe errs on waiting longer.
+pub fn rtt_claim(previous: Option<u32>, sample: Duration) -> u32 {
+    let ms = u32::try_from(sample.as_millis()).unwrap_or(u32::MAX).max(1);
+    let rounded = ms.checked_next_power_of_two().unwrap_or(1 << 31);
+    rounded.max(previous.unwrap_or(0) / 2)
 }
 
 /// The kinds of presence message.
@@ -220,6 +237,8 @@ struct PresenceWire {
     bus_connected: bool,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    rtt_ms: Option<u32>,
 }
 
 impl From<PresenceWire> for PresenceEvent {
@@ -236,6 +255,7 @@ impl From<PresenceWire> for PresenceEvent {
                 heartbeat_ms: w.heartbeat_ms,
                 bus_connected: w.bus_connected,
                 labels: w.labels,
+                rtt_ms: w.rtt_ms,
             },
         }
     }
@@ -376,11 +396,27 @@ mod tests {
                 heartbeat_ms: 5000,
                 bus_connected: true,
                 labels: BTreeMap::new(),
+                rtt_ms: Some(4),
             },
         };
         let v = serde_json::to_value(&ev).unwrap();
+        assert_eq!(v["rtt_ms"], 4);
         assert_eq!(v["event"], "hello");
         assert_eq!(v["hostname"], "h");
         assert_eq!(serde_json::from_value::<PresenceEvent>(v).unwrap(), ev);
+    }
+
+    #[test]
+    fn rtt_claims_round_up_and_forget_slowly() {
+        let ms = Duration::from_millis;
+        assert_eq!(rtt_claim(None, Duration::ZERO), 1);
+        assert_eq!(rtt_claim(None, ms(3)), 4);
+        assert_eq!(rtt_claim(None, ms(4)), 4);
+        assert_eq!(rtt_claim(Some(4), ms(3)), 4);
+        // A slow write is remembered, then halved away write by write.
+        assert_eq!(rtt_claim(Some(4), ms(200)), 256);
+        assert_eq!(rtt_claim(Some(256), ms(1)), 128);
+        assert_eq!(rtt_claim(Some(128), ms(1)), 64);
+        assert_eq!(rtt_claim(None, Duration::from_secs(u64::MAX)), 1 << 31);
     }
 }

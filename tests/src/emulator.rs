@@ -30,7 +30,7 @@ use std::time::Duration;
 use cbus_client::headers;
 use cbus_protocol::envelope::{ErrorBody, ErrorCode, Reply, Request, Success};
 use cbus_protocol::presence::{
-    host_index_key, now_ms, AgentInfo, PresenceEvent, PresenceKind, REGISTRY_BUCKET,
+    host_index_key, now_ms, rtt_claim, AgentInfo, PresenceEvent, PresenceKind, REGISTRY_BUCKET,
 };
 use cbus_protocol::subject::{self, Op, RequestSubject};
 use futures::StreamExt;
@@ -537,7 +537,9 @@ async fn answer_pings(client: async_nats::Client, agents: Vec<Arc<EmulatedAgent>
 }
 
 /// Hello from every agent, then heartbeats spread evenly over the interval, each a presence
-/// message and a registry write (acknowledged, as an agent's are).
+/// message and a registry write (acknowledged, as an agent's are). The first write of each round
+/// is awaited at once and timed: the round trip every agent of this connection claims
+/// (`rtt_ms`, as an agent claims its own writes'; the others' acks are awaited after the round).
 async fn heartbeats(
     client: async_nats::Client,
     agents: Vec<Arc<EmulatedAgent>>,
@@ -547,17 +549,21 @@ async fn heartbeats(
     let js = async_nats::jetstream::new(client.clone());
     let mut kind = PresenceKind::Hello;
     let step = period / agents.len().max(1) as u32;
+    let mut rtt_ms = None;
     loop {
         let round = tokio::time::Instant::now();
         let mut acks = Vec::with_capacity(agents.len());
+        let mut timed = false;
         for (i, agent) in agents.iter().enumerate() {
             if agent.is_frozen() {
                 continue;
             }
+            let mut info = agent.info.clone();
+            info.rtt_ms = rtt_ms;
             let ev = PresenceEvent {
                 event: kind,
                 sent_at_ms: now_ms(),
-                agent: agent.info.clone(),
+                agent: info,
             };
             let Ok(body) = serde_json::to_vec(&ev) else {
                 continue;
@@ -570,8 +576,16 @@ async fn heartbeats(
                 Ordering::Relaxed,
             );
             let _ = client.publish(presence, body.clone().into()).await;
+            let written = tokio::time::Instant::now();
             if let Ok(ack) = js.publish(key, body.into()).await {
-                acks.push(ack);
+                if timed {
+                    acks.push(ack);
+                } else if let Ok(Ok(_)) =
+                    tokio::time::timeout(period, std::future::IntoFuture::into_future(ack)).await
+                {
+                    timed = true;
+                    rtt_ms = Some(rtt_claim(rtt_ms, written.elapsed()));
+                }
             }
             // The host index key, as an agent writes it beside its entry at hello (and every
             // ten minutes, longer than an emulated fleet lives).

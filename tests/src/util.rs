@@ -28,6 +28,7 @@ pub fn synthetic_agent_info(
         heartbeat_ms: 5000,
         bus_connected: true,
         labels: Default::default(),
+        rtt_ms: None,
     }
 }
 

@@ -581,6 +581,18 @@ async fn a_machine_frozen_mid_query_holds_the_others_only_for_the_grace() {
         get(&url, &["--timeout", "10s"], "String").status.code(),
         Some(0)
     );
+    // Each agent states its round trip right after its hello (no heartbeat later), so the probe
+    // sizes its window by it (module `probe`), not by the wide window for agents that state none.
+    let stated = cbus_tests::wait_for(Duration::from_secs(3), || async {
+        let doc = json_of(&cbus(&url, &["agents", "--json"]));
+        doc["agents"].as_array().is_some_and(|a| {
+            a.len() == 3
+                && a.iter()
+                    .all(|m| m["rtt_ms"].as_u64().is_some_and(u64::is_power_of_two))
+        })
+    })
+    .await;
+    assert!(stated, "an agent states no round trip");
 
     b.agent.freeze();
     let doc = json_of(&cbus(&url, &["agents", "--json"]));

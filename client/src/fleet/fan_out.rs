@@ -11,10 +11,10 @@ use futures::StreamExt;
 use tokio::time::{timeout_at, Instant};
 
 use cbus_protocol::presence::{self, AgentState};
-use cbus_protocol::subject::{self, RequestSubject, Target};
+use cbus_protocol::subject::{RequestSubject, Target};
 use cbus_protocol::{codec, ErrorBody, ErrorCode, Reply};
 
-use super::probe::{Probe, PROBE_MAX, PROBE_QUIET};
+use super::probe::{Probe, Silent, PROBE_CONTROLS, PROBE_MAX, PROBE_QUIET};
 use super::{
     flush_until, grace_after, AgentStatus, FanOutOptions, Fleet, FleetError, Outcome, Query,
     Rejected, TargetOutcome,
@@ -162,7 +162,7 @@ impl Fleet {
                 FleetError::Nats("no connection to publish on before the deadline".into())
             })?
             .map_err(|e| FleetError::Nats(e.to_string()))?;
-            asked.push(i, &agent.info.nkey, &agent.info.hostname);
+            asked.push(i, &agent.info.nkey, &agent.info.hostname, agent.info.rtt_ms);
             waiting += 1;
         }
         flush_until(&self.client, until).await?;
@@ -188,6 +188,7 @@ impl Fleet {
                 Probe::Done
             },
             last_answer: None,
+            recent: VecDeque::with_capacity(PROBE_CONTROLS + 1),
         };
         Ok(futures::stream::unfold(wait, Wait::next_outcome).boxed())
     }
@@ -199,7 +200,7 @@ pub type OutcomeStream = BoxStream<'static, Result<(usize, Outcome), FleetError>
 
 /// The nkey and hostname of each target asked, by its index, in one string: what a reply is
 /// checked against (and named by in a log), without a copy of each target's status or a heap
-/// allocation per target.
+/// allocation per target; and the round trip each claims, for probes.
 struct Asked {
     /// Index in the targets of each target asked, ascending.
     index: Vec<usize>,
@@ -207,6 +208,8 @@ struct Asked {
     ends: Vec<(usize, usize)>,
     /// Every asked target's nkey then hostname, one after the other.
     text: String,
+    /// Each one's `rtt_ms`, 0 for none.
+    rtt_ms: Vec<u32>,
 }
 
 impl Asked {
@@ -215,27 +218,44 @@ impl Asked {
             index: Vec::with_capacity(targets),
             ends: Vec::with_capacity(targets),
             text: String::new(),
+            rtt_ms: Vec::with_capacity(targets),
         }
     }
 
     /// Records target `i`, asked; `i` grows with each call.
-    fn push(&mut self, i: usize, nkey: &str, hostname: &str) {
+    fn push(&mut self, i: usize, nkey: &str, hostname: &str, rtt_ms: Option<u32>) {
         self.text.push_str(nkey);
         let nkey_end = self.text.len();
         self.text.push_str(hostname);
         self.index.push(i);
         self.ends.push((nkey_end, self.text.len()));
+        self.rtt_ms.push(rtt_ms.unwrap_or(0));
+    }
+
+    /// Where target `i` is in the lists, when it was asked.
+    fn position(&self, i: usize) -> Option<usize> {
+        self.index.binary_search(&i).ok()
     }
 
     /// Target `i`'s nkey and hostname, when it was asked.
     fn get(&self, i: usize) -> Option<(&str, &str)> {
-        let at = self.index.binary_search(&i).ok()?;
+        let at = self.position(i)?;
         let start = match at {
             0 => 0,
             _ => self.ends[at - 1].1,
         };
         let (nkey_end, end) = self.ends[at];
         Some((&self.text[start..nkey_end], &self.text[nkey_end..end]))
+    }
+
+    /// Target `i` as a probe asks it, when it was asked.
+    fn silent(&self, i: usize) -> Option<Silent<'_>> {
+        let rtt_ms = self.rtt_ms[self.position(i)?];
+        Some(Silent {
+            nkey: self.get(i)?.0,
+            index: i,
+            rtt_ms: Some(rtt_ms).filter(|&ms| ms > 0),
+        })
     }
 }
 
@@ -260,11 +280,13 @@ struct Wait {
     rejected: Arc<Rejected>,
     /// Nothing more will be known.
     ended: bool,
-    /// For probes (module `probe`): the connection, the round's state, and when the latest
-    /// answer came.
+    /// For probes (module `probe`): the connection, the probe's state, and when the latest
+    /// answer came (or a probe was put off: when the count to the next pause starts).
     client: async_nats::Client,
     probe: Probe,
     last_answer: Option<Instant>,
+    /// The latest machines that replied, by index: a probe's controls.
+    recent: VecDeque<usize>,
 }
 
 /// What woke a waiting fan-out.
@@ -319,7 +341,7 @@ impl Wait {
                     ));
                 }
                 Event::Presence(m) => {
-                    self.alive(&m.subject);
+                    self.probe.alive(&m.subject);
                     continue;
                 }
                 Event::Tick => {
@@ -346,6 +368,12 @@ impl Wait {
             let outcome = Self::outcome_of(nkey, hostname, &self.rejected, &msg);
             self.answered[i] = true;
             self.waiting -= 1;
+            if matches!(outcome, Outcome::Replied(_)) {
+                self.recent.push_back(i);
+                if self.recent.len() > PROBE_CONTROLS {
+                    self.recent.pop_front();
+                }
+            }
             if self.grace {
                 let now = Instant::now();
                 self.deadline = self.until.min(now + grace_after(now - self.started));
@@ -359,14 +387,15 @@ impl Wait {
     fn wake(&self) -> Instant {
         let step = match (&self.probe, self.last_answer) {
             (Probe::Idle, Some(last)) => last + PROBE_QUIET,
-            (Probe::Sent { at, window, .. }, _) => *at + *window,
+            (Probe::Sent { next_cut, .. }, _) => next_cut.unwrap_or(self.deadline),
             _ => self.deadline,
         };
         step.min(self.deadline)
     }
 
     /// The deadline passed (every silent machine timed out), or the probe's next step is due:
-    /// send it, or end its window (every probed machine still silent is cut off).
+    /// send it, or end a window (every probed machine still silent at the end of its window is
+    /// cut off).
     async fn tick(&mut self) {
         let now = Instant::now();
         let waited = self.started.elapsed().min(self.timeout);
@@ -392,16 +421,19 @@ impl Wait {
         match &self.probe {
             Probe::Idle if self.last_answer.is_some_and(|l| now >= l + PROBE_QUIET) => {
                 if self.waiting > PROBE_MAX {
-                    self.probe = Probe::Done;
+                    // Still under way: probe at the next pause.
+                    self.last_answer = Some(now);
                     return;
                 }
                 let asked = &self.asked;
                 let silent = (0..self.answered.len())
                     .filter(|&i| !self.answered[i])
-                    .filter_map(|i| Some((asked.get(i)?.0, i)));
+                    .filter_map(|i| asked.silent(i));
+                let controls = self.recent.iter().filter_map(|&i| Some(asked.get(i)?.0));
                 self.probe = match Probe::send(
                     &self.client,
                     silent,
+                    controls,
                     now - self.started,
                     self.deadline,
                 )
@@ -415,12 +447,10 @@ impl Wait {
                     }
                 };
             }
-            Probe::Sent { at, window, .. } if now >= *at + *window => {
-                let Probe::Sent { probed, .. } = std::mem::replace(&mut self.probe, Probe::Done)
-                else {
-                    return;
-                };
-                for i in probed.into_values() {
+            Probe::Sent {
+                next_cut: Some(at), ..
+            } if now >= *at => {
+                for i in self.probe.cut(&self.client, now, self.deadline).await {
                     if !self.answered[i] {
                         self.answered[i] = true;
                         self.waiting -= 1;
@@ -436,19 +466,6 @@ impl Wait {
                 }
             }
             _ => {}
-        }
-    }
-
-    /// A presence message while probing: the machine it came from (by its subject, which only
-    /// that machine may publish on) is alive, and is left to the grace.
-    fn alive(&mut self, presence_subject: &str) {
-        if let Probe::Sent { probed, .. } = &mut self.probe {
-            if let Some(nkey) = subject::nkey_of(presence_subject) {
-                probed.remove(nkey);
-            }
-            if probed.is_empty() {
-                self.probe = Probe::Done;
-            }
         }
     }
 
@@ -494,14 +511,20 @@ mod tests {
     #[test]
     fn asked_targets_are_found_by_index_and_the_others_are_not() {
         let mut asked = Asked::with_capacity(4);
-        asked.push(0, "UA", "web-1");
+        asked.push(0, "UA", "web-1", Some(4));
         // 1 not asked (stopped, unresponsive or under maintenance).
-        asked.push(2, "UC", "");
-        asked.push(3, "UD", "db-4");
+        asked.push(2, "UC", "", None);
+        asked.push(3, "UD", "db-4", Some(1));
         assert_eq!(asked.get(0), Some(("UA", "web-1")));
         assert_eq!(asked.get(1), None);
         assert_eq!(asked.get(2), Some(("UC", "")));
         assert_eq!(asked.get(3), Some(("UD", "db-4")));
         assert_eq!(asked.get(4), None);
+        // What a probe asks: the claimed round trip, or none.
+        let silent = |i| asked.silent(i).map(|s| (s.nkey, s.index, s.rtt_ms));
+        assert_eq!(silent(0), Some(("UA", 0, Some(4))));
+        assert_eq!(silent(1), None);
+        assert_eq!(silent(2), Some(("UC", 2, None)));
+        assert_eq!(silent(3), Some(("UD", 3, Some(1))));
     }
 }

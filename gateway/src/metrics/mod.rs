@@ -184,6 +184,7 @@ pub(crate) mod tests {
                 heartbeat_ms: 5000,
                 bus_connected: true,
                 labels: BTreeMap::new(),
+                rtt_ms: None,
             },
             PresenceKind::Heartbeat,
             cbus_protocol::presence::now_ms(),

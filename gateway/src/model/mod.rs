@@ -293,6 +293,7 @@ mod tests {
             heartbeat_ms: 1000,
             bus_connected: true,
             labels: BTreeMap::new(),
+            rtt_ms: None,
         };
         Machine::new(info, PresenceKind::Hello, 0)
     }

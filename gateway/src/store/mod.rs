@@ -502,6 +502,7 @@ pub(crate) mod tests {
             heartbeat_ms: 1000,
             bus_connected: true,
             labels: BTreeMap::new(),
+            rtt_ms: None,
         }
     }
 

@@ -285,6 +285,7 @@ mod tests {
                 heartbeat_ms: 5000,
                 bus_connected: true,
                 labels: Default::default(),
+                rtt_ms: None,
             },
             state: AgentState::Running,
             last_seen_ms: 0,
