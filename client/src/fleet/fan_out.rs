@@ -14,7 +14,7 @@ use cbus_protocol::presence::{self, AgentState};
 use cbus_protocol::subject::{RequestSubject, Target};
 use cbus_protocol::{codec, ErrorBody, ErrorCode, Reply};
 
-use super::probe::{Probe, Silent, PROBE_CONTROLS, PROBE_MAX, PROBE_QUIET};
+use super::probe::{self, Probe, Silent, PROBE_CONTROLS, PROBE_MAX};
 use super::{
     flush_until, grace_after, AgentStatus, FanOutOptions, Fleet, FleetError, Outcome, Query,
     Rejected, TargetOutcome,
@@ -386,7 +386,7 @@ impl Wait {
     /// When to wake without a message: the deadline, or earlier for the probe's next step.
     fn wake(&self) -> Instant {
         let step = match (&self.probe, self.last_answer) {
-            (Probe::Idle, Some(last)) => last + PROBE_QUIET,
+            (Probe::Idle, Some(last)) => last + probe::quiet(last - self.started),
             (Probe::Sent { next_cut, .. }, _) => next_cut.unwrap_or(self.deadline),
             _ => self.deadline,
         };
@@ -419,7 +419,11 @@ impl Wait {
             return;
         }
         match &self.probe {
-            Probe::Idle if self.last_answer.is_some_and(|l| now >= l + PROBE_QUIET) => {
+            Probe::Idle
+                if self
+                    .last_answer
+                    .is_some_and(|l| now >= l + probe::quiet(l - self.started)) =>
+            {
                 if self.waiting > PROBE_MAX {
                     // Still under way: probe at the next pause.
                     self.last_answer = Some(now);

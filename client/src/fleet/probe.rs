@@ -42,10 +42,9 @@ use cbus_protocol::subject;
 
 use super::FleetError;
 
-/// How long no answer must come before the silent are probed: answers of a healthy fleet
-/// arrive in one stream (1,000 machines within ~40 ms on 2 cores, with no gap near this long),
-/// so a pause this long means the rest are slow or stuck. Probing early costs little: a live
-/// machine answers the probe and is waited for as without one.
+/// How long no answer must come before the silent are probed, at least: answers of a healthy
+/// fleet arrive in one stream (1,000 machines within ~40 ms on 2 cores, with no gap near this
+/// long), so a pause this long means the rest are slow or stuck. See [`quiet`].
 pub const PROBE_QUIET: Duration = Duration::from_millis(20);
 /// The shortest wait for a probe's answer: an agent answers its own ping within
 /// `cbus-agent`'s `PROBE_ANSWER_GAP` (10 ms) of its previous answer, plus the round trip.
@@ -62,6 +61,15 @@ pub const PROBE_WINDOW_UNKNOWN: Duration = Duration::from_millis(300);
 pub const PROBE_MAX: usize = 1_000;
 /// How many machines that just replied each probe also pings, to time answers as of now.
 pub const PROBE_CONTROLS: usize = 4;
+
+/// How long no answer must come, the latest having come `elapsed` after the requests, before
+/// the silent are probed: [`PROBE_QUIET`], or an eighth of `elapsed` when that is longer. A
+/// probe sent while the answers still stream in (a loaded host pauses them for tens of
+/// milliseconds) is not wrong, as a live machine answers it, but it is early: its controls
+/// answer behind the replies still queued, and it cuts nobody off before twice their time.
+pub fn quiet(elapsed: Duration) -> Duration {
+    (elapsed / 8).max(PROBE_QUIET)
+}
 
 /// How long a probe sent `elapsed` after the requests waits for a machine that claims a round
 /// trip of `rtt_ms`: [`PROBE_RTT_FACTOR`] times it, at least [`PROBE_WINDOW_MIN`], and at least
@@ -262,7 +270,9 @@ mod tests {
         assert_eq!(window(Some(1), ms(40)), PROBE_WINDOW_MIN);
         // A far one: three round trips, whatever the near ones' answers took.
         assert_eq!(window(Some(128), ms(40)), ms(384));
-        // A slow fleet's answers widen it.
+        // A slow fleet's answers widen it, and the pause that starts it.
+        assert_eq!(quiet(ms(40)), PROBE_QUIET);
+        assert_eq!(quiet(ms(800)), ms(100));
         assert_eq!(window(Some(1), ms(400)), ms(100));
         // No claim: the wide window.
         assert_eq!(window(None, ms(40)), PROBE_WINDOW_UNKNOWN);

@@ -227,16 +227,40 @@ pub async fn scale(sizes: &[usize]) {
 pub async fn hold(n: usize) {
     let nats = NatsServer::start();
     let url = nats.url();
-    let _emulator = Emulator::start(&url, &EmulatorSpec::new(n)).await;
+    let emulator = Emulator::start(&url, &EmulatorSpec::new(n)).await;
     let registered = cbus_tests::wait_for(Duration::from_secs(300), || async {
         registry_counts(&url).await.0 >= n
     })
     .await;
     assert!(registered, "{n} emulated agents did not register");
-    println!("{n} emulated agents on {url}; Ctrl-C ends them");
-    // SIGINT (Ctrl-C, or `kill -INT`) ends it with the server torn down; SIGTERM would orphan it.
-    let _ = tokio::signal::ctrl_c().await;
+    println!(
+        "{n} emulated agents on {url}; SIGUSR1 freezes 1 % of them for {:?} (still called \
+         running meanwhile); Ctrl-C ends them",
+        FREEZE_FOR
+    );
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .expect("SIGUSR1 handler");
+    let frozen = (n / 100).max(1);
+    loop {
+        tokio::select! {
+            // SIGINT (Ctrl-C, or `kill -INT`) ends it with the server torn down; SIGTERM
+            // would orphan it.
+            _ = tokio::signal::ctrl_c() => return,
+            _ = usr1.recv() => {
+                (0..frozen).for_each(|i| emulator.freeze(i * (n / frozen)));
+                println!("froze {frozen}");
+                tokio::time::sleep(FREEZE_FOR).await;
+                (0..frozen).for_each(|i| emulator.thaw(i * (n / frozen)));
+                println!("thawed");
+            }
+        }
+    }
 }
+
+/// How long `emulate` keeps machines frozen after a SIGUSR1: with the emulator's 5 s heartbeats
+/// a machine is silent at most 13 s, under the 3 heartbeats (15 s) after which the registry
+/// calls it unresponsive, so it is still asked.
+const FREEZE_FOR: Duration = Duration::from_secs(8);
 
 /// 200 real agents against 200 emulated ones: `cbus get`, interleaved, each on its own server.
 async fn overlap() {
