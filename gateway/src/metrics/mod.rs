@@ -439,7 +439,7 @@ pub(crate) mod tests {
             out,
             "# HELP cbus_agent_up 1 when the agent heartbeats (running), 0 when unresponsive or stopped.\n\
              # TYPE cbus_agent_up gauge\n\
-             cbus_agent_up{host=\"h0\",nkey=\"Uh0\"} 0\n\
+             cbus_agent_up{host=\"h0\",nkey=\"Uh0\"} 1\n\
              # HELP cbus_systemd_unit_active_state Always 1: a loaded unit's ActiveState as the state label, one series per unit (the one-hot's 1s).\n\
              # TYPE cbus_systemd_unit_active_state gauge\n\
              cbus_systemd_unit_active_state{host=\"h0\",name=\"a.service\",state=\"failed\"} 1\n\
