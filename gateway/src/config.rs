@@ -14,7 +14,17 @@ use clap::Parser;
 /// Follows a cbus fleet over NATS; serves a WebSocket API, a dashboard and Prometheus metrics
 /// from a cache that NATS traffic keeps current.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "cbus-gateway", version, about)]
+#[command(
+    name = "cbus-gateway",
+    version,
+    about,
+    after_help = "/metrics takes node_exporter's URL parameters, for a Prometheus job's `params:`: \
+collect[]=FAMILY (repeatable; only these families, also the opt-in \
+cbus_systemd_unit_active_state, one series per unit with its state as a label), \
+exclude[]=FAMILY (the default families but these), shards=N&shard=I (only the machines whose \
+nkey hashes to I of N). FAMILY is a family name, cbus_gateway or agent_metrics. Without \
+parameters: every default family. docs/metrics.md, \"At scale\"."
+)]
 pub struct Config {
     /// HTTP(S) listen address for the dashboard, /ws and /metrics.
     #[arg(long, env = "CBUS_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]

@@ -65,7 +65,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -327,15 +327,27 @@ fn default_token_path(port: u16) -> std::path::PathBuf {
     dir.join(format!("cbus-gateway-{port}.token"))
 }
 
-async fn serve_metrics(State((store, metrics)): State<(Store, Arc<Metrics>)>) -> Response {
+async fn serve_metrics(
+    State((store, metrics)): State<(Store, Arc<Metrics>)>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    // collect[] / exclude[] / shards: a bad one is a 400, so a scrape config's typo shows as a
+    // failing target, not as series that quietly went missing.
+    let sel = match metrics::Selection::parse(query.as_deref()) {
+        Ok(sel) => sel,
+        Err(e) => {
+            tracing::debug!(error = %e, "a /metrics query refused");
+            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+        }
+    };
     // Rendering the machines whose units changed since the last scrape takes milliseconds on a
     // big fleet: off the async workers, and one machine per hold of the store, so WebSocket
     // sessions and store updates keep moving meanwhile.
     let render = tokio::task::spawn_blocking(move || {
-        store.each_machine(|m| metrics.prepare(m));
+        store.each_machine(|m| metrics.prepare(m, &sel));
         store.with_machines(|m| {
             let machines: Vec<&Machine> = m.values().collect();
-            metrics.render(&machines, presence::now_ms())
+            metrics.render_selected(&machines, presence::now_ms(), &sel)
         })
     });
     match render.await {

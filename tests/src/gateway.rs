@@ -341,3 +341,63 @@ impl WsClient {
         }
     }
 }
+
+/// A real Prometheus server (Debian's `prometheus` package) with its data in a temporary
+/// directory; stopped on drop.
+pub struct Prometheus {
+    pub port: u16,
+    child: crate::util::KillOnDrop,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Starts one that scrapes every `interval` (also its timeout) with `scrape_configs`, the
+    /// YAML list under `scrape_configs:` (each item indented by two spaces).
+    pub fn start(interval: Duration, scrape_configs: &str) -> Prometheus {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let config = dir.path().join("prometheus.yml");
+        let secs = interval.as_secs().max(1);
+        std::fs::write(
+            &config,
+            format!("global:\n  scrape_interval: {secs}s\n  scrape_timeout: {secs}s\nscrape_configs:\n{scrape_configs}"),
+        )
+        .expect("write prometheus.yml");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run prometheus (apt-get install prometheus, or ./dev deps)");
+        Prometheus {
+            port,
+            child: crate::util::KillOnDrop(child),
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// An instant query's result vector (`data.result`), `None` until the server answers.
+    pub fn query(&self, promql: &str) -> Option<Vec<serde_json::Value>> {
+        let q: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let text = http_get(self.port, &format!("/api/v1/query?query={q}"))?;
+        let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+        doc["data"]["result"].as_array().cloned()
+    }
+}

@@ -8,6 +8,7 @@
 //! the fleet state knows nothing of what is rendered from it.
 
 mod agents;
+mod select;
 mod system;
 mod units;
 
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cbus_protocol::presence::AgentState;
 
 use crate::model::Machine;
+pub use select::Selection;
 use units::UnitSeries;
 
 /// Families the gateway writes itself besides `cbus_systemd_*` and `cbus_gateway_*`; agents
@@ -30,6 +32,13 @@ const OWN_FAMILIES: [&str; 5] = [
     "cbus_build_info",
     "cbus_machine_cache_age_seconds",
 ];
+
+/// Which unit families a selection wants, by [`units::FAMILIES`] index.
+type Wanted = [bool; units::FAMILIES.len()];
+
+fn wanted(sel: &Selection) -> Wanted {
+    std::array::from_fn(|i| sel.wants(units::FAMILIES[i].0))
+}
 
 /// Renders `/metrics`, keeping each machine's unit series until its units change.
 #[derive(Default)]
@@ -44,108 +53,140 @@ impl Metrics {
         self.memo.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The machine's unit series, rendered now if its units changed since they were last.
-    fn unit_series(&self, m: &Machine) -> Arc<UnitSeries> {
-        if let Some(s) = self.memo().get(&m.info.nkey).filter(|s| s.is_of(m)) {
+    /// The machine's unit series with the `wanted` families, rendered now if its units changed
+    /// since they were last or if no scrape wanted them before.
+    fn unit_series(&self, m: &Machine, wanted: &Wanted) -> Arc<UnitSeries> {
+        let old = self
+            .memo()
+            .get(&m.info.nkey)
+            .filter(|s| s.is_of(m))
+            .cloned();
+        if let Some(s) = old.as_ref().filter(|s| s.has(wanted)) {
             return Arc::clone(s);
         }
-        let s = Arc::new(units::render(m));
+        let s = Arc::new(old.unwrap_or_default().with(m, wanted));
         self.memo().insert(m.info.nkey.clone(), Arc::clone(&s));
         s
     }
 
-    /// Renders the machine's unit series if its units changed since the last scrape, so that a
-    /// following [`Metrics::render`] finds them ready. Called for one machine at a time, it
-    /// keeps the bulk of a scrape's work out of the one long hold of the store that `render`
-    /// needs.
-    pub(crate) fn prepare(&self, m: &Machine) {
-        self.unit_series(m);
+    /// Renders the machine's unit series that `sel` wants if its units changed since the last
+    /// scrape, so that a following [`Metrics::render_selected`] finds them ready. Called for one
+    /// machine at a time, it keeps the bulk of a scrape's work out of the one long hold of the
+    /// store that `render` needs.
+    pub(crate) fn prepare(&self, m: &Machine, sel: &Selection) {
+        let wanted = wanted(sel);
+        if sel.has_machine(&m.info.nkey) && wanted.contains(&true) {
+            self.unit_series(m, &wanted);
+        }
     }
 
     /// Prometheus text exposition (format 0.0.4) of the fleet: `machines` are all of it (the
     /// series of machines not among them are forgotten).
     pub fn render<M: Borrow<Machine>>(&self, machines: &[M], now_ms: u64) -> String {
-        let machines: Vec<&Machine> = machines.iter().map(Borrow::borrow).collect();
-        let machines = machines.as_slice();
-        let mut out = String::new();
-        family(
-            &mut out,
-            "cbus_build_info",
-            "gauge",
-            "Always 1: the gateway's version.",
-        );
-        let _ = writeln!(
-            out,
-            "cbus_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        );
-        family(
-            &mut out,
-            "cbus_agent_up",
-            "gauge",
-            "1 when the agent heartbeats (running), 0 when unresponsive or stopped.",
-        );
-        for m in machines {
-            let up = u8::from(m.state(now_ms) == AgentState::Running);
-            let _ = writeln!(
-                out,
-                "cbus_agent_up{{host=\"{}\",nkey=\"{}\"}} {up}",
-                esc(&m.info.hostname),
-                esc(&m.info.nkey)
-            );
-        }
-        family(
-            &mut out,
-            "cbus_agent_maintenance",
-            "gauge",
-            "1 while an operator's maintenance mark is in force (cbus maintenance on): the machine is expected away.",
-        );
-        for m in machines {
-            let marked = u8::from(m.maintenance(now_ms).is_some());
-            let _ = writeln!(
-                out,
-                "cbus_agent_maintenance{{host=\"{}\",nkey=\"{}\"}} {marked}",
-                esc(&m.info.hostname),
-                esc(&m.info.nkey)
-            );
-        }
-        family(
-            &mut out,
-            "cbus_agent_last_seen_timestamp_seconds",
-            "gauge",
-            "When the agent was last heard from.",
-        );
-        for m in machines {
-            let _ = writeln!(
-                out,
-                "cbus_agent_last_seen_timestamp_seconds{{host=\"{}\",nkey=\"{}\"}} {:.3}",
-                esc(&m.info.hostname),
-                esc(&m.info.nkey),
-                m.last_seen_ms as f64 / 1000.0
-            );
-        }
-        system::render(&mut out, machines, now_ms);
-        let series: Vec<Arc<UnitSeries>> = machines.iter().map(|m| self.unit_series(m)).collect();
+        self.render_selected(machines, now_ms, &Selection::all())
+    }
+
+    /// [`Metrics::render`] of the families and the shard of machines `sel` asks for.
+    pub fn render_selected<M: Borrow<Machine>>(
+        &self,
+        machines: &[M],
+        now_ms: u64,
+        sel: &Selection,
+    ) -> String {
         if self.memo().len() > machines.len() {
-            let known: std::collections::HashSet<&str> =
-                machines.iter().map(|m| m.info.nkey.as_str()).collect();
+            let known: std::collections::HashSet<&str> = machines
+                .iter()
+                .map(|m| m.borrow().info.nkey.as_str())
+                .collect();
             self.memo().retain(|nkey, _| known.contains(nkey.as_str()));
         }
+        let machines: Vec<&Machine> = machines
+            .iter()
+            .map(Borrow::borrow)
+            .filter(|m| sel.has_machine(&m.info.nkey))
+            .collect();
+        let machines = machines.as_slice();
+        let mut out = String::new();
+        if sel.has_gateway() && sel.wants("cbus_build_info") {
+            family(
+                &mut out,
+                "cbus_build_info",
+                "gauge",
+                "Always 1: the gateway's version.",
+            );
+            let _ = writeln!(
+                out,
+                "cbus_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            );
+        }
+        let agent_families: [(&str, &str, fn(&Machine, u64) -> String); 3] = [
+            (
+                "cbus_agent_up",
+                "1 when the agent heartbeats (running), 0 when unresponsive or stopped.",
+                |m, now| u8::from(m.state(now) == AgentState::Running).to_string(),
+            ),
+            (
+                "cbus_agent_maintenance",
+                "1 while an operator's maintenance mark is in force (cbus maintenance on): the machine is expected away.",
+                |m, now| u8::from(m.maintenance(now).is_some()).to_string(),
+            ),
+            (
+                "cbus_agent_last_seen_timestamp_seconds",
+                "When the agent was last heard from.",
+                |m, _| format!("{:.3}", m.last_seen_ms as f64 / 1000.0),
+            ),
+        ];
+        for (name, help, value) in agent_families {
+            if !sel.wants(name) {
+                continue;
+            }
+            family(&mut out, name, "gauge", help);
+            for m in machines {
+                let _ = writeln!(
+                    out,
+                    "{name}{{host=\"{}\",nkey=\"{}\"}} {}",
+                    esc(&m.info.hostname),
+                    esc(&m.info.nkey),
+                    value(m, now_ms)
+                );
+            }
+        }
+        system::render(&mut out, machines, now_ms, sel);
+        let wanted = wanted(sel);
+        let series: Vec<Arc<UnitSeries>> = if wanted.contains(&true) {
+            machines
+                .iter()
+                .map(|m| self.unit_series(m, &wanted))
+                .collect()
+        } else {
+            Vec::new()
+        };
         // Room for everything still to come, not only the units: a String that outgrows a
         // ~16 MB buffer at the last families (the gateway's counters, the agents' metrics) is
         // reallocated and copied into fresh pages, which made a 100 x 200 scrape 27 ms instead
         // of 13 (cbus-bench compare, 2026-12-02). Agents' metrics are a few KiB each.
-        out.reserve(
-            series.iter().map(|s| s.len()).sum::<usize>() + 64 * 1024 + machines.len() * 8 * 1024,
-        );
+        let agents_room = if sel.wants(select::AGENT_METRICS) {
+            machines.len() * 8 * 1024
+        } else {
+            0
+        };
+        out.reserve(series.iter().map(|s| s.len(&wanted)).sum::<usize>() + 64 * 1024 + agents_room);
         for (i, (name, kind, help)) in units::FAMILIES.iter().enumerate() {
+            if !wanted[i] {
+                continue;
+            }
             family(&mut out, name, kind, help);
             for s in &series {
-                out.push_str(&s.samples[i]);
+                out.push_str(s.samples[i].as_deref().unwrap_or(""));
             }
         }
-        crate::stats::render(&mut out);
-        agents::append_agent_metrics(&mut out, machines);
+        if sel.has_gateway() && sel.wants(select::GATEWAY) {
+            crate::stats::render(&mut out);
+        }
+        if sel.wants(select::AGENT_METRICS) {
+            agents::append_agent_metrics(&mut out, machines);
+        }
         out
     }
 }
@@ -312,8 +353,9 @@ pub(crate) mod tests {
             .render(&[&m], now)
             .contains(&line("h1", "active", 1)));
         // A second scrape reuses what the first rendered.
-        let first = metrics.unit_series(&m);
-        assert!(Arc::ptr_eq(&first, &metrics.unit_series(&m)));
+        let all = wanted(&Selection::all());
+        let first = metrics.unit_series(&m, &all);
+        assert!(Arc::ptr_eq(&first, &metrics.unit_series(&m, &all)));
         if let Some(u) = m.units_mut().get_mut("x.service") {
             u.active = "failed".into();
         }
@@ -330,12 +372,13 @@ pub(crate) mod tests {
     fn a_renamed_machine_drops_its_metrics_series() {
         let metrics = Metrics::default();
         let mut m = machine("h1", "");
-        metrics.prepare(&m);
-        let first = metrics.unit_series(&m);
-        assert!(Arc::ptr_eq(&first, &metrics.unit_series(&m)), "kept");
+        let all = wanted(&Selection::all());
+        metrics.prepare(&m, &Selection::all());
+        let first = metrics.unit_series(&m, &all);
+        assert!(Arc::ptr_eq(&first, &metrics.unit_series(&m, &all)), "kept");
         m.info.hostname = "other".into();
         assert!(
-            !Arc::ptr_eq(&first, &metrics.unit_series(&m)),
+            !Arc::ptr_eq(&first, &metrics.unit_series(&m, &all)),
             "a new hostname drops them"
         );
     }
@@ -348,6 +391,128 @@ pub(crate) mod tests {
         assert_eq!(metrics.memo().len(), 2);
         metrics.render(&[&a], 0);
         assert_eq!(metrics.memo().len(), 1);
+    }
+
+    fn fleet() -> Vec<Machine> {
+        (0..40)
+            .map(|i| {
+                let mut m = machine(&format!("h{i}"), "# TYPE req_total counter\nreq_total 1\n");
+                m.system.state = "running".into();
+                let units = m.units_mut();
+                units.insert("a.service".into(), loaded("failed", "simple"));
+                units.insert("b.timer".into(), loaded("active", ""));
+                units.insert(
+                    "m.service".into(),
+                    Unit {
+                        load: "masked".into(),
+                        active: "inactive".into(),
+                        ..Default::default()
+                    },
+                );
+                m
+            })
+            .collect()
+    }
+
+    /// The sample lines, sorted, without the gateway's own counters (other tests running in
+    /// this process move them).
+    fn sample_lines(text: &str) -> Vec<&str> {
+        let mut lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("cbus_gateway_"))
+            .collect();
+        lines.sort_unstable();
+        lines
+    }
+
+    #[test]
+    fn collect_renders_only_the_named_families() {
+        let fleet = fleet();
+        let metrics = Metrics::default();
+        let all = metrics.render(&fleet, 0);
+        assert!(!all.contains("cbus_systemd_unit_active_state"), "opt-in");
+        let sel = Selection::parse(Some(
+            "collect[]=cbus_systemd_unit_active_state&collect[]=cbus_agent_up",
+        ))
+        .unwrap();
+        let out = metrics.render_selected(&fleet[..1], 0, &sel);
+        assert_eq!(
+            out,
+            "# HELP cbus_agent_up 1 when the agent heartbeats (running), 0 when unresponsive or stopped.\n\
+             # TYPE cbus_agent_up gauge\n\
+             cbus_agent_up{host=\"h0\",nkey=\"Uh0\"} 1\n\
+             # HELP cbus_systemd_unit_active_state Always 1: a loaded unit's ActiveState as the state label, one series per unit (the one-hot's 1s).\n\
+             # TYPE cbus_systemd_unit_active_state gauge\n\
+             cbus_systemd_unit_active_state{host=\"h0\",name=\"a.service\",state=\"failed\"} 1\n\
+             cbus_systemd_unit_active_state{host=\"h0\",name=\"b.timer\",state=\"active\"} 1\n"
+        );
+        // The compact family is the one-hot's 1s, unit for unit.
+        let ones: Vec<String> = all
+            .lines()
+            .filter(|l| l.starts_with("cbus_systemd_unit_state{host=\"h0\"") && l.ends_with(" 1"))
+            .map(|l| l.replace("cbus_systemd_unit_state", "cbus_systemd_unit_active_state"))
+            .map(|l| l.replace(",type=\"simple\"", "").replace(",type=\"\"", ""))
+            .collect();
+        let compact: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("cbus_systemd_unit_active_state{"))
+            .collect();
+        assert_eq!(ones, compact);
+        // Every default family alone, together, is the default scrape.
+        let mut names: Vec<&str> = all
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|f| match f.split(' ').next().unwrap() {
+                f if f.starts_with("cbus_gateway_") => select::GATEWAY,
+                "req_total" => select::AGENT_METRICS,
+                f => f,
+            })
+            .collect();
+        names.dedup();
+        assert!(
+            names.contains(&select::GATEWAY) && names.len() > 15,
+            "{names:?}"
+        );
+        let mut each = String::new();
+        for name in names {
+            let sel = Selection::parse(Some(&format!("collect[]={name}"))).unwrap();
+            each.push_str(&metrics.render_selected(&fleet, 0, &sel));
+        }
+        assert_eq!(sample_lines(&each), sample_lines(&all));
+        // exclude[] is the default less those.
+        let sel = Selection::parse(Some(
+            "exclude[]=cbus_systemd_unit_state&exclude[]=agent_metrics",
+        ))
+        .unwrap();
+        let out = metrics.render_selected(&fleet, 0, &sel);
+        let expected: Vec<&str> = sample_lines(&all)
+            .into_iter()
+            .filter(|l| !l.starts_with("cbus_systemd_unit_state{") && !l.starts_with("req_total{"))
+            .collect();
+        assert_eq!(sample_lines(&out), expected);
+    }
+
+    #[test]
+    fn shards_together_are_the_whole_scrape() {
+        let fleet = fleet();
+        let metrics = Metrics::default();
+        let all = metrics.render(&fleet, 0);
+        let mut union = Vec::new();
+        let mut hosts_per_shard = Vec::new();
+        for i in 0..3 {
+            let sel = Selection::parse(Some(&format!("shards=3&shard={i}"))).unwrap();
+            let out = metrics.render_selected(&fleet, 0, &sel);
+            hosts_per_shard.push(out.matches("cbus_agent_up{").count());
+            union.extend(sample_lines(&out).into_iter().map(str::to_owned));
+            // The memo keeps every machine's series whichever shard was scraped last.
+            assert_eq!(metrics.memo().len(), fleet.len());
+        }
+        union.sort_unstable();
+        assert_eq!(union, sample_lines(&all), "each series once, in one shard");
+        assert!(
+            hosts_per_shard.iter().all(|n| *n > 0),
+            "{hosts_per_shard:?}"
+        );
     }
 
     #[test]

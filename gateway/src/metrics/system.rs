@@ -4,54 +4,63 @@
 
 use std::fmt::Write as _;
 
-use super::{esc, family};
+use super::{esc, family, Selection};
 use crate::model::{Machine, SYSTEM_STATES};
 
-pub(super) fn render(out: &mut String, machines: &[&Machine], now_ms: u64) {
-    family(
-        out,
-        "cbus_systemd_system_running",
-        "gauge",
-        "1 when systemd's SystemState is running (`systemctl is-system-running`).",
-    );
-    for m in machines.iter().filter(|m| !m.system.state.is_empty()) {
-        let running = u8::from(m.system.state == "running");
-        let _ = writeln!(
+pub(super) fn render(out: &mut String, machines: &[&Machine], now_ms: u64, sel: &Selection) {
+    if sel.wants("cbus_systemd_system_running") {
+        family(
             out,
-            "cbus_systemd_system_running{{host=\"{}\"}} {running}",
-            esc(&m.info.hostname)
+            "cbus_systemd_system_running",
+            "gauge",
+            "1 when systemd's SystemState is running (`systemctl is-system-running`).",
         );
-    }
-    family(
-        out,
-        "cbus_systemd_system_state",
-        "gauge",
-        "systemd's SystemState, one-hot over the states.",
-    );
-    for m in machines.iter().filter(|m| !m.system.state.is_empty()) {
-        let host = esc(&m.info.hostname);
-        for state in SYSTEM_STATES {
-            let v = u8::from(m.system.state == state);
+        for m in machines.iter().filter(|m| !m.system.state.is_empty()) {
+            let running = u8::from(m.system.state == "running");
             let _ = writeln!(
                 out,
-                "cbus_systemd_system_state{{host=\"{host}\",state=\"{state}\"}} {v}"
+                "cbus_systemd_system_running{{host=\"{}\"}} {running}",
+                esc(&m.info.hostname)
             );
         }
     }
-    family(
+    if sel.wants("cbus_systemd_system_state") {
+        family(
+            out,
+            "cbus_systemd_system_state",
+            "gauge",
+            "systemd's SystemState, one-hot over the states.",
+        );
+        for m in machines.iter().filter(|m| !m.system.state.is_empty()) {
+            let host = esc(&m.info.hostname);
+            for state in SYSTEM_STATES {
+                let v = u8::from(m.system.state == state);
+                let _ = writeln!(
+                    out,
+                    "cbus_systemd_system_state{{host=\"{host}\",state=\"{state}\"}} {v}"
+                );
+            }
+        }
+    }
+    if sel.wants("cbus_systemd_version") {
+        family(
         out,
         "cbus_systemd_version",
         "gauge",
         "systemd's version as a number (as node_exporter parses it); the label is the full one.",
     );
-    for m in machines.iter().filter(|m| !m.system.version.is_empty()) {
-        let _ = writeln!(
-            out,
-            "cbus_systemd_version{{host=\"{}\",version=\"{}\"}} {}",
-            esc(&m.info.hostname),
-            esc(&m.system.version),
-            version_number(&m.system.version)
-        );
+        for m in machines.iter().filter(|m| !m.system.version.is_empty()) {
+            let _ = writeln!(
+                out,
+                "cbus_systemd_version{{host=\"{}\",version=\"{}\"}} {}",
+                esc(&m.info.hostname),
+                esc(&m.system.version),
+                version_number(&m.system.version)
+            );
+        }
+    }
+    if !sel.wants("cbus_machine_cache_age_seconds") {
+        return;
     }
     family(
         out,

@@ -5,19 +5,27 @@
 //! `cbus_systemd_unit_state` is a service's or mount's `Type` (empty for other units), a unit
 //! not active starts at 0, and counts systemd has no value for are left out. `unit_info` is
 //! systemd_exporter's, for every followed unit, with its load, active, sub and unit-file state.
+//! `unit_active_state` is the one-hot's 1s alone: one series per unit where the one-hot has six,
+//! for fleets whose Prometheus cannot take six (docs/metrics.md, *At scale*).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use super::esc;
 use crate::model::{unit_type, Machine, Unit, UNIT_STATES};
 
 /// The unit families: (name, type, help), in the order they are rendered.
-pub(super) const FAMILIES: [(&str, &str, &str); 11] = [
+pub(super) const FAMILIES: [(&str, &str, &str); 12] = [
     (
         "cbus_systemd_unit_state",
         "gauge",
         "systemd unit state, one-hot over the states; type is a service's or mount's Type.",
+    ),
+    (
+        "cbus_systemd_unit_active_state",
+        "gauge",
+        "Always 1: a loaded unit's ActiveState as the state label, one series per unit (the one-hot's 1s).",
     ),
     (
         "cbus_systemd_unit_info",
@@ -71,25 +79,27 @@ pub(super) const FAMILIES: [(&str, &str, &str); 11] = [
     ),
 ];
 const STATE: usize = 0;
-const INFO: usize = 1;
-const SUMMARY: usize = 2;
-const RESTARTS: usize = 3;
-const START: usize = 4;
-const TASKS: usize = 5;
-const TASKS_MAX: usize = 6;
-const ACCEPTED: usize = 7;
-const CONNECTIONS: usize = 8;
-const REFUSED: usize = 9;
-const TRIGGER: usize = 10;
+const ACTIVE_STATE: usize = 1;
+const INFO: usize = 2;
+const SUMMARY: usize = 3;
+const RESTARTS: usize = 4;
+const START: usize = 5;
+const TASKS: usize = 6;
+const TASKS_MAX: usize = 7;
+const ACCEPTED: usize = 8;
+const CONNECTIONS: usize = 9;
+const REFUSED: usize = 10;
+const TRIGGER: usize = 11;
 
-/// One machine's samples of the unit families.
+/// One machine's samples of the unit families, each rendered the first time a scrape asks for
+/// it: a fleet scraped only for its compact families never holds the one-hot text.
 #[derive(Debug, Default)]
 pub(super) struct UnitSeries {
     /// What they were rendered from: the machine's units generation and hostname.
     pub generation: u64,
     pub host: String,
-    /// Samples by family, as [`FAMILIES`].
-    pub samples: [String; FAMILIES.len()],
+    /// Samples by family, as [`FAMILIES`]; `None` until a scrape wanted the family.
+    pub samples: [Option<Arc<str>>; FAMILIES.len()],
 }
 
 impl UnitSeries {
@@ -97,8 +107,37 @@ impl UnitSeries {
         self.generation == m.units_generation() && self.host == m.info.hostname
     }
 
-    pub fn len(&self) -> usize {
-        self.samples.iter().map(String::len).sum()
+    /// Whether every family `wanted` says is rendered.
+    pub fn has(&self, wanted: &[bool; FAMILIES.len()]) -> bool {
+        self.samples
+            .iter()
+            .zip(wanted)
+            .all(|(s, w)| s.is_some() || !w)
+    }
+
+    /// The same series with the `wanted` families rendered too (those already rendered are
+    /// shared, not copied); `self` must be of `m` or empty.
+    pub fn with(&self, m: &Machine, wanted: &[bool; FAMILIES.len()]) -> UnitSeries {
+        let mut s = UnitSeries {
+            generation: m.units_generation(),
+            host: m.info.hostname.clone(),
+            samples: self.samples.clone(),
+        };
+        for (family, slot) in s.samples.iter_mut().enumerate() {
+            if wanted[family] && slot.is_none() {
+                *slot = Some(render(m, family).into());
+            }
+        }
+        s
+    }
+
+    pub fn len(&self, wanted: &[bool; FAMILIES.len()]) -> usize {
+        self.samples
+            .iter()
+            .zip(wanted)
+            .filter(|(_, w)| **w)
+            .map(|(s, _)| s.as_deref().map_or(0, str::len))
+            .sum()
     }
 }
 
@@ -111,91 +150,109 @@ fn sample(out: &mut String, family: usize, host: &str, name: &str, value: impl s
     );
 }
 
-pub(super) fn render(m: &Machine) -> UnitSeries {
+/// One family's samples of the machine's units.
+fn render(m: &Machine, family: usize) -> String {
     let host = esc(&m.info.hostname);
-    let mut s = UnitSeries {
-        generation: m.units_generation(),
-        host: m.info.hostname.clone(),
-        ..Default::default()
-    };
-    s.samples[STATE].reserve(m.units().len() * UNIT_STATES.len() * 100);
-    s.samples[INFO].reserve(m.units().len() * 220);
+    let mut out = String::with_capacity(match family {
+        STATE => m.units().len() * UNIT_STATES.len() * 100,
+        INFO => m.units().len() * 220,
+        _ => m.units().len() * 80,
+    });
     let mut by_state: BTreeMap<&str, u64> = UNIT_STATES.iter().map(|st| (*st, 0)).collect();
     for (name, u) in m.units() {
         let n = esc(name);
-        info(&mut s.samples[INFO], &host, &n, name, u);
+        if family == INFO {
+            info(&mut out, &host, &n, name, u);
+            continue;
+        }
         if u.load != "loaded" {
             continue;
         }
-        *by_state.entry(u.active.as_str()).or_default() += 1;
-        let out = &mut s.samples;
-        // Each unit's label prefix is built once, then plain pushes.
-        let prefix = format!(
-            "cbus_systemd_unit_state{{host=\"{host}\",name=\"{n}\",type=\"{}\",state=\"",
-            esc(&u.detail.kind)
-        );
-        for state in UNIT_STATES {
-            out[STATE].push_str(&prefix);
-            out[STATE].push_str(state);
-            out[STATE].push_str(if u.active == state {
-                "\"} 1\n"
-            } else {
-                "\"} 0\n"
-            });
-        }
-        match u.active_enter_us {
-            Some(us) if u.active == "active" => sample(
-                &mut out[START],
-                START,
-                &host,
-                &n,
-                format_args!("{:.6}", us as f64 / 1e6),
-            ),
-            _ if u.active != "active" => sample(&mut out[START], START, &host, &n, "0"),
-            _ => {} // active since a time not read yet
-        }
-        let d = &u.detail;
-        match unit_type(name) {
-            "service" => {
-                let counts = [
-                    (RESTARTS, u.restarts.map(u64::from)),
-                    (TASKS, d.tasks_current),
-                    (TASKS_MAX, d.tasks_max),
-                ];
-                for (family, v) in counts {
-                    if let Some(v) = v {
-                        sample(&mut out[family], family, &host, &n, v);
-                    }
+        match family {
+            STATE => {
+                // Each unit's label prefix is built once, then plain pushes.
+                let prefix = format!(
+                    "cbus_systemd_unit_state{{host=\"{host}\",name=\"{n}\",type=\"{}\",state=\"",
+                    esc(&u.detail.kind)
+                );
+                for state in UNIT_STATES {
+                    out.push_str(&prefix);
+                    out.push_str(state);
+                    out.push_str(if u.active == state {
+                        "\"} 1\n"
+                    } else {
+                        "\"} 0\n"
+                    });
                 }
             }
-            "socket" => {
-                for (family, v) in [
-                    (ACCEPTED, d.accepted),
-                    (CONNECTIONS, d.connections),
-                    (REFUSED, d.refused),
-                ] {
-                    if let Some(v) = v {
-                        sample(&mut out[family], family, &host, &n, v);
-                    }
+            ACTIVE_STATE => {
+                let _ = writeln!(
+                    out,
+                    "cbus_systemd_unit_active_state{{host=\"{host}\",name=\"{n}\",state=\"{}\"}} 1",
+                    esc(&u.active)
+                );
+            }
+            SUMMARY => *by_state.entry(u.active.as_str()).or_default() += 1,
+            START => match u.active_enter_us {
+                Some(us) if u.active == "active" => sample(
+                    &mut out,
+                    START,
+                    &host,
+                    &n,
+                    format_args!("{:.6}", us as f64 / 1e6),
+                ),
+                _ if u.active != "active" => sample(&mut out, START, &host, &n, "0"),
+                _ => {} // active since a time not read yet
+            },
+            _ => {
+                if let Some(v) = count(name, u, family) {
+                    sample(&mut out, family, &host, &n, v);
                 }
             }
-            "timer" => {
-                if let Some(us) = d.last_trigger_us {
-                    let secs = format_args!("{:.6}", us as f64 / 1e6);
-                    sample(&mut out[TRIGGER], TRIGGER, &host, &n, secs);
-                }
-            }
-            _ => {}
         }
     }
-    for (state, count) in by_state {
-        let _ = writeln!(
-            s.samples[SUMMARY],
-            "cbus_systemd_units{{host=\"{host}\",state=\"{}\"}} {count}",
-            esc(state)
-        );
+    if family == SUMMARY {
+        for (state, count) in by_state {
+            let _ = writeln!(
+                out,
+                "cbus_systemd_units{{host=\"{host}\",state=\"{}\"}} {count}",
+                esc(state)
+            );
+        }
     }
-    s
+    out
+}
+
+/// A per-type family's value: a count, or microseconds shown as seconds.
+enum Value {
+    Count(u64),
+    Micros(u64),
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Count(v) => write!(f, "{v}"),
+            Value::Micros(us) => write!(f, "{:.6}", *us as f64 / 1e6),
+        }
+    }
+}
+
+/// The value of one of the per-type families for a unit, if it is of that type and systemd
+/// has the value.
+fn count(name: &str, u: &Unit, family: usize) -> Option<Value> {
+    let d = &u.detail;
+    let v = match (unit_type(name), family) {
+        ("service", RESTARTS) => u.restarts.map(u64::from),
+        ("service", TASKS) => d.tasks_current,
+        ("service", TASKS_MAX) => d.tasks_max,
+        ("socket", ACCEPTED) => d.accepted.map(u64::from),
+        ("socket", CONNECTIONS) => d.connections.map(u64::from),
+        ("socket", REFUSED) => d.refused.map(u64::from),
+        ("timer", TRIGGER) => return d.last_trigger_us.map(Value::Micros),
+        _ => None,
+    };
+    v.map(Value::Count)
 }
 
 /// systemd_exporter's `unit_info` with the states: `type` is the unit's kind (`service`), and

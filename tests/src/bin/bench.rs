@@ -29,6 +29,8 @@ mod machines;
 mod scale;
 #[path = "bench/scale_gateway.rs"]
 mod scale_gateway;
+#[path = "bench/scrape.rs"]
+mod scrape;
 
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -74,6 +76,10 @@ const SECTIONS: &[(&str, &str)] = &[
     (
         "scale-gateway",
         "only when named: a real gateway over the fleet emulator at the first --scale size x 200 units: RSS, units snapshot of a glob, /metrics scraped by Prometheus",
+    ),
+    (
+        "scale-metrics",
+        "only when named: scale-gateway's /metrics part alone (the 20-unit gateway, Prometheus scraping it each way)",
     ),
     (
         "compare",
@@ -184,7 +190,9 @@ async fn main() {
     }
     // Only when named: at 10,000 machines it holds 2,000,000 units for several minutes.
     if args.iter().any(|a| a == "scale-gateway") {
-        scale_gateway::scale_gateway(scale_sizes[0]).await;
+        scale_gateway::scale_gateway(scale_sizes[0], false).await;
+    } else if args.iter().any(|a| a == "scale-metrics") {
+        scale_gateway::scale_gateway(scale_sizes[0], true).await;
     }
     // Only when named: it needs another build.
     if args.iter().any(|a| a == "compare") {

@@ -12,16 +12,15 @@
 //! The gateway knows it holds everything when its `fleet` aggregate counts every unit, so no
 //! full `/metrics` of 2,000,000 units is ever rendered to find out.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cbus_tests::emulator::{Emulator, EmulatorSpec};
 use cbus_tests::gateway::{http_get, rss_kib};
-use cbus_tests::{free_port, GatewayProcess, KillOnDrop, NatsServer, WsClient};
+use cbus_tests::{GatewayProcess, NatsServer, WsClient};
 use serde_json::{json, Value};
 
 use crate::machines::proc_status_kib;
-use crate::{ms, summary};
+use crate::{ms, scrape, summary};
 
 const TOKEN: &str = "scale-token";
 /// Units 1 to 20 of every emulated machine (9 and 19 are timers): `emulator::unit_names`.
@@ -78,46 +77,8 @@ async fn units_snapshot(ws: &mut WsClient, id: &str, glob: &str) -> (Duration, u
     (took, rows)
 }
 
-/// A Prometheus server scraping `target` every `interval`.
-fn prometheus(target: u16, interval: Duration, dir: &std::path::Path) -> (KillOnDrop, u16) {
-    let port = free_port();
-    let config = dir.join("prometheus.yml");
-    let secs = interval.as_secs();
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: {secs}s\n  scrape_timeout: {secs}s\nscrape_configs:\n  - job_name: cbus\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
-        ),
-    )
-    .expect("write prometheus.yml");
-    let child = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run prometheus (apt-get install prometheus, or ./dev deps)");
-    (KillOnDrop(child), port)
-}
-
-/// The cbus target's last scrape as Prometheus reports it: (when, duration in s, health, error).
-fn last_scrape(prom: u16) -> Option<(String, f64, String, String)> {
-    let text = http_get(prom, "/api/v1/targets?state=active")?;
-    let doc: Value = serde_json::from_str(&text).ok()?;
-    let t = doc["data"]["activeTargets"].as_array()?.first()?.clone();
-    Some((
-        t["lastScrape"].as_str()?.to_owned(),
-        t["lastScrapeDuration"].as_f64()?,
-        t["health"].as_str()?.to_owned(),
-        t["lastError"].as_str().unwrap_or("").to_owned(),
-    ))
-}
-
-pub async fn scale_gateway(n: usize) {
+/// `scale-gateway`: both gateways; `scale-metrics` (`metrics_only`): the filtered one alone.
+pub async fn scale_gateway(n: usize, metrics_only: bool) {
     let spec = EmulatorSpec::new(n);
     let units = spec.units;
     println!("\n## scale-gateway (fleet emulator): a real cbus-gateway over {n} emulated machines x {units} units, heartbeat 5 s");
@@ -129,9 +90,16 @@ pub async fn scale_gateway(n: usize) {
         "{n} emulated agents said hello in {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    if !metrics_only {
+        every_unit(&url, n, units).await;
+    }
+    filtered_metrics(&url, n).await;
+    drop(emulator);
+}
 
-    // 1. Every unit followed: RSS and the units snapshot of one glob over all machines.
-    let gw = GatewayProcess::start(&url, TOKEN, &[]);
+/// 1. Every unit followed: RSS and the units snapshot of one glob over all machines.
+async fn every_unit(url: &str, n: usize, units: usize) {
+    let gw = GatewayProcess::start(url, TOKEN, &[]);
     let pid = gw.pid().expect("gateway pid");
     let loaded = wait_units(&gw, (n * units) as u64, Duration::from_secs(900)).await;
     println!(
@@ -176,9 +144,19 @@ pub async fn scale_gateway(n: usize) {
     );
     drop(ws);
     drop(gw);
+}
 
-    // 2. A 20-unit filter, scraped by Prometheus.
-    let gw = GatewayProcess::start(&url, TOKEN, &["--unit-include", TWENTY_UNITS]);
+/// The `collect[]` of a Prometheus job that wants each unit's state and each machine's health
+/// only (docs/metrics.md, *At scale*).
+const COMPACT: &str = "collect[]=cbus_agent_up&collect[]=cbus_agent_maintenance&collect[]=cbus_systemd_system_running&collect[]=cbus_systemd_units&collect[]=cbus_systemd_unit_active_state";
+
+/// Each unit's state and whether its machine's agent is up, nothing else.
+const MINIMAL: &str = "collect[]=cbus_agent_up&collect[]=cbus_systemd_unit_active_state";
+
+/// 2. A 20-unit filter, scraped by Prometheus: the default `/metrics` (every family, as before
+/// the URL parameters) and the ways docs/metrics.md offers a large fleet, in the same run.
+async fn filtered_metrics(url: &str, n: usize) {
+    let gw = GatewayProcess::start(url, TOKEN, &["--unit-include", TWENTY_UNITS]);
     let pid = gw.pid().expect("gateway pid");
     let loaded = wait_units(&gw, (n * 20) as u64, Duration::from_secs(900)).await;
     println!(
@@ -203,50 +181,37 @@ pub async fn scale_gateway(n: usize) {
         assert_eq!(one_hot, n * 20, "every filtered unit has its state series");
     }
     let (dm, dp) = summary(direct);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (prom, prom_port) = prometheus(gw.port, Duration::from_secs(10), dir.path());
-    let mut scrapes: Vec<(String, f64)> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(150);
-    let mut last_error = String::new();
-    while scrapes.len() < 6 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Some((when, secs, health, error)) = last_scrape(prom_port) {
-            if health == "up" && !scrapes.iter().any(|(w, _)| *w == when) {
-                scrapes.push((when, secs));
-            } else if health == "down" {
-                last_error = error;
-            }
-        }
-    }
-    let prom_rss = prom.0.id();
-    let prom_rss = rss_kib(prom_rss);
-    drop(prom);
-    assert!(
-        !scrapes.is_empty(),
-        "Prometheus never scraped the gateway: {last_error}"
-    );
-    let (pm, pp) = summary(
-        scrapes
-            .iter()
-            .map(|(_, s)| Duration::from_secs_f64(*s))
-            .collect(),
-    );
-    println!("| /metrics, 20-unit filter, {n} machines | bytes | series | median (p95) | load |");
-    println!("|---|---|---|---|---|");
     println!(
-        "| scraped by Prometheus (its scrape_duration, {} scrapes; Prometheus RSS {:.0} MiB) | {bytes} | {series} | {:.0} ms ({:.0}) | {} |",
-        scrapes.len(),
-        prom_rss as f64 / 1024.0,
-        ms(pm),
-        ms(pp),
-        crate::loadavg()
-    );
-    println!(
-        "| plain HTTP GET, 5 runs | {bytes} | {series} | {:.0} ms ({:.0}) | {} |",
+        "plain HTTP GET of the default /metrics, 5 runs: {bytes} bytes, {series} series, {:.0} ms ({:.0}), load {}",
         ms(dm),
         ms(dp),
         crate::loadavg()
     );
+    let one = |label, query: &str, limit| scrape::Config {
+        label,
+        jobs: vec![("cbus".to_owned(), query.to_owned())],
+        limit: Duration::from_secs(limit),
+    };
+    let sharded = |label, query: &str, shards: usize| scrape::Config {
+        label,
+        jobs: (0..shards)
+            .map(|i| {
+                (
+                    format!("cbus-{i}"),
+                    format!("{query}&shards={shards}&shard={i}"),
+                )
+            })
+            .collect(),
+        limit: Duration::from_secs(90),
+    };
+    let configs = [
+        one("default (every family, as before)", "", 200),
+        one("compact: unit_active_state + machine health", COMPACT, 90),
+        one("minimal: unit_active_state + agent_up", MINIMAL, 90),
+        sharded("compact, 4 shards (4 jobs, one server)", COMPACT, 4),
+        sharded("minimal, 8 shards (8 jobs, one server)", MINIMAL, 8),
+    ];
+    println!("\n/metrics, 20-unit filter, {n} machines, scraped by a real Prometheus (10 s interval), each way after the other:");
+    scrape::scrape(gw.port, &configs, 6).await;
     drop(gw);
-    drop(emulator);
 }
