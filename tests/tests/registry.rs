@@ -137,6 +137,22 @@ async fn a_selection_by_name_reads_only_its_machines() {
     // Machine 5 also claims host-0003 in the index (its entry says host-0005).
     let false_key = host_index_key("host-0003", &entry(5).0).unwrap();
     store.put(false_key, "".into()).await.expect("put index");
+    // One more machine named host-0004: a name may be two machines, and a lookup finds both.
+    let twin = format!("U{N:055}");
+    let event = PresenceEvent {
+        event: PresenceKind::Heartbeat,
+        sent_at_ms: now_ms(),
+        agent: cbus_tests::synthetic_agent_info(&twin, "host-0004".to_owned()),
+    };
+    store
+        .put(&twin, serde_json::to_vec(&event).unwrap().into())
+        .await
+        .expect("put");
+    store
+        .put(host_index_key("host-0004", &twin).unwrap(), "".into())
+        .await
+        .expect("put index");
+    const KNOWN: usize = N + 1;
 
     let fleet = Fleet::new(nats.connect().await, "test@registry");
     let out_msgs = || {
@@ -179,6 +195,11 @@ async fn a_selection_by_name_reads_only_its_machines() {
     let (hosts, _, sent) = select(&["host-0003"], &[]).await;
     assert_eq!(hosts, ["host-0003"]);
     assert!(sent < 50, "{sent} messages for one machine");
+    // Both machines of a shared name.
+    let (hosts, known, sent) = select(&["host-0004"], &[]).await;
+    assert_eq!(hosts, ["host-0004", "host-0004"]);
+    assert_eq!(known, 2);
+    assert!(sent < 50, "{sent} messages for two machines");
     // By nkey: its entry alone.
     let (hosts, _, sent) = select(&[], &[entry(7).0]).await;
     assert_eq!(hosts, ["host-0007"]);
@@ -186,15 +207,15 @@ async fn a_selection_by_name_reads_only_its_machines() {
     // Not in the index: the whole registry is read, and the machine is found.
     let (hosts, known, sent) = select(&["host-0001"], &[]).await;
     assert_eq!(hosts, ["host-0001"]);
-    assert_eq!(known, N);
+    assert_eq!(known, KNOWN);
     assert!(sent >= N as u64, "{sent}");
     // A glob reads it whole; a name no machine has says so with the fleet's size.
     let (hosts, known, _) = select(&["host-000?"], &[]).await;
-    assert_eq!(hosts.len(), 10);
-    assert_eq!(known, N);
+    assert_eq!(hosts.len(), 11);
+    assert_eq!(known, KNOWN);
     let (hosts, known, _) = select(&["no-such-host"], &[]).await;
     assert!(hosts.is_empty());
-    assert_eq!(known, N);
+    assert_eq!(known, KNOWN);
     // The whole fleet: every entry, and no index key taken for one.
-    assert_eq!(fleet.registry().await.unwrap().len(), N);
+    assert_eq!(fleet.registry().await.unwrap().len(), KNOWN);
 }

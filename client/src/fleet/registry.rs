@@ -13,6 +13,7 @@ use futures::StreamExt;
 use tokio::time::{timeout_at, Instant};
 
 use cbus_protocol::codec;
+use cbus_protocol::maintenance::Maintenance;
 use cbus_protocol::presence::{self, PresenceEvent, RegistrySpec};
 use cbus_protocol::subject;
 
@@ -40,6 +41,12 @@ fn sort_by_host(agents: &mut [AgentStatus]) {
     });
 }
 
+/// What a selection read: the machines a lookup found, or the whole registry.
+enum Read {
+    Looked(Vec<AgentStatus>),
+    Whole(Result<Vec<AgentStatus>, FleetError>),
+}
+
 /// What a selection found ([`Fleet::select_within`]).
 #[derive(Debug, Clone)]
 pub struct Selection {
@@ -51,11 +58,19 @@ pub struct Selection {
 /// How long a failed bucket create waits for another client's create of the same bucket.
 const BUCKET_RACE_WAIT: Duration = Duration::from_secs(2);
 
-/// The least time the maintenance read after the registry read gets.
+/// The least time the maintenance read beside the registry read gets.
 const MAINTENANCE_WAIT_MIN: Duration = Duration::from_millis(500);
 
 /// The longest a registry read takes before it fails (a read of 50,000 entries takes ~1 s).
 const REGISTRY_WAIT: Duration = Duration::from_secs(5);
+
+/// How long the maintenance read beside a registry read given `registry_wait` may take: as
+/// long, and at least a short while (an empty bucket is one round trip). Without the marks a
+/// machine under maintenance is waited for like any other, which is slower but never wrong, so
+/// a failed read only warns.
+fn marks_wait(registry_wait: Duration) -> Duration {
+    registry_wait.min(REGISTRY_WAIT).max(MAINTENANCE_WAIT_MIN)
+}
 
 impl Fleet {
     /// Every agent in the registry with its state, sorted by hostname. Falls back to a ping
@@ -72,28 +87,46 @@ impl Fleet {
         registry_wait: Duration,
         ping_window: Duration,
     ) -> Result<Vec<AgentStatus>, FleetError> {
-        let deadline = Instant::now() + registry_wait.min(REGISTRY_WAIT);
-        let mut agents = match self.registry_within(registry_wait).await {
-            Ok(mut agents) => {
-                self.apply_marks(&mut agents, deadline).await;
-                agents
-            }
+        // The marks beside the registry, not after it: one round trip fewer before a command
+        // can ask anything.
+        let (read, marks) = tokio::join!(
+            self.registry_within(registry_wait),
+            self.maintenance_within(marks_wait(registry_wait)),
+        );
+        self.agents_from(read, marks, ping_window).await
+    }
+
+    /// The agents from a registry `read` (or, when it failed, a ping) with the maintenance
+    /// `marks` read beside it attached, sorted by hostname.
+    async fn agents_from(
+        &self,
+        read: Result<Vec<AgentStatus>, FleetError>,
+        marks: Result<HashMap<String, Maintenance>, FleetError>,
+        ping_window: Duration,
+    ) -> Result<Vec<AgentStatus>, FleetError> {
+        let (mut agents, marks) = match read {
+            Ok(agents) => (agents, marks),
             Err(e) => {
                 tracing::debug!(error = %e, "registry unavailable; falling back to ping");
-                // The marks are in JetStream too, and as likely to be slow now: read them
-                // beside the ping, within its window, so the fallback costs one window.
-                let (found, marks) =
-                    tokio::join!(self.ping(ping_window), self.maintenance_within(ping_window));
-                let mut agents = found?;
                 match marks {
-                    Ok(marks) => attach_maintenance(&mut agents, &marks),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read maintenance marks; none applied")
+                    Ok(marks) => (self.ping(ping_window).await?, Ok(marks)),
+                    // The marks are in JetStream too, and as likely to be slow now: read them
+                    // again beside the ping, within its window, so the fallback costs one
+                    // window.
+                    Err(_) => {
+                        let (found, marks) = tokio::join!(
+                            self.ping(ping_window),
+                            self.maintenance_within(ping_window)
+                        );
+                        (found?, marks)
                     }
                 }
-                agents
             }
         };
+        match marks {
+            Ok(marks) => attach_maintenance(&mut agents, &marks),
+            Err(e) => tracing::warn!(error = %e, "cannot read maintenance marks; none applied"),
+        }
         sort_by_host(&mut agents);
         Ok(agents)
     }
@@ -154,28 +187,43 @@ impl Fleet {
     ) -> Result<Selection, FleetError> {
         let started = Instant::now();
         // A third for the lookup, so that a registry that cannot answer (a cluster electing
-        // its stream's leader) leaves the full read and the ping their time.
-        match self.lookup(selector, started + registry_wait / 3).await {
-            Ok(Some(mut agents)) => {
-                self.apply_marks(&mut agents, started + registry_wait.min(REGISTRY_WAIT))
-                    .await;
+        // its stream's leader) leaves the full read and the ping their time. The whole
+        // registry is read when the lookup cannot decide. The marks are read beside both.
+        let read = async {
+            match self.lookup(selector, started + registry_wait / 3).await {
+                Ok(Some(agents)) => return Read::Looked(agents),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "registry lookup failed; reading it whole"),
+            }
+            Read::Whole(
+                self.registry_within(registry_wait.saturating_sub(started.elapsed()))
+                    .await,
+            )
+        };
+        let (read, marks) = tokio::join!(read, self.maintenance_within(marks_wait(registry_wait)));
+        match read {
+            Read::Looked(mut agents) => {
+                match marks {
+                    Ok(marks) => attach_maintenance(&mut agents, &marks),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read maintenance marks; none applied")
+                    }
+                }
                 sort_by_host(&mut agents);
-                return Ok(Selection {
+                Ok(Selection {
                     known: agents.len(),
                     agents,
-                });
+                })
             }
-            Ok(None) => {}
-            Err(e) => tracing::debug!(error = %e, "registry lookup failed; reading it whole"),
+            Read::Whole(read) => {
+                let all = self.agents_from(read, marks, ping_window).await?;
+                let known = all.len();
+                Ok(Selection {
+                    agents: selector.select_owned(all)?,
+                    known,
+                })
+            }
         }
-        let all = self
-            .agents_within(registry_wait.saturating_sub(started.elapsed()), ping_window)
-            .await?;
-        let known = all.len();
-        Ok(Selection {
-            agents: selector.select_owned(all)?,
-            known,
-        })
     }
 
     /// The selected agents from their own entries, or `None` when the selection cannot be
@@ -187,6 +235,7 @@ impl Fleet {
     ) -> Result<Option<Vec<AgentStatus>>, FleetError> {
         let hosts = selector.literal_hosts();
         let mut candidates: BTreeSet<String> = selector.nkeys.iter().cloned().collect();
+        let stream = self.registry_stream(deadline).await?;
         if candidates.is_empty() {
             let Some(hosts) = hosts.as_ref().filter(|h| !h.is_empty()) else {
                 return Ok(None);
@@ -201,16 +250,36 @@ impl Fleet {
             let Some(filters) = filters else {
                 return Ok(None);
             };
-            let reads = filters.into_iter().map(|filter| async move {
-                let mut nkeys = Vec::new();
-                self.replay(filter, true, deadline, |subject, _, payload| {
-                    // A deleted index key points nowhere.
-                    payload?;
-                    nkeys.push(presence::host_index_nkey_of(subject)?.to_owned());
-                    Some(())
-                })
-                .await
-                .map(|()| nkeys)
+            // The index keys under each name, listed by the server (a stream-info request with
+            // a subject filter): nats-server 2.9 scans every subject of the stream once for it,
+            // where an ordered consumer on the same filter scanned them three times (start,
+            // pending count, info) and then delivered the keys (docs/benchmarks.md, "the
+            // registry read at 10,000 and 50,000"). The subjects are what the server holds:
+            // each was written under its nkey's permissions. A deleted index key still lists;
+            // it leads to its machine only if the entry names the name asked for, as any does.
+            let reads = filters.into_iter().map(|filter| {
+                let stream = &stream;
+                async move {
+                    let mut keys = timeout_at(deadline, stream.info_with_subjects(filter))
+                        .await
+                        .map_err(|_| registry_err("timed out while looking up".into()))?
+                        .map_err(|e| registry_err(e.to_string()))?;
+                    let mut nkeys = Vec::new();
+                    while let Some(key) = timeout_at(deadline, keys.next())
+                        .await
+                        .map_err(|_| registry_err("timed out while looking up".into()))?
+                    {
+                        let (subject, _) = key.map_err(|e| registry_err(e.to_string()))?;
+                        if let Some(nkey) = presence::host_index_nkey_of(&subject) {
+                            nkeys.push(nkey.to_owned());
+                        }
+                        // More than a lookup takes: the whole read decides.
+                        if nkeys.len() > LOOKUP_MAX {
+                            break;
+                        }
+                    }
+                    Ok::<_, FleetError>(nkeys)
+                }
             });
             for nkeys in futures::future::try_join_all(reads).await? {
                 candidates.extend(nkeys);
@@ -219,7 +288,6 @@ impl Fleet {
         if candidates.len() > LOOKUP_MAX {
             return Ok(None);
         }
-        let stream = self.registry_stream(deadline).await?;
         let now = presence::now_ms();
         let gets = candidates.iter().map(|nkey| {
             let stream = &stream;
@@ -276,20 +344,6 @@ impl Fleet {
         .await
         .map_err(|_| registry_err("timed out".into()))?
         .map_err(|e| registry_err(e.to_string()))
-    }
-
-    /// Attaches the maintenance marks in force, read in what is left until `deadline` (at
-    /// least a short while: an empty bucket is one round trip). Without them a machine under
-    /// maintenance is waited for like any other, which is slower but never wrong, so a failed
-    /// read only warns.
-    async fn apply_marks(&self, agents: &mut [AgentStatus], deadline: Instant) {
-        let wait = deadline
-            .saturating_duration_since(Instant::now())
-            .max(MAINTENANCE_WAIT_MIN);
-        match self.maintenance_within(wait).await {
-            Ok(marks) => attach_maintenance(agents, &marks),
-            Err(e) => tracing::warn!(error = %e, "cannot read maintenance marks; none applied"),
-        }
     }
 
     /// An agent's status from its registry entry on `subject`, or `None` (logged, and counted
