@@ -23,6 +23,9 @@ use crate::model::Machine;
 pub use select::Selection;
 use units::UnitSeries;
 
+/// How a per-machine agent family's value is read from a machine at a time (unix ms).
+type AgentValue = fn(&Machine, u64) -> String;
+
 /// Families the gateway writes itself besides `cbus_systemd_*` and `cbus_gateway_*`; agents
 /// may not reuse any of them.
 const OWN_FAMILIES: [&str; 5] = [
@@ -120,7 +123,7 @@ impl Metrics {
                 env!("CARGO_PKG_VERSION")
             );
         }
-        let agent_families: [(&str, &str, fn(&Machine, u64) -> String); 3] = [
+        let agent_families: [(&str, &str, AgentValue); 3] = [
             (
                 "cbus_agent_up",
                 "1 when the agent heartbeats (running), 0 when unresponsive or stopped.",

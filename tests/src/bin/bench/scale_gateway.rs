@@ -153,8 +153,8 @@ const COMPACT: &str = "collect[]=cbus_agent_up&collect[]=cbus_agent_maintenance&
 /// Each unit's state and whether its machine's agent is up, nothing else.
 const MINIMAL: &str = "collect[]=cbus_agent_up&collect[]=cbus_systemd_unit_active_state";
 
-/// 2. A 20-unit filter, scraped by Prometheus: the default `/metrics` (every family, as before
-/// the URL parameters) and the ways docs/metrics.md offers a large fleet, in the same run.
+/// Part 2: a 20-unit filter, scraped by Prometheus: the default `/metrics` (every family, as
+/// before the URL parameters) and the ways docs/metrics.md offers a large fleet, in one run.
 async fn filtered_metrics(url: &str, n: usize) {
     let gw = GatewayProcess::start(url, TOKEN, &["--unit-include", TWENTY_UNITS]);
     let pid = gw.pid().expect("gateway pid");
