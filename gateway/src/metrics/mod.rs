@@ -237,6 +237,15 @@ pub(crate) mod tests {
         m
     }
 
+    /// A masked unit: not loaded, so left out of the per-unit series.
+    fn masked() -> Unit {
+        Unit {
+            load: "masked".into(),
+            active: "inactive".into(),
+            ..Default::default()
+        }
+    }
+
     fn loaded(active: &str, kind: &str) -> Unit {
         Unit {
             load: "loaded".into(),
@@ -284,14 +293,7 @@ pub(crate) mod tests {
         let mut timer = loaded("active", "");
         timer.detail.last_trigger_us = Some(2_000_000);
         units.insert("t.timer".into(), timer);
-        units.insert(
-            "m.service".into(),
-            Unit {
-                load: "masked".into(),
-                active: "inactive".into(),
-                ..Default::default()
-            },
-        );
+        units.insert("m.service".into(), masked());
         let out = Metrics::default().render(&[m], 11_000);
         for line in [
             "cbus_systemd_unit_state{host=\"h1\",name=\"x.service\",type=\"oneshot\",state=\"failed\"} 1",
@@ -404,14 +406,7 @@ pub(crate) mod tests {
                 let units = m.units_mut();
                 units.insert("a.service".into(), loaded("failed", "simple"));
                 units.insert("b.timer".into(), loaded("active", ""));
-                units.insert(
-                    "m.service".into(),
-                    Unit {
-                        load: "masked".into(),
-                        active: "inactive".into(),
-                        ..Default::default()
-                    },
-                );
+                units.insert("m.service".into(), masked());
                 m
             })
             .collect()
