@@ -235,14 +235,18 @@ impl Fleet {
     ) -> Result<Option<Vec<AgentStatus>>, FleetError> {
         let hosts = selector.literal_hosts();
         let mut candidates: BTreeSet<String> = selector.nkeys.iter().cloned().collect();
+        let by_name = hosts
+            .as_ref()
+            .filter(|h| !h.is_empty() && h.len() <= LOOKUP_MAX);
+        // Nothing to look up (the whole fleet, or a glob): no round trip for the stream.
+        if candidates.is_empty() && by_name.is_none() {
+            return Ok(None);
+        }
         let stream = self.registry_stream(deadline).await?;
         if candidates.is_empty() {
-            let Some(hosts) = hosts.as_ref().filter(|h| !h.is_empty()) else {
+            let Some(hosts) = by_name else {
                 return Ok(None);
             };
-            if hosts.len() > LOOKUP_MAX {
-                return Ok(None);
-            }
             let filters: Option<Vec<String>> = hosts
                 .iter()
                 .map(|h| presence::host_index_filter(h))
