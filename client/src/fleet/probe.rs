@@ -228,14 +228,15 @@ impl Probe {
         if super::flush_until(client, deadline).await.is_err() {
             tracing::debug!("probe: no flush before cutting off the silent");
         }
-        let mut heard = Vec::new();
-        if let Probe::Sent { presence, .. } = self {
-            while let Some(Some(m)) = presence.next().now_or_never() {
-                heard.push(m.subject);
-            }
-        }
-        for s in &heard {
-            self.alive(s);
+        // One message at a time, not collected first: the wildcard subscription also holds the
+        // fleet's heartbeats, up to async-nats' channel of 65,536 messages.
+        loop {
+            let heard = match self {
+                Probe::Sent { presence, .. } => presence.next().now_or_never().flatten(),
+                _ => None,
+            };
+            let Some(m) = heard else { break };
+            self.alive(&m.subject);
         }
         let Probe::Sent {
             probed,
