@@ -6,6 +6,14 @@ use std::time::{Duration, Instant};
 
 use crate::util::{free_port, terminate};
 
+/// The nats-server binary: `$CBUS_TEST_NATS_SERVER` (another version, e.g. to compare one
+/// against Debian's 2.9 in cbus-bench), else `nats-server` from `PATH`.
+pub fn binary() -> PathBuf {
+    std::env::var_os("CBUS_TEST_NATS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("nats-server"))
+}
+
 /// A running nats-server; killed on drop.
 pub struct NatsServer {
     port: u16,
@@ -16,12 +24,31 @@ pub struct NatsServer {
     child: Option<Child>,
     frozen: bool,
     jetstream: bool,
+    binary: PathBuf,
 }
 
 impl NatsServer {
     /// Starts `nats-server -a 127.0.0.1 -p <free port> -js -sd <tempdir>`.
     pub fn start() -> NatsServer {
         Self::start_inner(None)
+    }
+
+    /// [`NatsServer::start`] with another nats-server binary (cbus-bench's `--nats-server`).
+    pub fn start_binary(binary: &std::path::Path) -> NatsServer {
+        Self::start_full(
+            tempfile::tempdir().expect("tempdir for nats-server"),
+            None,
+            true,
+            binary.to_path_buf(),
+        )
+    }
+
+    /// What `binary --version` prints (`nats-server: v2.9.10`), or why it could not be run.
+    pub fn version_of(binary: &std::path::Path) -> String {
+        match Command::new(binary).arg("--version").output() {
+            Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            Err(e) => format!("{}: {e}", binary.display()),
+        }
     }
 
     /// Starts `nats-server -a 127.0.0.1 -p <free port>` without JetStream: no registry bucket.
@@ -80,6 +107,15 @@ impl NatsServer {
         config_text: Option<&str>,
         jetstream: bool,
     ) -> NatsServer {
+        Self::start_full(dir, config_text, jetstream, binary())
+    }
+
+    fn start_full(
+        dir: tempfile::TempDir,
+        config_text: Option<&str>,
+        jetstream: bool,
+        binary: PathBuf,
+    ) -> NatsServer {
         let config = config_text.map(|text| {
             let path = dir.path().join("nats.conf");
             std::fs::write(&path, text).expect("write nats config");
@@ -93,6 +129,7 @@ impl NatsServer {
             child: None,
             frozen: false,
             jetstream,
+            binary,
         };
         // A free port can be taken between `free_port` and the server's bind (tests start
         // servers in parallel): the server then exits, and another port is tried.
@@ -115,7 +152,7 @@ impl NatsServer {
 
     /// Starts the server on `self.port`; `Err` with its log when it exited before listening.
     fn spawn(&mut self) -> Result<(), String> {
-        let mut cmd = Command::new("nats-server");
+        let mut cmd = Command::new(&self.binary);
         cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor.to_string()]);
         if self.jetstream {

@@ -99,7 +99,7 @@ const SECTIONS: &[(&str, &str)] = &[
 async fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("usage: cbus-bench [--machines 1,3,10,50] [--idle-secs 60] [--scale 1000,10000] [--baseline DIR] [SECTION...]\nsections (all by default):");
+        println!("usage: cbus-bench [--machines 1,3,10,50] [--idle-secs 60] [--scale 1000,10000] [--nats-server PATH]... [--baseline DIR] [SECTION...]\nsections (all by default):");
         for (name, what) in SECTIONS {
             println!("  {name:16} {what}");
         }
@@ -109,6 +109,9 @@ async fn main() {
     let mut idle_secs = 60u64;
     let mut baseline: Option<std::path::PathBuf> = None;
     let mut scale_sizes = vec![1_000usize, 10_000];
+    // `scale` and `emulate` against each of these nats-server binaries in turn (several: one
+    // run compares server versions); none given is `nats-server` from PATH.
+    let mut nats_servers: Vec<std::path::PathBuf> = Vec::new();
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -130,6 +133,13 @@ async fn main() {
                     .split(',')
                     .map(|n| n.parse().expect("--scale: numbers"))
                     .collect();
+                args.drain(i..i + 2);
+            }
+            "--nats-server" => {
+                let v = args
+                    .get(i + 1)
+                    .expect("--nats-server needs a binary's path");
+                nats_servers.push(v.into());
                 args.drain(i..i + 2);
             }
             "--baseline" => {
@@ -183,7 +193,7 @@ async fn main() {
         machines::idle(idle_secs).await;
     }
     if want("scale") {
-        scale::scale(&scale_sizes).await;
+        scale::scale(&scale_sizes, &nats_servers).await;
     }
     if want("dashboard") {
         dashboard::dashboard().await;
@@ -205,7 +215,7 @@ async fn main() {
         cluster::cluster().await;
     }
     if args.iter().any(|a| a == "emulate") {
-        scale::hold(scale_sizes[0]).await;
+        scale::hold(scale_sizes[0], nats_servers.first()).await;
     }
 }
 

@@ -7,6 +7,7 @@
 //! once they are known unresponsive and are not asked), `cbus --hosts ONE get`, `cbus agents`,
 //! the CLI's peak RSS, and the bytes per second the NATS server receives from heartbeats.
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -90,115 +91,142 @@ fn median_of(runs: usize, mut f: impl FnMut() -> Duration) -> (Duration, Duratio
     summary((0..runs).map(|_| f()).collect())
 }
 
-pub async fn scale(sizes: &[usize]) {
+/// A nats-server: `binary`, else `nats-server` from PATH (`$CBUS_TEST_NATS_SERVER`).
+fn server(binary: Option<&PathBuf>) -> NatsServer {
+    binary.map_or_else(NatsServer::start, |b| NatsServer::start_binary(b))
+}
+
+pub async fn scale(sizes: &[usize], binaries: &[PathBuf]) {
+    // Each size against every server given, one after the other: a row per server version.
+    let binaries: Vec<Option<&PathBuf>> = if binaries.is_empty() {
+        vec![None]
+    } else {
+        binaries.iter().map(Some).collect()
+    };
+    let version = |b: Option<&PathBuf>| {
+        let v = NatsServer::version_of(&b.cloned().unwrap_or_else(cbus_tests::nats::binary));
+        v.trim_start_matches("nats-server: ").to_owned()
+    };
+    for &b in &binaries {
+        println!("server: {}", version(b));
+    }
     println!("\n## scale (fleet emulator): `cbus` whole process, median (p95); 200 units per machine, heartbeat 5 s");
     println!("| machines | get, all answering | get, 1% frozen, still called running | get, 1% known unresponsive | --hosts ONE get | --hosts GLOB get (10 machines) | agents | heartbeat bytes/s into the server | CLI peak RSS: get / --hosts ONE / agents |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for &n in sizes {
-        let nats = NatsServer::start();
-        let url = nats.url();
-        let started = Instant::now();
-        let emulator = Emulator::start(&url, &EmulatorSpec::new(n)).await;
-        let registered = cbus_tests::wait_for(Duration::from_secs(300), || async {
-            registry_counts(&url).await.0 >= n
-        })
-        .await;
-        assert!(registered, "{n} emulated agents did not register");
-        eprintln!(
-            "{n} emulated agents registered in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-
-        // Heartbeat traffic, idle fleet: the server's received bytes over 10 s.
-        let in_bytes = || {
-            nats.varz()
-                .and_then(|v| v["in_bytes"].as_u64())
-                .unwrap_or(0)
-        };
-        let beats = || {
-            emulator
-                .sent
-                .heartbeats
-                .load(std::sync::atomic::Ordering::Relaxed)
-        };
-        let (b0, h0, t0) = (in_bytes(), beats(), Instant::now());
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        let secs = t0.elapsed().as_secs_f64();
-        let rate = (in_bytes() - b0) as f64 / secs;
-        let beat_rate = (beats() - h0) as f64 / secs;
-
-        let runs = if n >= 50_000 { 5 } else { 10 };
-        // A timeout that a loaded host's 50,000-machine get fits in (the 5 s default ended one
-        // with `disconnected` at load 9); the grace, not the timeout, ends the frozen runs.
-        let get = [
-            "-s",
-            "--timeout",
-            "30s",
-            "get",
-            PROPERTY[0],
-            PROPERTY[1],
-            PROPERTY[2],
-        ];
-        let mut not_ok = 0;
-        let mut get_rss = 0;
-        let all = median_of(runs, || {
-            let r = cbus(&url, &get);
-            // Every machine has a line; one whose heartbeat the emulator sent late may be
-            // reported unresponsive (exit 3), never missing.
-            assert_eq!(r.lines, n);
-            not_ok += usize::from(r.code != 0);
-            get_rss = get_rss.max(r.rss_kib);
-            r.took
-        });
-        // One machine by its name (the host index), and by a glob that matches only it (the
-        // whole registry is read): what a selection of one costs with and without the index.
-        let one_host = format!("{}{:05}", "emu-", n / 2);
-        let one_glob = format!("{}{:04}?", "emu-", n / 20);
-        let mut one_rss = 0;
-        let one = median_of(runs, || {
-            let r = cbus(&url, &[&["--hosts", one_host.as_str()][..], &get].concat());
-            assert_eq!(r.lines, 1);
-            one_rss = one_rss.max(r.rss_kib);
-            r.took
-        });
-        let glob = median_of(runs, || {
-            let r = cbus(&url, &[&["--hosts", one_glob.as_str()][..], &get].concat());
-            assert_eq!(r.lines, 10);
-            r.took
-        });
-        let mut agents_rss = 0;
-        let agents = median_of(runs, || {
-            let r = cbus(&url, &["agents", "-s", "--timeout", "30s"]);
-            assert!(r.lines >= n, "{}", r.lines);
-            agents_rss = agents_rss.max(r.rss_kib);
-            r.took
-        });
-
-        // 1 % frozen: asked while the registry still calls them running (the grace ends the
-        // wait), then known unresponsive (not asked).
-        let frozen = (n / 100).max(1);
-        for i in 0..frozen {
-            emulator.freeze(i * (n / frozen));
+        for &binary in &binaries {
+            scale_one(n, binary, &version(binary)).await;
         }
-        let mid = median_of(3, || {
-            let r = cbus(&url, &get);
-            assert_eq!((r.lines, r.code), (n, 3));
-            r.took
-        });
-        let known = cbus_tests::wait_for(Duration::from_secs(60), || async {
-            registry_counts(&url).await.1 >= frozen
-        })
-        .await;
-        assert!(known, "frozen agents never became unresponsive");
-        let unresponsive = median_of(runs, || {
-            let r = cbus(&url, &get);
-            assert_eq!((r.lines, r.code), (n, 3));
-            r.took
-        });
-        let fmt = |(m, p): (Duration, Duration)| format!("{:.0} ms ({:.0})", ms(m), ms(p));
-        let mib = |kib: i64| kib as f64 / 1024.0;
-        println!(
-            "| {n} | {}{} | {} | {} | {} | {} | {} | {:.0} KB/s ({:.0} heartbeats/s) | {:.0} / {:.0} / {:.0} MiB |",
+    }
+    overlap().await;
+}
+
+/// One row of `scale`: `n` emulated machines on a server from `binary`.
+async fn scale_one(n: usize, binary: Option<&PathBuf>, version: &str) {
+    let nats = server(binary);
+    let url = nats.url();
+    let started = Instant::now();
+    let emulator = Emulator::start(&url, &EmulatorSpec::new(n)).await;
+    let registered = cbus_tests::wait_for(Duration::from_secs(300), || async {
+        registry_counts(&url).await.0 >= n
+    })
+    .await;
+    assert!(registered, "{n} emulated agents did not register");
+    eprintln!(
+        "{n} emulated agents registered in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Heartbeat traffic, idle fleet: the server's received bytes over 10 s.
+    let in_bytes = || {
+        nats.varz()
+            .and_then(|v| v["in_bytes"].as_u64())
+            .unwrap_or(0)
+    };
+    let beats = || {
+        emulator
+            .sent
+            .heartbeats
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let (b0, h0, t0) = (in_bytes(), beats(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let rate = (in_bytes() - b0) as f64 / secs;
+    let beat_rate = (beats() - h0) as f64 / secs;
+
+    let runs = if n >= 50_000 { 5 } else { 10 };
+    // A timeout that a loaded host's 50,000-machine get fits in (the 5 s default ended one
+    // with `disconnected` at load 9); the grace, not the timeout, ends the frozen runs.
+    let get = [
+        "-s",
+        "--timeout",
+        "30s",
+        "get",
+        PROPERTY[0],
+        PROPERTY[1],
+        PROPERTY[2],
+    ];
+    let mut not_ok = 0;
+    let mut get_rss = 0;
+    let all = median_of(runs, || {
+        let r = cbus(&url, &get);
+        // Every machine has a line; one whose heartbeat the emulator sent late may be
+        // reported unresponsive (exit 3), never missing.
+        assert_eq!(r.lines, n);
+        not_ok += usize::from(r.code != 0);
+        get_rss = get_rss.max(r.rss_kib);
+        r.took
+    });
+    // One machine by its name (the host index), and by a glob that matches only it (the
+    // whole registry is read): what a selection of one costs with and without the index.
+    let one_host = format!("{}{:05}", "emu-", n / 2);
+    let one_glob = format!("{}{:04}?", "emu-", n / 20);
+    let mut one_rss = 0;
+    let one = median_of(runs, || {
+        let r = cbus(&url, &[&["--hosts", one_host.as_str()][..], &get].concat());
+        assert_eq!(r.lines, 1);
+        one_rss = one_rss.max(r.rss_kib);
+        r.took
+    });
+    let glob = median_of(runs, || {
+        let r = cbus(&url, &[&["--hosts", one_glob.as_str()][..], &get].concat());
+        assert_eq!(r.lines, 10);
+        r.took
+    });
+    let mut agents_rss = 0;
+    let agents = median_of(runs, || {
+        let r = cbus(&url, &["agents", "-s", "--timeout", "30s"]);
+        assert!(r.lines >= n, "{}", r.lines);
+        agents_rss = agents_rss.max(r.rss_kib);
+        r.took
+    });
+
+    // 1 % frozen: asked while the registry still calls them running (the grace ends the
+    // wait), then known unresponsive (not asked).
+    let frozen = (n / 100).max(1);
+    for i in 0..frozen {
+        emulator.freeze(i * (n / frozen));
+    }
+    let mid = median_of(3, || {
+        let r = cbus(&url, &get);
+        assert_eq!((r.lines, r.code), (n, 3));
+        r.took
+    });
+    let known = cbus_tests::wait_for(Duration::from_secs(60), || async {
+        registry_counts(&url).await.1 >= frozen
+    })
+    .await;
+    assert!(known, "frozen agents never became unresponsive");
+    let unresponsive = median_of(runs, || {
+        let r = cbus(&url, &get);
+        assert_eq!((r.lines, r.code), (n, 3));
+        r.took
+    });
+    let fmt = |(m, p): (Duration, Duration)| format!("{:.0} ms ({:.0})", ms(m), ms(p));
+    let mib = |kib: i64| kib as f64 / 1024.0;
+    println!(
+            "| {n}, {version} | {}{} | {} | {} | {} | {} | {} | {:.0} KB/s ({:.0} heartbeats/s) | {:.0} / {:.0} / {:.0} MiB |",
             fmt(all),
             if not_ok > 0 {
                 format!(", {not_ok} of {runs} runs exit 3")
@@ -216,16 +244,14 @@ pub async fn scale(sizes: &[usize]) {
             mib(one_rss),
             mib(agents_rss),
         );
-        println!("load average after {n}: {}", crate::loadavg());
-        drop(emulator);
-    }
-    overlap().await;
+    println!("load average after {n}: {}", crate::loadavg());
+    drop(emulator);
 }
 
 /// `emulate`: a server and `n` emulated agents, held until the process is killed, so that
 /// `cbus` can be profiled against them by hand (`perf record`, heaptrack).
-pub async fn hold(n: usize) {
-    let nats = NatsServer::start();
+pub async fn hold(n: usize, binary: Option<&PathBuf>) {
+    let nats = server(binary);
     let url = nats.url();
     let emulator = Emulator::start(&url, &EmulatorSpec::new(n)).await;
     let registered = cbus_tests::wait_for(Duration::from_secs(300), || async {
