@@ -54,6 +54,9 @@ pub struct Context {
     /// When the command started; its deadline is this plus the budget.
     started: Instant,
     budget: Cell<Duration>,
+    /// Set when a selection came from a ping because the registry could not be read: the
+    /// command's output may lack machines, which [`Context::finish`] turns into exit 3.
+    unread: Cell<bool>,
 }
 
 /// The outcomes of one fan-out and how long it took.
@@ -108,6 +111,7 @@ impl Context {
             },
             started: Instant::now(),
             budget: Cell::new(timeout),
+            unread: Cell::new(false),
         })
     }
 
@@ -207,7 +211,31 @@ impl Context {
             Err(e) if health.lost_since(mark) => return Err(Failure::Disconnected(e.to_string())),
             Err(e) => return Err(Failure::Connection(e.to_string())),
         };
+        if let Some(e) = found.unread {
+            // Said at once, before any output: what follows lists only the machines that
+            // answered the ping, and none as stopped or unresponsive.
+            eprintln!(
+                "warning: {e}; the machines are those that answered a ping within {} (others, \
+                 and unresponsive ones, are missing)",
+                render::duration(PING_WINDOW)
+            );
+            self.unread.set(true);
+        }
         Ok((found.agents, found.known))
+    }
+
+    /// A command's result, made exit 3 ([`Failure::Unreachable`]) when it succeeded on a list
+    /// of machines from a ping rather than the registry ([`Context::selected_with`]): some
+    /// machines may be missing from it, so "all ok" cannot be said. A failure stays as it is.
+    pub fn finish(&self, result: Result<(), Failure>) -> Result<(), Failure> {
+        match result {
+            Ok(()) if self.unread.get() => Err(Failure::Unreachable(
+                "some machines may be missing: the agent registry could not be read, so the \
+                 list came from a ping"
+                    .into(),
+            )),
+            result => result,
+        }
     }
 
     /// The agents to ask; none is a failure (exit 1), never an empty success.

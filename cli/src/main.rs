@@ -107,7 +107,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     };
     let file = config::load().map_err(error::usage)?;
     let ctx = fanout::Context::new(cli.conn, &cli.targets, file, format)?;
-    match command {
+    let result = match command {
         Command::Get {
             dest,
             path,
@@ -196,5 +196,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         | Command::Completions { .. }
         | Command::Man { .. }
         | Command::Permissions { .. } => Ok(()),
-    }
+    };
+    ctx.finish(result)
 }

@@ -657,6 +657,71 @@ async fn plain_nats_without_jetstream() {
     assert!(ok, "agent never answered a ping");
     let out = get(&url, &["-s"], "String");
     assert_eq!(ok_stdout(&out), "plain-a\thello\n");
+    // Without JetStream a ping is the only way to know the fleet: nothing to warn of.
+    assert!(!stderr(&out).contains("warning"), "{}", both(&out));
+}
+
+/// A registry that exists but cannot be read (here: a user whose permissions leave out the
+/// registry's stream, as a misconfigured deployment would): the machines come from a ping, and
+/// cbus says so on stderr and exits 3, as some machines may be missing; never "all ok".
+#[tokio::test]
+async fn a_registry_that_cannot_be_read_is_said_and_exits_3() {
+    let server = NatsServer::start_with_config(
+        "authorization { users = [\n\
+         { user: agent, password: agentpw }\n\
+         { user: limited, password: limitedpw, permissions: { publish: { deny: \
+         [\"$JS.API.STREAM.INFO.KV_cbus-agents\", \"$JS.API.CONSUMER.>\"] } } }\n] }",
+    );
+    let url = server.url();
+    let bus = PrivateBus::start();
+    let _svc = TestService::start(bus.address());
+    let _agent = Agent::start(
+        &url,
+        bus.address(),
+        &[
+            "--allow-all",
+            "--hostname",
+            "unread-a",
+            "--user",
+            "agent",
+            "--password",
+            "agentpw",
+        ],
+    );
+    let as_agent = |args: &[&str]| {
+        cbus(
+            &url,
+            &[&["--user", "agent", "--password", "agentpw"][..], args].concat(),
+        )
+    };
+    let limited = |args: &[&str]| {
+        cbus(
+            &url,
+            &[&["--user", "limited", "--password", "limitedpw"][..], args].concat(),
+        )
+    };
+    let registered = cbus_tests::wait_for(Duration::from_secs(15), || async {
+        stdout(&as_agent(&["agents", "-s"])).contains("unread-a")
+    })
+    .await;
+    assert!(registered, "the agent never registered");
+
+    let out = limited(&["agents", "-s", "--timeout", "2s"]);
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+    assert!(stdout(&out).starts_with("unread-a\t"), "{}", both(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot read the agent registry") && err.contains("answered a ping"),
+        "{err}"
+    );
+    // A fan-out on such a list: the answers, and exit 3 all the same.
+    let out = limited(&["-s", "--timeout", "2s", "get", DEST, PATH, "String"]);
+    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+    assert_eq!(stdout(&out), "unread-a\thello\n", "{}", both(&out));
+    // The same machines through a user that may read the registry: no warning, exit 0.
+    let out = as_agent(&["agents", "-s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    assert!(!stderr(&out).contains("warning"), "{}", both(&out));
 }
 
 #[tokio::test]

@@ -5,8 +5,10 @@ use std::collections::HashSet;
 use std::hash::BuildHasher;
 use std::time::Duration;
 
+use async_nats::jetstream::context::{RequestError, RequestErrorKind};
+use async_nats::jetstream::stream::ConsumerErrorKind;
 use async_nats::jetstream::{
-    consumer::push::OrderedConfig, consumer::DeliverPolicy, stream::Stream, Message,
+    consumer::push::OrderedConfig, consumer::DeliverPolicy, stream::Stream, ErrorCode, Message,
 };
 use async_nats::Client;
 use futures::StreamExt;
@@ -14,6 +16,45 @@ use tokio::time::{timeout_at, Instant};
 
 /// How long a replay waits for entries it was promised after the server said none are left.
 const SETTLE: Duration = Duration::from_millis(200);
+
+/// Why a replay ended without its entries.
+#[derive(Debug)]
+pub(super) struct ReplayError {
+    /// There is nothing to read: the server has no JetStream, or not this bucket ([`absent`]).
+    pub absent: bool,
+    pub message: String,
+}
+
+impl ReplayError {
+    fn failed(message: impl Into<String>) -> ReplayError {
+        ReplayError {
+            absent: false,
+            message: message.into(),
+        }
+    }
+}
+
+/// Whether a JetStream request failed because there is nothing to read, from the server's
+/// error `code` or the request's `source`: no JetStream answers (no responders), or it has no
+/// such stream. Not a failure to read one (a timeout, a permission, a stream without a leader),
+/// which callers must not take for an empty bucket.
+pub(super) fn absent(
+    code: Option<ErrorCode>,
+    source: Option<&(dyn std::error::Error + 'static)>,
+) -> bool {
+    let no_stream = code.is_some_and(|c| {
+        matches!(
+            c,
+            ErrorCode::STREAM_NOT_FOUND
+                | ErrorCode::JETSTREAM_NOT_ENABLED
+                | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+        )
+    });
+    let no_responders = source
+        .and_then(|s| s.downcast_ref::<RequestError>())
+        .is_some_and(|r| r.kind() == RequestErrorKind::NoResponders);
+    no_stream || no_responders
+}
 
 /// One entry as the replay delivers it.
 pub(super) struct Entry<'a> {
@@ -43,7 +84,7 @@ pub(super) async fn replay_latest<I>(
     headers_only: bool,
     deadline: Instant,
     mut each: impl FnMut(Entry<'_>),
-) -> Result<(), String> {
+) -> Result<(), ReplayError> {
     let consumer = timeout_at(
         deadline,
         stream.create_consumer(OrderedConfig {
@@ -55,13 +96,25 @@ pub(super) async fn replay_latest<I>(
         }),
     )
     .await
-    .map_err(|_| "timed out".to_owned())?
-    .map_err(|e| e.to_string())?;
+    .map_err(|_| ReplayError::failed("timed out"))?
+    .map_err(|e| {
+        let code = match e.kind() {
+            ConsumerErrorKind::JetStream(js) => Some(js.error_code()),
+            _ => None,
+        };
+        ReplayError {
+            absent: absent(code, std::error::Error::source(&e)),
+            message: e.to_string(),
+        }
+    })?;
     let expected = consumer.cached_info().num_pending;
     if expected == 0 {
         return Ok(());
     }
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| ReplayError::failed(e.to_string()))?;
     // The keys seen, by a hash of each: a copy of every subject was ~70 bytes per entry, 3.5 MB
     // of a 50,000-entry read. Two keys of one hash would count once, so the replay would not
     // end early on them but at the quiet spell after pending reached 0: slower, never short.
@@ -84,12 +137,14 @@ pub(super) async fn replay_latest<I>(
                 );
                 return Ok(());
             }
-            Err(_) => return Err("timed out while reading".to_owned()),
+            Err(_) => return Err(ReplayError::failed("timed out while reading")),
             Ok(None) => return Ok(()),
-            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(Some(Err(e))) => return Err(ReplayError::failed(e.to_string())),
             Ok(Some(Ok(m))) => m,
         };
-        let info = message.info().map_err(|e| e.to_string())?;
+        let info = message
+            .info()
+            .map_err(|e| ReplayError::failed(e.to_string()))?;
         let pending = info.pending;
         let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
         let deleted = message

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::GetStreamErrorKind, ErrorCode as JsErrorCode};
+use async_nats::jetstream::{self, context::GetStreamErrorKind};
 use bytes::Bytes;
 use tokio::time::{timeout_at, Instant};
 
@@ -16,7 +16,7 @@ use cbus_protocol::maintenance::{
 };
 use cbus_protocol::presence;
 
-use super::kv::replay_latest;
+use super::kv::{absent, replay_latest};
 use super::registry::kv_stream_config;
 use super::{AgentStatus, Fleet, FleetError};
 
@@ -44,14 +44,16 @@ impl Fleet {
         let stream = match timeout_at(deadline, js.get_stream(&spec.stream)).await {
             Err(_) => return Err(maintenance_err("timed out")),
             Ok(Err(e)) => {
-                return match e.kind() {
-                    GetStreamErrorKind::JetStream(js)
-                        if js.error_code() == JsErrorCode::STREAM_NOT_FOUND =>
-                    {
-                        Ok(HashMap::new())
-                    }
-                    _ => Err(maintenance_err(e.to_string())),
-                }
+                // No bucket (no machine was ever marked) or no JetStream: no marks.
+                let code = match e.kind() {
+                    GetStreamErrorKind::JetStream(js) => Some(js.error_code()),
+                    _ => None,
+                };
+                return if absent(code, std::error::Error::source(&e)) {
+                    Ok(HashMap::new())
+                } else {
+                    Err(maintenance_err(e.to_string()))
+                };
             }
             Ok(Ok(stream)) => stream,
         };
@@ -87,7 +89,7 @@ impl Fleet {
             },
         )
         .await
-        .map_err(maintenance_err)?;
+        .map_err(|e| maintenance_err(e.message))?;
         if malformed > 0 {
             tracing::warn!(malformed, "ignored malformed maintenance marks");
         }

@@ -44,6 +44,13 @@ pub enum FleetError {
         bucket: &'static str,
         message: String,
     },
+    /// The server has no agent registry: no JetStream, or no bucket yet. A ping stands in for
+    /// it by design, unlike a registry that exists and could not be read ([`FleetError::Registry`]).
+    #[error("no agent registry on this NATS server (JetStream KV bucket {bucket}): {message}")]
+    NoRegistry {
+        bucket: &'static str,
+        message: String,
+    },
     #[error("NATS: {0}")]
     Nats(String),
     #[error(transparent)]

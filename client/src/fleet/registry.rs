@@ -48,11 +48,16 @@ enum Read {
 }
 
 /// What a selection found ([`Fleet::select_within`]).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Selection {
     pub agents: Vec<AgentStatus>,
     /// How many agents the read knew: the whole registry, or the machines looked up.
     pub known: usize,
+    /// Why the registry could not be read, when it exists: the agents are then those that
+    /// answered a ping in its window, so machines that are slow, frozen or stopped are missing
+    /// rather than listed as such. `None` after a registry read, and after a ping on a server
+    /// without a registry (there a ping is the only way to know).
+    pub unread: Option<FleetError>,
 }
 
 /// How long a failed bucket create waits for another client's create of the same bucket.
@@ -93,21 +98,30 @@ impl Fleet {
             self.registry_within(registry_wait),
             self.maintenance_within(marks_wait(registry_wait)),
         );
-        self.agents_from(read, marks, ping_window).await
+        let (agents, unread) = self.agents_from(read, marks, ping_window).await?;
+        if let Some(e) = unread {
+            tracing::warn!(error = %e, "the agents listed are those that answered a ping");
+        }
+        Ok(agents)
     }
 
     /// The agents from a registry `read` (or, when it failed, a ping) with the maintenance
-    /// `marks` read beside it attached, sorted by hostname.
+    /// `marks` read beside it attached, sorted by hostname; with the read's error when the
+    /// registry exists and could not be read ([`Selection::unread`]).
     async fn agents_from(
         &self,
         read: Result<Vec<AgentStatus>, FleetError>,
         marks: Result<HashMap<String, Maintenance>, FleetError>,
         ping_window: Duration,
-    ) -> Result<Vec<AgentStatus>, FleetError> {
+    ) -> Result<(Vec<AgentStatus>, Option<FleetError>), FleetError> {
+        let mut unread = None;
         let (mut agents, marks) = match read {
             Ok(agents) => (agents, marks),
             Err(e) => {
                 tracing::debug!(error = %e, "registry unavailable; falling back to ping");
+                if !matches!(e, FleetError::NoRegistry { .. }) {
+                    unread = Some(e);
+                }
                 match marks {
                     Ok(marks) => (self.ping(ping_window).await?, Ok(marks)),
                     // The marks are in JetStream too, and as likely to be slow now: read them
@@ -128,7 +142,7 @@ impl Fleet {
             Err(e) => tracing::warn!(error = %e, "cannot read maintenance marks; none applied"),
         }
         sort_by_host(&mut agents);
-        Ok(agents)
+        Ok((agents, unread))
     }
 
     /// Reads the last presence event of every agent from the KV bucket, sorted by nkey.
@@ -213,14 +227,16 @@ impl Fleet {
                 Ok(Selection {
                     known: agents.len(),
                     agents,
+                    unread: None,
                 })
             }
             Read::Whole(read) => {
-                let all = self.agents_from(read, marks, ping_window).await?;
+                let (all, unread) = self.agents_from(read, marks, ping_window).await?;
                 let known = all.len();
                 Ok(Selection {
                     agents: selector.select_owned(all)?,
                     known,
+                    unread,
                 })
             }
         }
@@ -402,7 +418,16 @@ impl Fleet {
             },
         )
         .await
-        .map_err(registry_err)
+        .map_err(|e| {
+            if e.absent {
+                FleetError::NoRegistry {
+                    bucket: presence::REGISTRY_BUCKET,
+                    message: e.message,
+                }
+            } else {
+                registry_err(e.message)
+            }
+        })
     }
 
     /// Asks every connected agent for its info; waits `window` for answers. Agents answer on
