@@ -15,7 +15,8 @@ use clap::{Args, Parser, Subcommand};
 /// Exit status: 0 every machine succeeded; 1 some machine failed (an error reply, a failed job)
 /// or none matched; 2 usage or connection error, or the connection to NATS was lost during the
 /// command (disconnected); 3 no machine failed, but some could not be reached (unresponsive,
-/// timed out, not connected, stopped).
+/// timed out, not connected, stopped), or may be missing (the registry could not be read, and
+/// the machines came from a ping).
 #[derive(Debug, Parser)]
 #[command(name = "cbus", version, about, long_about, max_term_width = 100)]
 // `--token` was the CLI's NATS token flag before the settings were shared.

@@ -2,7 +2,8 @@
 //!
 //! Scripts branch on the exit code, so the outcomes are kept apart by type rather than by
 //! message: 1 means "asked, and some machine failed" (or none matched), 3 means "no machine
-//! failed, but some could not be reached" (unresponsive, timed out, not connected, stopped),
+//! failed, but some could not be reached" (unresponsive, timed out, not connected, stopped,
+//! or missing from a list that came from a ping because the registry could not be read),
 //! 2 means "could not ask, or lost NATS while asking" (then nothing can be said about the
 //! machines, so no machine is blamed).
 
@@ -26,7 +27,8 @@ pub enum Failure {
     #[error("{0}")]
     Partial(String),
     /// No machine failed, but some could not be reached: unresponsive, timed out, not
-    /// connected or stopped: exit 3.
+    /// connected or stopped, or possibly missing (a ping stood in for an unreadable
+    /// registry, `Context::finish`): exit 3.
     #[error("{0}")]
     Unreachable(String),
     /// Standard output was closed (`cbus monitor | head`): stop quietly, exit 0.
