@@ -65,8 +65,7 @@ pub(super) struct Entry<'a> {
     pub deleted: bool,
 }
 
-/// Replays the latest entry of every key of `stream` under `filter` (bodies left out with
-/// `headers_only`), calling `each` for each,
+/// Replays the latest entry of every key of `stream` under `filter`, calling `each` for each,
 /// until every key came or `deadline`.
 ///
 /// The pending count a message carries is not enough to know the replay is complete:
@@ -81,7 +80,6 @@ pub(super) async fn replay_latest<I>(
     client: &Client,
     stream: &Stream<I>,
     filter: String,
-    headers_only: bool,
     deadline: Instant,
     mut each: impl FnMut(Entry<'_>),
 ) -> Result<(), ReplayError> {
@@ -91,7 +89,6 @@ pub(super) async fn replay_latest<I>(
             deliver_subject: client.new_inbox(),
             filter_subject: filter,
             deliver_policy: DeliverPolicy::LastPerSubject,
-            headers_only,
             ..Default::default()
         }),
     )

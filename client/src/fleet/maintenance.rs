@@ -68,7 +68,6 @@ impl Fleet {
             &self.client,
             &stream,
             format!("$KV.{MAINTENANCE_BUCKET}.>"),
-            false,
             deadline,
             |entry| {
                 let Some(key) = maintenance_key_of(&entry.message.subject) else {

@@ -41,6 +41,19 @@ fn sort_by_host(agents: &mut [AgentStatus]) {
     });
 }
 
+/// Attaches the maintenance marks read beside the registry. Without them a machine under
+/// maintenance is waited for like any other, which is slower but never wrong, so a failed read
+/// only warns.
+fn apply_marks(
+    agents: &mut [AgentStatus],
+    marks: Result<HashMap<String, Maintenance>, FleetError>,
+) {
+    match marks {
+        Ok(marks) => attach_maintenance(agents, &marks),
+        Err(e) => tracing::warn!(error = %e, "cannot read maintenance marks; none applied"),
+    }
+}
+
 /// What a selection read: the machines a lookup found, or the whole registry.
 enum Read {
     Looked(Vec<AgentStatus>),
@@ -70,9 +83,7 @@ const MAINTENANCE_WAIT_MIN: Duration = Duration::from_millis(500);
 const REGISTRY_WAIT: Duration = Duration::from_secs(5);
 
 /// How long the maintenance read beside a registry read given `registry_wait` may take: as
-/// long, and at least a short while (an empty bucket is one round trip). Without the marks a
-/// machine under maintenance is waited for like any other, which is slower but never wrong, so
-/// a failed read only warns.
+/// long, and at least a short while (an empty bucket is one round trip).
 fn marks_wait(registry_wait: Duration) -> Duration {
     registry_wait.min(REGISTRY_WAIT).max(MAINTENANCE_WAIT_MIN)
 }
@@ -137,10 +148,7 @@ impl Fleet {
                 }
             }
         };
-        match marks {
-            Ok(marks) => attach_maintenance(&mut agents, &marks),
-            Err(e) => tracing::warn!(error = %e, "cannot read maintenance marks; none applied"),
-        }
+        apply_marks(&mut agents, marks);
         sort_by_host(&mut agents);
         Ok((agents, unread))
     }
@@ -163,7 +171,6 @@ impl Fleet {
         let mut at: HashMap<String, usize> = HashMap::new();
         self.replay(
             presence::registry_entries_filter(),
-            false,
             deadline,
             |subject, published_ms, payload| {
                 if let Some(status) = self.entry_status(subject, published_ms, payload?, now) {
@@ -217,12 +224,7 @@ impl Fleet {
         let (read, marks) = tokio::join!(read, self.maintenance_within(marks_wait(registry_wait)));
         match read {
             Read::Looked(mut agents) => {
-                match marks {
-                    Ok(marks) => attach_maintenance(&mut agents, &marks),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read maintenance marks; none applied")
-                    }
-                }
+                apply_marks(&mut agents, marks);
                 sort_by_host(&mut agents);
                 Ok(Selection {
                     known: agents.len(),
@@ -395,28 +397,20 @@ impl Fleet {
         }
     }
 
-    /// Replays the last entry of every registry key matching `filter` (bodies left out with
-    /// `headers_only`), calling `each(subject, published_ms, body)` with `None` for a deleted
-    /// key, until the replay is complete or `deadline`.
+    /// Replays the last entry of every registry key matching `filter`, calling
+    /// `each(subject, published_ms, body)` with `None` for a deleted key, until the replay is
+    /// complete or `deadline`.
     async fn replay(
         &self,
         filter: String,
-        headers_only: bool,
         deadline: Instant,
         mut each: impl FnMut(&str, u64, Option<&[u8]>) -> Option<()>,
     ) -> Result<(), FleetError> {
         let stream = self.registry_stream(deadline).await?;
-        replay_latest(
-            &self.client,
-            &stream,
-            filter,
-            headers_only,
-            deadline,
-            |entry| {
-                let payload = (!entry.deleted).then_some(&entry.message.payload[..]);
-                let _ = each(&entry.message.subject, entry.published_ms, payload);
-            },
-        )
+        replay_latest(&self.client, &stream, filter, deadline, |entry| {
+            let payload = (!entry.deleted).then_some(&entry.message.payload[..]);
+            let _ = each(&entry.message.subject, entry.published_ms, payload);
+        })
         .await
         .map_err(|e| {
             if e.absent {
