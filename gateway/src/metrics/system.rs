@@ -44,11 +44,11 @@ pub(super) fn render(out: &mut String, machines: &[&Machine], now_ms: u64, sel: 
     }
     if sel.wants("cbus_systemd_version") {
         family(
-        out,
-        "cbus_systemd_version",
-        "gauge",
-        "systemd's version as a number (as node_exporter parses it); the label is the full one.",
-    );
+            out,
+            "cbus_systemd_version",
+            "gauge",
+            "systemd's version as a number (as node_exporter parses it); the label is the full one.",
+        );
         for m in machines.iter().filter(|m| !m.system.version.is_empty()) {
             let _ = writeln!(
                 out,

@@ -194,13 +194,9 @@ fn render(m: &Machine, family: usize) -> String {
             }
             SUMMARY => *by_state.entry(u.active.as_str()).or_default() += 1,
             START => match u.active_enter_us {
-                Some(us) if u.active == "active" => sample(
-                    &mut out,
-                    START,
-                    &host,
-                    &n,
-                    format_args!("{:.6}", us as f64 / 1e6),
-                ),
+                Some(us) if u.active == "active" => {
+                    sample(&mut out, START, &host, &n, Value::Micros(us))
+                }
                 _ if u.active != "active" => sample(&mut out, START, &host, &n, "0"),
                 _ => {} // active since a time not read yet
             },
