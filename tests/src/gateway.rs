@@ -342,6 +342,33 @@ impl WsClient {
     }
 }
 
+/// One item of Prometheus' `scrape_configs:` (indented for [`Prometheus::start`]): the job
+/// `job` scraping `/metrics` of each gateway port in `targets`, with the URL query `query`
+/// (`collect[]=a&collect[]=b&shards=2&shard=0`, without `?`; empty for none) as the job's
+/// `params:`, which is how a deployment passes them.
+pub fn scrape_job(job: &str, query: &str, targets: &[u16]) -> String {
+    let mut yml = format!("  - job_name: {job}\n");
+    let mut params: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        match params.iter_mut().find(|(name, _)| *name == k) {
+            Some((_, vs)) => vs.push(v),
+            None => params.push((k, vec![v])),
+        }
+    }
+    if !params.is_empty() {
+        yml.push_str("    params:\n");
+        for (k, vs) in params {
+            yml.push_str(&format!("      '{k}': ['{}']\n", vs.join("', '")));
+        }
+    }
+    let targets: Vec<String> = targets.iter().map(|p| format!("'127.0.0.1:{p}'")).collect();
+    yml.push_str(&format!(
+        "    static_configs:\n      - targets: [{}]\n",
+        targets.join(", ")
+    ));
+    yml
+}
+
 /// A real Prometheus server (Debian's `prometheus` package) with its data in a temporary
 /// directory; stopped on drop.
 pub struct Prometheus {

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use cbus_tests::emulator::{Emulator, EmulatorSpec};
-use cbus_tests::gateway::{http_get, http_status, promtool_errors, Prometheus};
+use cbus_tests::gateway::{http_get, http_status, promtool_errors, scrape_job, Prometheus};
 use cbus_tests::{GatewayProcess, NatsServer};
 
 const MACHINES: usize = 60;
@@ -183,11 +183,16 @@ async fn a_scrape_chooses_its_families_and_its_shard_of_machines() {
     // series per unit, and two shard jobs every machine once between them.
     let prom = Prometheus::start(
         Duration::from_secs(1),
-        &format!(
-            "  - job_name: compact\n    params:\n      'collect[]': [cbus_agent_up, cbus_systemd_unit_active_state]\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n\
-             \x20 - job_name: shard-0\n    params: {{shards: ['2'], shard: ['0']}}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n\
-             \x20 - job_name: shard-1\n    params: {{shards: ['2'], shard: ['1']}}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
-        ),
+        &[
+            scrape_job(
+                "compact",
+                "collect[]=cbus_agent_up&collect[]=cbus_systemd_unit_active_state",
+                &[port],
+            ),
+            scrape_job("shard-0", "shards=2&shard=0", &[port]),
+            scrape_job("shard-1", "shards=2&shard=1", &[port]),
+        ]
+        .concat(),
     );
     let count = |q: &str| {
         prom.query(q)

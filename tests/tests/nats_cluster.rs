@@ -17,6 +17,7 @@ use cbus_protocol::permissions;
 use cbus_protocol::presence::{AgentState, REGISTRY_BUCKET};
 use cbus_tests::cli::{both, cbus, json_of};
 use cbus_tests::cluster::{cluster_config, leaf_listen_config, leaf_remote_config};
+use cbus_tests::gateway::{scrape_job, Prometheus};
 use cbus_tests::{Agent, Link, NatsCluster, NatsServer, PrivateBus, TestCa, TestService, TlsFiles};
 use serde_json::Value;
 
@@ -530,64 +531,6 @@ async fn units_snapshot(port: u16, pattern: &str) -> Vec<String> {
     rows
 }
 
-/// A real Prometheus server scraping `targets` every second.
-struct Prometheus {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(targets: &[u16]) -> Prometheus {
-        let dir = tempfile::tempdir().unwrap();
-        let list = targets
-            .iter()
-            .map(|p| format!("'127.0.0.1:{p}'"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n\
-                 scrape_configs:\n  - job_name: cbus\n    static_configs:\n      - targets: [{list}]\n"
-            ),
-        )
-        .unwrap();
-        let port = cbus_tests::free_port();
-        let child = std::process::Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("run prometheus (apt-get install prometheus, or ./dev deps)");
-        Prometheus {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    /// The result vector of an instant query (`query` has no characters that need escaping).
-    fn query(&self, query: &str) -> Vec<Value> {
-        cbus_tests::gateway::http_get(self.port, &format!("/api/v1/query?query={query}"))
-            .and_then(|body| serde_json::from_str::<Value>(&body).ok())
-            .and_then(|v| v["data"]["result"].as_array().cloned())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        cbus_tests::util::terminate(&mut self.child, Duration::from_secs(5));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_on_two_nodes_serve_the_same_fleet() {
     let mut cluster = NatsCluster::start(3, "").await;
@@ -669,9 +612,13 @@ async fn two_gateways_on_two_nodes_serve_the_same_fleet() {
     assert_eq!(snaps.0.len(), 2, "{:?}", snaps.0);
 
     // A real Prometheus scrapes both as an HA pair: each unit's state from each gateway.
-    let prometheus = Prometheus::start(&[gw_a.port, gw_b.port]);
+    let prometheus = Prometheus::start(
+        Duration::from_secs(1),
+        &scrape_job("cbus", "", &[gw_a.port, gw_b.port]),
+    );
     let series = |p: &Prometheus| {
         p.query("cbus_systemd_unit_state{name=\"ha-sleeper.service\",state=\"active\"}")
+            .unwrap_or_default()
             .iter()
             .filter(|r| r["value"][1] == "1")
             .count()
@@ -701,7 +648,7 @@ async fn two_gateways_on_two_nodes_serve_the_same_fleet() {
         "gateway B did not follow the change with node 0 gone:\n{}",
         metrics(gw_b.port)
     );
-    let up = prometheus.query("up");
+    let up = prometheus.query("up").unwrap_or_default();
     println!("Prometheus targets after the kill: {up:?}");
     assert!(
         up.iter().filter(|r| r["value"][1] == "1").count() == 2,

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use cbus_tests::gateway::{http_get, rss_kib, Prometheus};
+use cbus_tests::gateway::{http_get, rss_kib, scrape_job, Prometheus};
 use serde_json::Value;
 
 use crate::{ms, summary};
@@ -21,26 +21,10 @@ pub struct Config {
 
 /// A Prometheus server scraping `target` every `interval` with `jobs`.
 fn prometheus(target: u16, interval: Duration, jobs: &[(String, String)]) -> Prometheus {
-    let mut yml = String::new();
-    for (job, query) in jobs {
-        yml.push_str(&format!("  - job_name: {job}\n"));
-        let mut params: Vec<(String, Vec<String>)> = Vec::new();
-        for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
-            match params.iter_mut().find(|(name, _)| name == k) {
-                Some((_, vs)) => vs.push(v.to_owned()),
-                None => params.push((k.to_owned(), vec![v.to_owned()])),
-            }
-        }
-        if !params.is_empty() {
-            yml.push_str("    params:\n");
-            for (k, vs) in params {
-                yml.push_str(&format!("      '{k}': ['{}']\n", vs.join("', '")));
-            }
-        }
-        yml.push_str(&format!(
-            "    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
-        ));
-    }
+    let yml: String = jobs
+        .iter()
+        .map(|(job, query)| scrape_job(job, query, &[target]))
+        .collect();
     Prometheus::start(interval, &yml)
 }
 
